@@ -1,0 +1,35 @@
+# make setup | test | bench — each bootstraps .venv on a fresh machine; fast when nothing changed,
+# rebuilds the extensions when csrc/ or setup.py changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+EXTRAS ?= dev
+CSRC := $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench info clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja pybind11 packaging
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m truthgpt_kernels bench
+
+info: setup
+	$(PY) -m truthgpt_kernels info
+
+clean:
+	rm -rf build *.egg-info truthgpt_kernels/*.so $(VENV)/.built

@@ -1,0 +1,30 @@
+// Every kernel-level op schema of the truthgpt namespace, in one block. Kernels register
+// per device in csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>_binding.cpp (CUDA); the public,
+// autograd-aware ops (truthgpt::attention, truthgpt::swiglu, ...) are defined in Python
+// (truthgpt_kernels/ops/<op>.py) and call these through truthgpt_kernels/backends.py.
+//
+// Conventions (normalised and validated in Python before any kernel runs):
+//   attention: q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D), any strides. Causal is folded into the window:
+//     key j visible for query i iff  i'-window_left <= j <= i'+window_right  (-1 = unbounded),
+//     i' = i + Sk - Sq. alibi_slopes float32 (B,Hq); block_mask bool (B,Hq,ceil(Sq/bs),ceil(Sk/bs));
+//     key_mask bool (B,Sk); all may be broadcast views (stride 0). lse float32 (B,Hq,Sq).
+//   rotary: position_ids int64 (B,S) (may be a broadcast view); cos/sin (P, R/2).
+//   rms_norm: rstd float32 of x.shape[:-1]; dweight is an empty tensor when weight is None.
+#include <torch/library.h>
+
+TORCH_LIBRARY(truthgpt, m) {
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("rotary_fwd(Tensor x, Tensor cos, Tensor sin, Tensor position_ids, bool interleaved) -> Tensor");
+  m.def("rotary_qk_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor position_ids, "
+        "bool interleaved) -> (Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, "
+        "int window_right, Tensor? alibi_slopes, Tensor? block_mask, int block_size, "
+        "Tensor? key_mask, float softcap) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale, int window_left, int window_right, Tensor? alibi_slopes, "
+        "Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) "
+        "-> (Tensor, Tensor, Tensor)");
+}

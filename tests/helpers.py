@@ -1,0 +1,49 @@
+"""Shared test helpers: backend parametrization and the tolerance rule of DESIGN.md
+(our error against the float64 reference <= 2x the error of the same-dtype PyTorch
+computation + a small atol)."""
+import pytest
+import torch
+
+from truthgpt_kernels import backends
+
+# atol per dtype: a few ulps at unit scale, for values whose same-dtype PyTorch error is ~0
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def device_for(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def backend_params(family: str, *, include_reference: bool = True):
+    """pytest params over every backend, skipped with the reason where it cannot run here."""
+    params = []
+    for name in backends.BACKENDS:
+        if name == "reference" and not include_reference:
+            continue
+        marks = {"triton": [pytest.mark.triton], "cuda": [pytest.mark.cuda]}.get(name, [])
+        why = backends.unavailable_reason(name)
+        if not why and not backends.implements(family, name):
+            why = f"backend {name!r} has no {family} kernel yet"
+        if why:
+            marks = marks + [pytest.mark.skip(reason=why)]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def assert_close(name, ours, expected64, baseline, *, atol=None):
+    """ours: result of our backend; expected64: the float64 reference; baseline: the same
+    computation in ours' dtype by plain PyTorch."""
+    assert ours.shape == expected64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(expected64.shape)}"
+    assert ours.dtype == baseline.dtype, f"{name}: dtype {ours.dtype} != {baseline.dtype}"
+    finite = torch.isfinite(expected64)
+    assert torch.equal(torch.isfinite(ours.double()), finite), f"{name}: non-finite values differ"
+    err = (ours.double() - expected64)[finite].abs().max().item() if finite.any() else 0.0
+    base = (baseline.double() - expected64)[finite].abs().max().item() if finite.any() else 0.0
+    tol = 2 * base + (ATOL[ours.dtype] if atol is None else atol)
+    assert err <= tol, f"{name}: max error {err:.3g} > 2 x PyTorch's {base:.3g} + atol"
+
+
+def leaf(t: torch.Tensor, dtype=None, device=None) -> torch.Tensor:
+    return t.detach().to(dtype=dtype or t.dtype, device=device or t.device).requires_grad_(True)

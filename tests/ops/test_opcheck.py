@@ -1,0 +1,50 @@
+"""torch.library.opcheck of every public op, on every backend that implements it here."""
+import pytest
+import torch
+
+import truthgpt_kernels as tk
+from truthgpt_kernels import backends
+
+from ..helpers import backend_params, device_for
+
+
+def _attention_args(dev):
+    q = torch.randn(2, 4, 5, 8, device=dev, requires_grad=True)
+    k = torch.randn(2, 2, 7, 8, device=dev, requires_grad=True)
+    v = torch.randn(2, 2, 7, 8, device=dev, requires_grad=True)
+    slopes = tk.alibi_slopes(4, device=dev).expand(2, 4)
+    key_mask = torch.rand(2, 7, device=dev) > 0.2
+    block_mask = (torch.rand(2, 4, 2, 2, device=dev) > 0.3)
+    return (q, k, v, 0.3, 4, 0, slopes, block_mask, 4, key_mask, 5.0)
+
+
+def _rotary_args(dev, qk):
+    x = torch.randn(2, 3, 5, 8, device=dev, requires_grad=True)
+    cos, sin = tk.rotary_cos_sin(16, 6, device=dev)
+    pos = torch.randint(0, 16, (2, 5), device=dev)
+    if qk:
+        return (x, torch.randn(2, 1, 5, 8, device=dev, requires_grad=True), cos, sin, pos, False)
+    return (x, cos, sin, pos, True)
+
+
+CASES = {
+    "attention": ("attention", _attention_args),
+    "apply_rotary": ("rotary", lambda dev: _rotary_args(dev, False)),
+    "apply_rotary_qk": ("rotary", lambda dev: _rotary_args(dev, True)),
+    "swiglu": ("swiglu", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
+                                      torch.randn(3, 6, device=dev, requires_grad=True))),
+    "rms_norm": ("rms_norm", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
+                                          torch.randn(6, device=dev, requires_grad=True), 1e-6)),
+}
+
+
+@pytest.mark.parametrize("op", list(CASES))
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_opcheck(op, backend):
+    family, make = CASES[op]
+    [param] = [p for p in backend_params(family) if p.values[0] == backend]
+    for mark in param.marks:
+        if mark.name == "skip":
+            pytest.skip(mark.kwargs["reason"])
+    args = make(device_for(backend)) + (backend,)
+    torch.library.opcheck(getattr(torch.ops.truthgpt, op).default, args)

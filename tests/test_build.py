@@ -1,0 +1,34 @@
+"""The compiled extensions: built, loadable, and registering their kernels."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from truthgpt_kernels import _ext, backends
+
+KERNEL_OPS = ["swiglu_fwd", "swiglu_bwd"]  # each kernel issue extends this list
+
+
+def test_cpu_extension_loads_and_registers():
+    mod, info = _ext.load("_C")
+    assert mod is not None, info
+    for op in KERNEL_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{op}", "CPU"), op
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
+                    or os.environ.get("TRUTHGPT_BUILD_CUDA") == "0",
+                    reason="no CUDA toolkit or torch without CUDA: _cuda is not built")
+def test_cuda_extension_builds_imports_and_registers():
+    mod, info = _ext.load("_cuda")
+    assert mod is not None, info
+    assert "archs=" in mod.build_info()
+    for op in KERNEL_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{op}", "CUDA"), op
+
+
+def test_every_public_op_is_a_truthgpt_op():
+    for name in ["attention", "attention_backward", "apply_rotary", "apply_rotary_qk", "swiglu",
+                 "swiglu_backward", "rms_norm", "rms_norm_backward"]:
+        assert hasattr(torch.ops.truthgpt, name), name

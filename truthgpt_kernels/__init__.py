@@ -1,0 +1,14 @@
+"""truthgpt_kernels: attention, rotary, SwiGLU and RMSNorm kernels (Triton, CUDA C++, C++ CPU)
+as autograd-aware torch.library ops, nn.Modules and a configurable transformer."""
+from . import _ext
+from .backends import BackendError, available_backends, use_backend
+
+_ext.load("_C")      # registers the C++ CPU kernels (if built)
+_ext.load("_cuda")   # registers the CUDA C++ kernels (if built)
+
+from .ops import (alibi_slopes, apply_rotary, apply_rotary_qk, attention, rms_norm,  # noqa: E402
+                  rotary_cos_sin, swiglu)
+
+__version__ = "0.1.0"
+__all__ = ["attention", "alibi_slopes", "apply_rotary", "apply_rotary_qk", "rotary_cos_sin",
+           "swiglu", "rms_norm", "use_backend", "available_backends", "BackendError"]

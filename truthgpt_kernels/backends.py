@@ -1,0 +1,166 @@
+"""Backend registry and selection: the only place that decides which kernel runs.
+
+Names (DESIGN.md): "triton", "cuda" (CUDA C++ extension), "cpu" (C++ CPU extension),
+"reference" (pure PyTorch) and "auto". Chosen by, strongest first: the `backend=` argument,
+the `use_backend(name)` context manager, the `TRUTHGPT_BACKEND` env var, then "auto".
+
+Every backend exposes, per op family F, the kernel functions `F_fwd` and `F_bwd` with the
+signatures of csrc/registration.cpp: the reference in ops/reference.py, Triton in
+triton/F.py, and the C++ extensions as `torch.ops.truthgpt.F_fwd` registered per device.
+A backend implements F when it has `F_fwd`; nothing else needs listing.
+"""
+import contextlib
+import contextvars
+import importlib
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+CHOICES = BACKENDS + ("auto",)
+ENV_VAR = "TRUTHGPT_BACKEND"
+
+# Element types each backend's kernels take (DESIGN.md: dtypes).
+DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+# "auto" on CUDA tensors tries these in order (fastest measured first; see BENCHMARKS.md),
+# then falls back to "reference". On CPU tensors: "cpu", then "reference".
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that is unknown, unavailable, or cannot run this call."""
+
+
+_selected: contextvars.ContextVar = contextvars.ContextVar("truthgpt_backend", default=None)
+
+
+def check_name(name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(CHOICES)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, ops without an explicit `backend=` use `name`."""
+    token = _selected.set(check_name(name))
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(name: str) -> str:
+    """'' when the backend can run here, else why not."""
+    if name == "reference":
+        return ""
+    if name == "cpu":
+        return "" if _ext.load("_C")[0] is not None else f"the C++ extension _C is {_ext.load('_C')[1]}"
+    if name == "cuda":
+        mod, why = _ext.load("_cuda")
+        if mod is None:
+            return f"the CUDA extension _cuda is {why}"
+        return "" if torch.cuda.is_available() else "no CUDA device is visible to torch"
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed (pip install triton)"
+        if torch.cuda.is_available() or triton_interpreted():
+            return ""
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def available_backends() -> Dict[str, dict]:
+    """{name: {"available": bool, "reason": str}} for every backend."""
+    return {b: {"available": not r, "reason": r or "ok"} for b in BACKENDS for r in [unavailable_reason(b)]}
+
+
+def _triton_module(family: str):
+    try:
+        return importlib.import_module(f"truthgpt_kernels.triton.{family}")
+    except ImportError:
+        return None
+
+
+def implements(family: str, name: str) -> bool:
+    """Does backend `name` have kernels for op family `family` (e.g. "attention")?"""
+    if name == "reference":
+        return True
+    if name in ("cpu", "cuda"):
+        if _ext.load("_C" if name == "cpu" else "_cuda")[0] is None:
+            return False
+        key = "CPU" if name == "cpu" else "CUDA"
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{family}_fwd", key)
+    if name == "triton":
+        return unavailable_reason("triton") == "" and hasattr(_triton_module(family) or (), f"{family}_fwd")
+    return False
+
+
+def kernel(family: str, name: str, which: str) -> Callable:
+    """The `family_which` kernel ("fwd" or "bwd") of a concrete backend."""
+    fn_name = f"{family}_{which}"
+    if name == "reference":
+        from .ops import reference
+        return getattr(reference, fn_name)
+    if name in ("cpu", "cuda"):
+        return getattr(torch.ops.truthgpt, fn_name)
+    if name == "triton":
+        return getattr(_triton_module(family), fn_name)
+    raise BackendError(f"no kernels for backend {name!r}")
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    return True
+
+
+def requested(backend: Optional[str] = None) -> str:
+    """The backend name in force for a call: argument > use_backend() > env var > "auto"."""
+    return check_name(backend or _selected.get() or os.environ.get(ENV_VAR) or "auto")
+
+
+def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
+    """Resolves the backend for one call of op family `family` on tensors like `x`; raises
+    BackendError naming what is missing when the requested backend cannot serve it."""
+    name = requested(backend)
+    device, dtype = x.device, x.dtype
+    if name == "auto":
+        for cand in AUTO_ORDER.get(device.type, ()):
+            if not unavailable_reason(cand) and implements(family, cand) and dtype in DTYPES[cand]:
+                return cand
+        return "reference"
+    reason = unavailable_reason(name)
+    if reason:
+        raise BackendError(f"backend {name!r} is unavailable: {reason}")
+    if not _runs_on(name, device):
+        need = {"cpu": "CPU tensors", "cuda": "CUDA tensors",
+                "triton": "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"}[name]
+        raise BackendError(f"backend {name!r} needs {need}, but the inputs are on {device}")
+    if not implements(family, name):
+        have = [b for b in BACKENDS if not unavailable_reason(b) and implements(family, b)]
+        raise BackendError(f"backend {name!r} has no {family} kernel; backends with one here: {have}")
+    if dtype not in DTYPES[name]:
+        takes = [str(d).replace("torch.", "") for d in DTYPES[name]]
+        others = [b for b in BACKENDS if dtype in DTYPES[b] and b != name]
+        raise BackendError(f"backend {name!r} takes {takes}, got {dtype}; backends that take it: {others}")
+    return name

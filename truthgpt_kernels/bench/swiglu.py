@@ -1,0 +1,31 @@
+"""SwiGLU benchmark cases: forward + backward against the eager `F.silu(g) * u`."""
+import torch
+import torch.nn.functional as F
+
+import truthgpt_kernels as tk
+
+from . import Case
+
+
+def _fwd_bwd(fn):
+    def run(x):
+        out = fn(x["g"], x["u"])
+        return torch.autograd.grad(out, (x["g"], x["u"]), x["dy"])
+    return run
+
+
+def cases(device, quick):
+    rows, n = (256, 1376) if quick else (8192, 5504)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        def setup(dtype=dtype):
+            g = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
+            u = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
+            return {"g": g, "u": u, "dy": torch.randn(rows, n, device=device, dtype=dtype)}
+        elem = torch.tensor([], dtype=dtype).element_size()
+        out.append(Case(
+            op="swiglu", name=f"fwd+bwd {rows}x{n} {str(dtype)[6:]}", setup=setup,
+            impls={"truthgpt": _fwd_bwd(tk.swiglu), "torch eager": _fwd_bwd(lambda g, u: F.silu(g) * u)},
+            bytes=rows * n * elem * (3 + 5),  # fwd: read g,u write out; bwd: read dy,g,u write dg,du
+        ))
+    return out

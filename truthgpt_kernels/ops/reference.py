@@ -1,0 +1,260 @@
+"""Pure-PyTorch reference of every op: the executable spec (../shared/DESIGN.md).
+
+Two layers:
+- the public-signature functions (`attention`, `alibi_slopes`, `rotary_cos_sin`,
+  `apply_rotary`, `swiglu`, `rms_norm`) state the semantics plainly and are differentiable
+  with ordinary autograd; tests evaluate them in float64 as ground truth;
+- the kernel-level functions (`<op>_fwd`, `<op>_bwd`) are the `"reference"` backend: the same
+  signatures as the C++/CUDA/Triton kernels (see csrc/registration.cpp), with backward
+  formulas written out (custom-op implementations run below autograd).
+
+Low-precision inputs are computed in float32 and cast back; float64 stays float64.
+"""
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- attention
+def alibi_slopes(n_heads: int, device=None) -> Tensor:
+    """Press et al. (2022): for n a power of two, 2^(-8i/n), i = 1..n. Otherwise the slopes of
+    the next lower power of two, then every other slope of the next higher one."""
+
+    def power_of_two(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    def slopes(n):
+        if math.log2(n).is_integer():
+            return power_of_two(n)
+        lower = 2 ** math.floor(math.log2(n))
+        return power_of_two(lower) + slopes(2 * lower)[0::2][: n - lower]
+
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    return torch.tensor(slopes(n_heads), dtype=torch.float32, device=device)
+
+
+def attention_visibility(B, Hq, Sq, Sk, *, causal=False, window=None, block_mask=None,
+                         block_size=64, key_mask=None, device=None) -> Tensor:
+    """Bool (B or 1, Hq or 1, Sq, Sk): may query i attend key j. Queries sit at
+    i' = i + Sk - Sq (bottom-right alignment); all masks combine with AND."""
+    i = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)  # (Sq, 1) absolute position
+    j = torch.arange(Sk, device=device)[None, :]              # (1, Sk)
+    vis = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    if causal:
+        vis &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            vis &= j >= i - left
+        if right >= 0:
+            vis &= j <= i + right
+    vis = vis[None, None]
+    if block_mask is not None:
+        bi = torch.arange(Sq, device=device) // block_size
+        bj = torch.arange(Sk, device=device) // block_size
+        vis = vis & block_mask[:, :, bi][:, :, :, bj]
+    if key_mask is not None:
+        vis = vis & key_mask[:, None, None, :]
+    return vis
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, alibi_slopes=None,
+              window=None, block_mask=None, block_size=64, key_mask=None, softcap=0.0,
+              return_lse=False):
+    """softmax(scale * q k^T [softcapped] - slope * |i' - j|, masked) v, per DESIGN.md."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    acc = _acc(q.dtype)
+    scale = D ** -0.5 if scale is None else scale
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    if Hkv != Hq:  # GQA/MQA: query head h reads kv head h // (Hq // Hkv)
+        kf = kf.repeat_interleave(Hq // Hkv, dim=1)
+        vf = vf.repeat_interleave(Hq // Hkv, dim=1)
+    s = scale * (qf @ kf.transpose(-1, -2))  # (B, Hq, Sq, Sk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(acc).reshape(-1 if alibi_slopes.dim() == 2 else 1, Hq, 1, 1)
+        pos_i = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
+        pos_j = torch.arange(Sk, device=q.device)[None, :]
+        s = s - slopes * (pos_i - pos_j).abs().to(acc)
+    vis = attention_visibility(B, Hq, Sq, Sk, causal=causal, window=window,
+                               block_mask=block_mask, block_size=block_size,
+                               key_mask=key_mask, device=q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    any_visible = vis.any(-1, keepdim=True).expand(B, Hq, Sq, 1)
+    # rows with no visible key: lse = -inf, output 0, zero gradients (never NaN)
+    lse = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
+    p = torch.exp(s - lse)  # exactly 0 where masked
+    out = (p @ vf).to(q.dtype)
+    lse = torch.where(any_visible, lse, float("-inf")).squeeze(-1).to(torch.float32)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- rotary
+def rotary_cos_sin(seq_len: int, rotary_dim: int, *, base=10000.0, scaling=None, device=None,
+                   dtype=torch.float32) -> Tuple[Tensor, Tensor]:
+    """cos/sin (seq_len, rotary_dim // 2) of angle pos * inv_freq, inv_freq = base^(-2i/R).
+    scaling: None, {"type": "linear", "factor"}, {"type": "ntk", "factor"} (NTK-aware base
+    base * factor^(R/(R-2))), or {"type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1 defaults 8, 1, 4, 8192)."""
+    R = rotary_dim
+    pos = torch.arange(seq_len, dtype=torch.float64, device=device)
+    kind = None if scaling is None else scaling.get("type")
+    if kind == "ntk":
+        base = base * scaling["factor"] ** (R / (R - 2))
+    inv_freq = base ** (-torch.arange(0, R, 2, dtype=torch.float64, device=device) / R)
+    if kind == "linear":
+        pos = pos / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling.get("factor", 8.0)
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    angle = pos[:, None] * inv_freq[None, :]
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved=False, position_ids=None,
+                 offset=0) -> Tensor:
+    """Rotates the first R = 2 * cos.shape[-1] dims of every head of x (B, H, S, D) by the
+    angle of each token's position; pairs (x[d], x[d + R/2]) or, interleaved, (x[2d], x[2d+1])."""
+    S = x.shape[2]
+    R = 2 * cos.shape[-1]
+    acc = _acc(x.dtype)
+    if position_ids is None:
+        position_ids = torch.arange(offset, offset + S, device=x.device)
+    c = cos.to(acc)[position_ids]  # (S, R/2) or (B, S, R/2)
+    s = sin.to(acc)[position_ids]
+    if c.dim() == 3:
+        c, s = c[:, None], s[:, None]  # (B, 1, S, R/2)
+    xf = x.to(acc)
+    rot, rest = xf[..., :R], xf[..., R:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : R // 2], rot[..., R // 2:]
+        rot = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((rot, rest), dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- swiglu, rms_norm
+def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    """silu(gate) * up; with up=None the last dim of gate holds [gate | up]."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    acc = _acc(gate.dtype)
+    g = gate.to(acc)
+    return (g * torch.sigmoid(g) * up.to(acc)).to(gate.dtype)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight; statistics in float32, output in x's dtype."""
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(x.dtype)
+
+
+# ============================================================= the "reference" backend kernels
+# Same signatures as the kernel ops of csrc/registration.cpp. Outputs are contiguous.
+
+def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask,
+                  block_size, key_mask, softcap):
+    out, lse = attention(q, k, v, scale=scale, window=(window_left, window_right),
+                         alibi_slopes=alibi_slopes, block_mask=block_mask,
+                         block_size=block_size, key_mask=key_mask, softcap=softcap,
+                         return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes,
+                  block_mask, block_size, key_mask, softcap):
+    """The flash-attention backward written densely: P from the saved lse,
+    dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), through softcap, dQ = scale dS K,
+    dK = scale dS^T Q; GQA gradients summed over the query heads sharing a kv head."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    acc = _acc(q.dtype)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    do, o = grad_out.to(acc), out.to(acc)
+    kr, vr = kf.repeat_interleave(g, dim=1), vf.repeat_interleave(g, dim=1)
+    raw = scale * (qf @ kr.transpose(-1, -2))
+    s = softcap * torch.tanh(raw / softcap) if softcap > 0 else raw
+    if alibi_slopes is not None:
+        pos_i = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
+        pos_j = torch.arange(Sk, device=q.device)[None, :]
+        s = s - alibi_slopes.to(acc).reshape(-1, Hq, 1, 1) * (pos_i - pos_j).abs().to(acc)
+    vis = attention_visibility(B, Hq, Sq, Sk, window=(window_left, window_right),
+                               block_mask=block_mask, block_size=block_size,
+                               key_mask=key_mask, device=q.device)
+    lse_f = lse.to(acc)[..., None]
+    p = torch.where(vis & torch.isfinite(lse_f), torch.exp(s - lse_f), 0.0)
+    dv = p.transpose(-1, -2) @ do
+    delta = (do * o).sum(-1, keepdim=True)
+    ds = p * (do @ vr.transpose(-1, -2) - delta)
+    if softcap > 0:
+        ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
+    dq = scale * (ds @ kr)
+    dk = scale * (ds.transpose(-1, -2) @ qf)
+    if g > 1:
+        dk = dk.reshape(B, Hkv, g, Sk, D).sum(2)
+        dv = dv.reshape(B, Hkv, g, Sk, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def rotary_fwd(x, cos, sin, position_ids, interleaved):
+    return apply_rotary(x, cos, sin, interleaved=interleaved, position_ids=position_ids).contiguous()
+
+
+def rotary_qk_fwd(q, k, cos, sin, position_ids, interleaved):
+    return rotary_fwd(q, cos, sin, position_ids, interleaved), rotary_fwd(k, cos, sin, position_ids, interleaved)
+
+
+def swiglu_fwd(gate, up):
+    return swiglu(gate, up).contiguous()
+
+
+def swiglu_bwd(grad, gate, up):
+    acc = _acc(gate.dtype)
+    g, u, dy = gate.to(acc), up.to(acc), grad.to(acc)
+    sig = torch.sigmoid(g)
+    dgate = dy * u * sig * (1 + g * (1 - sig))
+    dup = dy * g * sig
+    return dgate.to(gate.dtype).contiguous(), dup.to(up.dtype).contiguous()
+
+
+def rms_norm_fwd(x, weight, eps):
+    acc = _acc(x.dtype)
+    rstd = torch.rsqrt(x.to(acc).pow(2).mean(-1) + eps)
+    return rms_norm(x, weight, eps).contiguous(), rstd.to(torch.float32)
+
+
+def rms_norm_bwd(grad, x, weight, rstd):
+    """y = x r w with r = rsqrt(mean(x^2) + eps):
+    dx = r (dy w - x r^2 mean(dy w x)), dw = sum over rows of dy x r."""
+    acc = _acc(x.dtype)
+    xf, dy, r = x.to(acc), grad.to(acc), rstd.to(acc)[..., None]
+    dyw = dy * weight.to(acc) if weight is not None else dy
+    dx = r * (dyw - xf * r * r * (dyw * xf).mean(-1, keepdim=True))
+    if weight is None:
+        dw = x.new_empty(0)
+    else:
+        dw = (dy * xf * r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx.to(x.dtype).contiguous(), dw
