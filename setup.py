@@ -104,7 +104,7 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 ext_modules = [
     CppExtension(
         "truthgpt_kernels._C",
-        ["csrc/module.cpp", "csrc/registration.cpp"] + rel("csrc/cpu/*.cpp"),
+        ["csrc/module.cpp", "csrc/registration.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/testing/*.cpp"),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + [f'-DTRUTHGPT_BUILD_INFO="{build_info}"']},
         extra_link_args=link_flags,
