@@ -1,0 +1,92 @@
+"""replace_modules(): swap torch.nn modules inside an existing model for truthgpt ones, in place,
+keeping parameters (the same Parameter objects), device and dtype."""
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from torch import nn
+
+log = logging.getLogger("truthgpt_kernels")
+
+
+@dataclass
+class ReplaceReport:
+    swapped: List[Tuple[str, str]] = field(default_factory=list)   # (module name, new type)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)   # (module name, why)
+
+    def __str__(self):
+        lines = [f"swapped {len(self.swapped)} module(s), left {len(self.skipped)}"]
+        lines += [f"  swapped {n} -> {t}" for n, t in self.swapped]
+        lines += [f"  left    {n}: {why}" for n, why in self.skipped]
+        if not self.swapped and not self.skipped:
+            lines.append("  nothing to replace: no torch.nn.MultiheadAttention or torch.nn.RMSNorm found")
+        return "\n".join(lines)
+
+
+def _convert_mha(m: nn.MultiheadAttention):
+    from .modules.multihead import MultiheadAttention
+    return MultiheadAttention.from_torch(m)
+
+
+def _convert_rms_norm(m: nn.RMSNorm):
+    from .modules.norm import RMSNorm
+    if len(m.normalized_shape) != 1:
+        raise ValueError(f"normalized_shape {tuple(m.normalized_shape)} spans more than the last dim")
+    weight = m.weight
+    new = RMSNorm(m.normalized_shape, eps=m.eps, elementwise_affine=weight is not None,
+                  device="meta")
+    if weight is not None:
+        new.weight = weight  # the same Parameter: optimizers and tied weights keep working
+    new.train(m.training)
+    return new
+
+
+# exact type -> converter; subclasses are left alone (they may change behaviour)
+CONVERTERS: Dict[type, Callable[[nn.Module], nn.Module]] = {
+    nn.MultiheadAttention: _convert_mha,
+    nn.RMSNorm: _convert_rms_norm,
+}
+
+
+def replace_modules(model: nn.Module, *, include: Optional[Iterable[str]] = None,
+                    exclude: Iterable[str] = (), verbose: bool = False) -> nn.Module:
+    """Swaps every torch.nn.MultiheadAttention and torch.nn.RMSNorm of `model` that these kernels
+    can serve. include/exclude filter by type name ("MultiheadAttention", "RMSNorm") or by
+    module name prefix. Conversion of every module is done first; if one fails, nothing is
+    changed and the error is raised. Returns the model; the report is in
+    `model.truthgpt_report` (and logged, or printed with verbose=True)."""
+    include = None if include is None else set(include)
+    exclude = set(exclude)
+
+    def wanted(name: str, module: nn.Module) -> bool:
+        keys = {type(module).__name__} | {name[: i] for i in range(len(name) + 1)}
+        return (include is None or keys & include) and not keys & exclude
+
+    report = ReplaceReport()
+    plan = []
+    for name, module in model.named_modules():
+        convert = CONVERTERS.get(type(module))
+        if convert is None or not wanted(name, module):
+            continue
+        if not name:
+            report.skipped.append(("<model>", "the top-level module cannot be swapped in place; "
+                                   "wrap it in a container"))
+            continue
+        try:
+            plan.append((name, convert(module)))
+        except ValueError as e:
+            report.skipped.append((name, str(e)))
+    for name, new in plan:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, new)
+        report.swapped.append((name, type(new).__name__))
+    from .modules.multihead import MultiheadAttention
+    for module in model.modules():
+        # nn.TransformerEncoder's fused path would hand our attention nested tensors
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(m, MultiheadAttention) for m in module.modules()):
+            module.use_nested_tensor = False
+    model.truthgpt_report = report
+    (print if verbose else log.info)(str(report))
+    return model
