@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-EXTRAS ?= dev
+EXTRAS ?= dev,hf
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 

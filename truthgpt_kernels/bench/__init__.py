@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List
 
-FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "model")
+FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "model", "dropin")
 
 
 @dataclass
