@@ -8,7 +8,7 @@ EXTRAS ?= dev,hf
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench info clean
+.PHONY: setup test bench info clean asan-test
 
 setup: $(VENV)/.built
 
@@ -33,3 +33,14 @@ info: setup
 
 clean:
 	rm -rf build *.egg-info truthgpt_kernels/*.so $(VENV)/.built
+
+# The CPU extension built with AddressSanitizer (TRUTHGPT_DEBUG=1) in a copy of the tree, then
+# the validation and property suites under it. Any ASan report fails the run. libstdc++ is
+# preloaded with libasan so that exceptions thrown by other extensions (triton) intercept cleanly.
+ASAN_DIR := build/asan-tree
+asan-test: $(VENV)/.built
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	git ls-files -z | xargs -0 cp --parents -t $(ASAN_DIR)
+	cd $(ASAN_DIR) && TRUTHGPT_DEBUG=1 TRUTHGPT_BUILD_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		$(abspath $(PY)) -m pytest tests/test_validation.py tests/test_properties.py -q -p no:cacheprovider
