@@ -141,9 +141,15 @@ def requested(backend: Optional[str] = None) -> str:
 
 def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
     """Resolves the backend for one call of op family `family` on tensors like `x`; raises
-    BackendError naming what is missing when the requested backend cannot serve it."""
+    BackendError naming what is missing when the requested backend cannot serve it. Under
+    torch.compile the choice is made once, at trace time, and baked into the graph."""
+    return _select(family, backend, x.device.type, x.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.dtype) -> str:
     name = requested(backend)
-    device, dtype = x.device, x.dtype
+    device = torch.device(device_type)
     if name == "auto":
         for cand in AUTO_ORDER.get(device.type, ()):
             if not unavailable_reason(cand) and implements(family, cand) and dtype in DTYPES[cand]:

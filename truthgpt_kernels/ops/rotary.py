@@ -73,7 +73,9 @@ def _prepare(x: Tensor, cos: Tensor, sin: Tensor, position_ids, offset) -> Tenso
                  device=x.device)
     if position_ids.shape[-1] != S or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
         raise ValueError(f"position_ids must have shape ({B}, {S}) or ({S},), got {tuple(position_ids.shape)}")
-    if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= P):
+    # a data-dependent check: skipped while torch.compile traces (the kernels bound-check too)
+    if position_ids.numel() and not torch.compiler.is_compiling() and (
+            int(position_ids.min()) < 0 or int(position_ids.max()) >= P):
         raise ValueError(f"position_ids must lie in [0, {P}) (the length of cos/sin), "
                          f"got values in [{int(position_ids.min())}, {int(position_ids.max())}]")
     return position_ids.to(torch.int64).expand(B, S)
