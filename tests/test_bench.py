@@ -14,7 +14,9 @@ from truthgpt_kernels import __main__ as cli
 from truthgpt_kernels.bench import Case, dtype_hint, in_float64, report, runner, upcast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--min-time", "0.005", "--max-reps", "5", "--no-progress"]
+# one thread: steady on a busy CI machine (OpenMP threads that wait for a descheduled peer
+# make tiny ops many times slower); restored after each test
+FAST = ["--min-time", "0.005", "--max-reps", "5", "--no-progress", "--threads", "1"]
 FAKE_CEILINGS = {"gemm_gflops": {"float32": 50.0, "bfloat16": 100.0}, "copy_gbps": 10.0,
                  "sizes": {}, "errors": {}, "seconds": 0.0}
 
@@ -49,6 +51,13 @@ def synthetic_cases(device="cpu", quick=True):
                     impls={"ours": lambda x: x["x"] + 1e-2, "eager": lambda x: x["x"].clone()},
                     reference=in_float64(lambda x: x["x"])))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -160,7 +169,7 @@ def test_failing_impl_is_reported_and_exits_nonzero(monkeypatch, capsys):
 def test_swiglu_quick_real_cases(tmp_path, capsys):
     js = tmp_path / "s.json"
     rc, out, err = run_cli(capsys, "--ops", "swiglu", "--quick", "--min-time", "0.02", "--max-reps", "10",
-                           "--no-progress", "--json", str(js))
+                           "--no-progress", "--threads", "1", "--json", str(js))
     assert rc == 0, err
     assert "## swiglu (cpu)" in out and "GB/s" in out
     doc = report.load(str(js))
@@ -232,6 +241,10 @@ def test_helpers():
                                                                  torch.full((2,), 0.5, dtype=torch.float64)))
     assert r["max_err"] == 0.5 and r["rel_err"] == pytest.approx(math.sqrt(0.5 / 2.5))
     assert runner.compare_outputs(torch.tensor([float("nan")]), torch.tensor([1.0]))["max_err"] == math.inf
+    assert runner.compare_outputs(torch.tensor([1.0, float("inf")]),
+                                  torch.tensor([1.0, -float("inf")]))["max_err"] == math.inf
+    assert runner.compare_outputs(torch.tensor([2.0, float("inf")]),
+                                  torch.tensor([1.0, float("inf")]))["max_err"] == 1.0
     assert runner.compare_outputs(torch.ones(2), torch.ones(3))["max_err"] is None
     t = runner.time_fn(lambda: None, "cpu", min_time=0.001, max_reps=7)
     assert 3 <= t["n"] <= 7 and t["min_ms"] <= t["median_ms"]

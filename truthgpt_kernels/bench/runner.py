@@ -4,17 +4,21 @@ each output against the float64 reference, and prints one table per op family; r
 saves the JSON and the plot and compares with an earlier run.
 
 Time budget: each impl gets one warm-up call, then is called until `min_time` seconds have
-passed and at least `MIN_REPS` calls were timed, but never more than `max_reps` calls. So an
-impl costs about max(min_time, MIN_REPS x its time) plus three more calls (warm-up, error
-check, peak memory) and, once per case, the float64 reference. The whole run prints how long it took; `make bench` uses the defaults below.
+passed and at least `MIN_REPS` calls were timed, but never more than `max_reps` calls. The
+warm-up call also yields the output for the error column and the peak memory. So an impl costs
+about max(min_time, MIN_REPS x its time) plus one call, and each case its setup and, once,
+the float64 reference; each case's seconds are in the JSON and each op's total under its
+table. The whole run prints how long it took; `make bench` uses the defaults below.
 """
 import argparse
 import contextlib
 import gc
 import math
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -35,16 +39,17 @@ def _sync(device: str):
 
 
 def time_fn(fn: Callable[[], Any], device: str, min_time: float = MIN_TIME,
-            max_reps: int = MAX_REPS, min_reps: int = MIN_REPS) -> Dict[str, float]:
-    """Times fn after one warm-up call (which compiles and caches). CPU: wall time of each call.
+            max_reps: int = MAX_REPS, min_reps: int = MIN_REPS, warmup: bool = True) -> Dict[str, float]:
+    """Times fn after one warm-up call (which compiles and caches; warmup=False when the caller
+    has just made that call). CPU: wall time of each call.
     CUDA: CUDA events around each call, with the L2 flushed between calls, synchronised once.
     Returns median, quartiles and min in ms, and the number of timed calls."""
     min_reps = max(1, min(min_reps, max_reps))
-    gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        fn()
+        if warmup:
+            fn()
         _sync(device)
         if device == "cuda":
             t0 = time.perf_counter()
@@ -82,55 +87,83 @@ def time_fn(fn: Callable[[], Any], device: str, min_time: float = MIN_TIME,
             "min_ms": min(samples), "n": len(samples)}
 
 
+_KINETO_LOG = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.cpp:\d+\]")
+
+
 @contextlib.contextmanager
-def _quiet_stderr():
-    """The profiler's C++ side logs to fd 2 (kineto banners); hide them during one call."""
+def _without_profiler_banners():
+    """The profiler's C++ side logs banners to fd 2 (kineto's USDT/STAGE lines); catch fd 2 in a
+    temporary file during one call and pass on every other line (the impl's own warnings)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):
         yield
         return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
             yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        finally:
+            try:
+                sys.stderr.flush()
+            except ValueError:
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(True)
+                    if not _KINETO_LOG.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
 
 
-def peak_memory(fn: Callable[[], Any], device: str) -> Optional[int]:
-    """Bytes allocated at the peak of one call, above what was allocated before it (outputs
-    included). CUDA: the caching allocator's statistics. CPU: the allocation events of the
-    PyTorch profiler. None where it cannot be measured."""
+def call_with_peak(fn: Callable[[], Any], device: str):
+    """(fn's output, bytes allocated at the peak of the call above what was allocated before it,
+    outputs included). CUDA: the caching allocator's statistics. CPU: the allocation events of
+    the PyTorch profiler (None where they cannot be read). Exceptions of fn propagate."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         out = fn()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        del out
-        return int(peak)
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
+        return out, int(torch.cuda.max_memory_allocated() - before)
+    try:  # the autograd profiler: torch.profiler.profile would import torch._inductor (seconds)
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-        with _quiet_stderr():
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                out = fn()
-            del out
-            events = prof.profiler.kineto_results.events()  # private API: guarded below
-            allocs = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
-                            key=lambda x: x[0])
+        prof = torch.autograd.profiler.profile(use_cpu=True, profile_memory=True)
     except Exception:
-        return None
+        return fn(), None
+    with _without_profiler_banners():
+        try:
+            prof.__enter__()
+        except Exception:  # e.g. another profiler is active
+            prof = None
+        if prof is None:
+            out = fn()
+        else:
+            try:
+                out = fn()
+            finally:
+                prof.__exit__(None, None, None)
+    if prof is None:
+        return out, None
+    try:
+        events = prof.kineto_results.events()  # not a documented API: guarded
+        allocs = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"),
+                        key=lambda x: x[0])
+    except Exception:
+        return out, None
     current = peak = 0
     for _, nbytes in allocs:
         current += nbytes
         peak = max(peak, current)
-    return int(peak)
+    return out, int(peak)
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> Optional[int]:
+    """Peak bytes of one call of fn (see call_with_peak)."""
+    return call_with_peak(fn, device)[1]
 
 
 def flatten(value) -> List[torch.Tensor]:
@@ -144,9 +177,13 @@ def flatten(value) -> List[torch.Tensor]:
     return []
 
 
+_CHUNK = 1 << 22  # elements per step of compare_outputs: small temporaries, no huge allocations
+
+
 def compare_outputs(out, ref) -> Dict[str, Any]:
     """Max absolute error and normwise relative error ||out - ref|| / ||ref|| over all output
-    tensors; inf when a value is non-finite where the reference is finite (or vice versa)."""
+    tensors, in float64 on the reference's device; inf when a value is non-finite where the
+    reference is finite (or the other way round)."""
     outs, refs = flatten(out), flatten(ref)
     if len(outs) != len(refs) or not refs:
         return {"max_err": None, "rel_err": None,
@@ -156,16 +193,24 @@ def compare_outputs(out, ref) -> Dict[str, Any]:
         if o.shape != r.shape:
             return {"max_err": None, "rel_err": None,
                     "note": f"shape {tuple(o.shape)} != reference {tuple(r.shape)}"}
-        o = o.detach().to("cpu", torch.float64)
-        r = r.detach().to("cpu", torch.float64)
-        finite = torch.isfinite(r)
-        if not torch.equal(torch.isfinite(o), finite):
-            return {"max_err": math.inf, "rel_err": math.inf, "note": "non-finite values differ"}
-        if finite.any():
-            d = (o - r)[finite]
-            max_err = max(max_err, d.abs().max().item())
-            diff_sq += d.pow(2).sum().item()
-            ref_sq += r[finite].pow(2).sum().item()
+        r = r.detach().reshape(-1)
+        o = o.detach().reshape(-1)
+        for start in range(0, r.numel(), _CHUNK):
+            rc = r[start:start + _CHUNK].to(torch.float64)
+            oc = o[start:start + _CHUNK].to(rc.device, torch.float64)
+            d = oc - rc
+            m = torch.linalg.vector_norm(d, float("inf")).item()
+            if not math.isfinite(m):  # a non-finite value on either side: compare where finite
+                r_finite = torch.isfinite(rc)
+                nf = ~r_finite
+                if not torch.equal(torch.isfinite(oc), r_finite) or not torch.equal(
+                        torch.nan_to_num(oc[nf]), torch.nan_to_num(rc[nf])):  # inf != -inf
+                    return {"max_err": math.inf, "rel_err": math.inf, "note": "non-finite values differ"}
+                d, rc = d[r_finite], rc[r_finite]
+                m = torch.linalg.vector_norm(d, float("inf")).item() if d.numel() else 0.0
+            max_err = max(max_err, m)
+            diff_sq += torch.linalg.vector_norm(d).item() ** 2
+            ref_sq += torch.linalg.vector_norm(rc).item() ** 2
     rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
     return {"max_err": max_err, "rel_err": rel}
 
@@ -220,12 +265,14 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
             progress.set_postfix_str(f"{case.op}: {case.name} [{impl_name}]"[:60], refresh=True)
         entry: Dict[str, Any] = {"error": None}
         try:
-            entry.update(time_fn(lambda: impl(inputs), device, min_time, max_reps))
-            entry["spread_pct"] = 100.0 * (entry["q3_ms"] - entry["q1_ms"]) / entry["median_ms"] \
-                if entry["median_ms"] > 0 else 0.0
-            if case.reference is not None:
+            # first call: warm-up (compiles, caches), peak memory and the output for the error
+            # column; then the timed calls
+            if case.peak_memory:
+                out, entry["peak_bytes"] = call_with_peak(lambda: impl(inputs), device)
+            else:
                 out = impl(inputs)
-                _sync(device)
+            _sync(device)
+            if case.reference is not None:
                 if reference is None and ref_error is None:
                     try:
                         reference = case.reference(inputs)
@@ -235,9 +282,10 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
                     entry.update(compare_outputs(out, reference))
                 else:
                     entry["note"] = ref_error
-                del out
-            if case.peak_memory:
-                entry["peak_bytes"] = peak_memory(lambda: impl(inputs), device)
+            del out
+            entry.update(time_fn(lambda: impl(inputs), device, min_time, max_reps, warmup=False))
+            entry["spread_pct"] = 100.0 * (entry["q3_ms"] - entry["q1_ms"]) / entry["median_ms"] \
+                if entry["median_ms"] > 0 else 0.0
         except Exception as e:  # one failing impl must not stop the run
             entry["error"] = _short_error(e)
         result["impls"][impl_name] = entry
@@ -351,6 +399,7 @@ def format_table(op: str, results: List[Dict], device: str) -> str:
              "err = max |out - float64 reference|"]
     lines.append(tabulate(table_rows(results), headers="keys", tablefmt="github", disable_numparse=True))
     lines.extend(speedup_summary(results))
+    lines.append(f"{op}: {len(results)} case(s) in {sum(r.get('seconds', 0) for r in results):.0f} s")
     return "\n".join(lines)
 
 
