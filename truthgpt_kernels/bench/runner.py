@@ -399,7 +399,8 @@ def format_table(op: str, results: List[Dict], device: str) -> str:
              "err = max |out - float64 reference|"]
     lines.append(tabulate(table_rows(results), headers="keys", tablefmt="github", disable_numparse=True))
     lines.extend(speedup_summary(results))
-    lines.append(f"{op}: {len(results)} case(s) in {sum(r.get('seconds', 0) for r in results):.0f} s")
+    took = sum(r.get("seconds", 0) for r in results)
+    lines.append(f"{op}: {len(results)} case(s) in {took:.{0 if took >= 10 else 1}f} s")
     return "\n".join(lines)
 
 
