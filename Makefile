@@ -26,7 +26,11 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m truthgpt_kernels bench
+	@out=bench-results/make-bench-$$(date +%Y%m%d-%H%M%S); \
+	$(PY) -m truthgpt_kernels bench --json $$out.json --plot $$out.png $(BENCH_ARGS); status=$$?; \
+	echo; for f in $$out.json $$out.png; do test -f $$f && echo "make bench wrote $$f"; done; \
+	test -f $$out.json && echo "compare a later run: $(PY) -m truthgpt_kernels bench --compare $$out.json"; \
+	exit $$status
 
 info: setup
 	$(PY) -m truthgpt_kernels info

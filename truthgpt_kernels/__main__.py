@@ -31,31 +31,21 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    from truthgpt_kernels.bench import FAMILIES
-    from truthgpt_kernels.bench.runner import main as bench_main
+    from truthgpt_kernels.bench.runner import cli
 
-    ops = args.ops.split(",") if args.ops else None
-    unknown = [o for o in ops or [] if o not in FAMILIES]
-    if unknown:
-        print(f"error: unknown op(s) {unknown}; choose from {', '.join(FAMILIES)}", file=sys.stderr)
-        return 2
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-            return 2
-    bench_main(args.device, args.quick, ops)
-    return 0
+    return cli(args)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="truthgpt-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, extensions, backends and why any is unavailable")
-    bench = sub.add_parser("bench", help="benchmark our kernels against PyTorch")
-    bench.add_argument("--ops", help="comma-separated op families (default: all)")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes")
-    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    bench = sub.add_parser("bench", help="benchmark our kernels against PyTorch: tables, JSON, plot",
+                           description="Runs the cases of truthgpt_kernels/bench/<op>.py: ours against "
+                           "the PyTorch baselines, with the machine's measured ceilings and the error "
+                           "against the float64 reference; saves JSON and a PNG under bench-results/.")
+    from truthgpt_kernels.bench.runner import add_arguments as add_bench_arguments
+    add_bench_arguments(bench, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     return {"info": cmd_info, "bench": cmd_bench}[args.command](args)
 

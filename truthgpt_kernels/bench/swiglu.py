@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 
 import truthgpt_kernels as tk
+from truthgpt_kernels.ops import reference
 
-from . import Case
+from . import Case, in_float64
 
 
 def _fwd_bwd(fn):
@@ -27,5 +28,6 @@ def cases(device, quick):
             op="swiglu", name=f"fwd+bwd {rows}x{n} {str(dtype)[6:]}", setup=setup,
             impls={"truthgpt": _fwd_bwd(tk.swiglu), "torch eager": _fwd_bwd(lambda g, u: F.silu(g) * u)},
             bytes=rows * n * elem * (3 + 5),  # fwd: read g,u write out; bwd: read dy,g,u write dg,du
+            reference=in_float64(_fwd_bwd(reference.swiglu)),
         ))
     return out
