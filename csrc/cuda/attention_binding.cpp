@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "attention.h"
 #include "binding_utils.h"

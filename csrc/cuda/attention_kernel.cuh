@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(FwdShape<T, D>::NTH)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const Coord cc = acc_coord(lane, nt, e);
-        const int r = cc.row / 8, jl = cc.col;
+        const int r = e >> 1, jl = cc.col;  // r = cc.row / 8: compile-time
         const int64_t j = k0 + jl;
         float tc;
         const float v = score(pr, s[nt][e], slope, row[r] + off, j, &tc);
@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(DkdvShape<T, D>::NTH)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const Coord cc = acc_coord(lane, nt, e);
-            const int r = cc.row / 8, il = cc.col;
+            const int r = e >> 1, il = cc.col;  // r = cc.row / 8: compile-time
             const int64_t i = q0 + il;
             float tc;
             const float sc = score(pr, pt[nt][e], slope, i + off, key[r], &tc);
@@ -548,7 +548,7 @@ __global__ void __launch_bounds__(DqShape<T, D>::NTH)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const Coord cc = acc_coord(lane, nt, e);
-        const int r = cc.row / 8, jl = cc.col;
+        const int r = e >> 1, jl = cc.col;  // r = cc.row / 8: compile-time
         const int64_t j = k0 + jl;
         float tc;
         const float sc = score(pr, s[nt][e], slope, row[r] + off, j, &tc);
