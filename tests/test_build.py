@@ -32,3 +32,14 @@ def test_every_public_op_is_a_truthgpt_op():
     for name in ["attention", "attention_backward", "apply_rotary", "apply_rotary_qk", "swiglu",
                  "swiglu_backward", "rms_norm", "rms_norm_backward"]:
         assert hasattr(torch.ops.truthgpt, name), name
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
+                    or os.environ.get("TRUTHGPT_BUILD_CUDA") == "0",
+                    reason="no CUDA toolkit or torch without CUDA: _cuda is not built")
+def test_cuda_attention_kernels_registered():
+    mod, info = _ext.load("_cuda")
+    assert mod is not None, info
+    for op in ("attention_fwd", "attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{op}", "CUDA"), op
+    assert backends.implements("attention", "cuda")

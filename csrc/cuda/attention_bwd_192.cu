@@ -1,0 +1,6 @@
+// Attention backward kernels (dK/dV and dQ) for head dims in bucket 192 (one translation unit per bucket and direction).
+#include "attention_kernel.cuh"
+
+namespace truthgpt::cuda::detail {
+template cudaError_t attention_bwd_bucket<192>(const AttentionParams& p, cudaStream_t stream);
+}  // namespace truthgpt::cuda::detail

@@ -1,0 +1,6 @@
+// Attention forward kernels for head dims in bucket 192 (one translation unit per bucket and direction).
+#include "attention_kernel.cuh"
+
+namespace truthgpt::cuda::detail {
+template cudaError_t attention_fwd_bucket<192>(const AttentionParams& p, cudaStream_t stream);
+}  // namespace truthgpt::cuda::detail
