@@ -77,7 +77,10 @@ def _rms_bwd_kernel(dy_ptr, sdy, x_ptr, sx, w_ptr, r_ptr, dx_ptr, part_ptr, M, N
             dy = tl.load(dy_ptr + rows[:, None] * sdy + cols[None, :], mask=m, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
             r = tl.load(r_ptr + rows, mask=rmask, other=0.0)[:, None]
-            dyw = dy * w if HAS_W else dy
+            if HAS_W:
+                dyw = dy * w
+            else:
+                dyw = dy
             c = r * r * tl.sum(dyw * x, axis=1)[:, None] / N
             dx = r * (dyw - x * c)
             tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
@@ -139,12 +142,12 @@ def _settings(M: int, N: int):
 
 def rms_norm_fwd(x: torch.Tensor, weight, eps: float):
     N = x.shape[-1]
-    x2 = as_rows(x)
-    M = x2.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if M == 0:
-        return out, rstd
+    if x.numel() == 0:
+        return out, rstd.fill_(float("nan"))  # the mean of no elements (nothing when no rows)
+    x2 = as_rows(x)
+    M = x2.shape[0]
     single, rows, block, warps = _settings(M, N)
     _rms_fwd_kernel[(triton.cdiv(M, rows),)](
         x2, x2.stride(0), weight if weight is not None else x2, out, rstd, M, N, float(eps),
@@ -164,14 +167,13 @@ def _programs(device: torch.device, tiles: int) -> int:
 
 def rms_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Tensor):
     N = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    has_w = weight is not None
+    if x.numel() == 0:
+        return dx, (torch.zeros_like(weight) if has_w else x.new_empty(0))
     x2, dy2 = as_rows(x), as_rows(grad)
     M = x2.shape[0]
     r = rstd.reshape(-1).contiguous()
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    has_w = weight is not None
-    if M == 0 or N == 0:
-        dw = torch.zeros_like(weight) if has_w else x.new_empty(0)
-        return dx, dw
     single, rows, block, warps = _settings(M, N)
     progs = _programs(x.device, triton.cdiv(M, rows))
     rows_per_prog = triton.cdiv(triton.cdiv(M, progs), rows) * rows
