@@ -9,6 +9,7 @@ namespace {
 
 struct Args {
   int64_t batch, seq, head_dim, half, units;
+  bool table_vec;  // cos/sin rows readable as V-wide vectors (rotary::table_vec)
   rotary::Operand q, k;
   rotary::Table table;
   rotary::Positions pos;
@@ -43,10 +44,15 @@ __global__ void rotary_kernel(const Args a) {
       const C* cp = cos + p * a.table.cos_stride0 + u.angle * a.table.cos_stride1;
       const C* sp = sin + p * a.table.sin_stride0 + u.angle * a.table.sin_stride1;
       float c[V], s[V], e1[V], e2[V];
+      if (a.table_vec) {
+        load_floats<V>(cp, c);
+        load_floats<V>(sp, s);
+      } else {
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        c[i] = to_float(cp[i * a.table.cos_stride1]);
-        s[i] = to_float(sp[i * a.table.sin_stride1]);
+        for (int i = 0; i < V; ++i) {
+          c[i] = to_float(cp[i * a.table.cos_stride1]);
+          s[i] = to_float(sp[i * a.table.sin_stride1]);
+        }
       }
       load_floats<V>(x + u.first * t.stride_d, e1);  // V > 1 implies stride_d == 1
       load_floats<V>(x + u.second * t.stride_d, e2);
@@ -82,7 +88,8 @@ cudaError_t rotary_fwd(DType dtype, DType table_dtype, int64_t batch, int64_t se
     return cudaErrorInvalidValue;
   const rotary::Operand ops[2] = {q, k};
   const int v = rotary::pick_vec(element_size(dtype), batch, seq, head_dim, half, ops, 2);
-  Args a{batch, seq, head_dim, half, rotary::units_per_row(head_dim, half, v), q, k, table, pos};
+  const bool tv = rotary::table_vec(table, v, element_size(table_dtype));
+  Args a{batch, seq, head_dim, half, rotary::units_per_row(head_dim, half, v), tv, q, k, table, pos};
   const int64_t total = batch * seq * (q.heads + k.heads) * a.units;
   if (total == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&]<typename T>() {

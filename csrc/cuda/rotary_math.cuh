@@ -139,4 +139,13 @@ TG_HD int pick_vec(int elem_size, int64_t batch, int64_t seq, int64_t head_dim, 
   });
 }
 
+// Can a rotary unit read its V cos and V sin values (angles u V .. u V + V - 1 of one position)
+// as one aligned vector each? Unit inner strides, row strides multiples of V, V-aligned
+// pointers (table_elem_size: bytes of a cos/sin element).
+TG_HD bool table_vec(const Table& t, int v, int table_elem_size) {
+  return v > 1 && t.cos_stride1 == 1 && t.sin_stride1 == 1 && t.cos_stride0 % v == 0 &&
+         t.sin_stride0 % v == 0 && vec::aligned(t.cos, v, table_elem_size) &&
+         vec::aligned(t.sin, v, table_elem_size);
+}
+
 }  // namespace truthgpt::cuda::rotary

@@ -108,13 +108,24 @@ std::tuple<at::Tensor, at::Tensor, int64_t> rotary_host(const at::Tensor& q, con
   return {qo, ko, v};
 }
 
+// Whether the kernel reads these cos/sin tables with V-wide vector loads.
+bool rotary_table_vec(const at::Tensor& cos, const at::Tensor& sin, int64_t vec) {
+  const rot::Table t{cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.stride(1), sin.stride(0),
+                     sin.stride(1)};
+  return rot::table_vec(t, static_cast<int>(vec), static_cast<int>(cos.element_size()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(truthgpt_test, m) {
+  m.def("rotary_table_vec(Tensor cos, Tensor sin, int vec) -> bool");
   m.def("rotary_host(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor position_ids, "
         "bool interleaved, int vec) -> (Tensor, Tensor, int)");
 }
 
-TORCH_LIBRARY_IMPL(truthgpt_test, CPU, m) { m.impl("rotary_host", &rotary_host); }
+TORCH_LIBRARY_IMPL(truthgpt_test, CPU, m) {
+  m.impl("rotary_host", &rotary_host);
+  m.impl("rotary_table_vec", &rotary_table_vec);
+}
 
 }  // namespace truthgpt::testing

@@ -115,6 +115,17 @@ def test_rotary_host_inverse_rotation():
         torch.testing.assert_close(kb, k, atol=1e-5, rtol=0)
 
 
+def test_rotary_table_vector_loads():
+    tv = _ops().rotary_table_vec
+    cos, sin = reference.rotary_cos_sin(16, 64)         # (16, 32) float32, contiguous
+    assert tv(cos, sin, 4) and tv(cos.bfloat16(), sin.bfloat16(), 8)
+    assert not tv(cos, sin, 1)                           # scalar path anyway
+    assert not tv(cos, -sin.t().contiguous().t(), 4)     # column-major sin
+    wide = torch.randn(16, 34)
+    assert not tv(wide[:, 1:33], sin, 4)                 # misaligned rows
+    assert not tv(torch.randn(16, 35)[:, :32], sin, 4)   # row stride 35
+
+
 # --------------------------------------------------------------------------- rms_norm
 RMS_SHAPES = [(2, 4231), (9, 41, 341), (7,), (5, 64), (3, 4096), (4, 12288), (33, 8)]
 

@@ -148,6 +148,7 @@ def rms_norm_fwd(x: torch.Tensor, weight, eps: float):
         return out, rstd.fill_(float("nan"))  # the mean of no elements (nothing when no rows)
     x2 = as_rows(x)
     M = x2.shape[0]
+    weight = None if weight is None else weight.contiguous()
     single, rows, block, warps = _settings(M, N)
     _rms_fwd_kernel[(triton.cdiv(M, rows),)](
         x2, x2.stride(0), weight if weight is not None else x2, out, rstd, M, N, float(eps),
@@ -174,6 +175,7 @@ def rms_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Tensor
     x2, dy2 = as_rows(x), as_rows(grad)
     M = x2.shape[0]
     r = rstd.reshape(-1).contiguous()
+    w = weight.contiguous() if has_w else None
     single, rows, block, warps = _settings(M, N)
     progs = _programs(x.device, triton.cdiv(M, rows))
     rows_per_prog = triton.cdiv(triton.cdiv(M, progs), rows) * rows
@@ -181,7 +183,7 @@ def rms_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Tensor
     alloc = torch.empty if single else torch.zeros
     part = alloc((progs, N) if has_w else (1,), dtype=torch.float32, device=x.device)
     _rms_bwd_kernel[(progs,)](
-        dy2, dy2.stride(0), x2, x2.stride(0), weight if has_w else x2, r, dx, part, M, N,
+        dy2, dy2.stride(0), x2, x2.stride(0), w if has_w else x2, r, dx, part, M, N,
         rows_per_prog, HAS_W=has_w, ROWS=rows, BLOCK=block, SINGLE=single, num_warps=warps)
     if not has_w:
         return dx, x.new_empty(0)
