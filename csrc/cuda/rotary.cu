@@ -40,7 +40,8 @@ __global__ void rotary_kernel(const Args a) {
     const T* x = static_cast<const T*>(t.x) + rotary::in_offset(t, it);
     T* o = static_cast<T*>(t.out) + rotary::out_offset(t, it, a.seq, a.head_dim);
     if (u.rotate) {
-      const int64_t p = a.pos.ids[it.b * a.pos.stride_b + it.s * a.pos.stride_s];
+      const int64_t p = rotary::clamp_position(
+          a.pos.ids[it.b * a.pos.stride_b + it.s * a.pos.stride_s], a.table.rows);
       const C* cp = cos + p * a.table.cos_stride0 + u.angle * a.table.cos_stride1;
       const C* sp = sin + p * a.table.sin_stride0 + u.angle * a.table.sin_stride1;
       float c[V], s[V], e1[V], e2[V];

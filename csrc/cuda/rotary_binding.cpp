@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor*
               sin.sizes(), " for head dim ", D);
   TORCH_CHECK(position_ids.dim() == 2 && position_ids.size(0) == B && position_ids.size(1) == S,
               "rotary: position_ids must be (B, S) = (", B, ", ", S, "), got ", position_ids.sizes());
+  TORCH_CHECK(cos.size(0) > 0 || B * S == 0, "rotary: cos/sin have no rows");
   if (k) {
     TORCH_CHECK(k->dim() == 4 && k->size(0) == B && k->size(2) == S && k->size(3) == D &&
                     k->scalar_type() == q.scalar_type() && k->device() == q.device(),
@@ -41,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor*
   at::Tensor ko = k ? at::empty(k->sizes(), k->options()) : at::Tensor();
   const rotary::Operand none{nullptr, nullptr, 0, 0, 0, 0, 0};
   const rotary::Table table{c.data_ptr(), s.data_ptr(), c.stride(0), c.stride(1), s.stride(0),
-                            s.stride(1)};
+                            s.stride(1), c.size(0)};
   const rotary::Positions positions{pos.data_ptr<int64_t>(), pos.stride(0), pos.stride(1)};
   check_launch(rotary_fwd(dtype, c.scalar_type() == at::kFloat ? DType::F32 : dtype, B, S, D, half,
                           interleaved, operand_of(q, qo), k ? operand_of(*k, ko) : none, table,

@@ -33,6 +33,7 @@ struct Table {
   const void* cos;
   const void* sin;
   int64_t cos_stride0, cos_stride1, sin_stride0, sin_stride1;
+  int64_t rows;  // P
 };
 
 // position_ids int64 (B, S), any strides (0 for a broadcast view).
@@ -85,32 +86,32 @@ TG_HD Unit unit_layout(int64_t unit, int64_t half, int v, bool interleaved) {
   return u;
 }
 
-// Rotates the V pairs of a unit in place (see the header comment): (a, b) -> (a c - b s, b c + a s).
+// One pair (a, b) rotated by the angle with cosine c and sine s: (a c - b s, b c + a s), with
+// explicit fused multiply-adds so every instantiation (and the host build) rounds alike.
+TG_HD void rotate_pair(float& a, float& b, float c, float s) {
+  const float a0 = a;
+  a = fmaf(a0, c, -(b * s));
+  b = fmaf(b, c, a0 * s);
+}
+
+// Rotates the V pairs of a unit in place (see the header comment).
 template <int V, bool Interleaved>
 TG_HD void rotate_unit(float (&e1)[V], float (&e2)[V], const float (&c)[V], const float (&s)[V]) {
-  if constexpr (!Interleaved) {
+  if constexpr (!Interleaved || V == 1) {  // pair i is (e1[i], e2[i])
 TG_UNROLL
-    for (int i = 0; i < V; ++i) {
-      const float a = e1[i], b = e2[i];
-      e1[i] = a * c[i] - b * s[i];
-      e2[i] = b * c[i] + a * s[i];
-    }
-  } else if constexpr (V == 1) {
-    const float a = e1[0], b = e2[0];
-    e1[0] = a * c[0] - b * s[0];
-    e2[0] = b * c[0] + a * s[0];
-  } else {
+    for (int i = 0; i < V; ++i) rotate_pair(e1[i], e2[i], c[i], s[i]);
+  } else {  // pairs (e[2i], e[2i+1]) of e1 ++ e2: angles 0 .. V/2-1 in e1, V/2 .. V-1 in e2
 TG_UNROLL
-    for (int i = 0; i < V / 2; ++i) {  // pairs in e1: angles 0 .. V/2-1; in e2: V/2 .. V-1
-      const float a = e1[2 * i], b = e1[2 * i + 1];
-      e1[2 * i] = a * c[i] - b * s[i];
-      e1[2 * i + 1] = b * c[i] + a * s[i];
-      const float a2 = e2[2 * i], b2 = e2[2 * i + 1];
-      e2[2 * i] = a2 * c[V / 2 + i] - b2 * s[V / 2 + i];
-      e2[2 * i + 1] = b2 * c[V / 2 + i] + a2 * s[V / 2 + i];
+    for (int i = 0; i < V / 2; ++i) {
+      rotate_pair(e1[2 * i], e1[2 * i + 1], c[i], s[i]);
+      rotate_pair(e2[2 * i], e2[2 * i + 1], c[V / 2 + i], s[V / 2 + i]);
     }
   }
 }
+
+// Position of a token, clamped into the table (the public op validates positions; the clamp
+// only keeps a misused kernel op from reading out of bounds).
+TG_HD int64_t clamp_position(int64_t p, int64_t rows) { return p < 0 ? 0 : (p >= rows ? rows - 1 : p); }
 
 // Offset (elements) of row (b, h, s) of an operand's input, and of its contiguous output.
 TG_HD int64_t in_offset(const Operand& t, const Item& it) {

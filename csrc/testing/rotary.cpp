@@ -35,7 +35,7 @@ void run_items(const rot::Operand* ops, int64_t batch, int64_t seq, int64_t head
     const T* first = x + u.first * t.stride_d;  // V contiguous elements (V > 1: stride_d == 1)
     if (u.rotate) {
       const T* second = x + u.second * t.stride_d;
-      const int64_t p = pos[it.b * psb + it.s * pss];
+      const int64_t p = rot::clamp_position(pos[it.b * psb + it.s * pss], table.rows);
       float c[V], s[V], e1[V], e2[V];
       for (int i = 0; i < V; ++i) {
         c[i] = cos[p * table.cos_stride0 + (u.angle + i) * table.cos_stride1];
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> rotary_host(const at::Tensor& q, con
   TORCH_CHECK(half % v == 0 && D % v == 0 && (v == 1 || (q.stride(3) == 1 && k.stride(3) == 1)),
               "rotary_host: vector width ", v, " does not fit");
   const rot::Table table{cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.stride(1),
-                         sin.stride(0), sin.stride(1)};
+                         sin.stride(0), sin.stride(1), cos.size(0)};
   int32_t* writes[2] = {qw.data_ptr<int32_t>(), kw.data_ptr<int32_t>()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rotary_host", [&] {
     auto run = [&]<int V>() {
@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> rotary_host(const at::Tensor& q, con
 // Whether the kernel reads these cos/sin tables with V-wide vector loads.
 bool rotary_table_vec(const at::Tensor& cos, const at::Tensor& sin, int64_t vec) {
   const rot::Table t{cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.stride(1), sin.stride(0),
-                     sin.stride(1)};
+                     sin.stride(1), cos.size(0)};
   return rot::table_vec(t, static_cast<int>(vec), static_cast<int>(cos.element_size()));
 }
 

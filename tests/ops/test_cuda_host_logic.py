@@ -95,6 +95,8 @@ def test_rotary_host_every_vector_width(vec, interleaved):
     pos = _positions(gen, B, S, 16, "random")
     qo, ko, v = _ops().rotary_host(q, k, cos, sin, pos, interleaved, vec)
     assert v == vec
+    q1, k1, _ = _ops().rotary_host(q, k, cos, sin, pos, interleaved, 1)
+    assert torch.equal(qo, q1) and torch.equal(ko, k1), "vector widths round differently"
     for x, out in ((q, qo), (k, ko)):
         expected = reference.apply_rotary(x.double(), cos.double(), sin.double(),
                                           interleaved=interleaved, position_ids=pos)
@@ -113,6 +115,16 @@ def test_rotary_host_inverse_rotation():
         qb, kb, _ = _ops().rotary_host(qo, ko, cos, -sin, pos, inter, 0)
         torch.testing.assert_close(qb, q, atol=1e-5, rtol=0)
         torch.testing.assert_close(kb, k, atol=1e-5, rtol=0)
+
+
+def test_rotary_host_clamps_out_of_range_positions():
+    """The public op rejects such positions; the kernel must still never read outside cos/sin."""
+    q = torch.randn(1, 2, 4, 8)
+    cos, sin = reference.rotary_cos_sin(5, 8)
+    pos = torch.tensor([[-3, 0, 4, 99]])
+    qo, _, _ = _ops().rotary_host(q, q[:, :0], cos, sin, pos, False, 0)
+    expected = reference.apply_rotary(q.double(), cos.double(), sin.double(), position_ids=pos.clamp(0, 4))
+    torch.testing.assert_close(qo.double(), expected, atol=1e-6, rtol=0)
 
 
 def test_rotary_table_vector_loads():

@@ -51,7 +51,7 @@ def _rotate_heads(x_ptr, sxb, sxh, sxs, sxd, o_ptr, H, S, D, b, s, h0, c, sn, HA
 
 @triton.jit
 def _rotary_kernel(q_ptr, sqb, sqh, sqs, sqd, qo_ptr, Hq, k_ptr, skb, skh, sks, skd, ko_ptr, Hk,
-                   cos_ptr, sc0, sc1, sin_ptr, ss0, ss1, pos_ptr, spb, sps, S, D, HALF,
+                   cos_ptr, sc0, sc1, sin_ptr, ss0, ss1, P, pos_ptr, spb, sps, S, D, HALF,
                    Q_BLOCKS, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
@@ -59,6 +59,7 @@ def _rotary_kernel(q_ptr, sqb, sqh, sqs, sqd, qo_ptr, Hq, k_ptr, skb, skh, sks, 
     b = tok // S
     s = tok - b * S
     pos = tl.load(pos_ptr + b * spb + s * sps).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), P - 1)  # validated by the public op; never read out of bounds
     j = tl.arange(0, BLOCK_HALF).to(tl.int64)
     jm = j < HALF
     c = tl.load(cos_ptr + pos * sc0 + j * sc1, mask=jm, other=1.0).to(tl.float32)
@@ -90,7 +91,7 @@ def _launch(q, k, cos, sin, position_ids, interleaved):
     kk, kko = (q, qo) if k is None else (k, ko)  # unused when Hk == 0
     _rotary_kernel[(B * S, q_blocks + k_blocks)](
         q, *q.stride(), qo, Hq, kk, *kk.stride(), kko, Hk,
-        cos, *cos.stride(), sin, *sin.stride(), position_ids, *position_ids.stride(),
+        cos, *cos.stride(), sin, *sin.stride(), cos.shape[0], position_ids, *position_ids.stride(),
         S, D, half, q_blocks, INTERLEAVED=bool(interleaved), BLOCK_H=block_h,
         BLOCK_HALF=block_half, BLOCK_REST=block_rest, num_warps=warps)
     return qo, ko
