@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import tile_settings
+from ..backends import BackendError
+from .utils import MAX_FUSED_SIZE, tile_settings
 
 
 @triton.jit
@@ -84,6 +85,9 @@ def _launch(q, k, cos, sin, position_ids, interleaved):
     block_half = triton.next_power_of_2(half)
     rest = D - 2 * half
     block_rest = triton.next_power_of_2(rest) if rest > 0 else 0
+    if 2 * block_half + block_rest > MAX_FUSED_SIZE:
+        raise BackendError(f"the triton rotary kernel holds a head in one tile, up to {MAX_FUSED_SIZE} "
+                           f"elements; head dim {D} is too large: use backend 'cuda' or 'cpu'")
     heads = min(h for h in (Hq, Hk) if h > 0)
     block_h, _, warps = tile_settings(heads, 2 * block_half + block_rest, max_cols=1 << 30)
     q_blocks = triton.cdiv(Hq, block_h)
