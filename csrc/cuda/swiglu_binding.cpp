@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "binding_utils.h"
+#include "swiglu.h"
 
 namespace truthgpt::cuda {
 namespace {

@@ -25,3 +25,14 @@ def as_rows(t):
     """(rows, n) view with unit inner stride; copies only when the layout cannot be viewed."""
     r = t.reshape(-1, t.shape[-1])
     return r if r.stride(1) == 1 or r.shape[1] == 1 else r.contiguous()
+
+
+def tile_settings(rows: int, n: int, *, max_cols: int = 2048, max_tile: int = 4096):
+    """(ROWS, BLOCK_N, num_warps) for a kernel whose programs each process a (ROWS, BLOCK_N)
+    tile of a (rows, n) matrix: rows longer than max_cols are split over several programs,
+    short rows are packed ROWS to a program so that each holds about max_tile elements.
+    Under TRITON_INTERPRET=1 tiles are 16x larger (each program costs Python-level work)."""
+    scale = 16 if triton_interpreted() else 1
+    block_n = min(triton.next_power_of_2(max(n, 1)), max_cols * scale)
+    rows_per = max(1, min((max_tile * scale) // block_n, triton.next_power_of_2(max(rows, 1))))
+    return rows_per, block_n, calculate_settings(rows_per * block_n)[1]
