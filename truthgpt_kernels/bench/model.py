@@ -174,7 +174,7 @@ def cases(device, quick):
     out = []
 
     # training step: forward + backward + AdamW, fp32
-    shapes: List[Tuple[int, int]] = [(2, 64)] if quick else [(2, 256)]
+    shapes: List[Tuple[int, int]] = [(2, 64)] if quick else [(1, 256)]
     if device == "cuda" and not quick:
         shapes.append((1, 2048))  # the peak-memory case of the issue
     for B, S in shapes:
@@ -197,7 +197,7 @@ def cases(device, quick):
         ))
 
     # decoding with the KV cache: prefill a prompt, then greedy tokens one at a time
-    B, P, N = (1, 8, 16) if quick else (1, 32, 64)
+    B, P, N = (1, 8, 16) if quick else (1, 32, 32)
 
     def setup_decode():
         cfg, ours, plain = _models(preset, device)
