@@ -144,6 +144,8 @@ def test_env_typed_parsing():
     assert cfg.rope_scaling == {"type": "linear", "factor": 4}
     assert C.from_env(environ={"TRUTHGPT_ATTENTION": "sliding_window", "TRUTHGPT_WINDOW": "64"}).window == 64
     assert C.from_env(prefix="MY_", environ={"MY_N_LAYERS": "3"}).n_layers == 3
+    small = C.from_env(environ={"TRUTHGPT_PRESET": "small", "TRUTHGPT_N_LAYERS": "2"})
+    assert (small.d_model, small.n_layers) == (PRESETS["small"]["d_model"], 2)
 
 
 def test_env_errors_list_every_problem():

@@ -161,6 +161,8 @@ def test_encoder_is_bidirectional_and_trains():
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
     with pytest.raises(ValueError, match="encoder"):
         model.generate(x, 2)
+    with pytest.raises(ValueError, match="bidirectional"):
+        model(x, cache=model.make_cache(2, 16))
 
 
 def test_encoder_decoder_trains_and_decodes_with_cache():

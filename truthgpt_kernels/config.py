@@ -340,6 +340,9 @@ class TransformerConfig:
             if prefix == ENV_PREFIX and (rest in RESERVED_ENV or rest.startswith(RESERVED_ENV_PREFIXES)):
                 continue
             name = rest.lower()
+            if name == "preset":  # TRUTHGPT_PRESET=small: the base values
+                out["preset"] = raw.strip()
+                continue
             if name not in names:
                 problems.append((key, f"unknown setting (no field {name!r})"
                                       + _hint(name, names, prefix=prefix, upper=True)))

@@ -179,7 +179,8 @@ class Transformer(nn.Module):
         return self.drop(x)
 
     def _run(self, layer, x, **kwargs):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+                and kwargs.get("cache") is None:  # a cache must not be appended to twice
             return checkpoint(layer, x, use_reentrant=False, **kwargs)
         return layer(x, **kwargs)
 
@@ -200,6 +201,9 @@ class Transformer(nn.Module):
         (logits, loss), the loss including the MoE load-balancing loss. encoder_tokens: the
         source sequence of an encoder_decoder model. cache: from make_cache(), for decoding."""
         offset = cache.pos if cache is not None else 0
+        if cache is not None and self.config.model_type == "encoder":
+            raise ValueError("a KV cache is for decoding; an encoder model is bidirectional "
+                             "(every token sees the ones after it), so it runs without one")
         self._check_tokens("tokens", tokens, offset)
         context, context_mask = None, None
         if self.encoder is not None:
