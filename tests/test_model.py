@@ -12,8 +12,7 @@ from truthgpt_kernels import backends
 from truthgpt_kernels.bench.model import PlainTransformer
 from truthgpt_kernels.config import TransformerConfig
 from truthgpt_kernels.modules import CacheFullError, Transformer
-from truthgpt_kernels.train import (ReverseTask, generate_text, load_checkpoint, save_checkpoint,
-                                    train)
+from truthgpt_kernels.train import generate_text, load_checkpoint, train
 
 f64 = torch.float64
 FAMILIES = ("attention", "rotary", "swiglu", "rms_norm")

@@ -1,6 +1,5 @@
 """SwiGLU and MLP against their eager formulas with the same weights (forward and backward);
 MoE against a per-token loop, its load-balancing loss and its capacity accounting."""
-import math
 
 import pytest
 import torch

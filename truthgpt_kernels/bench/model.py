@@ -7,8 +7,7 @@ RMSNorm, tied or untied head) whose state_dict keys equal ours, so
 `PlainTransformer(cfg).load_state_dict(Transformer(cfg).state_dict())` gives the same model.
 Tests use it as the plain-PyTorch equivalent too.
 """
-import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
