@@ -12,3 +12,11 @@ from .ops import (alibi_slopes, apply_rotary, apply_rotary_qk, attention, rms_no
 __version__ = "0.1.0"
 __all__ = ["attention", "alibi_slopes", "apply_rotary", "apply_rotary_qk", "rotary_cos_sin",
            "swiglu", "rms_norm", "use_backend", "available_backends", "BackendError"]
+
+# Modules and the configurable transformer (pure Python on the ops above; cheap to import).
+from .config import ConfigError, TransformerConfig  # noqa: E402
+from .modules import (Attention, KVCache, MoE, MLP, RMSNorm, RotaryEmbedding, SwiGLU,  # noqa: E402
+                      Transformer, TransformerBlock)
+
+__all__ += ["TransformerConfig", "ConfigError", "Attention", "KVCache", "RotaryEmbedding",
+            "SwiGLU", "MLP", "MoE", "RMSNorm", "TransformerBlock", "Transformer"]

@@ -1,0 +1,86 @@
+"""RMSNorm against torch.nn.RMSNorm (same arguments, weights and state_dict), forward and backward."""
+import pytest
+import torch
+
+from truthgpt_kernels.modules import RMSNorm, make_norm
+
+from ..helpers import assert_close, leaf
+
+f64 = torch.float64
+
+
+def _pair(shape, eps, affine, dtype):
+    ours = RMSNorm(shape, eps=eps, elementwise_affine=affine, dtype=dtype)
+    theirs = torch.nn.RMSNorm(shape, eps=eps, elementwise_affine=affine, dtype=dtype)
+    if affine:
+        with torch.no_grad():
+            ours.weight.normal_(1.0, 0.3)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("shape", [16, (16,), (3, 8)], ids=["int", "tuple", "2d"])
+@pytest.mark.parametrize("eps", [None, 1e-5])
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_torch_rmsnorm_float64(shape, eps, affine):
+    ours, theirs = _pair(shape, eps, affine, f64)
+    norm_shape = (shape,) if isinstance(shape, int) else shape
+    x = torch.randn(2, 5, *norm_shape, dtype=f64)
+    xa, xb = leaf(x), leaf(x)
+    ya, yb = ours(xa), theirs(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(ya)
+    ya.backward(dy)
+    yb.backward(dy)
+    # the op saves its statistics (rstd) in float32 (DESIGN.md: "statistics in float32"), so
+    # float64 gradients are float32-accurate
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_within_torch_error(dtype):
+    """Our error against float64 is at most 2x torch.nn.RMSNorm's in the same dtype (+ atol)."""
+    ours, theirs = _pair(64, 1e-6, True, dtype)
+    ref = torch.nn.RMSNorm(64, eps=1e-6, dtype=f64)
+    ref.load_state_dict({"weight": ours.weight.double()})
+    x = torch.randn(4, 7, 64, dtype=dtype) * 3
+    xa, xb, xr = leaf(x), leaf(x), leaf(x, f64)
+    ya, yb, yr = ours(xa), theirs(xb), ref(xr)
+    assert_close("out", ya, yr, yb)
+    dy = torch.randn(ya.shape, dtype=f64)
+    ya.backward(dy.to(dtype))
+    yb.backward(dy.to(dtype))
+    yr.backward(dy)
+    assert_close("dx", xa.grad, xr.grad, xb.grad)
+    assert_close("dweight", ours.weight.grad, ref.weight.grad, theirs.weight.grad, atol=0.5 if dtype == torch.bfloat16 else None)
+
+
+def test_state_dict_and_repr_like_torch():
+    ours, theirs = RMSNorm(8), torch.nn.RMSNorm(8)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert ours.weight.shape == theirs.weight.shape and torch.equal(ours.weight, theirs.weight)
+    assert repr(ours) == repr(theirs)
+    theirs.load_state_dict(ours.state_dict())  # and back
+    ours.load_state_dict(theirs.state_dict())
+    assert RMSNorm(8, elementwise_affine=False).weight is None
+
+
+def test_eps_none_uses_dtype_eps():
+    x = torch.full((1, 4), 1e-4)  # mean(x^2) = 1e-8, comparable to float32 eps
+    y = RMSNorm(4, eps=None, elementwise_affine=False)(x)
+    expected = x / torch.sqrt(torch.tensor(1e-8) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(y, expected)
+
+
+def test_bad_shape():
+    with pytest.raises(ValueError, match="last dims must match"):
+        RMSNorm(8)(torch.randn(2, 7))
+
+
+def test_make_norm():
+    assert isinstance(make_norm("rmsnorm", 8, 1e-5), RMSNorm)
+    assert isinstance(make_norm("layernorm", 8, 1e-5), torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="rmsnorm"):
+        make_norm("batchnorm", 8, 1e-5)

@@ -1,0 +1,12 @@
+"""nn.Modules on the truthgpt_kernels ops, and the configurable Transformer."""
+from .attention import Attention, CacheFullError, KVCache
+from .embeddings import (AlibiSlopes, LearnedPositionalEmbedding, RotaryEmbedding,
+                         SinusoidalPositionalEmbedding, sinusoidal_table)
+from .feed_forward import MLP, MoE, SwiGLU
+from .norm import RMSNorm, make_norm
+from .transformer import ModelCache, Transformer, TransformerBlock, sample
+
+__all__ = ["Attention", "KVCache", "CacheFullError", "RotaryEmbedding", "AlibiSlopes",
+           "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "sinusoidal_table",
+           "SwiGLU", "MLP", "MoE", "RMSNorm", "make_norm", "TransformerBlock", "Transformer",
+           "ModelCache", "sample"]

@@ -1,0 +1,66 @@
+"""RMSNorm (a drop-in for torch.nn.RMSNorm on the fused tk.rms_norm op) and the norm factory."""
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims.
+
+    Same constructor, `weight` parameter, state_dict and results as torch.nn.RMSNorm (eps=None
+    means torch.finfo(x.dtype).eps); statistics are computed in float32. `backend` picks the
+    kernel (None: whatever use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None,
+                 elementwise_affine: bool = True, device=None, dtype=None, *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.backend = backend
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = len(self.normalized_shape)
+        if x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
+            raise ValueError(f"RMSNorm over {list(self.normalized_shape)} got input of shape "
+                             f"{tuple(x.shape)}: its last dims must match")
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        weight = self.weight
+        if weight is not None:
+            if weight.dtype not in (x.dtype, torch.float32):
+                weight = weight.to(x.dtype)
+            weight = weight.reshape(-1)
+        if n == 1:
+            return rms_norm(x, weight, eps, backend=self.backend)
+        flat = x.reshape(*x.shape[:x.dim() - n], math.prod(self.normalized_shape))
+        return rms_norm(flat, weight, eps, backend=self.backend).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+def make_norm(kind: str, dim: int, eps: float, *, backend: Optional[str] = None,
+              device=None, dtype=None) -> nn.Module:
+    """"rmsnorm" (ours, fused) or "layernorm" (torch.nn.LayerNorm)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps, backend=backend, device=device, dtype=dtype)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+    raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {kind!r}")

@@ -1,0 +1,328 @@
+"""TransformerBlock (pre-norm) and Transformer: a decoder-only causal LM, a bidirectional
+encoder, or an encoder-decoder with cross-attention, built from a TransformerConfig.
+
+    model = Transformer(TransformerConfig.preset("tiny"))
+    logits = model(tokens)                       # (B, S, vocab)
+    logits, loss = model(tokens, targets)        # targets: -100 = ignore
+    out = model.generate(prompt, 32, temperature=0.8, top_p=0.9)
+"""
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TransformerConfig
+from .attention import Attention, KVCache
+from .embeddings import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
+from .feed_forward import MLP, MoE, SwiGLU
+from .norm import RMSNorm, make_norm
+
+
+class TransformerBlock(nn.Module):
+    """x + attn(norm(x)) [+ cross_attn(norm(x), context)] then + ffn(norm(x))."""
+
+    def __init__(self, config: TransformerConfig, *, causal: bool = True,
+                 cross_attention: bool = False, device=None):
+        super().__init__()
+        c = config
+        dt = c.torch_dtype
+        norm = dict(backend=c.op_backend, device=device, dtype=dt)
+        attn = dict(bias=c.bias, dropout=c.dropout, max_seq_len=c.max_seq_len, softcap=c.softcap,
+                    backend=c.attention_backend, device=device, dtype=dt)
+        window = tuple(c.window) if isinstance(c.window, list) else c.window
+        self.attn_norm = make_norm(c.norm, c.d_model, c.norm_eps, **norm)
+        self.attn = Attention(c.d_model, c.n_heads, c.kv_heads, causal=causal,
+                              position=c.position if c.position in ("rope", "alibi") else "none",
+                              window=window, sparsity=c.sparsity, rope_base=c.rope_base,
+                              rope_scaling=c.rope_scaling, rotary_dim=c.rotary_dim, **attn)
+        if cross_attention:
+            self.cross_norm = make_norm(c.norm, c.d_model, c.norm_eps, **norm)
+            self.cross_attn = Attention(c.d_model, c.n_heads, c.kv_heads, causal=False,
+                                        position="none", **attn)
+        else:
+            self.cross_norm = self.cross_attn = None
+        self.ffn_norm = make_norm(c.norm, c.d_model, c.norm_eps, **norm)
+        ffn = dict(bias=c.bias, dropout=c.dropout, device=device, dtype=dt)
+        if c.ffn == "swiglu":
+            self.ffn = SwiGLU(c.d_model, c.ffn_dim, backend=c.op_backend, **ffn)
+        elif c.ffn == "mlp":
+            self.ffn = MLP(c.d_model, c.ffn_dim, **ffn)
+        else:
+            self.ffn = MoE(c.d_model, c.ffn_dim, c.n_experts, c.experts_top_k,
+                           capacity_factor=c.capacity_factor, aux_loss_weight=c.moe_aux_loss_weight,
+                           backend=c.op_backend, **ffn)
+
+    def forward(self, x: Tensor, *, context: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None, cross_cache: Optional[KVCache] = None,
+                key_mask: Optional[Tensor] = None, context_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask)      # (B, S, d)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), context=context, cache=cross_cache,
+                                    key_mask=context_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class ModelCache:
+    """Everything generate() keeps between steps: a KVCache per self-attention layer, one per
+    cross-attention layer (filled from the encoder output on the first step), and that output."""
+    layers: List[KVCache]
+    cross: List[Optional[KVCache]] = field(default_factory=list)
+    context: Optional[Tensor] = None
+    context_mask: Optional[Tensor] = None
+
+    @property
+    def pos(self) -> int:
+        return self.layers[0].pos
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    def reset(self) -> "ModelCache":
+        for c in self.layers + [c for c in self.cross if c is not None]:
+            c.reset()
+        self.context = self.context_mask = None
+        return self
+
+
+class Transformer(nn.Module):
+    """The model a TransformerConfig describes (Transformer(config) or Transformer(**fields))."""
+
+    def __init__(self, config: Optional[TransformerConfig] = None, *, device=None, **overrides):
+        super().__init__()
+        if config is None:
+            config = TransformerConfig(**overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        self.config = c = config
+        dt = c.torch_dtype
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, device=device, dtype=dt)
+        if c.position == "sinusoidal":
+            self.pos_embed = SinusoidalPositionalEmbedding(c.max_seq_len, c.d_model, device=device)
+        elif c.position == "learned":
+            self.pos_embed = LearnedPositionalEmbedding(c.max_seq_len, c.d_model, device=device, dtype=dt)
+        else:
+            self.pos_embed = None
+        self.drop = nn.Dropout(c.dropout)
+        if c.model_type == "encoder_decoder":
+            self.encoder = nn.ModuleList(TransformerBlock(c, causal=False, device=device)
+                                         for _ in range(c.encoder_layers))
+            self.encoder_norm = make_norm(c.norm, c.d_model, c.norm_eps, backend=c.op_backend,
+                                          device=device, dtype=dt)
+        else:
+            self.encoder = self.encoder_norm = None
+        self.layers = nn.ModuleList(
+            TransformerBlock(c, causal=c.causal, cross_attention=c.model_type == "encoder_decoder",
+                             device=device) for _ in range(c.n_layers))
+        self.norm = make_norm(c.norm, c.d_model, c.norm_eps, backend=c.op_backend, device=device, dtype=dt)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, device=device, dtype=dt)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = c.gradient_checkpointing
+        self._moe = [m for m in self.modules() if isinstance(m, MoE)]
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 init: N(0, init_std) weights, zero biases, residual output projections scaled
+        by 1 / sqrt(2 * layers)."""
+        std = self.config.init_std
+        depth = len(self.layers) + (len(self.encoder) if self.encoder is not None else 0)
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                last = name.rsplit(".", 1)[-1]
+                scaled = last in ("out", "down", "fc2")
+                nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * depth) if scaled else std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                m.reset_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    # ------------------------------------------------------------------ checks
+    def _check_tokens(self, name: str, tokens, offset: int = 0) -> None:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must hold integer token ids (int64 or int32), got {tokens.dtype}")
+        if tokens.dim() != 2:
+            raise ValueError(f"{name} must have shape (batch, seq), got {tuple(tokens.shape)}")
+        S = tokens.shape[1]
+        if S < 1:
+            raise ValueError(f"{name} is empty (seq length 0)")
+        if offset + S > self.config.max_seq_len:
+            where = f" at cache position {offset}" if offset else ""
+            raise ValueError(f"{name}: sequence length {S}{where} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"{name}: token ids must lie in [0, {self.config.vocab_size}) "
+                                 f"(vocab_size), got values in [{lo}, {hi}]")
+
+    # ------------------------------------------------------------------ forward
+    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        x = self.embed(tokens)                                   # (B, S, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(tokens.shape[1], offset).to(x.dtype)
+        return self.drop(x)
+
+    def _run(self, layer, x, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+                and kwargs.get("cache") is None:  # a cache must not be appended to twice
+            return checkpoint(layer, x, use_reentrant=False, **kwargs)
+        return layer(x, **kwargs)
+
+    def encode(self, tokens: Tensor, *, key_mask: Optional[Tensor] = None) -> Tensor:
+        """The encoder stack of an encoder_decoder model: (B, Sc) ids -> (B, Sc, d_model)."""
+        if self.encoder is None:
+            raise ValueError(f"encode() needs an encoder_decoder model, this is a {self.config.model_type}")
+        self._check_tokens("encoder_tokens", tokens)
+        x = self.embed_tokens(tokens)
+        for layer in self.encoder:
+            x = self._run(layer, x, key_mask=key_mask)
+        return self.encoder_norm(x)
+
+    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *,
+                encoder_tokens: Optional[Tensor] = None, cache: Optional[ModelCache] = None,
+                key_mask: Optional[Tensor] = None, encoder_key_mask: Optional[Tensor] = None):
+        """tokens (B, S) int ids -> logits (B, S, vocab). With targets (B, S) (-100 = ignore):
+        (logits, loss), the loss including the MoE load-balancing loss. encoder_tokens: the
+        source sequence of an encoder_decoder model. cache: from make_cache(), for decoding."""
+        offset = cache.pos if cache is not None else 0
+        if cache is not None and self.config.model_type == "encoder":
+            raise ValueError("a KV cache is for decoding; an encoder model is bidirectional "
+                             "(every token sees the ones after it), so it runs without one")
+        self._check_tokens("tokens", tokens, offset)
+        context, context_mask = None, None
+        if self.encoder is not None:
+            if cache is not None and cache.context is not None:
+                context, context_mask = cache.context, cache.context_mask
+            else:
+                if encoder_tokens is None:
+                    raise ValueError("an encoder_decoder model needs encoder_tokens (the source sequence)")
+                context, context_mask = self.encode(encoder_tokens, key_mask=encoder_key_mask), encoder_key_mask
+                if cache is not None:
+                    cache.context, cache.context_mask = context, context_mask
+        elif encoder_tokens is not None:
+            raise ValueError(f"encoder_tokens given to a {self.config.model_type} model")
+
+        x = self.embed_tokens(tokens, offset)                    # (B, S, d)
+        for i, layer in enumerate(self.layers):
+            x = self._run(layer, x, context=context, key_mask=key_mask, context_mask=context_mask,
+                          cache=cache.layers[i] if cache is not None else None,
+                          cross_cache=cache.cross[i] if cache is not None and cache.cross else None)
+        logits = self.lm_head(self.norm(x))                      # (B, S, vocab)
+        if targets is None:
+            return logits
+        if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
+            raise ValueError(f"targets must be a tensor of shape {tuple(tokens.shape)}, got "
+                             f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=-100)
+        return logits, loss + self.aux_loss()
+
+    def aux_loss(self) -> Tensor:
+        """The MoE load-balancing losses of the last forward (0 without MoE layers)."""
+        if not self._moe:
+            return torch.zeros((), device=self.embed.weight.device)
+        return sum(m.aux_loss for m in self._moe)
+
+    # ------------------------------------------------------------------ decoding
+    def make_cache(self, batch_size: int, max_len: Optional[int] = None, *,
+                   context_len: Optional[int] = None) -> ModelCache:
+        """Preallocated KV caches for every layer (max_len defaults to max_seq_len)."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds max_seq_len {self.config.max_seq_len}")
+        layers = [layer.attn.make_cache(batch_size, max_len) for layer in self.layers]
+        cross = []
+        if self.encoder is not None:
+            n = context_len or self.config.max_seq_len
+            cross = [layer.cross_attn.make_cache(batch_size, n) for layer in self.layers]
+        return ModelCache(layers, cross)
+
+    @torch.no_grad()
+    def generate(self, tokens: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 encoder_tokens: Optional[Tensor] = None,
+                 encoder_key_mask: Optional[Tensor] = None) -> Tensor:
+        """Continues tokens (B, S) by max_new_tokens with the KV cache; returns (B, S + n).
+        temperature 0 is greedy; top_k / top_p (nucleus) restrict sampling. After eos_id a
+        sequence keeps emitting eos_id; generation stops when every sequence has."""
+        if self.config.model_type == "encoder":
+            raise ValueError("generate() needs a decoder or encoder_decoder model; this is an encoder")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        self._check_tokens("tokens", tokens)
+        B, S = tokens.shape
+        if S + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({S}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens == 0:
+            return tokens
+        was_training = self.training
+        self.eval()
+        try:
+            ctx_len = encoder_tokens.shape[1] if isinstance(encoder_tokens, Tensor) and encoder_tokens.dim() == 2 else None
+            cache = self.make_cache(B, S + max_new_tokens, context_len=ctx_len)
+            logits = self(tokens, encoder_tokens=encoder_tokens, cache=cache,
+                          encoder_key_mask=encoder_key_mask)[:, -1]        # (B, vocab)
+            out = [tokens]
+            done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+            for step in range(max_new_tokens):
+                nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator).to(tokens.dtype)         # (B, 1)
+                if eos_id is not None:
+                    nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt[:, 0] == eos_id
+                out.append(nxt)
+                if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                    break
+                logits = self(nxt, cache=cache)[:, -1]
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Next token ids (B, 1) from logits (B, vocab): argmax when temperature == 0, else a draw
+    from softmax(logits / temperature) restricted to the top_k tokens and to the smallest set
+    whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs           # mass of the tokens ranked above
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
