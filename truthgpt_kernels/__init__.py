@@ -15,8 +15,10 @@ __all__ = ["attention", "alibi_slopes", "apply_rotary", "apply_rotary_qk", "rota
 
 # Modules and the configurable transformer (pure Python on the ops above; cheap to import).
 from .config import ConfigError, TransformerConfig  # noqa: E402
-from .modules import (Attention, KVCache, MoE, MLP, RMSNorm, RotaryEmbedding, SwiGLU,  # noqa: E402
-                      Transformer, TransformerBlock)
+from .modules import (Attention, KVCache, MoE, MLP, MultiheadAttention, RMSNorm,  # noqa: E402
+                      RotaryEmbedding, SwiGLU, Transformer, TransformerBlock)
+from .patch import replace_modules  # noqa: E402
 
 __all__ += ["TransformerConfig", "ConfigError", "Attention", "KVCache", "RotaryEmbedding",
-            "SwiGLU", "MLP", "MoE", "RMSNorm", "TransformerBlock", "Transformer"]
+            "SwiGLU", "MLP", "MoE", "RMSNorm", "TransformerBlock", "Transformer",
+            "MultiheadAttention", "replace_modules"]
