@@ -11,6 +11,7 @@ A backend implements F when it has `F_fwd`; nothing else needs listing.
 """
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 from typing import Callable, Dict, Optional
@@ -148,7 +149,13 @@ def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
 
 @torch.compiler.assume_constant_result
 def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.dtype) -> str:
-    name = requested(backend)
+    return _resolve(family, requested(backend), device_type, dtype, triton_interpreted())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(family: str, name: str, device_type: str, dtype: torch.dtype, interpreted: bool) -> str:
+    """Cached: what is built and visible does not change within a process (failures, which
+    raise, are not cached)."""
     device = torch.device(device_type)
     if name == "auto":
         for cand in AUTO_ORDER.get(device.type, ()):
