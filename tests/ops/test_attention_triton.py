@@ -225,26 +225,36 @@ def test_cpu_tensors_without_interpreter(monkeypatch):
 # ----------------------------------------------------------------------------- GPU configs
 @pytest.mark.parametrize("D", [16, 32, 64, 80, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("sm", [8, 9])
-def test_autotune_pruning_keeps_fitting_configs(D, dtype, sm, monkeypatch):
-    """The config pruning (run on GPUs only) keeps at least one config for every head dim,
-    dtype and length, never a tile larger than needed, and decoding gets 16-row tiles."""
-    monkeypatch.setattr(tattn, "_smem_limit", lambda index: (227 if sm == 9 else 164) * 1024)
+@pytest.mark.parametrize("arch", [80, 90])
+def test_autotune_pruning(D, dtype, arch, monkeypatch):
+    """The config pruning (which runs on GPUs only) keeps, for every head dim, dtype and length,
+    at least one config; for 16-bit inputs every table entry of long sequences; 16-row query
+    tiles for decoding only; and tiles no larger than the sequence needs."""
+    limit = {80: 164, 90: 227}[arch] * 1024
+    monkeypatch.setattr(tattn, "_arch", lambda index: (arch, limit))
     q = torch.empty(0, dtype=dtype)
     bd = max(16, 1 << (D - 1).bit_length())
-    for kind, configs in (("fwd", tattn._FWD_CONFIGS), ("dkdv", tattn._DKDV_CONFIGS),
-                          ("dq", tattn._DQ_CONFIGS)):
-        for sq, sk in ((1, 4096), (16, 16), (1024, 1024), (16384, 16384)):
+    for kind in ("fwd", "dkdv", "dq"):
+        configs = tattn._configs(kind)
+        table = set(tattn._TABLE[arch][kind][tattn._dclass(bd)])
+        for sq, sk in ((1, 4096), (16, 16), (33, 1000), (1024, 1024), (16384, 16384)):
             kept = tattn._prune(kind)(configs, {}, Q=q, BLOCK_D=bd, SQ_KEY=sq, SK_KEY=sk)
             assert kept, (kind, sq, sk)
+            shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+            if len(kept) > 1 or dtype != torch.float32:
+                assert shapes <= table
             if kind == "fwd" and sq == 1:
                 assert all(c.kwargs["BLOCK_M"] == 16 for c in kept)
-            if sq >= 1024 and D <= 128:
-                assert len(kept) >= 2  # something to tune
+            if kind != "dkdv" and sq >= 1024 and len(kept) > 1:
+                assert all(c.kwargs["BLOCK_M"] > 16 for c in kept)
+            if sq >= 1024 and dtype != torch.float32:
+                assert shapes == {t for t in table if t[0] > 16 or kind == "dkdv"}, kind
+            if sk <= 16 and len(kept) > 1:  # a single config may be the smallest fallback
+                assert all(c.kwargs["BLOCK_N"] <= 32 for c in kept)
         bm, bn = tattn._list_tiles("fwd" if kind == "fwd" else "bwd", bd)
         warp = tattn._prune(kind)(tattn._WARP_CONFIGS, {}, Q=q, BLOCK_D=bd, SQ_KEY=1024,
                                   SK_KEY=1024, BLOCK_M=bm, BLOCK_N=bn)
-        assert warp
+        assert warp and (dtype == torch.float32 or len(warp) == len(tattn._WARP_CONFIGS))
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -269,3 +279,19 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, f(q, k, v))
     for g, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, t.grad)
+
+
+# ----------------------------------------------------------------------------- GPU bench cases
+def test_gpu_bench_cases_are_well_formed():
+    from truthgpt_kernels.bench import Case
+    from truthgpt_kernels.triton import attention_bench as ab
+
+    cases = ab.gpu_cases()
+    assert cases and all(isinstance(c, Case) and c.flops > 0 and len(c.impls) == 2 for c in cases)
+    assert len({c.name for c in cases}) == len(cases)
+    assert {c.name.split()[0] for c in cases} == {"fwd", "fwd+bwd"}
+    assert len(ab.gpu_cases(quick=True)) < len(cases)
+    for S, left in ((100, 30), (100, 200), (1024, 1024), (4096, 1024)):
+        vis = reference.attention_visibility(1, 1, S, S, causal=True, window=(left, -1))
+        assert ab._visible_pairs(S, True, left) == int(vis.sum())
+    assert ab._visible_pairs(64, True) == int(reference.attention_visibility(1, 1, 64, 64, causal=True).sum())

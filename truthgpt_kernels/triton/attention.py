@@ -415,70 +415,115 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
 
 
 # ============================================================================ configurations
-# GPU tuning (sm_80 A100: 164 KiB shared memory per block; sm_90 H100/H200: 227 KiB). The dense
-# path (no block mask) tunes the tile shape too; with a block mask the launcher has built its
-# tile lists for a fixed tile shape, so only warps and stages are tuned.
-_KEY = ["HEAD_DIM", "SQ_KEY", "SK_KEY", "HAS_LEFT", "HAS_RIGHT", "HAS_LIST"]
+# GPU configurations per architecture, kernel and head-dim class (BLOCK_D <= 64, 128, 256):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query tile and BLOCK_N the key tile
+# in every kernel. Chosen offline by compiling every candidate for sm_80 and sm_90 (bf16) and
+# keeping those that fit the shared memory (A100 164 KiB, H100/H200 227 KiB) without register
+# spills; 16-row query tiles serve decoding (Sq <= 16). The autotuner benchmarks what survives
+# `_prune` (which also drops tiles far larger than the sequence, and, by an estimate, what
+# float32 inputs push past the shared memory), keyed on head dim, power-of-two buckets of the
+# lengths, and the window. Other architectures use the sm_80 table.
+_TABLE = {
+    80: {
+        "fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                     (64, 32, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                      (64, 64, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                256: [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2), (16, 64, 4, 3),
+                      (16, 32, 4, 2)]},
+        "dkdv": {64: [(32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2)],
+                 128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3), (32, 32, 4, 2)],
+                 256: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 1)]},
+        "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                    (128, 32, 4, 3), (16, 64, 4, 2)],
+               128: [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                     (16, 64, 4, 2)],
+               256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 1)]},
+    },
+    90: {
+        "fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                     (64, 32, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                      (64, 32, 4, 4), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2),
+                      (16, 64, 4, 3), (16, 32, 4, 2)]},
+        "dkdv": {64: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2),
+                      (16, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+                 128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3)],
+                 256: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 64, 8, 1)]},
+        "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                    (128, 32, 4, 3), (16, 64, 4, 2)],
+               128: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2),
+                     (64, 32, 8, 3), (16, 64, 4, 2)],
+               256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 1)]},
+    },
+}
+# With a block mask the launcher builds its tile lists for one tile shape (the same for the
+# dK/dV and dQ kernels, which share the lists): (BLOCK_M, BLOCK_N) per head-dim class; only
+# warps and stages are tuned. Chosen like the table (no spills on sm_80 and sm_90 at 8 warps).
+_LIST_TILES = {"fwd": {64: (128, 64), 128: (64, 64), 256: (64, 32)},
+               "bwd": {64: (64, 32), 128: (32, 64), 256: (32, 32)}}
+_LIST_WARPS = [(8, 2), (8, 3), (4, 2)]
+_KEY = ["HEAD_DIM", "SQ_KEY", "SK_KEY", "HAS_LEFT", "HAS_RIGHT"]
 
 
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _dclass(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
 
 
-_FWD_CONFIGS = [_cfg(*c) for c in [
-    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-    (64, 64, 4, 4), (64, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2),
-    (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2),  # decoding (Sq <= 16)
-]]
-_DKDV_CONFIGS = [_cfg(*c) for c in [  # BLOCK_M: query tile, BLOCK_N: key tile
-    (32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-    (64, 64, 8, 3), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1),
-]]
-_DQ_CONFIGS = [_cfg(*c) for c in [
-    (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
-    (64, 64, 8, 3), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1),
-]]
-_WARP_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s)
-                 for w, s in [(4, 2), (4, 3), (8, 2), (8, 3), (4, 1)]]
+def _configs(kind):
+    shapes = sorted({c for arch in _TABLE.values() for c in sum(arch[kind].values(), [])})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes]
+
+
+_WARP_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st) for w, st in _LIST_WARPS]
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_limit(device_index: int) -> int:
-    major, _ = torch.cuda.get_device_capability(device_index)
-    return 227 * 1024 if major >= 9 else (164 * 1024 if major == 8 else 96 * 1024)
+def _arch(device_index: int):
+    """(table key, shared memory bytes per block) of a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major == 9:
+        return 90, 227 * 1024
+    if (major, minor) == (8, 0):
+        return 80, 164 * 1024
+    if major == 10:
+        return 80, 227 * 1024
+    return 80, 99 * 1024  # sm_86, sm_89, sm_120 and older: less shared memory
 
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
         a = {**named_args, **kwargs}
         d, elem = a["BLOCK_D"], a["Q"].element_size()
-        limit = _smem_limit(a["Q"].device.index or 0)
+        arch, limit = _arch(a["Q"].device.index or 0)
         sq, sk = a["SQ_KEY"], a["SK_KEY"]
+        if "BLOCK_M" in configs[0].kwargs:  # tile shapes tuned: this arch's table for this head dim
+            allowed = set(_TABLE[arch][kind][_dclass(d)])
+            configs = [c for c in configs
+                       if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+        def tiles(c):
+            return c.kwargs.get("BLOCK_M", a.get("BLOCK_M")), c.kwargs.get("BLOCK_N", a.get("BLOCK_N"))
+
         keep = []
         for c in configs:
-            bm = c.kwargs.get("BLOCK_M", a.get("BLOCK_M"))
-            bn = c.kwargs.get("BLOCK_N", a.get("BLOCK_N"))
-            # tiles far larger than the sequence only waste work; tiny M tiles only for decoding
-            if "BLOCK_M" in c.kwargs:
-                if (bm > max(16, sq)) or (bn > max(32, sk)) or (bm == 16 and sq > 16):
-                    continue
-            # operand tiles staged through shared memory; rough, the compiler has the last word
-            if kind == "fwd":
-                smem = (bm * d + c.num_stages * 2 * bn * d) * elem
-            elif kind == "dkdv":
-                smem = (2 * bn * d + c.num_stages * 2 * bm * d) * elem
-            else:
-                smem = (2 * bm * d + c.num_stages * 2 * bn * d) * elem
-            if smem > limit:
+            bm, bn = tiles(c)
+            # tiles far larger than the sequence only waste work; 16-row query tiles only for
+            # decoding (except as the inner loop of dK/dV)
+            if "BLOCK_M" in c.kwargs and (bm > max(16, sq) or bn > max(32, sk)
+                                          or (bm == 16 and sq > 16 and kind != "dkdv")):
                 continue
-            # fp32 accumulators over a 256-wide head dim: small tiles only
-            acc_tile = (bn if kind == "dkdv" else bm) * d * (2 if kind == "dkdv" else 1)
-            if acc_tile * 4 > 64 * 1024 * (c.num_warps // 4):
+            # the table holds what fits for 16-bit inputs; for float32 (twice the bytes) estimate
+            # the operand tiles staged through shared memory
+            stream, fixed = (bm, bn) if kind == "dkdv" else (bn, bm)
+            if elem > 2 and (fixed * d * (1 if kind == "fwd" else 2)
+                             + c.num_stages * 2 * stream * d) * elem > limit:
                 continue
             keep.append(c)
-        if not keep:  # the smallest config always exists
-            keep = [min(configs, key=lambda c: (c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0),
-                                                 c.num_stages))]
+        if not keep:  # the smallest always runs
+            keep = [min(configs, key=lambda c: (tiles(c)[0] * tiles(c)[1], c.num_stages))]
         return keep
     return prune
 
@@ -487,19 +532,17 @@ def _tuned(fn, configs, kind):
     return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(kind)})(fn)
 
 
-_FWD = {False: _tuned(_attn_fwd, _FWD_CONFIGS, "fwd"), True: _tuned(_attn_fwd, _WARP_CONFIGS, "fwd")}
-_DKDV = {False: _tuned(_attn_bwd_dkdv, _DKDV_CONFIGS, "dkdv"),
+_FWD = {False: _tuned(_attn_fwd, _configs("fwd"), "fwd"), True: _tuned(_attn_fwd, _WARP_CONFIGS, "fwd")}
+_DKDV = {False: _tuned(_attn_bwd_dkdv, _configs("dkdv"), "dkdv"),
          True: _tuned(_attn_bwd_dkdv, _WARP_CONFIGS, "dkdv")}
-_DQ = {False: _tuned(_attn_bwd_dq, _DQ_CONFIGS, "dq"), True: _tuned(_attn_bwd_dq, _WARP_CONFIGS, "dq")}
+_DQ = {False: _tuned(_attn_bwd_dq, _configs("dq"), "dq"), True: _tuned(_attn_bwd_dq, _WARP_CONFIGS, "dq")}
 
 
 def _list_tiles(which: str, block_d: int):
     """(BLOCK_M, BLOCK_N) of the block-mask (tile list) path; fixed so the lists can be built."""
     if triton_interpreted():
         return INTERPRET_TILES[which]
-    if which == "fwd":
-        return (128, 64) if block_d <= 128 else (64, 32)
-    return (64, 64) if block_d <= 64 else ((32, 64) if block_d <= 128 else (32, 32))
+    return _LIST_TILES[which][_dclass(block_d)]
 
 
 # ============================================================================ launchers
