@@ -97,6 +97,27 @@ def test_tile_lists_match_brute_force(Sq, Sk, bs, BM, BN, window, bh):
         assert bool((lst[idx][cnt[idx]:] == 2 * n + 2).all())
 
 
+def test_tile_list_cache_follows_mask_edits():
+    """Lists are cached per mask (layers share one); an in-place edit of the mask must rebuild."""
+    S, D = 70, 16
+    q, k, v = (torch.randn(1, 2, S, D, device=DEV) for _ in range(3))
+    mask = torch.rand(1, 2, 5, 5, device=DEV) > 0.5
+    kw = {"block_mask": mask, "block_size": 16}
+
+    def check():
+        out = tk.attention(q, k, v, backend="triton", **kw)
+        ref = reference.attention(q.double(), k.double(), v.double(), **kw)
+        torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+
+    check()
+    n = len(tattn._LIST_CACHE)
+    check()  # same mask: a cache hit, no new entry
+    assert len(tattn._LIST_CACHE) == n
+    mask[:, :, :, 0] = ~mask[:, :, :, 0]  # in place: the version counter moves
+    check()
+    assert len(tattn._LIST_CACHE) == min(n + 1, tattn._LIST_CACHE_SIZE)
+
+
 # ----------------------------------------------------------------------------- tile shapes
 TILE_CASES = {  # kernel tiles (fwd and bwd) against block sizes that do not match them
     "tiles16x64_bs24": ((16, 64), (64, 16), 24, (2, 4, 2, 70, 90, 32),
@@ -255,6 +276,68 @@ def test_autotune_pruning(D, dtype, arch, monkeypatch):
         warp = tattn._prune(kind)(tattn._WARP_CONFIGS, {}, Q=q, BLOCK_D=bd, SQ_KEY=1024,
                                   SK_KEY=1024, BLOCK_M=bm, BLOCK_N=bn)
         assert warp and (dtype == torch.float32 or len(warp) == len(tattn._WARP_CONFIGS))
+
+
+# ----------------------------------------------------------------------------- GPU compilation
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from truthgpt_kernels.triton import attention as A
+
+arch = int(sys.argv[1])
+FLAGS = ("HAS_ALIBI", "HAS_SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "HAS_LIST", "HAS_KMASK")
+TENSORS = {"LSE": "fp32", "DELTA": "fp32", "SLOPES": "fp32", "BMASK": "u8", "KMASK": "u8",
+           "LIST": "i32", "CNT": "i32"}
+out = []
+for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
+    for dt, D, on, tiles in (("bf16", 128, ("HAS_RIGHT",), A._TABLE[arch][kind][128][0]),
+                             ("fp16", 80, FLAGS, A._LIST_TILES["fwd" if kind == "fwd" else "bwd"][128]
+                              + A._LIST_WARPS[0]),
+                             ("fp32", 32, ("HAS_LEFT", "HAS_RIGHT", "HAS_ALIBI"), (64, 32, 4, 2))):
+        bm, bn, warps, stages = tiles
+        consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
+                      PREC="tf32x3" if dt == "fp32" else "tf32", DOT_T=getattr(tl, {"bf16": "bfloat16",
+                      "fp16": "float16", "fp32": "float32"}[dt]), **{f: f in on for f in FLAGS})
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in TENSORS or name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+                sig[name] = "*" + TENSORS.get(name, dt)
+            else:
+                sig[name] = "fp32" if name in ("scale", "softcap") else "i32"
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        out.append([kind, dt, D, k.metadata.shared, "mma" in k.asm["ptx"]])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpus(arch):
+    """Without a GPU the interpreter checks semantics but not the GPU lowering: compile the
+    kernels (a dense bf16 config, every feature in fp16 with the tile-list shapes, fp32) to
+    cubin for sm_80 and sm_90 in a subprocess without TRITON_INTERPRET, and check they use
+    tensor cores and fit the shared memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
+        pytest.skip("no ptxas for offline compilation")
+    assert r.returncode == 0, r.stderr[-3000:]
+    limit = {80: 164, 90: 227}[arch] * 1024
+    for kind, dt, D, shared, mma in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert 0 < shared <= limit, (kind, dt, D, shared)
+        assert mma, f"{kind} {dt} D{D}: no tensor-core instructions"
 
 
 # ----------------------------------------------------------------------------- torch.compile

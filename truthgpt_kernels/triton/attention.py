@@ -25,10 +25,12 @@ are only computed where the tile needs them.
 Scores are computed in the log2 domain (exp2); lse is stored in natural log. Rows without a
 visible key give out = 0, lse = -inf and zero gradients. Head dims 1..256 are padded to a
 power of two >= 16 in registers (masked loads). Offsets into q/k/v/o use int64 bases, so any
-strides and sizes work.
+strides and sizes work. The grid is (tiles, heads, batch). fp16/bf16 matmuls run on tensor
+cores with fp32 accumulation (P and dS rounded to the input dtype, as flash-attention does);
+fp32 inputs use 3xTF32 (`tf32x3`), close to fp32 accuracy, rather than plain TF32.
 """
+import collections
 import functools
-import math
 
 import torch
 import triton
@@ -36,8 +38,6 @@ import triton.language as tl
 
 from ..backends import BackendError, triton_interpreted
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Tile sizes under TRITON_INTERPRET=1 (the CPU interpreter; no tuning there). Tests may change them.
 INTERPRET_TILES = {"fwd": (32, 32), "bwd": (32, 32)}
@@ -529,7 +529,8 @@ def _prune(kind):
 
 
 def _tuned(fn, configs, kind):
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(kind)})(fn)
+    return triton.autotune(configs=configs, key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune(kind)})(fn)
 
 
 _FWD = {False: _tuned(_attn_fwd, _configs("fwd"), "fwd"), True: _tuned(_attn_fwd, _WARP_CONFIGS, "fwd")}
@@ -581,10 +582,12 @@ def _tile_vis(block_mask, block_size, Sq, Sk, BM, BN, wl, wr):
     j1 = torch.clamp(j0 + BN, max=Sk)
     r0, r1 = i0 // block_size, (i1 - 1) // block_size + 1  # covering mask rows [r0, r1)
     c0, c1 = j0 // block_size, (j1 - 1) // block_size + 1
-    pre = torch.nn.functional.pad(bm.to(torch.int32).cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32),
-                                  (1, 0, 1, 0))
+    # 2-D prefix sums: set mask blocks in any rectangle of blocks in four lookups
+    pre = bm.to(torch.int32).cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32)
+    pre = torch.nn.functional.pad(pre, (1, 0, 1, 0))
     p1, p0 = pre.index_select(-2, r1), pre.index_select(-2, r0)
-    cnt = p1.index_select(-1, c1) - p0.index_select(-1, c1) - p1.index_select(-1, c0) + p0.index_select(-1, c0)
+    cnt = (p1.index_select(-1, c1) - p0.index_select(-1, c1)
+           - p1.index_select(-1, c0) + p0.index_select(-1, c0))
     area = (r1 - r0)[:, None] * (c1 - c0)[None, :]
     vis = cnt > 0
     # window at tile level: some row i' in [i0, i1) + off and key in [j0, j1) with
@@ -611,6 +614,35 @@ def _compact(vis, partial):
     return lst, vis.sum(-1, dtype=torch.int32).contiguous()
 
 
+_LIST_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_LIST_CACHE_SIZE = 16
+
+
+def _tile_lists(block_mask, block_size, Sq, Sk, BM, BN, wl, wr, both: bool):
+    """((list, counts) per query tile, and with `both` (list, counts) per key tile) for a block
+    mask. A model reuses one mask across its layers, forward and backward, so results are kept
+    in a small LRU cache keyed on the mask's memory, version counter (in-place edits), layout
+    and the tiling; each entry holds a reference to the mask, so its memory cannot be reused
+    for another tensor while the entry lives."""
+    try:
+        key = (block_mask.data_ptr(), block_mask._version, block_mask.device, tuple(block_mask.shape),
+               block_mask.stride(), block_size, Sq, Sk, BM, BN, wl, wr, both)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        key = None
+    hit = _LIST_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        _LIST_CACHE.move_to_end(key)
+        return hit[1]
+    vis, partial = _tile_vis(block_mask, block_size, Sq, Sk, BM, BN, wl, wr)
+    out = (_compact(vis, partial),
+           _compact(vis.transpose(-1, -2), partial.transpose(-1, -2)) if both else None)
+    if key is not None:
+        _LIST_CACHE[key] = (block_mask, out)
+        while len(_LIST_CACHE) > _LIST_CACHE_SIZE:
+            _LIST_CACHE.popitem(last=False)
+    return out
+
+
 def _list_strides(lst, cnt):
     """(slb, slh, slt, scb, sch): zero over broadcast batch/head dims."""
     def z(t, d):
@@ -627,7 +659,7 @@ def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_ma
              HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
              HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=wl >= 0,
              HAS_RIGHT=wr >= 0, HAS_LIST=block_mask is not None, HAS_KMASK=key_mask is not None,
-             PREC="ieee" if q.dtype == torch.float32 else "tf32",
+             PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
              DOT_T=tl.float32 if q.dtype == torch.bfloat16 and triton_interpreted() else _TL[q.dtype])
     if alibi_slopes is not None:
         a.update(SLOPES=alibi_slopes, sab=alibi_slopes.stride(0), sah=alibi_slopes.stride(1))
@@ -685,7 +717,8 @@ def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block
     tiles = _list_tiles("fwd", a["BLOCK_D"]) if (block_mask is not None or triton_interpreted()) else None
     lst = cnt = None
     if block_mask is not None:
-        lst, cnt = _compact(*_tile_vis(block_mask, block_size, Sq, Sk, *tiles, window_left, window_right))
+        (lst, cnt), _ = _tile_lists(block_mask, block_size, Sq, Sk, *tiles, window_left, window_right,
+                                    both=False)
     _set_lists(a, lst, cnt)
     a.update(Q=q, K=k, V=v, O=out, LSE=lse, **_strides("sq", q), **_strides("sk", k), **_strides("sv", v))
     with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
@@ -716,10 +749,9 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
             num_warps=4)
         tiles = _list_tiles("bwd", bd) if (block_mask is not None or triton_interpreted()) else None
         lst_q = cnt_q = lst_k = cnt_k = None
-        if block_mask is not None:
-            vis, partial = _tile_vis(block_mask, block_size, Sq, Sk, *tiles, window_left, window_right)
-            lst_k, cnt_k = _compact(vis, partial)                                    # per q tile
-            lst_q, cnt_q = _compact(vis.transpose(-1, -2), partial.transpose(-1, -2))  # per k tile
+        if block_mask is not None:  # key tiles per query tile (dQ), query tiles per key tile (dK/dV)
+            (lst_k, cnt_k), (lst_q, cnt_q) = _tile_lists(block_mask, block_size, Sq, Sk, *tiles,
+                                                         window_left, window_right, both=True)
         a.update(Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, **_strides("sq", q),
                  **_strides("sk", k), **_strides("sv", v), **_strides("sd", grad_out))
         _set_lists(a, lst_q, cnt_q)

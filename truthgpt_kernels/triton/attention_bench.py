@@ -41,7 +41,8 @@ def _setup(S: int, **extra):
         gen = torch.Generator(device="cuda").manual_seed(0)
 
         def t():
-            return torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+            x = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            return x.requires_grad_(True)
 
         q, k, v = t(), t(), t()
         inputs = {"q": q, "k": k, "v": v, "do": torch.randn_like(q)}
