@@ -1,0 +1,771 @@
+"""Flash attention (FlashAttention-2 structure) in Triton: forward and backward with causal /
+sliding window, GQA/MQA, ALiBi, softcap, key padding mask and block-sparse masks.
+
+Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
+- `_attn_fwd`: one program per (query tile, batch * query head); online softmax over the
+  visible key tiles, fp32 accumulation, writes out and the natural-log lse.
+- `_attn_bwd_delta`: delta = rowsum(dO * O) per query row (fp32).
+- `_attn_bwd_dkdv`: one program per (key tile, batch * kv head); loops over the query heads
+  sharing that kv head (GQA) and over their visible query tiles. Every dK/dV element is
+  written by exactly one program: no atomics, deterministic.
+- `_attn_bwd_dq`: one program per (query tile, batch * query head), like the forward.
+
+Which tiles a program visits:
+- without a block mask, the window (causal is window_right = 0) gives a contiguous range of
+  tiles, computed in the kernel;
+- with a block mask, the launcher converts the mask (any block_size) to kernel-tile
+  granularity with a 2-D prefix sum, ANDs the tile-level window, and compacts it into a
+  per-(b, h, q-tile) list of visible key tiles plus counts (and the transposed lists for
+  dK/dV). Each entry is `tile * 2 + partial`: partial tiles (not every covering mask block
+  set) get exact per-element block-mask tests, full ones none. So sparse cost scales with
+  density, and nothing is synchronised with the host.
+Inside a visited tile, element masks (window edge, sequence end, key mask, partial block)
+are only computed where the tile needs them.
+
+Scores are computed in the log2 domain (exp2); lse is stored in natural log. Rows without a
+visible key give out = 0, lse = -inf and zero gradients. Head dims 1..256 are padded to a
+power of two >= 16 in registers (masked loads). Offsets into q/k/v/o use int64 bases, so any
+strides and sizes work. The grid is (tiles, heads, batch). fp16/bf16 matmuls run on tensor
+cores with fp32 accumulation (P and dS rounded to the input dtype, as flash-attention does);
+fp32 inputs use 3xTF32 (`tf32x3`), close to fp32 accuracy, rather than plain TF32.
+"""
+import collections
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import BackendError, triton_interpreted
+
+
+# Tile sizes under TRITON_INTERPRET=1 (the CPU interpreter; no tuning there). Tests may change them.
+INTERPRET_TILES = {"fwd": (32, 32), "bwd": (32, 32)}
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+# ============================================================================ device helpers
+@triton.jit
+def _visible(i2, j2, pos_off, Sq, Sk, wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KMASK: tl.constexpr,
+             HAS_LIST: tl.constexpr):
+    """Bool tile: may query i (i2) attend key j (j2); i2, j2 broadcast against each other."""
+    ipos = i2 + pos_off
+    vis = (j2 < Sk) & (i2 >= 0)
+    if HAS_LEFT:
+        vis = vis & (j2 >= ipos - wl)
+    if HAS_RIGHT:
+        vis = vis & (j2 <= ipos + wr)
+    if HAS_KMASK:
+        km = tl.load(km_ptr + j2 * skms, mask=j2 < Sk, other=0)
+        vis = vis & (km != 0)
+    if HAS_LIST:
+        if partial:
+            bmv = tl.load(bm_ptr + (i2 // block_size) * sbmq + (j2 // block_size) * sbmk,
+                          mask=(i2 < Sq) & (j2 < Sk), other=0)
+            vis = vis & (bmv != 0)
+    return vis
+
+
+@triton.jit
+def _tile_scores(qk, i2, j2, m0, n0, pos_off, Sq, Sk, scale, softcap, slope, wl, wr,
+                 km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_KMASK: tl.constexpr, HAS_LIST: tl.constexpr):
+    """Masked log2-domain scores of one tile from the raw fp32 dot products qk, and
+    tanh(scale qk / softcap) for the softcap gradient. Queries m0.. (indices i2), keys n0..
+    (indices j2), in either orientation. Element masks only where the tile needs them."""
+    if HAS_SOFTCAP:  # tanh from exp: stable at both ends
+        x = qk * (scale / softcap)
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk
+        s = qk * (scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        s = s - (slope * 1.4426950408889634) * tl.abs(i2 + pos_off - j2).to(tl.float32)
+    if HAS_KMASK:
+        s = tl.where(_visible(i2, j2, pos_off, Sq, Sk, wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk,
+                              block_size, partial, HAS_LEFT, HAS_RIGHT, HAS_KMASK, HAS_LIST),
+                     s, float("-inf"))
+    else:
+        # does the tile reach past Sk, cross a window edge, or hold a partial mask block
+        need = (n0 + BLOCK_N) > Sk
+        if HAS_LEFT:
+            need = need | (n0 < m0 + (BLOCK_M - 1) + pos_off - wl)
+        if HAS_RIGHT:
+            need = need | (n0 + (BLOCK_N - 1) > m0 + pos_off + wr)
+        if HAS_LIST:
+            need = need | partial
+        if need:
+            s = tl.where(_visible(i2, j2, pos_off, Sq, Sk, wl, wr, km_ptr, skms, bm_ptr, sbmq,
+                                  sbmk, block_size, partial, HAS_LEFT, HAS_RIGHT, HAS_KMASK,
+                                  HAS_LIST),
+                         s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _kv_tiles(m0, pos_off, Sq, Sk, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(first key tile, count) visible from query tile m0 under the window (no block mask)."""
+    lo = m0 * 0
+    hi = m0 * 0 + Sk
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + pos_off - wl, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.minimum(m0 + BLOCK_M, Sq) - 1 + pos_off + wr + 1, Sk)
+    n = tl.where(hi > lo, (hi + BLOCK_N - 1) // BLOCK_N - lo // BLOCK_N, 0)
+    return lo // BLOCK_N, n
+
+
+@triton.jit
+def _q_tiles(n0, pos_off, Sq, Sk, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(first query tile, count) that see key tile n0 under the window (no block mask)."""
+    lo = n0 * 0
+    hi = n0 * 0 + Sq
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - wr - pos_off, 0)
+    if HAS_LEFT:
+        hi = tl.minimum(tl.minimum(n0 + BLOCK_N, Sk) - 1 + wl - pos_off + 1, Sq)
+    n = tl.where(hi > lo, (hi + BLOCK_M - 1) // BLOCK_M - lo // BLOCK_M, 0)
+    return lo // BLOCK_M, n
+
+
+# Every kernel below takes DOT_T, the operand type of its tl.dot calls: the input dtype, except
+# under the CPU interpreter with bfloat16 inputs (its tl.dot multiplies bfloat16 as raw integers),
+# where the operands, already rounded to bfloat16, are widened to float32. On GPUs the `.to(DOT_T)`
+# casts are no-ops.
+
+# ============================================================================ forward
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
+def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
+              sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+              sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
+              Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
+              PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # heaviest (last, under causal) query tiles first
+    pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * Hq + h
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    pos_off = Sk - Sq
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    offs_m = m0.to(tl.int32) + ar_m
+    mmask = offs_m < Sq
+
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=mmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    km_ptr = KMASK + b * skmb
+    bm_ptr = BMASK + b * sbmb + h * sbmh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * sab + h * sah)
+
+    if HAS_LIST:
+        lst = LIST + b * slb + h * slh + pid_m * slt
+        n_iter = tl.load(CNT + b * scb + h * sch + pid_m)
+        u_lo = 0
+    else:
+        u_lo, n_iter = _kv_tiles(m0, pos_off, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    i2 = offs_m[:, None]
+    for it in range(0, n_iter):
+        if HAS_LIST:
+            e = tl.load(lst + it)
+            u = e >> 1
+            partial = (e & 1) != 0
+        else:
+            u = u_lo + it
+            partial = False
+        n0 = (u * BLOCK_N).to(tl.int32)
+        n0l = n0.to(tl.int64)
+        offs_n = n0 + ar_n
+        kv_msk = (offs_n < Sk)[:, None] & dmask[None, :]
+        k = tl.load(k_base + n0l * sks + ar_n[:, None] * sks + offs_d[None, :] * skd,
+                    mask=kv_msk, other=0.0).to(DOT_T)
+        v = tl.load(v_base + n0l * svs + ar_n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=kv_msk, other=0.0).to(DOT_T)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s, _ = _tile_scores(qk, i2, offs_n[None, :], m0, n0, pos_off, Sq, Sk, scale, softcap, slope,
+                            wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
+                            BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                            HAS_KMASK, HAS_LIST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf on empty rows
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(V.dtype.element_ty).to(DOT_T)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"),
+                   (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row = pid_bh * Sq + offs_m
+    tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+    tl.store(LSE + row, lse, mask=mmask)
+
+
+# ============================================================================ backward
+@triton.jit(do_not_specialize=["Sq"])
+def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * Hq + h
+    m0 = pid_m * BLOCK_M
+    ar_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = m0.to(tl.int32) + ar_m
+    msk = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    row = pid_bh * Sq + offs_m
+    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
+                 mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Sq)
+
+
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, BMASK, KMASK, LIST, CNT,
+                   sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                   sdb, sdh, sds, sdd,
+                   sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
+                   Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+                   HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
+                   PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Works on transposed tiles (keys x queries): dV = P^T dO, dK = scale dS^T Q."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bk = b * (Hq // G) + hk
+    n0l = pid_n * BLOCK_N
+    n0 = n0l.to(tl.int32)
+    pos_off = Sk - Sq
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    offs_n = n0 + ar_n
+    kv_msk = (offs_n < Sk)[:, None] & dmask[None, :]
+    k = tl.load(K + b * skb + hk * skh + n0l * sks + ar_n[:, None] * sks + offs_d[None, :] * skd,
+                mask=kv_msk, other=0.0).to(DOT_T)
+    v = tl.load(V + b * svb + hk * svh + n0l * svs + ar_n[:, None] * svs + offs_d[None, :] * svd,
+                mask=kv_msk, other=0.0).to(DOT_T)
+    km_ptr = KMASK + b * skmb
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    j2 = offs_n[:, None]
+    if not HAS_LIST:
+        t_lo, n_iter = _q_tiles(n0l, pos_off, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for g in range(0, G):  # the query heads sharing this kv head (GQA): summed here, no atomics
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        stat = (b * Hq + h) * Sq
+        bm_ptr = BMASK + b * sbmb + h * sbmh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + b * sab + h * sah)
+        if HAS_LIST:
+            lst = LIST + b * slb + h * slh + pid_n * slt
+            n_iter = tl.load(CNT + b * scb + h * sch + pid_n)
+        for it in range(0, n_iter):
+            if HAS_LIST:
+                e = tl.load(lst + it)
+                t_idx = e >> 1
+                partial = (e & 1) != 0
+            else:
+                t_idx = t_lo + it
+                partial = False
+            m0 = (t_idx * BLOCK_M).to(tl.int32)
+            m0l = m0.to(tl.int64)
+            offs_m = m0 + ar_m
+            mmask = offs_m < Sq
+            q_msk = mmask[:, None] & dmask[None, :]
+            q = tl.load(q_base + m0l * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
+                        mask=q_msk, other=0.0).to(DOT_T)
+            do = tl.load(do_base + m0l * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
+                         mask=q_msk, other=0.0).to(DOT_T)
+            lse = tl.load(LSE + stat + offs_m, mask=mmask, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)
+            kq = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+            s, t = _tile_scores(kq, offs_m[None, :], j2, m0, n0, pos_off, Sq, Sk, scale, softcap,
+                                slope, wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
+                                BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                                HAS_KMASK, HAS_LIST)
+            p = tl.exp2(s - lse2[None, :])  # 0 where masked, in empty rows and past Sq
+            dv += tl.dot(p.to(DO.dtype.element_ty).to(DOT_T), do, input_precision=PREC)
+            dp = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds = p * (dp - delta[None, :])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += tl.dot(ds.to(Q.dtype.element_ty).to(DOT_T), q, input_precision=PREC)
+    o_ptrs = (pid_bk * Sk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + o_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_msk)
+    tl.store(DV + o_ptrs, dv.to(DV.dtype.element_ty), mask=kv_msk)
+
+
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
+                 sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                 sdb, sdh, sds, sdd,
+                 sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
+                 Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
+                 PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited."""
+    pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * Hq + h
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    pos_off = Sk - Sq
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    offs_m = m0.to(tl.int32) + ar_m
+    mmask = offs_m < Sq
+    q_msk = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=q_msk, other=0.0).to(DOT_T)
+    do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
+                 mask=q_msk, other=0.0).to(DOT_T)
+    stat = pid_bh * Sq
+    lse = tl.load(LSE + stat + offs_m, mask=mmask, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    km_ptr = KMASK + b * skmb
+    bm_ptr = BMASK + b * sbmb + h * sbmh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * sab + h * sah)
+    if HAS_LIST:
+        lst = LIST + b * slb + h * slh + pid_m * slt
+        n_iter = tl.load(CNT + b * scb + h * sch + pid_m)
+        u_lo = 0
+    else:
+        u_lo, n_iter = _kv_tiles(m0, pos_off, Sq, Sk, wl, wr, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    i2 = offs_m[:, None]
+    for it in range(0, n_iter):
+        if HAS_LIST:
+            e = tl.load(lst + it)
+            u = e >> 1
+            partial = (e & 1) != 0
+        else:
+            u = u_lo + it
+            partial = False
+        n0 = (u * BLOCK_N).to(tl.int32)
+        n0l = n0.to(tl.int64)
+        offs_n = n0 + ar_n
+        kv_msk = (offs_n < Sk)[:, None] & dmask[None, :]
+        k = tl.load(k_base + n0l * sks + ar_n[:, None] * sks + offs_d[None, :] * skd,
+                    mask=kv_msk, other=0.0).to(DOT_T)
+        v = tl.load(v_base + n0l * svs + ar_n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=kv_msk, other=0.0).to(DOT_T)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s, t = _tile_scores(qk, i2, offs_n[None, :], m0, n0, pos_off, Sq, Sk, scale, softcap, slope,
+                            wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
+                            BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                            HAS_KMASK, HAS_LIST)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_T), k, input_precision=PREC)
+    row = pid_bh * Sq + offs_m
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_msk)
+
+
+# ============================================================================ configurations
+# GPU configurations per architecture, kernel and head-dim class (BLOCK_D <= 64, 128, 256):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query tile and BLOCK_N the key tile
+# in every kernel. Chosen offline by compiling every candidate for sm_80 and sm_90 (bf16) and
+# keeping those that fit the shared memory (A100 164 KiB, H100/H200 227 KiB) without register
+# spills; 16-row query tiles serve decoding (Sq <= 16). The autotuner benchmarks what survives
+# `_prune` (which also drops tiles far larger than the sequence, and, by an estimate, what
+# float32 inputs push past the shared memory), keyed on head dim, power-of-two buckets of the
+# lengths, and the window. Other architectures use the sm_80 table.
+_TABLE = {
+    80: {
+        "fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                     (64, 32, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                      (64, 64, 4, 2), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                256: [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2), (16, 64, 4, 3),
+                      (16, 32, 4, 2)]},
+        "dkdv": {64: [(32, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2)],
+                 128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3), (32, 32, 4, 2)],
+                 256: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 1)]},
+        "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                    (128, 32, 4, 3), (16, 64, 4, 2)],
+               128: [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                     (16, 64, 4, 2)],
+               256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 1)]},
+    },
+    90: {
+        "fwd": {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                     (64, 32, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+                      (64, 32, 4, 4), (16, 128, 4, 3), (16, 64, 4, 3), (16, 32, 4, 2)],
+                256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2),
+                      (16, 64, 4, 3), (16, 32, 4, 2)]},
+        "dkdv": {64: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2),
+                      (16, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+                 128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3)],
+                 256: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 64, 8, 1)]},
+        "dq": {64: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
+                    (128, 32, 4, 3), (16, 64, 4, 2)],
+               128: [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2),
+                     (64, 32, 8, 3), (16, 64, 4, 2)],
+               256: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 1)]},
+    },
+}
+# With a block mask the launcher builds its tile lists for one tile shape (the same for the
+# dK/dV and dQ kernels, which share the lists): (BLOCK_M, BLOCK_N) per head-dim class; only
+# warps and stages are tuned. Chosen like the table (no spills on sm_80 and sm_90 at 8 warps).
+_LIST_TILES = {"fwd": {64: (128, 64), 128: (64, 64), 256: (64, 32)},
+               "bwd": {64: (64, 32), 128: (32, 64), 256: (32, 32)}}
+_LIST_WARPS = [(8, 2), (8, 3), (4, 2)]
+_KEY = ["HEAD_DIM", "SQ_KEY", "SK_KEY", "HAS_LEFT", "HAS_RIGHT"]
+
+
+def _dclass(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def _configs(kind):
+    shapes = sorted({c for arch in _TABLE.values() for c in sum(arch[kind].values(), [])})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes]
+
+
+_WARP_CONFIGS = [triton.Config({}, num_warps=w, num_stages=st) for w, st in _LIST_WARPS]
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int):
+    """(table key, shared memory bytes per block) of a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major == 9:
+        return 90, 227 * 1024
+    if (major, minor) == (8, 0):
+        return 80, 164 * 1024
+    if major == 10:
+        return 80, 227 * 1024
+    return 80, 99 * 1024  # sm_86, sm_89, sm_120 and older: less shared memory
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        a = {**named_args, **kwargs}
+        d, elem = a["BLOCK_D"], a["Q"].element_size()
+        arch, limit = _arch(a["Q"].device.index or 0)
+        sq, sk = a["SQ_KEY"], a["SK_KEY"]
+        if "BLOCK_M" in configs[0].kwargs:  # tile shapes tuned: this arch's table for this head dim
+            allowed = set(_TABLE[arch][kind][_dclass(d)])
+            configs = [c for c in configs
+                       if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+        def tiles(c):
+            return c.kwargs.get("BLOCK_M", a.get("BLOCK_M")), c.kwargs.get("BLOCK_N", a.get("BLOCK_N"))
+
+        keep = []
+        for c in configs:
+            bm, bn = tiles(c)
+            # tiles far larger than the sequence only waste work; 16-row query tiles only for
+            # decoding (except as the inner loop of dK/dV)
+            if "BLOCK_M" in c.kwargs and (bm > max(16, sq) or bn > max(32, sk)
+                                          or (bm == 16 and sq > 16 and kind != "dkdv")):
+                continue
+            # the table holds what fits for 16-bit inputs; for float32 (twice the bytes) estimate
+            # the operand tiles staged through shared memory
+            stream, fixed = (bm, bn) if kind == "dkdv" else (bn, bm)
+            if elem > 2 and (fixed * d * (1 if kind == "fwd" else 2)
+                             + c.num_stages * 2 * stream * d) * elem > limit:
+                continue
+            keep.append(c)
+        if not keep:  # the smallest always runs
+            keep = [min(configs, key=lambda c: (tiles(c)[0] * tiles(c)[1], c.num_stages))]
+        return keep
+    return prune
+
+
+def _tuned(fn, configs, kind):
+    return triton.autotune(configs=configs, key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune(kind)})(fn)
+
+
+_FWD = {False: _tuned(_attn_fwd, _configs("fwd"), "fwd"), True: _tuned(_attn_fwd, _WARP_CONFIGS, "fwd")}
+_DKDV = {False: _tuned(_attn_bwd_dkdv, _configs("dkdv"), "dkdv"),
+         True: _tuned(_attn_bwd_dkdv, _WARP_CONFIGS, "dkdv")}
+_DQ = {False: _tuned(_attn_bwd_dq, _configs("dq"), "dq"), True: _tuned(_attn_bwd_dq, _WARP_CONFIGS, "dq")}
+
+
+def _list_tiles(which: str, block_d: int):
+    """(BLOCK_M, BLOCK_N) of the block-mask (tile list) path; fixed so the lists can be built."""
+    if triton_interpreted():
+        return INTERPRET_TILES[which]
+    return _LIST_TILES[which][_dclass(block_d)]
+
+
+# ============================================================================ launchers
+def _check(q: torch.Tensor, k: torch.Tensor):
+    if q.dtype not in _DTYPES:
+        raise BackendError(f"the triton attention kernels take float16, bfloat16 and float32, got "
+                           f"{q.dtype}; use backend='cpu' or 'reference' for it")
+    if q.device.type != "cuda" and not triton_interpreted():
+        raise BackendError(f"the triton attention kernels need CUDA tensors (or TRITON_INTERPRET=1), "
+                           f"got {q.device}; use backend='cpu' for CPU tensors")
+    if max(q.shape[0], q.shape[1], k.shape[1]) > 65535:
+        raise BackendError(f"the triton attention kernels launch one grid row per batch and head, at "
+                           f"most 65535 each; got batch {q.shape[0]}, heads {q.shape[1]}; use "
+                           f"backend='reference'")
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _tile_vis(block_mask, block_size, Sq, Sk, BM, BN, wl, wr):
+    """Block mask (B, H, nbq, nbk), maybe broadcast, at kernel-tile granularity:
+    (visible, partial), bool (B or 1, H or 1, ceil(Sq/BM), ceil(Sk/BN)). A tile is visible when
+    some covering mask block is set and the window reaches it; partial when not every covering
+    block is set (the kernel then tests the mask per element)."""
+    bm = block_mask
+    if bm.shape[0] > 1 and bm.stride(0) == 0:
+        bm = bm[:1]
+    if bm.shape[1] > 1 and bm.stride(1) == 0:
+        bm = bm[:, :1]
+    dev = bm.device
+    nqt, nkt = triton.cdiv(Sq, BM), triton.cdiv(Sk, BN)
+    i0 = torch.arange(nqt, device=dev) * BM
+    i1 = torch.clamp(i0 + BM, max=Sq)  # exclusive
+    j0 = torch.arange(nkt, device=dev) * BN
+    j1 = torch.clamp(j0 + BN, max=Sk)
+    r0, r1 = i0 // block_size, (i1 - 1) // block_size + 1  # covering mask rows [r0, r1)
+    c0, c1 = j0 // block_size, (j1 - 1) // block_size + 1
+    # 2-D prefix sums: set mask blocks in any rectangle of blocks in four lookups
+    pre = bm.to(torch.int32).cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32)
+    pre = torch.nn.functional.pad(pre, (1, 0, 1, 0))
+    p1, p0 = pre.index_select(-2, r1), pre.index_select(-2, r0)
+    cnt = (p1.index_select(-1, c1) - p0.index_select(-1, c1)
+           - p1.index_select(-1, c0) + p0.index_select(-1, c0))
+    area = (r1 - r0)[:, None] * (c1 - c0)[None, :]
+    vis = cnt > 0
+    # window at tile level: some row i' in [i0, i1) + off and key in [j0, j1) with
+    # i' - wl <= j <= i' + wr  <=>  max(i0', j0 - wr) <= min(i1' - 1, j1 - 1 + wl)
+    off = Sk - Sq
+    lo = (i0 + off)[:, None]
+    hi = (i1 - 1 + off)[:, None]
+    if wr >= 0:
+        lo = torch.maximum(lo, (j0 - wr)[None, :])
+    if wl >= 0:
+        hi = torch.minimum(hi, (j1 - 1 + wl)[None, :])
+    if wl >= 0 or wr >= 0:
+        vis = vis & (lo <= hi)
+    return vis, cnt < area
+
+
+def _compact(vis, partial):
+    """Per row of the last dim: sorted entries `index * 2 + partial` of the visible tiles, then
+    padding; and the counts. int32, contiguous."""
+    n = vis.shape[-1]
+    idx = torch.arange(n, device=vis.device, dtype=torch.int32)
+    code = torch.where(vis, idx * 2 + partial.to(torch.int32), 2 * n + 2)
+    lst = code.sort(-1).values.to(torch.int32).contiguous()
+    return lst, vis.sum(-1, dtype=torch.int32).contiguous()
+
+
+_LIST_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_LIST_CACHE_SIZE = 16
+
+
+def _tile_lists(block_mask, block_size, Sq, Sk, BM, BN, wl, wr, both: bool):
+    """((list, counts) per query tile, and with `both` (list, counts) per key tile) for a block
+    mask. A model reuses one mask across its layers, forward and backward, so results are kept
+    in a small LRU cache keyed on the mask's memory, version counter (in-place edits), layout
+    and the tiling; each entry holds a reference to the mask, so its memory cannot be reused
+    for another tensor while the entry lives."""
+    try:
+        key = (block_mask.data_ptr(), block_mask._version, block_mask.device, tuple(block_mask.shape),
+               block_mask.stride(), block_size, Sq, Sk, BM, BN, wl, wr, both)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        key = None
+    hit = _LIST_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        _LIST_CACHE.move_to_end(key)
+        return hit[1]
+    vis, partial = _tile_vis(block_mask, block_size, Sq, Sk, BM, BN, wl, wr)
+    out = (_compact(vis, partial),
+           _compact(vis.transpose(-1, -2), partial.transpose(-1, -2)) if both else None)
+    if key is not None:
+        _LIST_CACHE[key] = (block_mask, out)
+        while len(_LIST_CACHE) > _LIST_CACHE_SIZE:
+            _LIST_CACHE.popitem(last=False)
+    return out
+
+
+def _list_strides(lst, cnt):
+    """(slb, slh, slt, scb, sch): zero over broadcast batch/head dims."""
+    def z(t, d):
+        return 0 if t.shape[d] == 1 else t.stride(d)
+    return z(lst, 0), z(lst, 1), lst.stride(2), z(cnt, 0), z(cnt, 1)
+
+
+def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_mask, softcap):
+    """Kernel arguments shared by every attention kernel (everything but the tensors' own)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    a = dict(Hq=Hq, G=Hq // Hkv, Sq=Sq, Sk=Sk, scale=float(scale), softcap=float(softcap),
+             wl=int(wl), wr=int(wr), block_size=int(block_size), SQ_KEY=_bucket(Sq), SK_KEY=_bucket(Sk),
+             HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+             HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=wl >= 0,
+             HAS_RIGHT=wr >= 0, HAS_LIST=block_mask is not None, HAS_KMASK=key_mask is not None,
+             PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+             DOT_T=tl.float32 if q.dtype == torch.bfloat16 and triton_interpreted() else _TL[q.dtype])
+    if alibi_slopes is not None:
+        a.update(SLOPES=alibi_slopes, sab=alibi_slopes.stride(0), sah=alibi_slopes.stride(1))
+    else:
+        a.update(SLOPES=q, sab=0, sah=0)
+    if block_mask is not None:
+        bm = block_mask.view(torch.uint8)
+        a.update(BMASK=bm, sbmb=bm.stride(0), sbmh=bm.stride(1), sbmq=bm.stride(2), sbmk=bm.stride(3))
+    else:
+        a.update(BMASK=q, sbmb=0, sbmh=0, sbmq=0, sbmk=0)
+    if key_mask is not None:
+        km = key_mask.view(torch.uint8)
+        a.update(KMASK=km, skmb=km.stride(0), skms=km.stride(1))
+    else:
+        a.update(KMASK=q, skmb=0, skms=0)
+    return a
+
+
+def _set_lists(a, lst, cnt):
+    if lst is None:
+        a.update(LIST=a["SLOPES"], CNT=a["SLOPES"], slb=0, slh=0, slt=0, scb=0, sch=0)
+    else:
+        slb, slh, slt, scb, sch = _list_strides(lst, cnt)
+        a.update(LIST=lst, CNT=cnt, slb=slb, slh=slh, slt=slt, scb=scb, sch=sch)
+
+
+def _strides(prefix, t):
+    return {f"{prefix}{c}": s for c, s in zip("bhsd", t.stride())}
+
+
+def _launch(tuned, raw, grid_dim0, heads, batch, a, tiles):
+    """Runs the kernel: under the interpreter or with a tile list, with the given tiles; else
+    through the autotuner, which also picks the tiles."""
+    if triton_interpreted():
+        bm, bn = tiles
+        raw[(grid_dim0(bm, bn), heads, batch)](**a, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+    elif a["HAS_LIST"]:
+        bm, bn = tiles
+        tuned[True][(grid_dim0(bm, bn), heads, batch)](**a, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        tuned[False][lambda meta: (grid_dim0(meta["BLOCK_M"], meta["BLOCK_N"]), heads, batch)](**a)
+
+
+def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
+                  key_mask, softcap):
+    _check(q, k)
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
+                   key_mask, softcap)
+    tiles = _list_tiles("fwd", a["BLOCK_D"]) if (block_mask is not None or triton_interpreted()) else None
+    lst = cnt = None
+    if block_mask is not None:
+        (lst, cnt), _ = _tile_lists(block_mask, block_size, Sq, Sk, *tiles, window_left, window_right,
+                                    both=False)
+    _set_lists(a, lst, cnt)
+    a.update(Q=q, K=k, V=v, O=out, LSE=lse, **_strides("sq", q), **_strides("sk", k), **_strides("sv", v))
+    with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
+        _launch(_FWD, _attn_fwd, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B, a, tiles)
+    return out, lse
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes,
+                  block_mask, block_size, key_mask, softcap):
+    _check(q, k)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Sk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, Sk, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or Sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
+                   key_mask, softcap)
+    bd = a["BLOCK_D"]
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
+        bm_delta = 32 if triton_interpreted() else max(16, min(128, 8192 // bd))
+        _attn_bwd_delta[(triton.cdiv(Sq, bm_delta), Hq, B)](
+            out, grad_out, delta, *grad_out.stride(), Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm_delta,
+            num_warps=4)
+        tiles = _list_tiles("bwd", bd) if (block_mask is not None or triton_interpreted()) else None
+        lst_q = cnt_q = lst_k = cnt_k = None
+        if block_mask is not None:  # key tiles per query tile (dQ), query tiles per key tile (dK/dV)
+            (lst_k, cnt_k), (lst_q, cnt_q) = _tile_lists(block_mask, block_size, Sq, Sk, *tiles,
+                                                         window_left, window_right, both=True)
+        a.update(Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, **_strides("sq", q),
+                 **_strides("sk", k), **_strides("sv", v), **_strides("sd", grad_out))
+        _set_lists(a, lst_q, cnt_q)
+        _launch(_DKDV, _attn_bwd_dkdv, lambda bm, bn: triton.cdiv(Sk, bn), Hkv, B,
+                dict(a, DK=dk, DV=dv), tiles)
+        _set_lists(a, lst_k, cnt_k)
+        _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B, dict(a, DQ=dq),
+                tiles)
+    return dq, dk, dv
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
