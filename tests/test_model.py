@@ -318,13 +318,7 @@ def _compiled_matches_eager(backend, compiler):
         torch.testing.assert_close(p.grad, g[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("backend", [
-    "reference",
-    pytest.param("auto", marks=pytest.mark.xfail(
-        reason="backends.select() is not traceable by dynamo for auto/cpu/triton yet "
-               "(torch._C._dispatch_has_kernel_for_dispatch_key in backends.implements)",
-        strict=False)),
-])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_torch_compile_fullgraph(backend):
     """fullgraph dynamo capture + AOT autograd (the 'aot_eager' compiler: no C++ codegen)."""
     _compiled_matches_eager(backend, "aot_eager")

@@ -341,10 +341,6 @@ def test_kernels_compile_for_gpus(arch):
 
 
 # ----------------------------------------------------------------------------- torch.compile
-@pytest.mark.xfail(reason="backends.select calls importlib.import_module (via implements), which "
-                          "dynamo refuses to trace; wrapping select's decision in "
-                          "torch.compiler.assume_constant_result fixes it (lead's file)",
-                   raises=torch._dynamo.exc.Unsupported, strict=False)
 def test_torch_compile_fullgraph():
     q, k, v = (torch.randn(1, 2, 20, 16, device=DEV, requires_grad=True) for _ in range(3))
     slopes = tk.alibi_slopes(2, device=DEV)
