@@ -45,6 +45,18 @@ namespace {
 }  // namespace cpu
 }  // namespace truthgpt
 TRUTHGPT_END_TARGET
+
+TRUTHGPT_BEGIN_AVX512BF16
+namespace truthgpt {
+namespace cpu {
+namespace avx512bf16 {
+namespace {
+#include TRUTHGPT_KERNELS_FILE
+}  // namespace
+}  // namespace avx512bf16
+}  // namespace cpu
+}  // namespace truthgpt
+TRUTHGPT_END_TARGET
 #endif
 
 #undef TRUTHGPT_KERNEL_SECTION

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
     auto [y, rstd] = rms_norm_fwd(x.to(at::kFloat), to_float(weight), eps);
     return {y.to(at::kHalf), rstd};
   }
-  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = new_output(x.sizes(), x.scalar_type());
   auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const int64_t n = x.size(-1);
   if (x.numel() == 0) {
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
     return {dx.to(at::kHalf), weight.has_value() ? dw.to(weight->scalar_type()) : x.new_empty({0})};
   }
   const int64_t n = x.size(-1);
-  auto dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto dx = new_output(x.sizes(), x.scalar_type());
   auto dw = weight.has_value() ? at::empty({n}, weight->options()) : x.new_empty({0});
   if (x.numel() == 0) {
     dw.zero_();  // a sum over no rows

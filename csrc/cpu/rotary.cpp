@@ -153,7 +153,7 @@ at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   }
   TORCH_CHECK(p.cos.scalar_type() == at::kFloat || p.cos.scalar_type() == x.scalar_type(),
               "rotary_fwd: cos/sin dtype");
-  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = new_output(x.sizes(), x.scalar_type());
   if (out.numel() == 0) return out;
   const auto xc = inner_contiguous(x);
   run("rotary_fwd", {{&xc, &out}}, p, interleaved);
@@ -175,8 +175,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_qk_fwd(const at::Tensor& q, const at::
                                   interleaved);
     return {oq.to(at::kHalf), ok.to(at::kHalf)};
   }
-  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto oq = at::empty(q.sizes(), opts), ok = at::empty(k.sizes(), opts);
+  auto oq = new_output(q.sizes(), q.scalar_type()), ok = new_output(k.sizes(), k.scalar_type());
   const auto qc = inner_contiguous(q), kc = inner_contiguous(k);
   if (oq.numel() && ok.numel()) {
     run("rotary_qk_fwd", {{&qc, &oq}, {&kc, &ok}}, p, interleaved);

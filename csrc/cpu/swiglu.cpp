@@ -45,7 +45,7 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   if (gate.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
     return swiglu_fwd(gate.to(at::kFloat), up.to(at::kFloat)).to(at::kHalf);
   }
-  auto out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = new_output(gate.sizes(), gate.scalar_type());
   if (out.numel() == 0) return out;
   auto g = as_rows(gate), u = as_rows(up);
   const int64_t rows = g.size(0), n = g.size(1);
@@ -71,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad, const at::
     auto [dg, du] = swiglu_bwd(grad.to(at::kFloat), gate.to(at::kFloat), up.to(at::kFloat));
     return {dg.to(at::kHalf), du.to(at::kHalf)};
   }
-  const auto opts = gate.options().memory_format(at::MemoryFormat::Contiguous);
-  auto dgate = at::empty(gate.sizes(), opts), dup = at::empty(gate.sizes(), opts);
+  auto dgate = new_output(gate.sizes(), gate.scalar_type());
+  auto dup = new_output(gate.sizes(), gate.scalar_type());
   if (gate.numel() == 0) return {dgate, dup};
   auto y = as_rows(grad), g = as_rows(gate), u = as_rows(up);
   const int64_t rows = g.size(0), n = g.size(1);

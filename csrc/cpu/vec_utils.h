@@ -4,28 +4,30 @@
 // instruction set, then picked at run time (the default build has no -march flags and runs
 // on any x86-64; an AVX-512 path is used only where the CPU has it):
 //
-//   portable  plain C++ (ArrayVec: 8 float lanes the compiler vectorises with SSE2)
-//   avx2      AVX2 + FMA, 8 float lanes            (x86-64 with GCC or Clang only)
-//   avx512    AVX-512 F/BW/VL/DQ + FMA, 16 lanes    (x86-64 with GCC or Clang only)
+//   portable    plain C++ (ArrayVec: 8 float lanes the compiler vectorises with SSE2)
+//   avx2        AVX2 + FMA, 8 float lanes              (x86-64 with GCC or Clang only)
+//   avx512      AVX-512 F/BW/VL/DQ + FMA, 16 lanes     (x86-64 with GCC or Clang only)
+//   avx512bf16  avx512 + AVX512-BF16's float -> bf16 conversion (one instruction instead of
+//               nine; see vec_avx512.h for how it differs on denormals and NaN payloads)
 //
-// How: a kernel file includes foreach_isa.h, which includes the file's kernel section three
-// times, inside namespaces truthgpt::cpu::{portable,avx2,avx512} and between the target
-// pragmas below. In each namespace `VecFor<T>` names that instruction set's vector type for
+// How: a kernel file includes foreach_isa.h, which includes the file's kernel section once
+// per set, inside namespaces truthgpt::cpu::{portable,avx2,avx512,avx512bf16} and between
+// the target pragmas below. In each namespace `VecFor<T>` names that instruction set's vector type for
 // element type T, so the same source compiles to each. The kernel sections include no
 // headers and touch no ATen code: their functions work on raw pointers and a range of tasks,
 // and the host code (ordinary target) runs them under at::parallel_for.
 //
 // Element types: float, double, bf16 (the bit layout of c10::BFloat16). Math runs in float
 // for float/bf16 and in double for double (ArrayVec<double, 4> in every instruction set:
-// fp64 exists for gradcheck, not speed). bf16 rounding is round-to-nearest-even with NaN
-// kept a (quiet) NaN, bit-identical to c10::BFloat16.
+// fp64 exists for gradcheck, not speed). float -> bf16 rounds to nearest even, NaN stays a
+// (quiet) NaN; bit-identical to c10::BFloat16 except under avx512bf16 (see above).
 //
 // Every load/store takes a lane count m: m >= W means a full vector, 0 < m < W the first m
 // lanes (masked, the rest read as 0 and not written). Kernels loop `for (i = 0; i < n; i +=
 // W) { m = n - i; ... }`: one code path for the body and the tail.
 //
-// TRUTHGPT_CPU_ISA=portable|avx2|avx512 (environment, read at each kernel call) caps the
-// instruction set, so tests can run every path on one machine.
+// TRUTHGPT_CPU_ISA=portable|avx2|avx512|avx512bf16 (environment, read at each kernel call)
+// caps the instruction set, so tests can run every path on one machine.
 #pragma once
 
 #include <algorithm>
@@ -50,6 +52,9 @@
 #define TRUTHGPT_BEGIN_AVX512                                                               \
   _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq," \
           "avx2,fma,f16c\"))), apply_to = function)")
+#define TRUTHGPT_BEGIN_AVX512BF16                                                          \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512dq," \
+          "avx512bf16,avx2,fma,f16c\"))), apply_to = function)")
 #define TRUTHGPT_END_TARGET _Pragma("clang attribute pop")
 #else
 // (GCC 12 reports false -Wmaybe-uninitialized in its own AVX-512 headers, GCC bug 105593)
@@ -60,6 +65,10 @@
   _Pragma("GCC push_options") _Pragma("GCC diagnostic push")                     \
   _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                    \
   _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c\")")
+#define TRUTHGPT_BEGIN_AVX512BF16                                                 \
+  _Pragma("GCC push_options") _Pragma("GCC diagnostic push")                     \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                    \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c\")")
 #define TRUTHGPT_END_TARGET _Pragma("GCC diagnostic pop") _Pragma("GCC pop_options")
 #endif
 
@@ -67,7 +76,7 @@ namespace truthgpt {
 namespace cpu {
 
 // ------------------------------------------------------------------ instruction set choice
-enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
+enum class Isa { portable = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 inline Isa hardware_isa() {
 #if TRUTHGPT_X86
@@ -77,7 +86,7 @@ inline Isa hardware_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return Isa::avx512;
+      return __builtin_cpu_supports("avx512bf16") ? Isa::avx512bf16 : Isa::avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c"))
       return Isa::avx2;
@@ -102,15 +111,20 @@ inline Isa active_isa() {
     cap = Isa::avx2;
   } else if (want == "avx512") {
     cap = Isa::avx512;
+  } else if (want == "avx512bf16") {
+    cap = Isa::avx512bf16;
   } else {
-    throw std::invalid_argument("TRUTHGPT_CPU_ISA must be portable, avx2 or avx512, got '" +
-                                want + "'");
+    throw std::invalid_argument(
+        "TRUTHGPT_CPU_ISA must be portable, avx2, avx512 or avx512bf16, got '" + want + "'");
   }
   return static_cast<int>(cap) < static_cast<int>(hw) ? cap : hw;
 }
 
 inline const char* isa_name(Isa isa) {
-  return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable";
+  return isa == Isa::avx512bf16 ? "avx512bf16"
+         : isa == Isa::avx512   ? "avx512"
+         : isa == Isa::avx2     ? "avx2"
+                                : "portable";
 }
 
 // ------------------------------------------------------------------ scalar conversions
@@ -400,111 +414,33 @@ TRUTHGPT_END_TARGET
 TRUTHGPT_BEGIN_AVX512
 namespace avx512 {
 namespace {
-
-struct FloatVec {
-  static constexpr int W = 16;
-  __m512 v;
-
-  static __mmask16 lane_mask(int64_t m) {
-    return m >= W ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << m) - 1u);
-  }
-  static __m512 widen(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static __m256i narrow(__m512 x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(r);
-  }
-
-  static FloatVec set1(float x) { return {_mm512_set1_ps(x)}; }
-  static FloatVec zero() { return {_mm512_setzero_ps()}; }
-
-  static FloatVec load(const float* p, int64_t m) {
-    return {m >= W ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(lane_mask(m), p)};
-  }
-  static FloatVec load(const bf16* p, int64_t m) {
-    return {widen(m >= W ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                         : _mm256_maskz_loadu_epi16(lane_mask(m), p))};
-  }
-  static FloatVec load_dup(const float* p, int64_t m) {
-    const __m256 h = m >= W ? _mm256_loadu_ps(p) : _mm256_maskz_loadu_ps(lane_mask(m / 2), p);
-    const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    return {_mm512_permutexvar_ps(idx, _mm512_castps256_ps512(h))};
-  }
-  static FloatVec load_dup(const bf16* p, int64_t m) {
-    const __m128i h = m >= W ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                             : _mm_maskz_loadu_epi16(lane_mask(m / 2), p);
-    const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    return {_mm512_permutexvar_ps(idx, _mm512_castps256_ps512(f))};
-  }
-  void store(float* p, int64_t m) const {
-    if (m >= W) {
-      _mm512_storeu_ps(p, v);
-    } else {
-      _mm512_mask_storeu_ps(p, lane_mask(m), v);
-    }
-  }
-  void store(bf16* p, int64_t m) const {
-    const __m256i h = narrow(v);
-    if (m >= W) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-    } else {
-      _mm256_mask_storeu_epi16(p, lane_mask(m), h);
-    }
-  }
-
-  FloatVec operator-() const {
-    return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)))};
-  }
-  static FloatVec fma(FloatVec a, FloatVec b, FloatVec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-  static FloatVec fmaddsub(FloatVec a, FloatVec b, FloatVec c) {
-    return {_mm512_fmaddsub_ps(a.v, b.v, c.v)};
-  }
-  static FloatVec swap_pairs(FloatVec a) { return {_mm512_permute_ps(a.v, 0xB1)}; }
-  float hsum() const { return _mm512_reduce_add_ps(v); }
-  static FloatVec exp(FloatVec a) {
-    const __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpC[7]);
-    for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[k]));
-    return {_mm512_scalef_ps(p, n)};
-
-  }
-  static FloatVec sigmoid(FloatVec a) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    return {_mm512_div_ps(one, _mm512_add_ps(one, exp(-a).v))};
-  }
-};
-
-// (operators are free functions: GCC does not apply the target pragma to hidden friends)
-inline FloatVec operator+(FloatVec a, FloatVec b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline FloatVec operator-(FloatVec a, FloatVec b) { return {_mm512_sub_ps(a.v, b.v)}; }
-inline FloatVec operator*(FloatVec a, FloatVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
-inline FloatVec operator/(FloatVec a, FloatVec b) { return {_mm512_div_ps(a.v, b.v)}; }
-
-template <class T>
-using VecFor = std::conditional_t<std::is_same_v<T, double>, DoubleVec, FloatVec>;
-
+#define TRUTHGPT_NATIVE_BF16 0
+#include "cpu/vec_avx512.h"
+#undef TRUTHGPT_NATIVE_BF16
 }  // namespace
 }  // namespace avx512
+TRUTHGPT_END_TARGET
+
+// ---------------------------------------- AVX-512 with the AVX512-BF16 conversions
+TRUTHGPT_BEGIN_AVX512BF16
+namespace avx512bf16 {
+namespace {
+#define TRUTHGPT_NATIVE_BF16 1
+#include "cpu/vec_avx512.h"
+#undef TRUTHGPT_NATIVE_BF16
+}  // namespace
+}  // namespace avx512bf16
 TRUTHGPT_END_TARGET
 #endif  // TRUTHGPT_X86
 
 // Picks fn from the per-ISA namespaces: TRUTHGPT_ISA_FN(isa, my_kernel<float, bf16>) is the
 // address of truthgpt::cpu::<isa>::my_kernel<float, bf16>.
 #if TRUTHGPT_X86
-#define TRUTHGPT_ISA_FN(isa, ...)                                                \
-  ((isa) == ::truthgpt::cpu::Isa::avx512 ? &::truthgpt::cpu::avx512::__VA_ARGS__ \
-   : (isa) == ::truthgpt::cpu::Isa::avx2 ? &::truthgpt::cpu::avx2::__VA_ARGS__   \
-                                         : &::truthgpt::cpu::portable::__VA_ARGS__)
+#define TRUTHGPT_ISA_FN(isa, ...)                                                        \
+  ((isa) == ::truthgpt::cpu::Isa::avx512bf16 ? &::truthgpt::cpu::avx512bf16::__VA_ARGS__ \
+   : (isa) == ::truthgpt::cpu::Isa::avx512   ? &::truthgpt::cpu::avx512::__VA_ARGS__     \
+   : (isa) == ::truthgpt::cpu::Isa::avx2     ? &::truthgpt::cpu::avx2::__VA_ARGS__       \
+                                             : &::truthgpt::cpu::portable::__VA_ARGS__)
 #else
 #define TRUTHGPT_ISA_FN(isa, ...) (&::truthgpt::cpu::portable::__VA_ARGS__)
 #endif

@@ -124,7 +124,7 @@ def test_rms_norm_dweight_deterministic(backend):
             torch.set_num_threads(threads)
 
 
-CPU_ISAS = ["portable", "avx2", "avx512"]
+CPU_ISAS = ["portable", "avx2", "avx512", "avx512bf16"]
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)

@@ -150,7 +150,7 @@ def test_rotary_qk_matches_apply_rotary(backend):
     assert torch.equal(ok, tk.apply_rotary(k, cos, sin, offset=5, backend=backend))
 
 
-CPU_ISAS = ["portable", "avx2", "avx512"]
+CPU_ISAS = ["portable", "avx2", "avx512", "avx512bf16"]
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)

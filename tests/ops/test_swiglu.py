@@ -120,7 +120,7 @@ def test_swiglu_extreme_gates(backend):
             _check_grads(backend, g64, u64, dtype, lambda t: t, lambda t: t, "[extreme]")
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "avx512bf16"])
 def test_swiglu_cpu_instruction_sets(isa, monkeypatch):
     """Every compiled instruction-set path of the CPU kernels (capped by TRUTHGPT_CPU_ISA;
     a path the CPU lacks falls back to the best one it has)."""
@@ -138,7 +138,7 @@ def test_swiglu_cpu_isa_env_is_checked(monkeypatch):
     if not tk.available_backends()["cpu"]["available"]:
         pytest.skip("C++ CPU extension not built")
     monkeypatch.setenv("TRUTHGPT_CPU_ISA", "sse9")
-    with pytest.raises(Exception, match="TRUTHGPT_CPU_ISA must be portable, avx2 or avx512"):
+    with pytest.raises(Exception, match="TRUTHGPT_CPU_ISA must be portable, avx2, avx512 or avx512bf16"):
         tk.swiglu(torch.randn(4), torch.randn(4), backend="cpu")
 
 
