@@ -168,6 +168,8 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 #else  // ========================================== kernel section (once per instruction set)
 
 // Rows [r0, r1) of x (unit inner stride, row stride xs) into y (contiguous) and rstd.
+// The second pass over a row reads it from cache; meanwhile the next row is prefetched so
+// memory stays busy.
 template <class T, class Wt, bool HasW>
 void rms_norm_fwd_rows(const T* x, int64_t xs, const Wt* w, T* y, float* rstd, int64_t n,
                        double eps, int64_t r0, int64_t r1) {
@@ -176,6 +178,7 @@ void rms_norm_fwd_rows(const T* x, int64_t xs, const Wt* w, T* y, float* rstd, i
   constexpr int W = V::W;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * xs;
+    const T* next = r + 1 < r1 ? xr + xs : xr;
     T* yr = y + r * n;
     V s0 = V::zero(), s1 = V::zero();
     int64_t i = 0;
@@ -193,6 +196,7 @@ void rms_norm_fwd_rows(const T* x, int64_t xs, const Wt* w, T* y, float* rstd, i
     const V rv = V::set1(rs);
     for (i = 0; i < n; i += W) {
       const int64_t m = n - i;
+      prefetch(next + i);
       V v = V::load(xr + i, m) * rv;
       if constexpr (HasW) v = v * V::load(w + i, m);
       v.store(yr + i, m);
@@ -200,8 +204,54 @@ void rms_norm_fwd_rows(const T* x, int64_t xs, const Wt* w, T* y, float* rstd, i
   }
 }
 
+// G rows of the backward together (so the partial dweight row and the weight are loaded
+// and stored once per G rows): dx of each row, and part += dy * x * r row after row.
+template <class T, class Wt, bool HasW, int G>
+inline void rms_norm_bwd_group(const T* const* dy, const T* const* x, T* const* dx,
+                               const acc_t<T>* rs, const Wt* w, acc_t<T>* part,
+                               const T* next_dy, const T* next_x, int64_t n) {
+  using V = VecFor<T>;
+  using A = acc_t<T>;
+  constexpr int W = V::W;
+  V d[G];
+  for (int g = 0; g < G; ++g) d[g] = V::zero();
+  for (int64_t i = 0; i < n; i += W) {  // dots: sum of dy w x per row
+    const int64_t m = n - i;
+    V wv = V::zero();
+    if constexpr (HasW) wv = V::load(w + i, m);
+    for (int g = 0; g < G; ++g) {
+      V gy = V::load(dy[g] + i, m);
+      if constexpr (HasW) gy = gy * wv;
+      d[g] = V::fma(gy, V::load(x[g] + i, m), d[g]);
+    }
+  }
+  V rv[G], cv[G];
+  for (int g = 0; g < G; ++g) {
+    rv[g] = V::set1(rs[g]);
+    cv[g] = V::set1(rs[g] * rs[g] * rs[g] * d[g].hsum() / A(n));
+  }
+  for (int64_t i = 0; i < n; i += W) {  // dx = r dy w - x r^3 mean(dy w x); part
+    const int64_t m = n - i;
+    prefetch(next_dy + i);
+    prefetch(next_x + i);
+    V wv = V::zero(), p = V::zero();
+    if constexpr (HasW) {
+      wv = V::load(w + i, m);
+      p = V::load(part + i, m);
+    }
+    for (int g = 0; g < G; ++g) {
+      const V dyv = V::load(dy[g] + i, m), xv = V::load(x[g] + i, m);
+      V gy = dyv;
+      if constexpr (HasW) gy = dyv * wv;
+      (gy * rv[g] - xv * cv[g]).store(dx[g] + i, m);
+      if constexpr (HasW) p = V::fma(dyv * xv, rv[g], p);
+    }
+    if constexpr (HasW) p.store(part + i, m);
+  }
+}
+
 // Chunks [c0, c1) of `chunk` rows each: dx of their rows, and (HasW) each chunk's partial
-// dweight row part[c] = sum over its rows, in order, of dy * x * r.
+// dweight row part[c] = sum over its rows, in row order, of dy * x * r.
 template <class T, class Wt, bool HasW>
 void rms_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, const Wt* w,
                          const float* rstd, T* dx, acc_t<T>* part, int64_t rows, int64_t n,
@@ -209,33 +259,33 @@ void rms_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, const 
   using V = VecFor<T>;
   using A = acc_t<T>;
   constexpr int W = V::W;
+  constexpr int G = 4;
   for (int64_t c = c0; c < c1; ++c) {
     A* pc = HasW ? part + c * n : nullptr;
     if constexpr (HasW) {
       for (int64_t i = 0; i < n; i += W) V::zero().store(pc + i, n - i);
     }
     const int64_t rend = std::min(rows, (c + 1) * chunk);
-    for (int64_t r = c * chunk; r < rend; ++r) {
-      const T* yr = dy + r * ys;
-      const T* xr = x + r * xs;
-      T* dxr = dx + r * n;
-      const A rs = static_cast<A>(rstd[r]);
-      V d0 = V::zero();
-      for (int64_t i = 0; i < n; i += W) {
-        const int64_t m = n - i;
-        V g = V::load(yr + i, m);
-        if constexpr (HasW) g = g * V::load(w + i, m);
-        d0 = V::fma(g, V::load(xr + i, m), d0);
+    const int64_t last = std::min(rows, c1 * chunk) - 1;  // last row of this task
+    for (int64_t r = c * chunk; r < rend;) {
+      const int g = rend - r >= G ? G : 1;
+      const T* dyp[G];
+      const T* xp[G];
+      T* dxp[G];
+      A rs[G];
+      for (int k = 0; k < g; ++k) {
+        dyp[k] = dy + (r + k) * ys;
+        xp[k] = x + (r + k) * xs;
+        dxp[k] = dx + (r + k) * n;
+        rs[k] = static_cast<A>(rstd[r + k]);
       }
-      const A coef = rs * rs * rs * d0.hsum() / A(n);
-      const V rv = V::set1(rs), cv = V::set1(coef);
-      for (int64_t i = 0; i < n; i += W) {
-        const int64_t m = n - i;
-        const V dyv = V::load(yr + i, m), xv = V::load(xr + i, m);
-        const V g = HasW ? dyv * V::load(w + i, m) : dyv;
-        (g * rv - xv * cv).store(dxr + i, m);
-        if constexpr (HasW) V::fma(dyv * xv, rv, V::load(pc + i, m)).store(pc + i, m);
+      const int64_t nr = std::min(r + g, last);  // a row to prefetch (the next group's first)
+      if (g == G) {
+        rms_norm_bwd_group<T, Wt, HasW, G>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
+      } else {
+        rms_norm_bwd_group<T, Wt, HasW, 1>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
       }
+      r += g;
     }
   }
 }

@@ -164,6 +164,15 @@ inline To from_acc(From x) {
   }
 }
 
+// A hint to bring the cache line of p into cache (no fault if p is not readable).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
 // Math type of an element type: double for double, float otherwise.
 template <class T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
