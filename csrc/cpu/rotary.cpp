@@ -229,6 +229,8 @@ bool rotary_rows(const RotaryArgs<T, C>& a, int64_t r0, int64_t r1) {
         if (!a.interleaved) {
           for (int64_t d = 0; d < half; d += W) {
             const int64_t m = half - d;
+            prefetch(xr + t.ss + d);  // the next position's row (prefetches never fault)
+            prefetch(xr + t.ss + half + d);
             const V c = V::load(cr + d, m), sn = V::load(sr + d, m);
             const V x1 = V::load(xr + d, m), x2 = V::load(xr + half + d, m);
             (x1 * c - x2 * sn).store(orow + d, m);
