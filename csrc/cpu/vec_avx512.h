@@ -76,14 +76,13 @@ struct FloatVec {
   float hsum() const { return _mm512_reduce_add_ps(v); }
   static FloatVec exp(FloatVec a) {
     const __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 magic = _mm512_set1_ps(kRoundMagic);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), magic), magic);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpC[7]);
-    for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[k]));
+    __m512 p = _mm512_set1_ps(kExpC[kExpDeg]);
+    for (int k = kExpDeg - 1; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[k]));
     return {_mm512_scalef_ps(p, n)};
-
   }
   // 1 / (1 + exp(-a)): the 14-bit reciprocal estimate and one Newton step (relative error
   // ~2^-28, far cheaper than a 512-bit division); 1 + exp(-a) <= 2.4e38 stays finite.
