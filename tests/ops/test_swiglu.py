@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,3 +169,27 @@ def test_swiglu_bad_input():
         tk.swiglu(torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="gate must be a torch.Tensor"):
         tk.swiglu([1.0, 2.0])
+
+
+def test_swiglu_cpu_large_outputs(monkeypatch):
+    """Outputs of 4 MiB and more come from the CPU kernels' huge-page allocator and its
+    reuse cache: values stay right when a freed block is handed out again, when an output
+    is resized or saved, and with the allocator turned off."""
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    g, u = torch.randn(1100, 1000), torch.randn(1100, 1000)  # 4.4 MB outputs
+    expected, base = reference.swiglu(g.double(), u.double()), F.silu(g) * u
+    for _ in range(3):  # the second and third outputs reuse the first's block
+        out = tk.swiglu(g, u, backend="cpu")
+        assert_close("out", out, expected, base)
+        out.fill_(float("nan"))  # a reused block must be fully overwritten
+        del out
+    out = tk.swiglu(g, u, backend="cpu")
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), out)
+    out.resize_(2200, 1000)
+    assert torch.equal(out[:1100], torch.load(io.BytesIO(buf.getvalue())))
+    monkeypatch.setenv("TRUTHGPT_CPU_HUGEPAGES", "0")
+    assert_close("out[allocator off]", tk.swiglu(g, u, backend="cpu"), expected, base)
