@@ -11,9 +11,11 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <string>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
@@ -107,6 +109,7 @@ class OutputAllocator final : public c10::Allocator {
   }
 
  private:
+#if defined(__linux__)
   struct Block {
     void* p;
     size_t size;
@@ -126,6 +129,8 @@ class OutputAllocator final : public c10::Allocator {
         const size_t phys = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : 0;
         cap = std::min(phys / 16, size_t(1024) << 20);
       }
+      // A child forked while another thread held the lock must not inherit it locked.
+      pthread_atfork(nullptr, nullptr, [] { new (&state().mu) std::mutex(); });
     }
     void* take(size_t size) {
       std::lock_guard<std::mutex> lock(mu);
@@ -166,6 +171,7 @@ class OutputAllocator final : public c10::Allocator {
     state().give(*b);
     delete b;
   }
+#endif
   static bool env_flag(const char* name, bool dflt) {
     const char* env = std::getenv(name);
     return env == nullptr || *env == '\0' ? dflt : std::string(env) != "0";
