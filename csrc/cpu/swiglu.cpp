@@ -1,87 +1,96 @@
-// SwiGLU on the CPU: out = silu(gate) * up, and its backward recomputing silu.
-// Rows are split across threads with at::parallel_for; math in float (double for fp64).
+// SwiGLU on the CPU: out = silu(gate) * up, and its backward recomputing silu
+// (dgate = dy * up * s * (1 + g * (1 - s)), dup = dy * g * s, s = sigmoid(g)).
+// Vectorised per instruction set (cpu/vec_utils.h; this file's kernel section is compiled
+// once per set), threaded over (row, column block) tasks with at::parallel_for.
+// Math in float for float/bf16 (a polynomial exp), in double for double.
+#ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
+
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include "cpu/tensor_utils.h"
+#define TRUTHGPT_KERNELS_FILE "cpu/swiglu.cpp"
+#include "cpu/foreach_isa.h"
 
 namespace truthgpt {
 namespace {
 
-// (rows, n) view with unit inner stride; copies only when the layout cannot be viewed.
-at::Tensor as_rows(const at::Tensor& t) {
-  auto r = t.reshape({-1, t.size(-1)});
-  return r.stride(1) == 1 ? r : r.contiguous();
+using namespace cpu;
+
+// Columns per task: rows are cut into blocks of this many, so one long row still spreads
+// over the threads.
+constexpr int64_t kBlock = 16384;
+// Minimum elements per thread: below this, threading costs more than it saves.
+constexpr int64_t kGrainElems = 16384;
+
+void check_inputs(const char* op, const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dimension");
+  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate ", gate.sizes(), " and up ", up.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), op, ": gate (", gate.scalar_type(),
+              ") and up (", up.scalar_type(), ") must have the same dtype");
 }
 
-template <typename T>
-void swiglu_fwd_kernel(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
-  using acc = at::opmath_type<T>;
-  const int64_t rows = g.size(0), n = g.size(1);
-  const int64_t gs = g.stride(0), us = u.stride(0);
-  const T* gp = g.const_data_ptr<T>();
-  const T* up = u.const_data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gr = gp + r * gs;
-      const T* ur = up + r * us;
-      T* orow = op + r * n;
-      for (int64_t i = 0; i < n; ++i) {
-        const acc x = static_cast<acc>(gr[i]);
-        orow[i] = static_cast<T>(x / (acc(1) + std::exp(-x)) * static_cast<acc>(ur[i]));
-      }
-    }
-  });
-}
-
-template <typename T>
-void swiglu_bwd_kernel(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u,
-                       at::Tensor& dg, at::Tensor& du) {
-  using acc = at::opmath_type<T>;
-  const int64_t rows = g.size(0), n = g.size(1);
-  const int64_t ys = dy.stride(0), gs = g.stride(0), us = u.stride(0);
-  const T* yp = dy.const_data_ptr<T>();
-  const T* gp = g.const_data_ptr<T>();
-  const T* up = u.const_data_ptr<T>();
-  T* dgp = dg.data_ptr<T>();
-  T* dup = du.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t i = 0; i < n; ++i) {
-        const acc x = static_cast<acc>(gp[r * gs + i]);
-        const acc y = static_cast<acc>(yp[r * ys + i]);
-        const acc sig = acc(1) / (acc(1) + std::exp(-x));
-        const acc silu = x * sig;
-        dup[r * n + i] = static_cast<T>(y * silu);
-        // d silu / dx = sig * (1 + x * (1 - sig))
-        dgp[r * n + i] = static_cast<T>(y * static_cast<acc>(up[r * us + i]) * sig *
-                                        (acc(1) + x * (acc(1) - sig)));
-      }
-    }
-  });
+// Runs fn(t0, t1) over the (row, column block) tasks of a (rows, n) problem.
+template <class F>
+void for_tasks(int64_t rows, int64_t n, F&& fn) {
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(n, kBlock));
+  at::parallel_for(0, rows * nb, grain, fn);
 }
 
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+  check_inputs("swiglu_fwd", gate, up);
+  if (gate.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
+    return swiglu_fwd(gate.to(at::kFloat), up.to(at::kFloat)).to(at::kHalf);
+  }
+  auto out = new_output(gate.sizes(), gate.scalar_type());
+  if (out.numel() == 0) return out;
   auto g = as_rows(gate), u = as_rows(up);
-  auto out = at::empty(g.sizes(), gate.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_fwd",
-                                  [&] { swiglu_fwd_kernel<scalar_t>(g, u, out); });
-  return out.view(gate.sizes());
+  const int64_t rows = g.size(0), n = g.size(1);
+  const Isa isa = active_isa();
+  dispatch_kernel_types(gate.scalar_type(), "swiglu_fwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto fn = TRUTHGPT_ISA_FN(isa, swiglu_fwd_tasks<T>);
+    const T* gp = cptr<T>(g);
+    const T* upp = cptr<T>(u);
+    T* op = mptr<T>(out);
+    const int64_t gs = row_stride(g), us = row_stride(u);
+    for_tasks(rows, n, [&](int64_t t0, int64_t t1) { fn(gp, gs, upp, us, op, n, kBlock, t0, t1); });
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad, const at::Tensor& gate,
                                               const at::Tensor& up) {
+  check_inputs("swiglu_bwd", gate, up);
+  TORCH_CHECK(grad.sizes() == gate.sizes() && grad.scalar_type() == gate.scalar_type(),
+              "swiglu_bwd: grad must have the shape and dtype of gate");
+  if (gate.scalar_type() == at::kHalf) {
+    auto [dg, du] = swiglu_bwd(grad.to(at::kFloat), gate.to(at::kFloat), up.to(at::kFloat));
+    return {dg.to(at::kHalf), du.to(at::kHalf)};
+  }
+  auto dgate = new_output(gate.sizes(), gate.scalar_type());
+  auto dup = new_output(gate.sizes(), gate.scalar_type());
+  if (gate.numel() == 0) return {dgate, dup};
   auto y = as_rows(grad), g = as_rows(gate), u = as_rows(up);
-  auto dg = at::empty(g.sizes(), gate.options());
-  auto du = at::empty(g.sizes(), gate.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_bwd",
-                                  [&] { swiglu_bwd_kernel<scalar_t>(y, g, u, dg, du); });
-  return {dg.view(gate.sizes()), du.view(gate.sizes())};
+  const int64_t rows = g.size(0), n = g.size(1);
+  const Isa isa = active_isa();
+  dispatch_kernel_types(gate.scalar_type(), "swiglu_bwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto fn = TRUTHGPT_ISA_FN(isa, swiglu_bwd_tasks<T>);
+    const T* yp = cptr<T>(y);
+    const T* gp = cptr<T>(g);
+    const T* upp = cptr<T>(u);
+    T* dgp = mptr<T>(dgate);
+    T* dup_p = mptr<T>(dup);
+    const int64_t ys = row_stride(y), gs = row_stride(g), us = row_stride(u);
+    for_tasks(rows, n, [&](int64_t t0, int64_t t1) {
+      fn(yp, ys, gp, gs, upp, us, dgp, dup_p, n, kBlock, t0, t1);
+    });
+  });
+  return {dgate, dup};
 }
 
 }  // namespace
@@ -92,3 +101,61 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 }
 
 }  // namespace truthgpt
+
+#else  // ========================================== kernel section (once per instruction set)
+
+// Task t covers row t / nb, columns [b * block, min(n, (b + 1) * block)), b = t % nb.
+// Inputs have unit inner stride and row strides gs, us...; outputs are contiguous (rows, n).
+template <class T>
+void swiglu_fwd_tasks(const T* g, int64_t gs, const T* u, int64_t us, T* out, int64_t n,
+                      int64_t block, int64_t t0, int64_t t1) {
+  using V = VecFor<T>;
+  const int64_t nb = (n + block - 1) / block;
+  int64_t r = t0 / nb, b = t0 % nb;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = b * block, len = std::min(n, c0 + block) - c0;
+    const T* gr = g + r * gs + c0;
+    const T* ur = u + r * us + c0;
+    T* orow = out + r * n + c0;
+    for (int64_t i = 0; i < len; i += V::W) {
+      const int64_t m = len - i;
+      const V x = V::load(gr + i, m);
+      (x * V::sigmoid(x) * V::load(ur + i, m)).store(orow + i, m);
+    }
+    if (++b == nb) {
+      b = 0;
+      ++r;
+    }
+  }
+}
+
+template <class T>
+void swiglu_bwd_tasks(const T* dy, int64_t ys, const T* g, int64_t gs, const T* u, int64_t us,
+                      T* dg, T* du, int64_t n, int64_t block, int64_t t0, int64_t t1) {
+  using V = VecFor<T>;
+  const V one = V::set1(1);
+  const int64_t nb = (n + block - 1) / block;
+  int64_t r = t0 / nb, b = t0 % nb;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = b * block, len = std::min(n, c0 + block) - c0;
+    const T* yr = dy + r * ys + c0;
+    const T* gr = g + r * gs + c0;
+    const T* ur = u + r * us + c0;
+    T* dgr = dg + r * n + c0;
+    T* dur = du + r * n + c0;
+    for (int64_t i = 0; i < len; i += V::W) {
+      const int64_t m = len - i;
+      const V x = V::load(gr + i, m);
+      const V y = V::load(yr + i, m);
+      const V s = V::sigmoid(x);
+      (y * x * s).store(dur + i, m);
+      (y * V::load(ur + i, m) * s * V::fma(x, one - s, one)).store(dgr + i, m);
+    }
+    if (++b == nb) {
+      b = 0;
+      ++r;
+    }
+  }
+}
+
+#endif  // TRUTHGPT_KERNEL_SECTION

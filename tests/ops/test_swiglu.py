@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,9 +8,10 @@ import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
 from ..helpers import assert_close, backend_params, device_for, leaf
+from .interpreter import bf16_rounding_known
 
 BACKENDS = backend_params("swiglu")
-SHAPES = [(7,), (9, 41, 341), (2, 4231), (3, 5, 64)]
+SHAPES = [(7,), (9, 41, 341), (2, 4231), (3, 5, 64), (4096,), (2, 5120)]
 
 
 def _dtypes(backend):
@@ -51,6 +54,96 @@ def test_swiglu_non_contiguous(backend):
     assert_close("out", tk.swiglu(g, u, backend=backend), expected, F.silu(g) * u)
 
 
+def _check_grads(backend, g64, u64, dtype, make_g, make_u, name):
+    """Value and both gradients of swiglu(make_g(g), make_u(u)) against the reference."""
+    g, u = leaf(g64, dtype), leaf(u64, dtype)
+    out = tk.swiglu(make_g(g), make_u(u), backend=backend)
+    dy64 = torch.randn(out.shape, dtype=torch.float64, device=g64.device)
+    out.backward(dy64.to(dtype))
+    rg, ru = leaf(g64), leaf(u64)
+    ref = reference.swiglu(make_g(rg), make_u(ru))
+    ref.backward(dy64)
+    bg, bu = leaf(g64, dtype), leaf(u64, dtype)
+    base = F.silu(make_g(bg)) * make_u(bu)
+    base.backward(dy64.to(dtype))
+    assert_close(f"out{name}[{dtype}]", out, ref, base)
+    assert_close(f"dgate{name}[{dtype}]", g.grad, rg.grad, bg.grad)
+    assert_close(f"dup{name}[{dtype}]", u.grad, ru.grad, bu.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "row_slice", "strided_inner", "packed_bshd"])
+def test_swiglu_non_contiguous_grads(backend, layout):
+    dev = device_for(backend)
+    shape = (5, 7, 130)
+    g64 = torch.randn(shape, dtype=torch.float64, device=dev) * 3
+    u64 = torch.randn(shape, dtype=torch.float64, device=dev)
+    same = lambda t: t  # noqa: E731
+    if layout == "transposed":  # (7, 5, 130) views of (5, 7, 130)
+        make_g = make_u = lambda t: t.transpose(0, 1)
+    elif layout == "row_slice":  # the first 100 columns: row stride 130
+        make_g = make_u = lambda t: t[..., :100]
+    elif layout == "strided_inner":  # every other column: inner stride 2
+        make_g, make_u = (lambda t: t[..., ::2]), same
+        u64 = u64[..., :65].contiguous()
+    else:  # a packed [gate | up] tensor laid out (S, B, 2n) and viewed as (B, S, 2n)
+        for dtype in (torch.float32, torch.bfloat16):
+            x64 = torch.randn(7, 5, 260, dtype=torch.float64, device=dev) * 3
+            x = leaf(x64, dtype)
+            out = tk.swiglu(x.transpose(0, 1), backend=backend)
+            dy64 = torch.randn(out.shape, dtype=torch.float64, device=dev)
+            out.backward(dy64.to(dtype))
+            rx = leaf(x64)
+            ref = reference.swiglu(rx.transpose(0, 1))
+            ref.backward(dy64)
+            bx = leaf(x64, dtype)
+            bg, bu = bx.transpose(0, 1).chunk(2, -1)
+            base = F.silu(bg) * bu
+            base.backward(dy64.to(dtype))
+            with bf16_rounding_known(backend, dtype):
+                assert_close(f"out[{dtype}]", out, ref, base)
+                assert_close(f"grad[{dtype}]", x.grad, rx.grad, bx.grad)
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        with bf16_rounding_known(backend, dtype):
+            _check_grads(backend, g64, u64, dtype, make_g, make_u, f"[{layout}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_extreme_gates(backend):
+    """Gates where exp saturates or underflows: values and gradients stay finite and right."""
+    dev = device_for(backend)
+    g64 = torch.tensor([-1e4, -200.0, -104.0, -88.7, -87.4, -40.0, -17.0, -1e-6, 0.0, 1e-6, 17.0,
+                        40.0, 87.4, 88.7, 104.0, 200.0, 1e4], dtype=torch.float64, device=dev)
+    g64 = torch.cat([g64, torch.linspace(-30, 30, 301, dtype=torch.float64, device=dev)])
+    u64 = torch.randn_like(g64)
+    for dtype in (torch.float32, torch.bfloat16):
+        with bf16_rounding_known(backend, dtype):
+            _check_grads(backend, g64, u64, dtype, lambda t: t, lambda t: t, "[extreme]")
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "avx512bf16"])
+def test_swiglu_cpu_instruction_sets(isa, monkeypatch):
+    """Every compiled instruction-set path of the CPU kernels (capped by TRUTHGPT_CPU_ISA;
+    a path the CPU lacks falls back to the best one it has)."""
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    monkeypatch.setenv("TRUTHGPT_CPU_ISA", isa)
+    for shape in [(3, 7), (2, 4231), (33,), (4, 40)]:
+        g64 = torch.randn(shape, dtype=torch.float64) * 4
+        u64 = torch.randn(shape, dtype=torch.float64)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            _check_grads("cpu", g64, u64, dtype, lambda t: t, lambda t: t, f"[{isa} {shape}]")
+
+
+def test_swiglu_cpu_isa_env_is_checked(monkeypatch):
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    monkeypatch.setenv("TRUTHGPT_CPU_ISA", "sse9")
+    with pytest.raises(Exception, match="TRUTHGPT_CPU_ISA must be portable, avx2, avx512 or avx512bf16"):
+        tk.swiglu(torch.randn(4), torch.randn(4), backend="cpu")
+
+
 def test_swiglu_gradcheck_cpu():
     if tk.available_backends()["cpu"]["available"] is False:
         pytest.skip("C++ CPU extension not built")
@@ -76,3 +169,27 @@ def test_swiglu_bad_input():
         tk.swiglu(torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="gate must be a torch.Tensor"):
         tk.swiglu([1.0, 2.0])
+
+
+def test_swiglu_cpu_large_outputs(monkeypatch):
+    """Outputs of 4 MiB and more come from the CPU kernels' huge-page allocator and its
+    reuse cache: values stay right when a freed block is handed out again, when an output
+    is resized or saved, and with the allocator turned off."""
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    g, u = torch.randn(1100, 1000), torch.randn(1100, 1000)  # 4.4 MB outputs
+    expected, base = reference.swiglu(g.double(), u.double()), F.silu(g) * u
+    for _ in range(3):  # the second and third outputs reuse the first's block
+        out = tk.swiglu(g, u, backend="cpu")
+        assert_close("out", out, expected, base)
+        out.fill_(float("nan"))  # a reused block must be fully overwritten
+        del out
+    out = tk.swiglu(g, u, backend="cpu")
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), out)
+    out.resize_(2200, 1000)
+    assert torch.equal(out[:1100], torch.load(io.BytesIO(buf.getvalue())))
+    monkeypatch.setenv("TRUTHGPT_CPU_HUGEPAGES", "0")
+    assert_close("out[allocator off]", tk.swiglu(g, u, backend="cpu"), expected, base)

@@ -1,11 +1,12 @@
-"""SwiGLU benchmark cases: forward + backward against the eager `F.silu(g) * u`."""
+"""SwiGLU benchmark cases: forward + backward against the eager `F.silu(g) * u` with autograd,
+and the copy-bandwidth ceiling for the same bytes."""
 import torch
 import torch.nn.functional as F
 
 import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
-from . import Case, in_float64
+from . import Case, ceiling, in_float64
 
 
 def _fwd_bwd(fn):
@@ -24,10 +25,14 @@ def cases(device, quick):
             u = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
             return {"g": g, "u": u, "dy": torch.randn(rows, n, device=device, dtype=dtype)}
         elem = torch.tensor([], dtype=dtype).element_size()
+        nbytes = rows * n * elem * (3 + 5)  # fwd: read g,u write out; bwd: read dy,g,u write dg,du
         out.append(Case(
-            op="swiglu", name=f"fwd+bwd {rows}x{n} {str(dtype)[6:]}", setup=setup,
-            impls={"truthgpt": _fwd_bwd(tk.swiglu), "torch eager": _fwd_bwd(lambda g, u: F.silu(g) * u)},
-            bytes=rows * n * elem * (3 + 5),  # fwd: read g,u write out; bwd: read dy,g,u write dg,du
+            op="swiglu", name=f"fwd+bwd {rows}x{n} {str(dtype)[6:]}",
+            setup=ceiling.with_copy(setup, nbytes, device, dtype),
+            impls={"truthgpt": _fwd_bwd(tk.swiglu),
+                   "torch eager": _fwd_bwd(lambda g, u: F.silu(g) * u),
+                   ceiling.NAME: ceiling.copy},
+            bytes=nbytes,
             reference=in_float64(_fwd_bwd(reference.swiglu)),
         ))
     return out

@@ -1,0 +1,306 @@
+// RMSNorm on the CPU: y = x * r * w with r = rsqrt(mean(x^2) + eps) per row (float32
+// statistics for float/bf16, double for double; r saved as float32), and its backward
+//   dx = r * (dy w) - x * r^3 * mean(dy w x),   dw = sum over rows of dy * x * r.
+// dw is deterministic: rows are cut into chunks that depend only on the row count, each
+// chunk sums its rows in order into its own partial row, and the partial rows are added in
+// chunk order; the thread count changes nothing.
+// Vectorised per instruction set (cpu/vec_utils.h), threaded with at::parallel_for; rows of
+// any length and any row stride.
+#ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cpu/tensor_utils.h"
+#define TRUTHGPT_KERNELS_FILE "cpu/rms_norm.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace truthgpt {
+namespace {
+
+using namespace cpu;
+
+constexpr int64_t kGrainElems = 16384;  // minimum elements per thread
+constexpr int64_t kMaxChunks = 128;     // dweight partial rows (fewer when rows are few)
+constexpr int64_t kMinChunkRows = 8;
+constexpr int64_t kReduceCols = 512;    // columns per task of the dweight reduction
+
+int64_t chunk_rows(int64_t rows) {
+  return std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
+}
+
+void check_weight(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(-1), op,
+                ": weight must have shape (", x.size(-1), ",), got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == x.scalar_type() || weight->scalar_type() == at::kFloat,
+                op, ": weight must have x's dtype (", x.scalar_type(), ") or float32, got ",
+                weight->scalar_type());
+  }
+}
+
+// Calls f(Tag<Wt>{}, has_weight) with Wt the weight's kernel type (T when there is none).
+template <class T, class F>
+void dispatch_weight(const c10::optional<at::Tensor>& weight, F&& f) {
+  if (!weight.has_value()) {
+    f(Tag<T>{}, std::false_type{});
+  } else if (weight->scalar_type() == at::kFloat) {
+    f(Tag<float>{}, std::true_type{});
+  } else {
+    f(Tag<T>{}, std::true_type{});
+  }
+}
+
+c10::optional<at::Tensor> to_float(const c10::optional<at::Tensor>& w) {
+  return w.has_value() ? c10::optional<at::Tensor>(w->to(at::kFloat)) : c10::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
+                                                const c10::optional<at::Tensor>& weight,
+                                                double eps) {
+  check_weight("rms_norm_fwd", x, weight);
+  if (x.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
+    auto [y, rstd] = rms_norm_fwd(x.to(at::kFloat), to_float(weight), eps);
+    return {y.to(at::kHalf), rstd};
+  }
+  auto out = new_output(x.sizes(), x.scalar_type());
+  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0) {
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());  // mean over no elements
+    return {out, rstd};
+  }
+  auto xr = as_rows(x);
+  const int64_t rows = xr.size(0);
+  const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
+  const Isa isa = active_isa();
+  dispatch_kernel_types(x.scalar_type(), "rms_norm_fwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_weight<T>(w, [&](auto wtag, auto has_w) {
+      using Wt = typename decltype(wtag)::type;
+      constexpr bool HasW = decltype(has_w)::value;
+      const auto fn = TRUTHGPT_ISA_FN(isa, rms_norm_fwd_rows<T, Wt, HasW>);
+      const T* xp = cptr<T>(xr);
+      const Wt* wp = HasW ? cptr<Wt>(*w) : nullptr;
+      T* yp = mptr<T>(out);
+      float* rp = rstd.mutable_data_ptr<float>();
+      const int64_t xs = row_stride(xr);
+      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
+        fn(xp, xs, wp, yp, rp, n, eps, r0, r1);
+      });
+    });
+  });
+  return {out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at::Tensor& x,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const at::Tensor& rstd) {
+  check_weight("rms_norm_bwd", x, weight);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "rms_norm_bwd: grad must have the shape and dtype of x");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() * x.size(-1) == x.numel(),
+              "rms_norm_bwd: rstd must be float32 with one value per row of x");
+  if (x.scalar_type() == at::kHalf) {
+    auto [dx, dw] = rms_norm_bwd(grad.to(at::kFloat), x.to(at::kFloat), to_float(weight), rstd);
+    return {dx.to(at::kHalf), weight.has_value() ? dw.to(weight->scalar_type()) : x.new_empty({0})};
+  }
+  const int64_t n = x.size(-1);
+  auto dx = new_output(x.sizes(), x.scalar_type());
+  auto dw = weight.has_value() ? at::empty({n}, weight->options()) : x.new_empty({0});
+  if (x.numel() == 0) {
+    dw.zero_();  // a sum over no rows
+    return {dx, dw};
+  }
+  auto yr = as_rows(grad), xr = as_rows(x);
+  const auto rs = rstd.reshape({-1}).contiguous();
+  const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
+  const int64_t rows = xr.size(0), chunk = chunk_rows(rows);
+  const int64_t nchunks = (rows + chunk - 1) / chunk;
+  const Isa isa = active_isa();
+  dispatch_kernel_types(x.scalar_type(), "rms_norm_bwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    dispatch_weight<T>(w, [&](auto wtag, auto has_w) {
+      using Wt = typename decltype(wtag)::type;
+      constexpr bool HasW = decltype(has_w)::value;
+      at::Tensor part;
+      if (HasW) part = at::empty({nchunks, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+      A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
+      const auto fn = TRUTHGPT_ISA_FN(isa, rms_norm_bwd_chunks<T, Wt, HasW>);
+      const T* yp = cptr<T>(yr);
+      const T* xp = cptr<T>(xr);
+      const Wt* wp = HasW ? cptr<Wt>(*w) : nullptr;
+      const float* rp = rs.const_data_ptr<float>();
+      T* dxp = mptr<T>(dx);
+      const int64_t ys = row_stride(yr), xs = row_stride(xr);
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / (chunk * n));
+      at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+        fn(yp, ys, xp, xs, wp, rp, dxp, pp, rows, n, chunk, c0, c1);
+      });
+      if constexpr (HasW) {
+        const auto reduce = TRUTHGPT_ISA_FN(isa, rms_norm_reduce_cols<A, Wt>);
+        Wt* dwp = mptr<Wt>(dw);
+        const int64_t nblocks = (n + kReduceCols - 1) / kReduceCols;
+        const int64_t rgrain = std::max<int64_t>(1, kGrainElems / (nchunks * kReduceCols));
+        at::parallel_for(0, nblocks, rgrain, [&](int64_t b0, int64_t b1) {
+          reduce(pp, nchunks, n, dwp, b0 * kReduceCols, std::min(n, b1 * kReduceCols));
+        });
+      }
+    });
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+}
+
+}  // namespace truthgpt
+
+#else  // ========================================== kernel section (once per instruction set)
+
+// Rows [r0, r1) of x (unit inner stride, row stride xs) into y (contiguous) and rstd.
+// The second pass over a row reads it from cache; meanwhile the next row is prefetched so
+// memory stays busy.
+template <class T, class Wt, bool HasW>
+void rms_norm_fwd_rows(const T* x, int64_t xs, const Wt* w, T* y, float* rstd, int64_t n,
+                       double eps, int64_t r0, int64_t r1) {
+  using V = VecFor<T>;
+  using A = acc_t<T>;
+  constexpr int W = V::W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * xs;
+    const T* next = r + 1 < r1 ? xr + xs : xr;
+    T* yr = y + r * n;
+    V s0 = V::zero(), s1 = V::zero();
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const V a = V::load(xr + i, W), b = V::load(xr + i + W, W);
+      s0 = V::fma(a, a, s0);
+      s1 = V::fma(b, b, s1);
+    }
+    for (; i < n; i += W) {
+      const V a = V::load(xr + i, n - i);
+      s0 = V::fma(a, a, s0);
+    }
+    const A rs = A(1) / std::sqrt((s0 + s1).hsum() / A(n) + A(eps));
+    rstd[r] = static_cast<float>(rs);
+    const V rv = V::set1(rs);
+    for (i = 0; i < n; i += W) {
+      const int64_t m = n - i;
+      prefetch(next + i);
+      V v = V::load(xr + i, m) * rv;
+      if constexpr (HasW) v = v * V::load(w + i, m);
+      v.store(yr + i, m);
+    }
+  }
+}
+
+// G rows of the backward together (so the partial dweight row and the weight are loaded
+// and stored once per G rows): dx of each row, and part += dy * x * r row after row.
+template <class T, class Wt, bool HasW, int G>
+inline void rms_norm_bwd_group(const T* const* dy, const T* const* x, T* const* dx,
+                               const acc_t<T>* rs, const Wt* w, acc_t<T>* part,
+                               const T* next_dy, const T* next_x, int64_t n) {
+  using V = VecFor<T>;
+  using A = acc_t<T>;
+  constexpr int W = V::W;
+  V d[G];
+  for (int g = 0; g < G; ++g) d[g] = V::zero();
+  for (int64_t i = 0; i < n; i += W) {  // dots: sum of dy w x per row
+    const int64_t m = n - i;
+    V wv = V::zero();
+    if constexpr (HasW) wv = V::load(w + i, m);
+    for (int g = 0; g < G; ++g) {
+      V gy = V::load(dy[g] + i, m);
+      if constexpr (HasW) gy = gy * wv;
+      d[g] = V::fma(gy, V::load(x[g] + i, m), d[g]);
+    }
+  }
+  V rv[G], cv[G];
+  for (int g = 0; g < G; ++g) {
+    rv[g] = V::set1(rs[g]);
+    cv[g] = V::set1(rs[g] * rs[g] * rs[g] * d[g].hsum() / A(n));
+  }
+  for (int64_t i = 0; i < n; i += W) {  // dx = r dy w - x r^3 mean(dy w x); part
+    const int64_t m = n - i;
+    prefetch(next_dy + i);
+    prefetch(next_x + i);
+    V wv = V::zero(), p = V::zero();
+    if constexpr (HasW) {
+      wv = V::load(w + i, m);
+      p = V::load(part + i, m);
+    }
+    for (int g = 0; g < G; ++g) {
+      const V dyv = V::load(dy[g] + i, m), xv = V::load(x[g] + i, m);
+      V gy = dyv;
+      if constexpr (HasW) gy = dyv * wv;
+      (gy * rv[g] - xv * cv[g]).store(dx[g] + i, m);
+      if constexpr (HasW) p = V::fma(dyv * xv, rv[g], p);
+    }
+    if constexpr (HasW) p.store(part + i, m);
+  }
+}
+
+// Chunks [c0, c1) of `chunk` rows each: dx of their rows, and (HasW) each chunk's partial
+// dweight row part[c] = sum over its rows, in row order, of dy * x * r.
+template <class T, class Wt, bool HasW>
+void rms_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, const Wt* w,
+                         const float* rstd, T* dx, acc_t<T>* part, int64_t rows, int64_t n,
+                         int64_t chunk, int64_t c0, int64_t c1) {
+  using V = VecFor<T>;
+  using A = acc_t<T>;
+  constexpr int W = V::W;
+  constexpr int G = 4;
+  for (int64_t c = c0; c < c1; ++c) {
+    A* pc = HasW ? part + c * n : nullptr;
+    if constexpr (HasW) {
+      for (int64_t i = 0; i < n; i += W) V::zero().store(pc + i, n - i);
+    }
+    const int64_t rend = std::min(rows, (c + 1) * chunk);
+    const int64_t last = std::min(rows, c1 * chunk) - 1;  // last row of this task
+    for (int64_t r = c * chunk; r < rend;) {
+      const int g = rend - r >= G ? G : 1;
+      const T* dyp[G];
+      const T* xp[G];
+      T* dxp[G];
+      A rs[G];
+      for (int k = 0; k < g; ++k) {
+        dyp[k] = dy + (r + k) * ys;
+        xp[k] = x + (r + k) * xs;
+        dxp[k] = dx + (r + k) * n;
+        rs[k] = static_cast<A>(rstd[r + k]);
+      }
+      const int64_t nr = std::min(r + g, last);  // a row to prefetch (the next group's first)
+      if (g == G) {
+        rms_norm_bwd_group<T, Wt, HasW, G>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
+      } else {
+        rms_norm_bwd_group<T, Wt, HasW, 1>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
+      }
+      r += g;
+    }
+  }
+}
+
+// dw[j] for columns [j0, j1): the partial rows summed in chunk order.
+template <class A, class Wt>
+void rms_norm_reduce_cols(const A* part, int64_t nchunks, int64_t n, Wt* dw, int64_t j0,
+                          int64_t j1) {
+  using V = VecFor<A>;
+  for (int64_t j = j0; j < j1; j += V::W) {
+    const int64_t m = j1 - j;
+    V s = V::load(part + j, m);
+    for (int64_t c = 1; c < nchunks; ++c) s = s + V::load(part + c * n + j, m);
+    s.store(dw + j, m);
+  }
+}
+
+#endif  // TRUTHGPT_KERNEL_SECTION
