@@ -181,6 +181,8 @@ def test_swiglu_quick_real_cases(tmp_path, capsys):
         ours = c["impls"][c["ours"]]
         assert c["has_reference"] and ours["max_err"] is not None
         for base in c["baselines"]:  # DESIGN.md: ours <= 2x PyTorch's error + atol
+            if c["impls"][base]["max_err"] is None:
+                continue  # the copy-bandwidth ceiling computes nothing comparable
             assert ours["max_err"] <= 2 * c["impls"][base]["max_err"] + atol[c["dtype"]]
 
 
