@@ -7,7 +7,7 @@ import torch
 
 from truthgpt_kernels import _ext, backends
 
-KERNEL_OPS = ["swiglu_fwd", "swiglu_bwd"]  # each kernel issue extends this list
+KERNEL_OPS = ["swiglu_fwd", "swiglu_bwd", "attention_fwd", "attention_bwd"]  # each kernel issue extends this list
 
 
 def test_cpu_extension_loads_and_registers():
