@@ -155,6 +155,16 @@ Isa choose_isa() {
   return isa;
 }
 
+// Flush-to-zero / denormals-are-zero while a worker runs (restored after): subnormal
+// probabilities (ALiBi and windows make many) cost ~100 cycles per operation otherwise.
+struct FlushDenormals {
+#if TK_X86
+  unsigned int prev = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(prev | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(prev); }
+#endif
+};
+
 // Keeps MKL single-threaded inside our worker threads (we parallelise over tiles).
 struct MklSingleThread {
   int prev = 0;
@@ -742,7 +752,9 @@ void bwd_ds_rows_portable(const RowsArgs<Acc, PT>& a) {
 TK_AVX512 inline __m512 exp2_v(__m512 x) {
   // 2^x = 2^round(x) * 2^f, f in [-0.5, 0.5]; degree-6 polynomial (rel. error ~1e-7);
   // scalef handles the exponent (underflow to 0, overflow to inf).
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  // results below 2^-126 flush to zero: subnormal probabilities would only slow the GEMMs
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
   const __m512 fl = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, fl);
   __m512 p = _mm512_set1_ps(1.5337577497120947e-4f);
@@ -752,7 +764,7 @@ TK_AVX512 inline __m512 exp2_v(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, fl);
+  return _mm512_maskz_scalef_ps(normal, p, fl);
 }
 
 TK_AVX512 inline __m512 tanh_v(__m512 y) {
@@ -1163,6 +1175,7 @@ void run_items(int64_t n, F&& f) {
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
     MklSingleThread guard;
+    FlushDenormals ftz;
     State st;
     for (;;) {
       const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
@@ -1414,10 +1427,9 @@ struct BwdCtx {
   Rows<Acc, T> rows;
   Cfg<Acc> cf;
   Acc qk_alpha, scale;
-  const T *q, *k, *v, *dout;
-  int64_t qsB, qsH, qsS, ksB, ksH, ksS, vsB, vsH, vsS, dsB, dsH, dsS;
-  const float* lse;   // (B, Hq, Sq) contiguous
-  const Acc* delta;   // (B, Hq, Sq) contiguous
+  const T *q, *k, *v, *dout, *out;
+  int64_t qsB, qsH, qsS, ksB, ksH, ksS, vsB, vsH, vsS, dsB, dsH, dsS, osB, osH, osS;
+  const float* lse;  // (B, Hq, Sq) contiguous
 };
 
 // Accumulates one tile's contributions over its pieces: dq (rows x D, if non-null), and
@@ -1445,7 +1457,12 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     const int64_t idx = (t.b * P.Hq + h) * P.Sq + i;
     const float l = c.lse[idx];
     st.ri[r].lse2 = std::isinf(l) && l < 0 ? -std::numeric_limits<Acc>::infinity() : static_cast<Acc>(l * kLog2e);
-    st.ri[r].delta = static_cast<Acc>(c.delta[idx]);
+    // delta = rowsum(dO * O), in the accumulation precision
+    const T* dor = c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS;
+    const T* orow = c.out + t.b * c.osB + h * c.osH + i * c.osS;
+    Acc dl = 0;
+    for (int64_t d = 0; d < D; ++d) dl += static_cast<Acc>(to_f(dor[d])) * static_cast<Acc>(to_f(orow[d]));
+    st.ri[r].delta = dl;
   }
   int64_t lda = 0, ldo = 0;
   const T* A = tile_rows<T>(c.q, c.qsB, c.qsH, c.qsS, t, D, st.qbuf, lda);
@@ -1495,7 +1512,7 @@ void store_dq(const Problem& P, const Tile& t, const acc_t<T>* dq, T* out) {
 
 template <typename T>
 void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq,
+                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
                         at::Tensor& dk, at::Tensor& dv, const Isa& isa) {
   using Acc = acc_t<T>;
   BwdCtx<T> c{};
@@ -1513,8 +1530,9 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   c.ksB = k.stride(0), c.ksH = k.stride(1), c.ksS = k.stride(2);
   c.vsB = v.stride(0), c.vsH = v.stride(1), c.vsS = v.stride(2);
   c.dsB = dout.stride(0), c.dsH = dout.stride(1), c.dsS = dout.stride(2);
+  c.out = out.const_data_ptr<T>();
+  c.osB = out.stride(0), c.osH = out.stride(1), c.osS = out.stride(2);
   c.lse = lse.const_data_ptr<float>();
-  c.delta = delta.const_data_ptr<Acc>();
   T* dqp = dq.data_ptr<T>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
@@ -1605,14 +1623,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor lse = lse_.to(at::kFloat).contiguous();
-  // delta = rowsum(dO * O), accumulated in the compute precision
-  const at::ScalarType acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor delta = (dout.to(acc_type) * out_.to(acc_type)).sum(-1).contiguous();
+  // (no torch ops with intra-op threads in here: on a busy machine each one costs milliseconds)
+  const at::Tensor lse = lse_.scalar_type() == at::kFloat && lse_.is_contiguous() ? lse_ : lse_.to(at::kFloat).contiguous();
+  const at::Tensor out = rows_unit(out_.to(q.scalar_type()));
   switch (q.scalar_type()) {
-    case at::kFloat: attention_bwd_impl<float>(P, dout, q, k, v, lse, delta, dq, dk, dv, choose_isa<float>()); break;
-    case at::kDouble: attention_bwd_impl<double>(P, dout, q, k, v, lse, delta, dq, dk, dv, choose_isa<double>()); break;
-    case at::kBFloat16: attention_bwd_impl<bf16>(P, dout, q, k, v, lse, delta, dq, dk, dv, choose_isa<bf16>()); break;
+    case at::kFloat: attention_bwd_impl<float>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<float>()); break;
+    case at::kDouble: attention_bwd_impl<double>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<double>()); break;
+    case at::kBFloat16: attention_bwd_impl<bf16>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<bf16>()); break;
     default: TORCH_CHECK(false, "attention (cpu): dtype ", q.scalar_type(), " is not supported (float32, bfloat16, float64)");
   }
   return {dq, dk, dv};
