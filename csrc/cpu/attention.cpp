@@ -49,6 +49,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #define TK_X86 1
+#define TK_UNROLL _Pragma("GCC unroll 16")
 #define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define TK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 #else
@@ -277,22 +278,29 @@ template <int MR, int NV>
 TK_AVX512 void ukernel_f32(int64_t K, const float* A, int64_t sr, int64_t sk, const float* B, int64_t ldb,
                            float* C, int64_t ldc, float alpha, float beta, __mmask16 tail) {
   __m512 acc[MR][NV];
+  TK_UNROLL
   for (int r = 0; r < MR; ++r)
+    TK_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
     const float* bk = B + k * ldb;
+    TK_UNROLL
     for (int v = 0; v < NV; ++v)
       b[v] = (v == NV - 1) ? _mm512_maskz_loadu_ps(tail, bk + 16 * v) : _mm512_loadu_ps(bk + 16 * v);
     const float* ak = A + k * sk;
+    TK_UNROLL
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(ak[r * sr]);
+      TK_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  TK_UNROLL
   for (int r = 0; r < MR; ++r) {
     float* c = C + r * ldc;
+    TK_UNROLL
     for (int v = 0; v < NV; ++v) {
       const __mmask16 m = (v == NV - 1) ? tail : static_cast<__mmask16>(0xFFFF);
       __m512 x = _mm512_mul_ps(acc[r][v], va);
@@ -341,8 +349,9 @@ TK_AVX512 void gemm_f32_strided_a(int64_t M, int64_t N, int64_t K, float alpha, 
   }
 }
 
-// out (K x N, ld N) = B^T for B (N x K, ldb), by 16 x 16 blocks through registers.
-TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, float* out) {
+// out (K x N, ld ldo) = B^T for B (N x K, ldb), by 16 x 16 blocks through registers
+// (32-bit elements: also used for pairs of bf16).
+TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, float* out, int64_t ldo) {
   for (int64_t j0 = 0; j0 < N; j0 += 16) {
     const int64_t jn = std::min<int64_t>(16, N - j0);
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
@@ -372,10 +381,10 @@ TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, 
           r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xDD);
         }
         // r[i] now holds column k0 + i of the block
-        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (k0 + i) * N + j0, r[i]);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (k0 + i) * ldo + j0, r[i]);
       } else {
         for (int64_t kk = 0; kk < kn; ++kk)
-          for (int64_t jj = 0; jj < jn; ++jj) out[(k0 + kk) * N + j0 + jj] = B[(j0 + jj) * ldb + k0 + kk];
+          for (int64_t jj = 0; jj < jn; ++jj) out[(k0 + kk) * ldo + j0 + jj] = B[(j0 + jj) * ldb + k0 + kk];
       }
     }
   }
@@ -388,7 +397,7 @@ TK_AVX512 void gemm_avx512_f32(Op op, int64_t M, int64_t N, int64_t K, float alp
   if (M <= 0 || N <= 0) return;
   if (op == Op::NT) {
     float* bt = scratch_buf(tl_pack_f32, K * N);
-    transpose_f32(N, K, B, ldb, bt);
+    transpose_f32(N, K, B, ldb, bt, N);
     gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, bt, N, beta, C, ldc);
   } else if (op == Op::NN) {
     gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, B, ldb, beta, C, ldc);
@@ -404,23 +413,30 @@ template <int MR, int NV>
 TK_AVX512BF16 void ukernel_bf16(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* Bv, int64_t Np,
                                 float* C, int64_t ldc, float alpha, float beta, __mmask16 tail) {
   __m512 acc[MR][NV];
+  TK_UNROLL
   for (int r = 0; r < MR; ++r)
+    TK_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < Kp; ++kp) {
     __m512i b[NV];
     const uint16_t* bk = Bv + kp * Np * 2;
+    TK_UNROLL
     for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(bk + 32 * v);
+    TK_UNROLL
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
       std::memcpy(&pair, A + r * lda + 2 * kp, 4);
       const __m512i a = _mm512_set1_epi32(pair);
+      TK_UNROLL
       for (int v = 0; v < NV; ++v)
         acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b[v]));
     }
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  TK_UNROLL
   for (int r = 0; r < MR; ++r) {
     float* c = C + r * ldc;
+    TK_UNROLL
     for (int v = 0; v < NV; ++v) {
       const __mmask16 m = (v == NV - 1) ? tail : static_cast<__mmask16>(0xFFFF);
       __m512 x = _mm512_mul_ps(acc[r][v], va);
@@ -497,6 +513,12 @@ TK_AVX512BF16 void pack_vnni_rows(int64_t K, int64_t N, const uint16_t* B, int64
 TK_AVX512BF16 void pack_vnni_cols(int64_t N, int64_t K, const uint16_t* B, int64_t ldb, uint16_t* Bv, int64_t Np) {
   const int64_t Kp = (K + 1) / 2;
   uint32_t* out = reinterpret_cast<uint32_t*>(Bv);
+  if (K % 2 == 0 && ldb % 2 == 0 && reinterpret_cast<uintptr_t>(B) % 4 == 0) {
+    transpose_f32(N, Kp, reinterpret_cast<const float*>(B), ldb / 2, reinterpret_cast<float*>(Bv), Np);
+    for (int64_t kp = 0; kp < Kp; ++kp)
+      for (int64_t j = N; j < Np; ++j) out[kp * Np + j] = 0;
+    return;
+  }
   for (int64_t j = 0; j < Np; ++j) {
     if (j >= N) {
       for (int64_t kp = 0; kp < Kp; ++kp) out[kp * Np + j] = 0;
@@ -784,42 +806,64 @@ TK_AVX512 inline void store_bf16(uint16_t* dst, __mmask16 m, __m512 x) {
   _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
+// Per-row constants of the score transform.
+struct RowConsts {
+  __m512i vlo, vhi;
+  __m512 prel, slope, inv_cap, capmul;
+  const uint8_t* cm;
+};
+
+TK_AVX512 inline RowConsts row_consts(int64_t n, int64_t j0, const RowInfo<float>& ri, const Cfg<float>& cf) {
+  RowConsts k;
+  const int32_t lo = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(ri.lo - j0, n + 1), -1));
+  const int32_t hi = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(ri.hi - j0, n + 1), -2));
+  k.vlo = _mm512_set1_epi32(lo);
+  k.vhi = _mm512_set1_epi32(hi);
+  k.prel = _mm512_set1_ps(static_cast<float>(ri.pos - j0));
+  k.slope = _mm512_set1_ps(ri.slope2);
+  k.inv_cap = _mm512_set1_ps(cf.inv_cap);
+  k.capmul = _mm512_set1_ps(cf.capmul);
+  k.cm = ri.cm;
+  return k;
+}
+
+// Raw scores of columns [c, c + 16) -> log2-unit scores: softcap, ALiBi, masks (-inf).
+template <bool MASK, bool ALIBI, bool SOFTCAP>
+TK_AVX512 inline __m512 transform_v(__m512 x, int64_t c, __mmask16 tm, const RowConsts& k, float* g) {
+  if (SOFTCAP) {
+    const __m512 t = tanh_v(_mm512_mul_ps(x, k.inv_cap));
+    if (g) _mm512_mask_storeu_ps(g + c, tm, _mm512_fnmadd_ps(t, t, _mm512_set1_ps(1.f)));
+    x = _mm512_mul_ps(t, k.capmul);
+  }
+  if (ALIBI || MASK) {
+    const __m512i jc = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    if (ALIBI) {
+      const __m512 d = _mm512_abs_ps(_mm512_sub_ps(k.prel, _mm512_cvtepi32_ps(jc)));
+      x = _mm512_fnmadd_ps(k.slope, d, x);
+    }
+    if (MASK) {
+      __mmask16 vm = _mm512_cmpge_epi32_mask(jc, k.vlo) & _mm512_cmple_epi32_mask(jc, k.vhi);
+      if (k.cm) {
+        const __m128i b = _mm_maskz_loadu_epi8(tm, k.cm + c);
+        vm &= _mm_test_epi8_mask(b, b);
+      }
+      x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), vm, x);
+    }
+  }
+  return x;
+}
+
+// Transform in place (when there is one) and return the row max.
 template <bool MASK, bool ALIBI, bool SOFTCAP>
 TK_AVX512 float prep_row_avx512(float* s, int64_t n, int64_t j0, const RowInfo<float>& ri, const Cfg<float>& cf,
                                 float* g) {
-  const __m512 ninf = _mm512_set1_ps(kNegInf);
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int32_t lo = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(ri.lo - j0, n + 1), -1));
-  const int32_t hi = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(ri.hi - j0, n + 1), -2));
-  const __m512i vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
-  const __m512 prel = _mm512_set1_ps(static_cast<float>(ri.pos - j0));
-  const __m512 slope = _mm512_set1_ps(ri.slope2);
-  const __m512 inv_cap = _mm512_set1_ps(cf.inv_cap), capmul = _mm512_set1_ps(cf.capmul);
-  const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  __m512 vmax = ninf;
+  const RowConsts k = row_consts(n, j0, ri, cf);
+  __m512 vmax = _mm512_set1_ps(kNegInf);
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 tm = tail_mask(n - c);
-    __m512 x = _mm512_maskz_loadu_ps(tm, s + c);
-    if (SOFTCAP) {
-      const __m512 t = tanh_v(_mm512_mul_ps(x, inv_cap));
-      if (g) _mm512_mask_storeu_ps(g + c, tm, _mm512_fnmadd_ps(t, t, one));
-      x = _mm512_mul_ps(t, capmul);
-    }
-    const __m512i jc = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(c)), iota);
-    if (ALIBI) {
-      const __m512 d = _mm512_and_ps(_mm512_sub_ps(prel, _mm512_cvtepi32_ps(jc)), absmask);
-      x = _mm512_fnmadd_ps(slope, d, x);
-    }
-    if (MASK) {
-      __mmask16 vm = _mm512_cmpge_epi32_mask(jc, vlo) & _mm512_cmple_epi32_mask(jc, vhi);
-      if (ri.cm) {
-        const __m128i b = _mm_maskz_loadu_epi8(tm, ri.cm + c);
-        vm &= _mm_test_epi8_mask(b, b);
-      }
-      x = _mm512_mask_mov_ps(ninf, vm, x);
-    }
-    _mm512_mask_storeu_ps(s + c, tm, x);
+    const __m512 x = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_maskz_loadu_ps(tm, s + c), c, tm, k, g);
+    if (MASK || ALIBI || SOFTCAP) _mm512_mask_storeu_ps(s + c, tm, x);
     vmax = _mm512_mask_max_ps(vmax, tm, vmax, x);
   }
   return _mm512_reduce_max_ps(vmax);
@@ -842,20 +886,63 @@ TK_AVX512 prep_avx_fn pick_prep_avx512(bool mask, bool alibi, bool softcap) {
 }
 
 // p = exp2(s - m) over a row: written as fp32 (in place allowed) and/or bf16; returns the sum.
-TK_AVX512 float exp_row_avx512(const float* s, int64_t n, float m, float* pf, uint16_t* pb) {
-  const __m512 vm = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 tm = tail_mask(n - c);
-    const __m512 x = _mm512_maskz_loadu_ps(tm, s + c);
-    __m512 p = exp2_v(_mm512_sub_ps(x, vm));
-    p = _mm512_maskz_mov_ps(tm, p);
-    sum = _mm512_add_ps(sum, p);
-    if (pf) _mm512_mask_storeu_ps(pf + c, tm, p);
-    if (pb) store_bf16(pb + c, tm, p);
-  }
-  if (pb && (n & 1)) pb[n] = 0;
-  return _mm512_reduce_add_ps(sum);
+// Two vectors per step (independent chains); bf16 through vcvtne2ps2bf16 where the CPU has
+// AVX512-BF16 (one instruction for 32 values), else by integer rounding.
+TK_AVX512BF16 inline void store2_bf16_native(uint16_t* dst, int64_t left, __m512 a, __m512 b) {
+  const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+  const __mmask32 m = left >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << left) - 1);
+  _mm512_mask_storeu_epi16(dst, m, v);
+}
+
+TK_AVX512 inline void store2_bf16_plain(uint16_t* dst, int64_t left, __m512 a, __m512 b) {
+  store_bf16(dst, tail_mask(left), a);
+  if (left > 16) store_bf16(dst + 16, tail_mask(left - 16), b);
+}
+
+#define TK_EXP_ROW_BODY(STORE2)                                                             \
+  const __m512 vm = _mm512_set1_ps(m);                                                      \
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();                            \
+  int64_t c = 0;                                                                            \
+  for (; c + 32 <= n; c += 32) {                                                            \
+    const __m512 p0 = exp2_v(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm));                   \
+    const __m512 p1 = exp2_v(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), vm));              \
+    sum0 = _mm512_add_ps(sum0, p0);                                                         \
+    sum1 = _mm512_add_ps(sum1, p1);                                                         \
+    if (pf) {                                                                               \
+      _mm512_storeu_ps(pf + c, p0);                                                         \
+      _mm512_storeu_ps(pf + c + 16, p1);                                                    \
+    }                                                                                       \
+    if (pb) STORE2(pb + c, 32, p0, p1);                                                     \
+  }                                                                                         \
+  for (; c < n; c += 32) {                                                                  \
+    const __mmask16 t0 = tail_mask(n - c), t1 = tail_mask(std::max<int64_t>(0, n - c - 16)); \
+    __m512 p0 = exp2_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(t0, s + c), vm));                \
+    __m512 p1 = exp2_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(t1, s + c + 16), vm));           \
+    p0 = _mm512_maskz_mov_ps(t0, p0);                                                       \
+    p1 = _mm512_maskz_mov_ps(t1, p1);                                                       \
+    sum0 = _mm512_add_ps(sum0, p0);                                                         \
+    sum1 = _mm512_add_ps(sum1, p1);                                                         \
+    if (pf) {                                                                               \
+      _mm512_mask_storeu_ps(pf + c, t0, p0);                                                \
+      _mm512_mask_storeu_ps(pf + c + 16, t1, p1);                                           \
+    }                                                                                       \
+    if (pb) STORE2(pb + c, n - c, p0, p1);                                                  \
+  }                                                                                         \
+  if (pb && (n & 1)) pb[n] = 0;                                                             \
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+
+TK_AVX512BF16 float exp_row_avx512_native(const float* s, int64_t n, float m, float* pf, uint16_t* pb) {
+  TK_EXP_ROW_BODY(store2_bf16_native)
+}
+
+TK_AVX512 float exp_row_avx512_plain(const float* s, int64_t n, float m, float* pf, uint16_t* pb) {
+  TK_EXP_ROW_BODY(store2_bf16_plain)
+}
+#undef TK_EXP_ROW_BODY
+
+TK_AVX512 inline float exp_row_avx512(const float* s, int64_t n, float m, float* pf, uint16_t* pb) {
+  if (pb && cpu_has_avx512bf16()) return exp_row_avx512_native(s, n, m, pf, pb);
+  return exp_row_avx512_plain(s, n, m, pf, pb);
 }
 
 TK_AVX512 void scale_row_avx512(float* o, int64_t D, float alpha) {
@@ -866,27 +953,123 @@ TK_AVX512 void scale_row_avx512(float* o, int64_t D, float alpha) {
   }
 }
 
+TK_AVX512 inline void store2_f32(float* dst, int64_t left, __m512 a, __m512 b) {
+  _mm512_mask_storeu_ps(dst, tail_mask(left), a);
+  if (left > 16) _mm512_mask_storeu_ps(dst + 16, tail_mask(left - 16), b);
+}
+
+// One pass over raw scores: transform, p = exp2(x - m) stored, sum returned, max of x in *mx.
+// s is left untouched (a row whose max exceeds the reference redoes the piece from it).
+#define TK_FUSED_BODY(STORE2, OUT)                                                          \
+  const RowConsts k = row_consts(n, j0, ri, cf);                                            \
+  const __m512 vm = _mm512_set1_ps(m);                                                      \
+  __m512 vmax = _mm512_set1_ps(kNegInf), sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(); \
+  for (int64_t c = 0; c < n; c += 32) {                                                     \
+    const __mmask16 t0 = tail_mask(n - c), t1 = tail_mask(std::max<int64_t>(0, n - c - 16)); \
+    const __m512 x0 = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_maskz_loadu_ps(t0, s + c), c, t0, k, nullptr); \
+    const __m512 x1 =                                                                       \
+        transform_v<MASK, ALIBI, SOFTCAP>(_mm512_maskz_loadu_ps(t1, s + c + 16), c + 16, t1, k, nullptr); \
+    vmax = _mm512_mask_max_ps(vmax, t0, vmax, x0);                                          \
+    vmax = _mm512_mask_max_ps(vmax, t1, vmax, x1);                                          \
+    const __m512 p0 = _mm512_maskz_mov_ps(t0, exp2_v(_mm512_sub_ps(x0, vm)));              \
+    const __m512 p1 = _mm512_maskz_mov_ps(t1, exp2_v(_mm512_sub_ps(x1, vm)));              \
+    sum0 = _mm512_add_ps(sum0, p0);                                                         \
+    sum1 = _mm512_add_ps(sum1, p1);                                                         \
+    STORE2(OUT + c, n - c, p0, p1);                                                         \
+  }                                                                                         \
+  if (std::is_same<decltype(OUT), uint16_t*>::value && (n & 1)) OUT[n] = 0;                \
+  *mx = _mm512_reduce_max_ps(vmax);                                                         \
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+
+template <bool MASK, bool ALIBI, bool SOFTCAP>
+TK_AVX512 float fused_row_f32(const float* s, int64_t n, int64_t j0, const RowInfo<float>& ri, const Cfg<float>& cf,
+                              float m, void* outv, float* mx) {
+  float* out = static_cast<float*>(outv);
+  TK_FUSED_BODY(store2_f32, out)
+}
+
+template <bool MASK, bool ALIBI, bool SOFTCAP>
+TK_AVX512 float fused_row_bf16_plain(const float* s, int64_t n, int64_t j0, const RowInfo<float>& ri,
+                                     const Cfg<float>& cf, float m, void* outv, float* mx) {
+  uint16_t* out = static_cast<uint16_t*>(outv);
+  TK_FUSED_BODY(store2_bf16_plain, out)
+}
+
+template <bool MASK, bool ALIBI, bool SOFTCAP>
+TK_AVX512BF16 float fused_row_bf16_native(const float* s, int64_t n, int64_t j0, const RowInfo<float>& ri,
+                                          const Cfg<float>& cf, float m, void* outv, float* mx) {
+  uint16_t* out = static_cast<uint16_t*>(outv);
+  TK_FUSED_BODY(store2_bf16_native, out)
+}
+#undef TK_FUSED_BODY
+
+using fused_fn = float (*)(const float*, int64_t, int64_t, const RowInfo<float>&, const Cfg<float>&, float, void*,
+                           float*);
+
+template <int VARIANT>  // 0 fp32 output, 1 bf16 (integer rounding), 2 bf16 (AVX512-BF16)
+fused_fn pick_fused_t(int key) {
+#define TK_PICK(M, A, S)                                                \
+  if constexpr (VARIANT == 0) return fused_row_f32<M, A, S>;            \
+  else if constexpr (VARIANT == 1) return fused_row_bf16_plain<M, A, S>; \
+  else return fused_row_bf16_native<M, A, S>;
+  switch (key) {
+    case 0: { TK_PICK(false, false, false) }
+    case 1: { TK_PICK(false, false, true) }
+    case 2: { TK_PICK(false, true, false) }
+    case 3: { TK_PICK(false, true, true) }
+    case 4: { TK_PICK(true, false, false) }
+    case 5: { TK_PICK(true, false, true) }
+    case 6: { TK_PICK(true, true, false) }
+    default: { TK_PICK(true, true, true) }
+  }
+#undef TK_PICK
+}
+
+// A new row max may exceed the running reference by this much (log2 units) before the row
+// is rescaled: probabilities then stay <= 2^8, and most pieces need a single pass.
+constexpr float kLazyRescale = 8.f;
+
 template <typename PT>
 TK_AVX512 void fwd_rows_avx512(const RowsArgs<float, PT>& a) {
   const Cfg<float>& cf = *a.cf;
-  const prep_avx_fn prep = pick_prep_avx512(a.partial, cf.alibi, cf.softcap);
   constexpr bool kBf16 = std::is_same<PT, bf16>::value;
+  const prep_avx_fn prep = pick_prep_avx512(a.partial, cf.alibi, cf.softcap);
+  const int key = (a.partial ? 4 : 0) | (cf.alibi ? 2 : 0) | (cf.softcap ? 1 : 0);
+  fused_fn fused;
+  if constexpr (kBf16) {
+    fused = cpu_has_avx512bf16() ? pick_fused_t<2>(key) : pick_fused_t<1>(key);
+  } else {
+    fused = pick_fused_t<0>(key);
+  }
+  auto full_pass = [&](float* s, PT* p, float mx) {  // s already transformed
+    return kBf16 ? exp_row_avx512(s, a.n, mx, nullptr, reinterpret_cast<uint16_t*>(p))
+                 : exp_row_avx512(s, a.n, mx, reinterpret_cast<float*>(p), nullptr);
+  };
   for (int64_t r = 0; r < a.rows; ++r) {
     float* s = a.S + r * a.ldS;
     PT* p = a.P + r * a.ldP;
-    const float mx = prep(s, a.n, a.j0, a.ri[r], cf, nullptr);
     const float m_old = a.m[r];
-    const float m_new = std::max(m_old, mx);
-    if (m_new == kNegInf) {
-      std::memset(static_cast<void*>(p), 0, sizeof(PT) * (a.n + (a.n & 1)));
+    if (m_old == kNegInf) {  // first visible keys of this row: exact max, two passes
+      const float mx = prep(s, a.n, a.j0, a.ri[r], cf, nullptr);
+      if (mx == kNegInf) {
+        std::memset(static_cast<void*>(p), 0, sizeof(PT) * (a.n + (a.n & 1)));
+        continue;
+      }
+      a.l[r] = full_pass(s, p, mx);
+      a.m[r] = mx;
       continue;
     }
-    const float alpha = std::exp2(m_old - m_new);
-    const float sum = kBf16 ? exp_row_avx512(s, a.n, m_new, nullptr, reinterpret_cast<uint16_t*>(p))
-                            : exp_row_avx512(s, a.n, m_new, reinterpret_cast<float*>(p), nullptr);
-    a.l[r] = a.l[r] * alpha + sum;
-    a.m[r] = m_new;
-    if (alpha != 1.f) scale_row_avx512(a.acc + r * a.ldacc, a.D, alpha);
+    float mx;
+    const float sum = fused(s, a.n, a.j0, a.ri[r], cf, m_old, p, &mx);
+    if (mx <= m_old + kLazyRescale) {
+      a.l[r] += sum;
+      continue;
+    }
+    prep(s, a.n, a.j0, a.ri[r], cf, nullptr);  // the max grew a lot: redo against it
+    const float alpha = std::exp2(m_old - mx);
+    a.l[r] = a.l[r] * alpha + full_pass(s, p, mx);
+    a.m[r] = mx;
+    scale_row_avx512(a.acc + r * a.ldacc, a.D, alpha);
   }
 }
 
@@ -1301,7 +1484,6 @@ template <typename T>
 void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         at::Tensor& out, at::Tensor& lse, const Isa& isa) {
   using Acc = acc_t<T>;
-  constexpr bool kLowP = !std::is_same<T, Acc>::value;
   const Gemm<T> gemm{isa.gemm};
   const Rows<Acc, T> rows{isa.avx512_rows};
   const Cfg<Acc> cf = make_cfg<Acc>(P);
@@ -1327,7 +1509,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
     const Tile t = P.tile(rest / P.Hkv, rest % P.Hkv, grp, tt);
     const int64_t R = t.rows(), nr = t.nr();
     st.S.resize(R * ldS);
-    if (kLowP) st.P.resize(R * ldS);
+    st.P.resize(R * ldS);
     st.acc.assign(R * D, Acc(0));
     st.m.assign(R, -std::numeric_limits<Acc>::infinity());
     st.l.assign(R, Acc(0));
@@ -1348,13 +1530,11 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
     ra.acc = st.acc.data();
     ra.ldacc = D;
     ra.D = D;
-    if constexpr (kLowP) {
-      ra.P = st.P.data();
-    } else {
-      ra.P = st.S.data();
-    }
+    ra.P = st.P.data();
     ra.ldP = ldS;
-    for (const Piece& pc : st.pieces) {
+    // nearest keys first: with causal ALiBi the row max then comes with the first piece
+    for (auto it = st.pieces.rbegin(); it != st.pieces.rend(); ++it) {
+      const Piece& pc = *it;
       const int64_t n = pc.j1 - pc.j0;
       gemm(Op::NT, R, n, D, qk_alpha, A, lda, kbase + pc.j0 * ksS, ksS, Acc(0), st.S.data(), ldS);
       if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
