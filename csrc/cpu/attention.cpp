@@ -1093,22 +1093,41 @@ TK_AVX512 void bwd_p_rows_avx512(const RowsArgs<float, PT>& a) {
   }
 }
 
+// fp32 row -> bf16 (round to nearest even), zero pad to an even length.
+TK_AVX512BF16 void convert_row_bf16_native(const float* x, int64_t n, uint16_t* o) {
+  for (int64_t c = 0; c < n; c += 32)
+    store2_bf16_native(o + c, n - c, _mm512_maskz_loadu_ps(tail_mask(n - c), x + c),
+                       _mm512_maskz_loadu_ps(tail_mask(std::max<int64_t>(0, n - c - 16)), x + c + 16));
+  if (n & 1) o[n] = 0;
+}
+
+TK_AVX512 void convert_row_bf16_plain(const float* x, int64_t n, uint16_t* o) {
+  for (int64_t c = 0; c < n; c += 16) store_bf16(o + c, tail_mask(n - c), _mm512_maskz_loadu_ps(tail_mask(n - c), x + c));
+  if (n & 1) o[n] = 0;
+}
+
 template <typename PT>
 TK_AVX512 void bwd_ds_rows_avx512(const RowsArgs<float, PT>& a) {
+  const bool native = cpu_has_avx512bf16();
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* p = a.S + r * a.ldS;
     float* dp = a.dP + r * a.ldS;
     const float* g = a.G ? a.G + r * a.ldS : nullptr;
-    uint16_t* o = a.dSl ? reinterpret_cast<uint16_t*>(a.dSl + r * a.ldP) : nullptr;
     const __m512 delta = _mm512_set1_ps(a.ri[r].delta);
     for (int64_t c = 0; c < a.n; c += 16) {
       const __mmask16 tm = tail_mask(a.n - c);
       __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(tm, p + c), _mm512_sub_ps(_mm512_maskz_loadu_ps(tm, dp + c), delta));
       if (g) x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(tm, g + c));
       _mm512_mask_storeu_ps(dp + c, tm, x);
-      if (o) store_bf16(o + c, tm, x);
     }
-    if (o && (a.n & 1)) o[a.n] = 0;
+    if (a.dSl) {
+      uint16_t* o = reinterpret_cast<uint16_t*>(a.dSl + r * a.ldP);
+      if (native) {
+        convert_row_bf16_native(dp, a.n, o);
+      } else {
+        convert_row_bf16_plain(dp, a.n, o);
+      }
+    }
   }
 }
 #endif  // TK_X86
@@ -1501,13 +1520,16 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
   const std::vector<int64_t> order = tile_order(P);
   const int64_t ntile = static_cast<int64_t>(P.qtiles.size());
 
-  run_items<FwdState<T>>(P.items_fwd(), [&](int64_t item, FwdState<T>& st) {
+  auto tile_of = [&](int64_t item) {
     const int64_t tt = order[item % ntile];
     int64_t rest = item / ntile;
     const int64_t grp = rest % P.ngroups;
     rest /= P.ngroups;
-    const Tile t = P.tile(rest / P.Hkv, rest % P.Hkv, grp, tt);
-    const int64_t R = t.rows(), nr = t.nr();
+    return P.tile(rest / P.Hkv, rest % P.Hkv, grp, tt);
+  };
+  // Online softmax of tile t over keys [L0, L1): leaves acc (unnormalised), m, l in st.
+  auto compute = [&](const Tile& t, int64_t L0, int64_t L1, FwdState<T>& st) {
+    const int64_t R = t.rows();
     st.S.resize(R * ldS);
     st.P.resize(R * ldS);
     st.acc.assign(R * D, Acc(0));
@@ -1516,7 +1538,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
     fill_rows<Acc>(P, t, st.ri);
     int64_t lda = 0;
     const T* A = tile_rows<T>(qp, qsB, qsH, qsS, t, D, st.qbuf, lda);
-    tile_pieces(P, t, 0, P.Sk, st.pieces, st.any_buf, st.all_buf);
+    tile_pieces(P, t, L0, L1, st.pieces, st.any_buf, st.all_buf);
     const T* kbase = kp + t.b * ksB + t.kvh * ksH;
     const T* vbase = vp + t.b * vsB + t.kvh * vsH;
     RowsArgs<Acc, T> ra;
@@ -1544,21 +1566,77 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
       rows.fwd(ra);
       gemm(Op::NN, R, D, n, Acc(1), ra.P, ldS, vbase + pc.j0 * vsS, vsS, Acc(1), st.acc.data(), D);
     }
-    for (int64_t r = 0; r < R; ++r) {
+  };
+  // out = acc / l, lse = (m + log2 l) ln 2; a row without visible keys: zeros, -inf
+  auto finish = [&](const Tile& t, const Acc* acc, const Acc* m, const Acc* l) {
+    const int64_t nr = t.nr();
+    for (int64_t r = 0; r < t.rows(); ++r) {
       const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
       T* o = op + ((t.b * P.Hq + h) * P.Sq + i) * D;
-      const Acc* a = st.acc.data() + r * D;
-      const Acc lsum = st.l[r];
+      const Acc* a = acc + r * D;
       float* lo = lp + (t.b * P.Hq + h) * P.Sq + i;
-      if (lsum > Acc(0)) {
-        const Acc inv = Acc(1) / lsum;
+      if (l[r] > Acc(0)) {
+        const Acc inv = Acc(1) / l[r];
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(a[d] * inv);
-        *lo = static_cast<float>((static_cast<double>(st.m[r]) + std::log2(static_cast<double>(lsum))) * kLn2);
+        *lo = static_cast<float>((static_cast<double>(m[r]) + std::log2(static_cast<double>(l[r]))) * kLn2);
       } else {
         for (int64_t d = 0; d < D; ++d) o[d] = T(0);
         *lo = kNegInf;
       }
     }
+  };
+
+  // Few work items (decoding, one long head): split the keys too and merge the partial
+  // softmaxes in a fixed order (flash-decoding). The split depends on the problem only, so
+  // results do not depend on the thread count.
+  const int64_t items = P.items_fwd();
+  int64_t nsplit = 1;
+  if (items < 64 && P.Sk >= 4 * BK) nsplit = std::min<int64_t>((64 + items - 1) / items, P.Sk / (2 * BK));
+  nsplit = std::min<int64_t>(std::max<int64_t>(1, env_int("TRUTHGPT_ATTN_SPLITK", nsplit)), std::max<int64_t>(1, P.Sk));
+  if (nsplit == 1) {
+    run_items<FwdState<T>>(items, [&](int64_t item, FwdState<T>& st) {
+      const Tile t = tile_of(item);
+      compute(t, 0, P.Sk, st);
+      finish(t, st.acc.data(), st.m.data(), st.l.data());
+    });
+    return;
+  }
+  int64_t rmax = 0;
+  for (int64_t it = 0; it < std::min<int64_t>(items, ntile * P.ngroups); ++it) rmax = std::max(rmax, tile_of(it).rows());
+  const int64_t slot = rmax * (D + 2);  // acc, m, l of one (item, split)
+  std::vector<Acc> part(items * nsplit * slot);
+  run_items<FwdState<T>>(items * nsplit, [&](int64_t job, FwdState<T>& st) {
+    const int64_t item = job / nsplit, sp = job % nsplit;
+    const Tile t = tile_of(item);
+    const int64_t L0 = P.Sk * sp / nsplit, L1 = P.Sk * (sp + 1) / nsplit;
+    compute(t, L0, L1, st);
+    Acc* dst = part.data() + job * slot;
+    const int64_t R = t.rows();
+    std::copy(st.acc.begin(), st.acc.begin() + R * D, dst);
+    std::copy(st.m.begin(), st.m.begin() + R, dst + rmax * D);
+    std::copy(st.l.begin(), st.l.begin() + R, dst + rmax * (D + 1));
+  });
+  run_items<FwdState<T>>(items, [&](int64_t item, FwdState<T>& st) {
+    const Tile t = tile_of(item);
+    const int64_t R = t.rows();
+    st.acc.assign(R * D, Acc(0));
+    st.m.assign(R, -std::numeric_limits<Acc>::infinity());
+    st.l.assign(R, Acc(0));
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      const Acc* src = part.data() + (item * nsplit + sp) * slot;
+      for (int64_t r = 0; r < R; ++r) {
+        const Acc ms = src[rmax * D + r], ls = src[rmax * (D + 1) + r];
+        if (!(ls > Acc(0))) continue;
+        const Acc mn = std::max(st.m[r], ms);
+        const Acc a_old = std::exp2(st.m[r] - mn), a_new = std::exp2(ms - mn);
+        st.l[r] = st.l[r] * a_old + ls * a_new;
+        Acc* o = st.acc.data() + r * D;
+        const Acc* x = src + r * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = o[d] * a_old + x[d] * a_new;
+        st.m[r] = mn;
+      }
+    }
+    finish(t, st.acc.data(), st.m.data(), st.l.data());
   });
 }
 

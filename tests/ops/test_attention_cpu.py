@@ -190,3 +190,14 @@ def test_threads_do_not_change_forward():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("case", ["everything", "decode", "decode_noncausal_mqa", "key_mask_empty_rows",
+                                  "causal_sq_gt_sk_empty_rows", "bigbird_layout", "window_16_16"])
+def test_split_keys_forward(monkeypatch, splits, case):
+    """The forward split over keys (flash-decoding), merged in a fixed order."""
+    monkeypatch.setenv("TRUTHGPT_ATTN_SPLITK", str(splits))
+    monkeypatch.setenv("TRUTHGPT_ATTN_BK", "16")
+    B, Hq, Hkv, Sq, Sk, D, opts = CASES[case]
+    check(B, Hq, Hkv, Sq, Sk, D, opts)
