@@ -31,7 +31,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if !defined(_WIN32)
 #include <dlfcn.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -80,16 +82,18 @@ struct MklFns {
   threads_t set_local_threads = nullptr;
 
   MklFns() {
+#if !defined(_WIN32)
+    // torch's own MKL first (another BLAS may export the same Fortran names globally)
     void* self = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
     auto find = [&](const char* name) -> void* {
-      void* p = dlsym(RTLD_DEFAULT, name);
-      if (!p && self) p = dlsym(self, name);
-      return p;
+      void* p = self ? dlsym(self, name) : nullptr;
+      return p ? p : dlsym(RTLD_DEFAULT, name);
     };
     sgemm = reinterpret_cast<sgemm_t>(find("sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(find("dgemm_"));
     bgemm = reinterpret_cast<bgemm_t>(find("cblas_gemm_bf16bf16f32"));
     set_local_threads = reinterpret_cast<threads_t>(find("mkl_set_num_threads_local_"));
+#endif
   }
 };
 
@@ -1389,9 +1393,10 @@ void run_items(int64_t n, F&& f) {
 
 // ============================================================================ setup
 at::Tensor rows_unit(const at::Tensor& t) {
-  // the kernels need unit stride along D and strides that fit BLAS's 32-bit ints
-  bool ok = (t.stride(-1) == 1 || t.size(-1) == 1) && (t.stride(2) >= t.size(3) || t.size(2) == 1);
-  for (int64_t d = 0; d < t.dim(); ++d) ok = ok && t.stride(d) < (int64_t{1} << 30);
+  // the kernels need unit stride along D and row strides (BLAS leading dimensions) that fit
+  // a 32-bit int; batch and head strides are used in 64-bit pointer arithmetic only
+  const bool ok = (t.stride(-1) == 1 || t.size(-1) == 1) && (t.stride(2) >= t.size(3) || t.size(2) == 1) &&
+                  t.stride(2) < (int64_t{1} << 30);
   return ok ? t : t.contiguous();
 }
 
