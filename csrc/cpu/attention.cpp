@@ -9,9 +9,14 @@
 //    window), the block mask (any block size) and the key mask, as runs of keys cut into
 //    pieces of at most BK keys; everything else is skipped, so cost scales with density.
 //    Pieces whose keys are visible to every row of the tile need no masking at all.
-//  - Per piece: S = Q K^T (tile GEMM), scores transformed in one pass (softcap, ALiBi
-//    computed from the slope, masks), online softmax in log2 units (running max and sum per
-//    row, rescaling the fp32 accumulator), acc += P V (tile GEMM). No S x S matrix exists.
+//  - Per piece: S = Q K^T (tile GEMM), scores transformed (softcap, ALiBi computed from the
+//    slope, masks), online softmax in log2 units, acc += P V (tile GEMM). No S x S matrix
+//    exists. A row's first piece finds its max exactly; later pieces run one fused pass
+//    (transform, exp2 against the running max, sum, row max) and rescale only when the max
+//    grew by more than 2^8 ("lazy rescaling"); pieces go nearest keys first.
+//  - Few work items (decoding, one long head): the forward also splits the keys and merges
+//    the partial softmaxes in a fixed order (flash-decoding); the split depends on the
+//    problem only, never on the thread count.
 //  - Backward recomputes P from the saved lse by tile: dV += P^T dO, dP = dO V^T,
 //    dS = P (dP - rowsum(dO O)) [x softcap derivative], dQ += scale dS K, dK += scale dS^T Q.
 //    Deterministic: a work item owns its outputs (one (batch, kv head) owns dK, dV and the dQ
@@ -23,9 +28,12 @@
 //    AVX-512 micro-kernels (AVX512-BF16 dot products for bf16 where the CPU has them), else a
 //    portable path. Score transforms and softmax: AVX-512 (own exp2 polynomial), else
 //    portable. All chosen at runtime (__builtin_cpu_supports); the default build has no
-//    -mavx512f. TRUTHGPT_CPU_ATTN=mkl|avx512|portable forces a path (tests use it).
+//    -mavx512f. Workers run with FTZ/DAZ (subnormal probabilities are flushed).
 //  - Threads: at::parallel_for over the thread count; each thread takes work items (heaviest
 //    first) from a shared counter. Accumulation is fp32 (fp64 for fp64 inputs).
+//  - Knobs for tests and tuning (environment): TRUTHGPT_CPU_ATTN=mkl|avx512|portable (GEMM and
+//    row path), TRUTHGPT_ATTN_BWD=single|split, TRUTHGPT_ATTN_BQ / _BK (tile sizes),
+//    TRUTHGPT_ATTN_SPLITK (forward key splits).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -1220,8 +1228,9 @@ int64_t env_int(const char* name, int64_t dflt) {
 
 // Tile sizes: BQ query rows x BK keys. With a block mask, query tiles never straddle a
 // query block (so one block-mask row applies) unless blocks are smaller than 32 rows.
-void plan_tiles(Problem& P, bool backward) {
-  int64_t BQ = backward ? 128 : 128, BK = 512;
+// (128 x 512 measured best or equal-best for fp32 and bf16, forward and backward, D 64.)
+void plan_tiles(Problem& P) {
+  int64_t BQ = 128, BK = 512;
   if (P.D > 128) BQ = 64;
   BQ = env_int("TRUTHGPT_ATTN_BQ", BQ);
   BK = (env_int("TRUTHGPT_ATTN_BK", BK) + 15) / 16 * 16;
@@ -1658,7 +1667,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const at::Tensor q = rows_unit(q_), k = rows_unit(k_), v = rows_unit(v_);
   setup_problem(P, q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask, softcap,
                 bm_keep, km_keep);
-  plan_tiles(P, false);
+  plan_tiles(P);
   at::Tensor out = at::empty({P.B, P.Hq, P.Sq, P.D}, q.options());
   at::Tensor lse = at::empty({P.B, P.Hq, P.Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -1876,7 +1885,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const at::Tensor dout = rows_unit(grad_out_.to(q.scalar_type()));
   setup_problem(P, q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask, softcap,
                 bm_keep, km_keep);
-  plan_tiles(P, true);
+  plan_tiles(P);
   at::Tensor dq = at::empty({P.B, P.Hq, P.Sq, P.D}, q.options());
   at::Tensor dk = at::empty({P.B, P.Hkv, P.Sk, P.D}, k.options());
   at::Tensor dv = at::empty({P.B, P.Hkv, P.Sk, P.D}, v.options());
