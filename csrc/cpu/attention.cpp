@@ -31,8 +31,8 @@
 //    -mavx512f. Workers run with FTZ/DAZ (subnormal probabilities are flushed).
 //  - Threads: at::parallel_for over the thread count; each thread takes work items (heaviest
 //    first) from a shared counter. Accumulation is fp32 (fp64 for fp64 inputs).
-//  - Knobs for tests and tuning (environment): TRUTHGPT_CPU_ATTN=mkl|avx512|portable (GEMM and
-//    row path), TRUTHGPT_ATTN_BWD=single|split, TRUTHGPT_ATTN_BQ / _BK (tile sizes),
+//  - Knobs for tests and tuning (environment): TRUTHGPT_CPU_ATTN=mkl|avx512|portable|noavx512 (GEMM and
+//    row path; noavx512 simulates a CPU without it), TRUTHGPT_ATTN_BWD=single|split, TRUTHGPT_ATTN_BQ / _BK (tile sizes),
 //    TRUTHGPT_ATTN_SPLITK (forward key splits).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -137,13 +137,14 @@ struct Isa {
   bool avx512_rows;  // AVX-512 score/softmax loops
 };
 
-// TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | portable. A path the machine cannot run
+// TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | portable | noavx512 (as on a CPU without
+// AVX-512: MKL GEMMs if present, portable loops otherwise). A path the machine cannot run
 // falls back to the next one (mkl -> avx512 -> portable).
 template <typename T>
 Isa choose_isa() {
   const char* env = std::getenv("TRUTHGPT_CPU_ATTN");
   std::string want = env ? env : "auto";
-  const bool avx = cpu_has_avx512();
+  const bool avx = cpu_has_avx512() && want != "noavx512";
   bool have_mkl = false;
   bool have_avx_gemm = false;
   if (std::is_same<T, float>::value) {
@@ -785,10 +786,9 @@ void bwd_ds_rows_portable(const RowsArgs<Acc, PT>& a) {
 // ---- AVX-512 (fp32)
 TK_AVX512 inline __m512 exp2_v(__m512 x) {
   // 2^x = 2^round(x) * 2^f, f in [-0.5, 0.5]; degree-6 polynomial (rel. error ~1e-7);
-  // scalef handles the exponent (underflow to 0, overflow to inf).
-  // results below 2^-126 flush to zero: subnormal probabilities would only slow the GEMMs
+  // scalef applies the exponent (overflow to inf). Results below 2^-126 (and -inf or NaN
+  // lanes from -inf inputs) are zeroed: subnormal probabilities would only slow the GEMMs.
   const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
   const __m512 fl = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, fl);
   __m512 p = _mm512_set1_ps(1.5337577497120947e-4f);
@@ -975,8 +975,20 @@ TK_AVX512 inline void store2_f32(float* dst, int64_t left, __m512 a, __m512 b) {
 #define TK_FUSED_BODY(STORE2, OUT)                                                          \
   const RowConsts k = row_consts(n, j0, ri, cf);                                            \
   const __m512 vm = _mm512_set1_ps(m);                                                      \
+  const __mmask16 all = 0xFFFF;                                                             \
   __m512 vmax = _mm512_set1_ps(kNegInf), sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(); \
-  for (int64_t c = 0; c < n; c += 32) {                                                     \
+  int64_t c = 0;                                                                            \
+  for (; c + 32 <= n; c += 32) {                                                            \
+    const __m512 x0 = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_loadu_ps(s + c), c, all, k, nullptr); \
+    const __m512 x1 = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_loadu_ps(s + c + 16), c + 16, all, k, nullptr); \
+    vmax = _mm512_max_ps(vmax, _mm512_max_ps(x0, x1));                                      \
+    const __m512 p0 = exp2_v(_mm512_sub_ps(x0, vm));                                        \
+    const __m512 p1 = exp2_v(_mm512_sub_ps(x1, vm));                                        \
+    sum0 = _mm512_add_ps(sum0, p0);                                                         \
+    sum1 = _mm512_add_ps(sum1, p1);                                                         \
+    STORE2(OUT + c, 32, p0, p1);                                                            \
+  }                                                                                         \
+  if (c < n) {                                                                              \
     const __mmask16 t0 = tail_mask(n - c), t1 = tail_mask(std::max<int64_t>(0, n - c - 16)); \
     const __m512 x0 = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_maskz_loadu_ps(t0, s + c), c, t0, k, nullptr); \
     const __m512 x1 =                                                                       \

@@ -32,8 +32,9 @@ def _cpu_flags():
 FLAGS = _cpu_flags()
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
 # (TRUTHGPT_CPU_ATTN, TRUTHGPT_ATTN_BWD): every GEMM path with both backward schedules
+# noavx512: what a CPU without AVX-512 runs (MKL GEMMs, portable score/softmax loops)
 PATHS = [("auto", "single"), ("auto", "split"), ("avx512", "single"), ("avx512", "split"),
-         ("portable", "single"), ("portable", "split")]
+         ("portable", "single"), ("portable", "split"), ("noavx512", "single")]
 
 
 def check(B, Hq, Hkv, Sq, Sk, D, opts, dtypes=(f32, bf16), kw_override=None, inputs=None):
@@ -79,7 +80,7 @@ def test_every_kernel_path(monkeypatch, path, bwd, case):
     check(B, Hq, Hkv, Sq, Sk, D, opts)
 
 
-@pytest.mark.parametrize("path", ["auto", "avx512", "portable"])
+@pytest.mark.parametrize("path", ["auto", "avx512", "portable", "noavx512"])
 @pytest.mark.parametrize("bq,bk", [(16, 16), (8, 48), (32, 32)])
 @pytest.mark.parametrize("case", ["everything", "causal_sq_lt_sk", "window_16_16", "strided_layout",
                                   "key_mask", "decode"])

@@ -14,6 +14,8 @@ CPU rows (issue #3, fp32 unless said; B1 H8 D64 unless said):
 plus the machine's fp32 GEMM rate (torch.mm) as the ceiling for GFLOP/s.
 Peak memory of forward + backward at S8192 (<= 1/8 of eager attention) is measured in
 subprocesses: `python -m truthgpt_kernels.bench.attention --memory`.
+`python -m truthgpt_kernels.bench.attention --interleaved` times the same cases alternating
+the implementations call by call (fairer ratios on a machine shared with other jobs).
 """
 import math
 import subprocess
@@ -256,7 +258,40 @@ def peak_memory(B=1, H=2, S=8192, D=64):
     return res
 
 
+def interleaved(quick=False, rounds=15, names=None):
+    """Times the CPU cases alternating the implementations call by call (ours, baseline,
+    ours, ...) and reports medians: on a shared machine the load then hits every
+    implementation alike, unlike timing each one for a while in turn."""
+    import statistics
+    import time
+
+    rows = []
+    for case in cpu_cases(quick):
+        if names and not any(n in case.name for n in names):
+            continue
+        x = case.setup()
+        times = {name: [] for name in case.impls}
+        for fn in case.impls.values():
+            fn(x)
+        for _ in range(rounds):
+            for name, fn in case.impls.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        ours = statistics.median(next(iter(times.values())))
+        for name, t in times.items():
+            med = statistics.median(t)
+            rate = f"{case.flops / med / 1e6:.1f} GFLOP/s" if case.flops else ""
+            rows.append((case.name, name, round(med, 3), round(med / ours, 2), rate))
+        del x
+    return rows
+
+
 if __name__ == "__main__":
+    if "--interleaved" in sys.argv:
+        from tabulate import tabulate
+        print(tabulate(interleaved("--quick" in sys.argv),
+                       headers=["case", "impl", "median ms", "ours speedup", "rate"], tablefmt="github"))
     if "--memory" in sys.argv:
         quick = "--quick" in sys.argv
         shape = dict(B=1, H=2, S=1024 if quick else 8192, D=64)
