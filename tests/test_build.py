@@ -1,6 +1,7 @@
 """The compiled extensions: built, loadable, and registering their kernels."""
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ def test_cpu_extension_loads_and_registers():
     assert mod is not None, info
     for op in KERNEL_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{op}", "CPU"), op
+
+
+@pytest.mark.skipif(not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")),
+                    reason="torch without OpenMP (or not Linux): at::parallel_for does not use it")
+def test_cpu_extension_is_built_with_openmp():
+    """at::parallel_for is a `#pragma omp parallel` in torch's headers: an extension built
+    without -fopenmp silently runs every CPU kernel on one thread."""
+    mod, info = _ext.load("_C")
+    assert mod is not None, info
+    assert "openmp=1" in mod.build_info(), mod.build_info()
 
 
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
