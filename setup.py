@@ -95,10 +95,17 @@ cxx_flags = opt + ["-fdiagnostics-color=always"]
 if CPU_NATIVE:
     cxx_flags.append("-march=native")
 link_flags = []
+# at::parallel_for is a `#pragma omp parallel` in torch's headers: without -fopenmp it is
+# silently ignored and every CPU kernel runs on one thread. Links torch's own libgomp
+# (same soname, already loaded by torch).
+WITH_OPENMP = torch.backends.openmp.is_available() and sys.platform.startswith("linux")
+if WITH_OPENMP:
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 if DEBUG:
     cxx_flags.append("-fsanitize=address")
     link_flags.append("-fsanitize=address")
-build_info = f"opt={'debug+asan' if DEBUG else 'O3'};native={int(CPU_NATIVE)}"
+build_info = f"opt={'debug+asan' if DEBUG else 'O3'};native={int(CPU_NATIVE)};openmp={int(WITH_OPENMP)}"
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 ext_modules = [

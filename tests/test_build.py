@@ -1,6 +1,7 @@
 """The compiled extensions: built, loadable, and registering their kernels."""
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from truthgpt_kernels import _ext, backends
 
 KERNEL_OPS = ["swiglu_fwd", "swiglu_bwd", "rms_norm_fwd", "rms_norm_bwd", "rotary_fwd",
-              "rotary_qk_fwd"]  # each kernel issue extends this list
+              "rotary_qk_fwd", "attention_fwd", "attention_bwd"]  # every kernel op, CPU
 
 
 def test_cpu_extension_loads_and_registers():
@@ -19,7 +20,17 @@ def test_cpu_extension_loads_and_registers():
 
 
 CUDA_KERNEL_OPS = ["swiglu_fwd", "swiglu_bwd", "rotary_fwd", "rotary_qk_fwd", "rms_norm_fwd",
-                   "rms_norm_bwd"]  # the kernels csrc/cuda/*_binding.cpp register
+                   "rms_norm_bwd", "attention_fwd", "attention_bwd"]  # from csrc/cuda/*_binding.cpp
+
+
+@pytest.mark.skipif(not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")),
+                    reason="torch without OpenMP (or not Linux): at::parallel_for does not use it")
+def test_cpu_extension_is_built_with_openmp():
+    """at::parallel_for is a `#pragma omp parallel` in torch's headers: an extension built
+    without -fopenmp silently runs every CPU kernel on one thread."""
+    mod, info = _ext.load("_C")
+    assert mod is not None, info
+    assert "openmp=1" in mod.build_info(), mod.build_info()
 
 
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
@@ -31,20 +42,11 @@ def test_cuda_extension_builds_imports_and_registers():
     assert "archs=" in mod.build_info()
     for op in CUDA_KERNEL_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{op}", "CUDA"), op
+    for family in ("attention", "rotary", "swiglu", "rms_norm"):
+        assert backends.implements(family, "cuda"), family
 
 
 def test_every_public_op_is_a_truthgpt_op():
     for name in ["attention", "attention_backward", "apply_rotary", "apply_rotary_qk", "swiglu",
                  "swiglu_backward", "rms_norm", "rms_norm_backward"]:
         assert hasattr(torch.ops.truthgpt, name), name
-
-
-@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
-                    or os.environ.get("TRUTHGPT_BUILD_CUDA") == "0",
-                    reason="no CUDA toolkit or torch without CUDA: _cuda is not built")
-def test_cuda_attention_kernels_registered():
-    mod, info = _ext.load("_cuda")
-    assert mod is not None, info
-    for op in ("attention_fwd", "attention_bwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{op}", "CUDA"), op
-    assert backends.implements("attention", "cuda")

@@ -46,6 +46,7 @@ def local_global_layout(seq_q: int, seq_k: Optional[int] = None, *, block_size: 
                         causal: bool = False, device=None) -> Tensor:
     """Longformer: local band plus global key blocks that every query sees, and whose queries
     see every key."""
+    check_int("num_local_blocks", num_local_blocks, minimum=1)
     qi, kj = _grid(seq_q, seq_k, block_size, device)
     nk = kj.shape[1]
     g = torch.zeros(nk, dtype=torch.bool, device=device)
@@ -53,7 +54,10 @@ def local_global_layout(seq_q: int, seq_k: Optional[int] = None, *, block_size: 
         if not 0 <= b < nk:
             raise ValueError(f"global_blocks: block {b} is outside [0, {nk})")
         g[b] = True
-    mask = ((qi - kj).abs() < num_local_blocks) | g[None, :] | g[qi.clamp(0, nk - 1)]
+    # a query block is global when it sits at a global key block's position (query blocks
+    # before the first key block, when seq_q > seq_k, sit at none)
+    global_q = (qi >= 0) & g[qi.clamp(0, nk - 1)]
+    mask = ((qi - kj).abs() < num_local_blocks) | g[None, :] | global_q
     return _finish(mask, causal, qi, kj)[None, None]
 
 
@@ -64,7 +68,9 @@ def bigbird_layout(seq_q: int, seq_k: Optional[int] = None, *, block_size: int =
     """BigBird (Zaheer et al. 2020): local band, the first num_global_blocks blocks global,
     and num_random_blocks random key blocks per query block, drawn per head from `seed`."""
     check_int("heads", heads, minimum=1)
+    check_int("num_global_blocks", num_global_blocks, minimum=0)
     check_int("num_random_blocks", num_random_blocks, minimum=0)
+    check_int("seed", seed)
     qi, kj = _grid(seq_q, seq_k, block_size, device)
     nq, nk = qi.shape[0], kj.shape[1]
     base = local_global_layout(seq_q, seq_k, block_size=block_size,
@@ -92,9 +98,10 @@ def strided_layout(seq_q: int, seq_k: Optional[int] = None, *, block_size: int =
 
 
 def block_mask_from_dense(mask: Tensor, block_size: int) -> Tensor:
-    """A bool (..., Sq, Sk) token mask to the block mask (..., ceil(Sq/bs), ceil(Sk/bs)) that
-    keeps every block holding at least one True. Use it together with the dense mask (e.g. as
-    key_mask, or knowing the kernel only sees whole blocks): blocks are all-or-nothing."""
+    """A bool token mask (Sq, Sk), (H, Sq, Sk) or (B, H, Sq, Sk) to the 4-d block mask
+    (B or 1, H or 1, ceil(Sq/bs), ceil(Sk/bs)) that keeps every block holding at least one
+    True. Use it together with the dense mask (e.g. as key_mask, or knowing the kernel only
+    sees whole blocks): blocks are all-or-nothing."""
     check_tensor("mask", mask, ndim=range(2, 5), dtypes=(torch.bool,))
     check_int("block_size", block_size, minimum=1)
     Sq, Sk = mask.shape[-2:]
@@ -103,7 +110,10 @@ def block_mask_from_dense(mask: Tensor, block_size: int) -> Tensor:
                          device=mask.device)
     padded[..., :Sq, :Sk] = mask
     blocks = padded.reshape(*mask.shape[:-2], nq, block_size, nk, block_size)
-    return blocks.any(-1).any(-2)
+    out = blocks.any(-1).any(-2)
+    while out.dim() < 4:
+        out = out[None]
+    return out
 
 
 def density(block_mask: Tensor) -> float:
