@@ -215,7 +215,8 @@ def cpu_cases(quick: bool):
 def cases(device, quick):
     if device == "cpu":
         return cpu_cases(quick)
-    return []
+    from ..triton.attention_bench import gpu_cases  # the H200 cases (issue 4)
+    return gpu_cases(quick)
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -18,6 +18,9 @@ def _fwd_bwd(fn):
 
 
 def cases(device, quick):
+    if device == "cuda":  # CUDA C++ and Triton against eager on the GPU
+        from ..triton.small_ops_bench import rms_norm_cases
+        return rms_norm_cases(device, quick)
     rows, n = (256, 4096) if quick else (8192, 4096)
     out = []
     for dtype in (torch.float32, torch.bfloat16):

@@ -20,6 +20,9 @@ def hf_apply_rotary_pos_emb(q, k, cos, sin):
 
 
 def cases(device, quick):
+    if device == "cuda":  # CUDA C++ and Triton against eager on the GPU
+        from ..triton.small_ops_bench import rotary_cases
+        return rotary_cases(device, quick)
     B, H, S, D = (1, 8, 256, 128) if quick else (4, 32, 1024, 128)
     out = []
     for dtype in (torch.float32, torch.bfloat16):

@@ -17,6 +17,9 @@ def _fwd_bwd(fn):
 
 
 def cases(device, quick):
+    if device == "cuda":  # CUDA C++ and Triton against eager on the GPU
+        from ..triton.small_ops_bench import swiglu_cases
+        return swiglu_cases(device, quick)
     rows, n = (256, 1376) if quick else (8192, 5504)
     out = []
     for dtype in (torch.float32, torch.bfloat16):
