@@ -57,15 +57,29 @@ def cmd_train(args):
     if args.data is not None and not os.path.isfile(args.data):
         print(f"error: --data {args.data!r} is not a file", file=sys.stderr)
         return 2
-    print(f"model: {config.model_type}, {config.num_parameters() / 1e6:.2f}M parameters, "
-          f"d_model {config.d_model}, {config.n_layers} layers; data: {args.data or 'reversal task'}")
+    device, rank = args.device, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        import torch
+        import torch.distributed as dist
+        cuda = args.device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank = dist.get_rank()
+        if cuda:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            torch.cuda.set_device(device)
+    if rank == 0:
+        print(f"model: {config.model_type}, {config.num_parameters() / 1e6:.2f}M parameters, "
+              f"d_model {config.d_model}, {config.n_layers} layers; data: {args.data or 'reversal task'}")
     try:
         _, result = train(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          data=args.data, n_digits=args.digits, seed=args.seed, device=args.device,
-                          autocast=args.autocast, out=args.out, progress=not args.no_progress)
+                          data=args.data, n_digits=args.digits, seed=args.seed, device=device,
+                          autocast=args.autocast, out=args.out, progress=not args.no_progress,
+                          parallel=args.parallel)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     print(f"loss {result.first_loss:.3f} -> {result.final_loss:.3f} in {result.seconds:.1f}s "
           f"({result.tokens_per_s:.0f} tokens/s)")
     if result.eval:
@@ -121,6 +135,8 @@ def main(argv=None):
     train.add_argument("--autocast", action="store_true", help="bfloat16 autocast")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                       help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
     gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
     gen.add_argument("--checkpoint", required=True, help="directory written by train")
     gen.add_argument("--prompt", required=True)

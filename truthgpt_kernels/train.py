@@ -155,9 +155,15 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
           data: Optional[str] = None, n_digits: int = 4, seq_len: Optional[int] = None,
           seed: int = 0, device: str = "cpu", autocast: bool = False, weight_decay: float = 0.0,
           out: Optional[str] = None, progress: bool = True, evaluate: bool = True,
-          model: Optional[Transformer] = None) -> Tuple[Transformer, TrainResult]:
+          model: Optional[Transformer] = None, parallel: str = "ddp") -> Tuple[Transformer, TrainResult]:
     """Trains a model on the synthetic reversal task (or the text file `data`); returns the
-    model and a TrainResult (loss per step, tokens/s, held-out evaluation, checkpoint path)."""
+    model and a TrainResult (loss per step, tokens/s, held-out evaluation, checkpoint path).
+
+    Under torch.distributed (e.g. launched by torchrun; the process group must be initialised)
+    every rank draws the same global batch of `batch_size` and trains on its slice, with
+    `parallel="ddp"` (DistributedDataParallel) or `"fsdp"` (FSDP2 fully_shard per block): the
+    loss curve equals a single process's with the same global batch. Losses are averaged over
+    ranks; rank 0 writes the checkpoint."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     if config.model_type != "decoder":
@@ -175,6 +181,13 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
     if model is None:
         model = Transformer(config, device=device)
     model.train()
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the world size {world}")
+    step_model = _parallelize(model, parallel) if world > 1 else model
+    progress = progress and rank == 0
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -188,16 +201,21 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
         bar = tqdm(total=steps, desc=f"train {task.name}", unit="step", dynamic_ncols=True)
     n_tokens, t0 = 0, time.perf_counter()
     for step in range(steps):
-        tokens, targets = task.batch(batch_size, gen)
-        tokens, targets = tokens.to(device), targets.to(device)
+        tokens, targets = task.batch(batch_size, gen)  # the global batch, the same on every rank
+        local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        tokens, targets = tokens[local].to(device), targets[local].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-            _, loss = model(tokens, targets)
+            _, loss = step_model(tokens, targets)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP / FSDP average the gradients over ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if world > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
         result.losses.append(loss.item())
         n_tokens += tokens.numel()
         if bar is not None:
@@ -212,13 +230,33 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
         model.eval()
         result.eval = task.evaluate(model)
         model.train()
-    if out is not None:
+    if out is not None and parallel == "fsdp" and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            model = Transformer(config, device="cpu")
+            model.load_state_dict(full)
+    if out is not None and rank == 0:
         info = {"task": task.name, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                 "n_digits": n_digits if data is None else None, "data": data,
                 "first_loss": result.first_loss, "final_loss": result.final_loss,
                 "tokens_per_s": result.tokens_per_s, "eval": result.eval}
         result.checkpoint = save_checkpoint(model, out, info)
     return model, result
+
+
+def _parallelize(model: Transformer, parallel: str):
+    """The module to step: DistributedDataParallel around the model, or the model itself with
+    FSDP2 (`fully_shard`) applied to every block and then to the root, in place."""
+    if parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in list(getattr(model, "encoder", None) or []) + list(model.layers):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 
 
 # ============================================================================ checkpoints
