@@ -12,10 +12,12 @@
 //
 // How: a kernel file includes foreach_isa.h, which includes the file's kernel section once
 // per set, inside namespaces truthgpt::cpu::{portable,avx2,avx512,avx512bf16} and between
-// the target pragmas below. In each namespace `VecFor<T>` names that instruction set's vector type for
-// element type T, so the same source compiles to each. The kernel sections include no
-// headers and touch no ATen code: their functions work on raw pointers and a range of tasks,
-// and the host code (ordinary target) runs them under at::parallel_for.
+// the target pragmas below. In each namespace `VecFor<T>` names that instruction set's
+// vector type for element type T, so the same source compiles to each. The kernel sections
+// include no headers and touch no ATen code: their functions work on raw pointers and a
+// range of tasks, and the host code (ordinary target) picks one with TRUTHGPT_ISA_FN and
+// runs it under at::parallel_for. Nothing compiled for a wider set runs unless the CPU
+// (checked with __builtin_cpu_supports) has it.
 //
 // Element types: float, double, bf16 (the bit layout of c10::BFloat16). Math runs in float
 // for float/bf16 and in double for double (ArrayVec<double, 4> in every instruction set:
