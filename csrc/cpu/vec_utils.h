@@ -4,7 +4,8 @@
 // instruction set, then picked at run time (the default build has no -march flags and runs
 // on any x86-64; an AVX-512 path is used only where the CPU has it):
 //
-//   portable    plain C++ (ArrayVec: 8 float lanes the compiler vectorises with SSE2)
+//   portable    plain C++: 4 float lanes in GCC generic vectors (SSE2 on x86-64, NEON on
+//               ARM), or 8 in arrays (ArrayVec) with other compilers
 //   avx2        AVX2 + FMA, 8 float lanes              (x86-64 with GCC or Clang only)
 //   avx512      AVX-512 F/BW/VL/DQ + FMA, 16 lanes     (x86-64 with GCC or Clang only)
 //   avx512bf16  avx512 + AVX512-BF16's float -> bf16 conversion (one instruction instead of
@@ -12,10 +13,12 @@
 //
 // How: a kernel file includes foreach_isa.h, which includes the file's kernel section once
 // per set, inside namespaces truthgpt::cpu::{portable,avx2,avx512,avx512bf16} and between
-// the target pragmas below. In each namespace `VecFor<T>` names that instruction set's vector type for
-// element type T, so the same source compiles to each. The kernel sections include no
-// headers and touch no ATen code: their functions work on raw pointers and a range of tasks,
-// and the host code (ordinary target) runs them under at::parallel_for.
+// the target pragmas below. In each namespace `VecFor<T>` names that instruction set's
+// vector type for element type T, so the same source compiles to each. The kernel sections
+// include no headers and touch no ATen code: their functions work on raw pointers and a
+// range of tasks, and the host code (ordinary target) picks one with TRUTHGPT_ISA_FN and
+// runs it under at::parallel_for. Nothing compiled for a wider set runs unless the CPU
+// (checked with __builtin_cpu_supports) has it.
 //
 // Element types: float, double, bf16 (the bit layout of c10::BFloat16). Math runs in float
 // for float/bf16 and in double for double (ArrayVec<double, 4> in every instruction set:
@@ -31,6 +34,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -134,18 +138,13 @@ struct bf16 {
 static_assert(sizeof(bf16) == 2, "bf16 must be 2 bytes like c10::BFloat16");
 
 inline float bf16_to_float(bf16 h) {
-  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  return std::bit_cast<float>(static_cast<uint32_t>(h.bits) << 16);
 }
 
 inline bf16 float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if (f != f) return bf16{0x7fc0};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return bf16{static_cast<uint16_t>(f != f ? 0x7fc0u : rounded)};
 }
 
 template <class To>
@@ -192,16 +191,15 @@ constexpr float kExpC[kExpDeg + 1] = {1.0f,         1.0000001192092896f,  0.5f,
                                       0.00139485811814666f};
 
 inline float exp_poly(float x) {
-  x = std::min(std::max(x, kExpLo), kExpHi);
+  // branch-free, so that loops over lanes vectorise (a NaN stays NaN)
+  x = x < kExpLo ? kExpLo : x;
+  x = x > kExpHi ? kExpHi : x;
   const float n = (x * kLog2e + kRoundMagic) - kRoundMagic;
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   float p = kExpC[kExpDeg];
   for (int k = kExpDeg - 1; k >= 0; --k) p = p * r + kExpC[k];
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 // ------------------------------------------------------------------ portable vectors
@@ -302,7 +300,90 @@ using DoubleVec = ArrayVec<double, 4>;
 
 namespace portable {
 namespace {
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 4 float lanes in GCC's generic vectors: one SSE2 register on any x86-64, one NEON
+// register on ARM (the compiler does not vectorise ArrayVec's per-lane loops by itself).
+// Full vectors move with fixed-size memcpy (plain loads/stores), tails with a short one.
+struct FloatVec {
+  static constexpr int W = 4;
+  typedef float f8 __attribute__((vector_size(16)));
+  typedef int32_t i8 __attribute__((vector_size(16)));
+  typedef uint32_t u8 __attribute__((vector_size(16)));
+  typedef uint16_t h8 __attribute__((vector_size(8)));
+  f8 v;
+
+  template <class Dst, class Src>
+  static void copy(Dst* dst, const Src* src, size_t full_bytes, size_t bytes) {
+    if (bytes >= full_bytes) {
+      std::memcpy(dst, src, full_bytes);
+    } else {
+      std::memcpy(dst, src, bytes);
+    }
+  }
+
+  static FloatVec set1(float x) { return {f8{} + x}; }
+  static FloatVec zero() { return {f8{}}; }
+
+  static FloatVec load(const float* p, int64_t m) {
+    FloatVec r{f8{}};
+    copy(&r.v, p, sizeof(f8), sizeof(float) * static_cast<size_t>(m));
+    return r;
+  }
+  static FloatVec load(const bf16* p, int64_t m) {
+    h8 h{};
+    copy(&h, p, sizeof(h8), 2 * static_cast<size_t>(m));
+    return {reinterpret_cast<f8>(__builtin_convertvector(h, u8) << 16)};
+  }
+  template <class P>
+  static FloatVec load_dup(const P* p, int64_t m) {
+    FloatVec r{f8{}};
+    for (int i = 0; i < W; ++i) r.v[i] = i < m ? to_acc<float>(p[i / 2]) : 0.0f;
+    return r;
+  }
+  void store(float* p, int64_t m) const { copy(p, &v, sizeof(f8), sizeof(float) * static_cast<size_t>(m)); }
+  void store(bf16* p, int64_t m) const {
+    const u8 u = reinterpret_cast<u8>(v);
+    u8 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = v != v ? u8{} + 0x7fc0u : r;  // NaN -> quiet NaN, as c10::BFloat16
+    const h8 h = __builtin_convertvector(r, h8);
+    copy(p, &h, sizeof(h8), 2 * static_cast<size_t>(m));
+  }
+
+  static FloatVec fma(FloatVec a, FloatVec b, FloatVec c) { return {a.v * b.v + c.v}; }
+  static FloatVec fmaddsub(FloatVec a, FloatVec b, FloatVec c) {
+    const f8 sign = {-1.0f, 1.0f, -1.0f, 1.0f};
+    return {a.v * b.v + c.v * sign};
+  }
+  static FloatVec swap_pairs(FloatVec a) {
+    return {__builtin_shuffle(a.v, i8{1, 0, 3, 2})};
+  }
+  float hsum() const {
+    float s = 0.0f;
+    for (int i = 0; i < W; ++i) s += v[i];
+    return s;
+  }
+  static FloatVec exp(FloatVec a) {  // exp_poly, lane-parallel
+    f8 x = a.v < kExpLo ? f8{} + kExpLo : a.v;
+    x = x > kExpHi ? f8{} + kExpHi : x;
+    const f8 n = (x * kLog2e + kRoundMagic) - kRoundMagic;
+    const f8 r = (x - n * kLn2Hi) - n * kLn2Lo;
+    f8 p = f8{} + kExpC[kExpDeg];
+    for (int k = kExpDeg - 1; k >= 0; --k) p = p * r + kExpC[k];
+    const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
+    return {p * reinterpret_cast<f8>(bits)};
+  }
+  static FloatVec sigmoid(FloatVec a) { return {1.0f / (1.0f + exp(FloatVec{-a.v}).v)}; }
+  FloatVec operator-() const { return {-v}; }
+};
+inline FloatVec operator+(FloatVec a, FloatVec b) { return {a.v + b.v}; }
+inline FloatVec operator-(FloatVec a, FloatVec b) { return {a.v - b.v}; }
+inline FloatVec operator*(FloatVec a, FloatVec b) { return {a.v * b.v}; }
+inline FloatVec operator/(FloatVec a, FloatVec b) { return {a.v / b.v}; }
+#else
 using FloatVec = ArrayVec<float, 8>;
+#endif
+
 template <class T>
 using VecFor = std::conditional_t<std::is_same_v<T, double>, DoubleVec, FloatVec>;
 }  // namespace

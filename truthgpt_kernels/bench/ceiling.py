@@ -1,7 +1,8 @@
 """The memory-bandwidth ceiling of a case: a plain `dst.copy_(src)` moving the same number of
 bytes (half read, half written) as the case counts in `Case.bytes`, timed in the same run.
 Its row in the table gives the copy bandwidth, and its "ours speedup" (copy time / ours)
-is the fraction of copy bandwidth that ours reaches."""
+is the fraction of copy bandwidth that ours reaches. Cases list it right after ours, so the
+two run back to back (the baselines' many large allocations disturb what runs after them)."""
 import torch
 
 NAME = "copy, same bytes (ceiling)"

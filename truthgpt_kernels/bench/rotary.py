@@ -42,9 +42,9 @@ def cases(device, quick):
             setup=ceiling.with_copy(setup, nbytes, device, dtype),
             impls={"truthgpt": lambda x: tk.apply_rotary_qk(x["q"], x["k"], x["cos"], x["sin"],
                                                             position_ids=x["pos"]),
+                   ceiling.NAME: ceiling.copy,
                    "HF q*cos+rotate_half(q)*sin": lambda x: hf_apply_rotary_pos_emb(
-                       x["q"], x["k"], x["emb_cos"], x["emb_sin"]),
-                   ceiling.NAME: ceiling.copy},
+                       x["q"], x["k"], x["emb_cos"], x["emb_sin"])},
             bytes=nbytes,
         ))
     return out
