@@ -15,7 +15,8 @@ plus the machine's fp32 GEMM rate (torch.mm) as the ceiling for GFLOP/s.
 Peak memory of forward + backward at S8192 (<= 1/8 of eager attention) is measured in
 subprocesses: `python -m truthgpt_kernels.bench.attention --memory`.
 `python -m truthgpt_kernels.bench.attention --interleaved` times the same cases alternating
-the implementations call by call (fairer ratios on a machine shared with other jobs).
+the implementations call by call (fairer ratios on a machine shared with other jobs);
+`--cpu-time` does so on one thread timed by its CPU time (per-core efficiency).
 """
 import math
 import subprocess
@@ -274,12 +275,18 @@ def peak_memory(B=1, H=2, S=8192, D=64):
     return res
 
 
-def interleaved(quick=False, rounds=15, names=None):
+def interleaved(quick=False, rounds=15, names=None, cpu_time=False):
     """Times the CPU cases alternating the implementations call by call (ours, baseline,
     ours, ...) and reports medians: on a shared machine the load then hits every
-    implementation alike, unlike timing each one for a while in turn."""
+    implementation alike, unlike timing each one for a while in turn. cpu_time: one thread,
+    timed by its CPU time (per-core efficiency, insensitive to preemption by other jobs)."""
     import statistics
     import time
+
+    clock = time.perf_counter
+    if cpu_time:
+        torch.set_num_threads(1)
+        clock = time.thread_time
 
     rows = []
     for case in cpu_cases(quick):
@@ -291,9 +298,9 @@ def interleaved(quick=False, rounds=15, names=None):
             fn(x)
         for _ in range(rounds):
             for name, fn in case.impls.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn(x)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
         ours = statistics.median(next(iter(times.values())))
         for name, t in times.items():
             med = statistics.median(t)
@@ -304,10 +311,12 @@ def interleaved(quick=False, rounds=15, names=None):
 
 
 if __name__ == "__main__":
-    if "--interleaved" in sys.argv:
+    if "--interleaved" in sys.argv or "--cpu-time" in sys.argv:
         from tabulate import tabulate
-        print(tabulate(interleaved("--quick" in sys.argv),
-                       headers=["case", "impl", "median ms", "ours speedup", "rate"], tablefmt="github"))
+        cpu = "--cpu-time" in sys.argv
+        print(tabulate(interleaved("--quick" in sys.argv, rounds=5 if cpu else 15, cpu_time=cpu),
+                       headers=["case", "impl", "median ms" + (" (1 thread, CPU time)" if cpu else ""),
+                                "ours speedup", "rate"], tablefmt="github"))
     if "--memory" in sys.argv:
         quick = "--quick" in sys.argv
         shape = dict(B=1, H=2, S=1024 if quick else 8192, D=64)
