@@ -50,6 +50,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -1631,25 +1632,26 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
   for (int64_t it = 0; it < std::min<int64_t>(items, ntile * P.ngroups); ++it) rmax = std::max(rmax, tile_of(it).rows());
   const int64_t slot = rmax * (D + 2);  // acc, m, l of one (item, split)
   std::vector<Acc> part(items * nsplit * slot);
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[items]);
+  for (int64_t it = 0; it < items; ++it) done[it].store(0);
+  // One parallel region: the job finishing an item's last split merges that item's splits
+  // (in split order, so the result does not depend on which thread merges).
   run_items<FwdState<T>>(items * nsplit, [&](int64_t job, FwdState<T>& st) {
     const int64_t item = job / nsplit, sp = job % nsplit;
     const Tile t = tile_of(item);
     const int64_t L0 = P.Sk * sp / nsplit, L1 = P.Sk * (sp + 1) / nsplit;
     compute(t, L0, L1, st);
-    Acc* dst = part.data() + job * slot;
     const int64_t R = t.rows();
+    Acc* dst = part.data() + job * slot;
     std::copy(st.acc.begin(), st.acc.begin() + R * D, dst);
     std::copy(st.m.begin(), st.m.begin() + R, dst + rmax * D);
     std::copy(st.l.begin(), st.l.begin() + R, dst + rmax * (D + 1));
-  });
-  run_items<FwdState<T>>(items, [&](int64_t item, FwdState<T>& st) {
-    const Tile t = tile_of(item);
-    const int64_t R = t.rows();
+    if (done[item].fetch_add(1, std::memory_order_acq_rel) != nsplit - 1) return;
     st.acc.assign(R * D, Acc(0));
     st.m.assign(R, -std::numeric_limits<Acc>::infinity());
     st.l.assign(R, Acc(0));
-    for (int64_t sp = 0; sp < nsplit; ++sp) {
-      const Acc* src = part.data() + (item * nsplit + sp) * slot;
+    for (int64_t k2 = 0; k2 < nsplit; ++k2) {
+      const Acc* src = part.data() + (item * nsplit + k2) * slot;
       for (int64_t r = 0; r < R; ++r) {
         const Acc ms = src[rmax * D + r], ls = src[rmax * (D + 1) + r];
         if (!(ls > Acc(0))) continue;

@@ -15,7 +15,8 @@ plus the machine's fp32 GEMM rate (torch.mm) as the ceiling for GFLOP/s.
 Peak memory of forward + backward at S8192 (<= 1/8 of eager attention) is measured in
 subprocesses: `python -m truthgpt_kernels.bench.attention --memory`.
 `python -m truthgpt_kernels.bench.attention --interleaved` times the same cases alternating
-the implementations call by call (fairer ratios on a machine shared with other jobs).
+the implementations call by call (fairer ratios on a machine shared with other jobs);
+`--cpu-time` does so on one thread timed by its CPU time (per-core efficiency).
 """
 import math
 import subprocess
@@ -226,10 +227,26 @@ import truthgpt_kernels as tk
 impl, B, H, S, D = sys.argv[1], *map(int, sys.argv[2:6])
 
 
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run(B, H, S, D):
     q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
     do = torch.randn(B, H, S, D)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact = reset_peak()
+    base = status_kib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if impl == "truthgpt":
         out = tk.attention(q, k, v, causal=True, backend="cpu")
     else:  # eager: matmul, softmax, matmul
@@ -237,20 +254,20 @@ def run(B, H, S, D):
         s = s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
         out = torch.softmax(s, -1) @ v
     torch.autograd.grad(out, (q, k, v), do)
-    return base
+    peak = status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak - base
 
 
 run(1, 1, 256, D)  # first call: loads code pages and library buffers, not counted
-base = run(B, H, S, D)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024)
+print(run(B, H, S, D) * 1024)
 """
 
 
 def peak_memory(B=1, H=2, S=8192, D=64):
-    """Extra peak resident memory (bytes) of causal forward + backward, ours vs eager,
-    each in a fresh subprocess: ru_maxrss growth beyond the inputs, after a small warm-up
-    call (so code pages and library buffers loaded by the first call are not counted)."""
+    """Extra peak resident memory (bytes) of causal forward + backward (outputs and gradients
+    included, inputs not), ours vs eager, each in a fresh subprocess after a small warm-up
+    call (code pages and library buffers of a first call are not counted). Linux: the peak
+    RSS (VmHWM) is reset right before the measured call; elsewhere ru_maxrss growth."""
     res = {}
     for impl in ("truthgpt", "eager"):
         r = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, impl, str(B), str(H), str(S), str(D)],
@@ -259,12 +276,18 @@ def peak_memory(B=1, H=2, S=8192, D=64):
     return res
 
 
-def interleaved(quick=False, rounds=15, names=None):
+def interleaved(quick=False, rounds=15, names=None, cpu_time=False):
     """Times the CPU cases alternating the implementations call by call (ours, baseline,
     ours, ...) and reports medians: on a shared machine the load then hits every
-    implementation alike, unlike timing each one for a while in turn."""
+    implementation alike, unlike timing each one for a while in turn. cpu_time: one thread,
+    timed by its CPU time (per-core efficiency, insensitive to preemption by other jobs)."""
     import statistics
     import time
+
+    clock = time.perf_counter
+    if cpu_time:
+        torch.set_num_threads(1)
+        clock = time.thread_time
 
     rows = []
     for case in cpu_cases(quick):
@@ -276,9 +299,9 @@ def interleaved(quick=False, rounds=15, names=None):
             fn(x)
         for _ in range(rounds):
             for name, fn in case.impls.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn(x)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
         ours = statistics.median(next(iter(times.values())))
         for name, t in times.items():
             med = statistics.median(t)
@@ -289,10 +312,12 @@ def interleaved(quick=False, rounds=15, names=None):
 
 
 if __name__ == "__main__":
-    if "--interleaved" in sys.argv:
+    if "--interleaved" in sys.argv or "--cpu-time" in sys.argv:
         from tabulate import tabulate
-        print(tabulate(interleaved("--quick" in sys.argv),
-                       headers=["case", "impl", "median ms", "ours speedup", "rate"], tablefmt="github"))
+        cpu = "--cpu-time" in sys.argv
+        print(tabulate(interleaved("--quick" in sys.argv, rounds=5 if cpu else 15, cpu_time=cpu),
+                       headers=["case", "impl", "median ms" + (" (1 thread, CPU time)" if cpu else ""),
+                                "ours speedup", "rate"], tablefmt="github"))
     if "--memory" in sys.argv:
         quick = "--quick" in sys.argv
         shape = dict(B=1, H=2, S=1024 if quick else 8192, D=64)
