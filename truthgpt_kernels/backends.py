@@ -177,3 +177,14 @@ def _resolve(family: str, name: str, device_type: str, dtype: torch.dtype, inter
         others = [b for b in BACKENDS if dtype in DTYPES[b] and b != name]
         raise BackendError(f"backend {name!r} takes {takes}, got {dtype}; backends that take it: {others}")
     return name
+
+
+def call(op, family: str, which: str, name: str, *args):
+    """Runs custom op `op` (whose implementation is kernel(family, name, which)) on args.
+    Eager calls that need no autograd skip the custom-op dispatcher (tens of microseconds a
+    call, which dominates decoding) and run the same kernel directly; under torch.compile and
+    whenever a gradient may flow, the op itself runs."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return op(*args, name)
+    return kernel(family, name, which)(*args)

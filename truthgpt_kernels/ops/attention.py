@@ -115,6 +115,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if key_mask is not None:
         check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=q.device, shape=(B, Sk))
     name = backends.select("attention", backend, q)
-    out, lse = attention_op(q, k, v, scale, left, right, alibi_slopes, block_mask, block_size,
-                            key_mask, softcap, name)
+    out, lse = backends.call(attention_op, "attention", "fwd", name, q, k, v, scale, left, right,
+                             alibi_slopes, block_mask, block_size, key_mask, softcap)
     return (out, lse) if return_lse else out

@@ -56,4 +56,4 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *,
         check_tensor("weight", weight, ndim=1, device=x.device, shape=(x.shape[-1],),
                      dtypes=(x.dtype, torch.float32))
     eps = check_float("eps", eps, minimum=0.0)
-    return rms_norm_op(x, weight, eps, backends.select("rms_norm", backend, x))[0]
+    return backends.call(rms_norm_op, "rms_norm", "fwd", backends.select("rms_norm", backend, x), x, weight, eps)[0]

@@ -87,7 +87,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = Fal
     """Rotary embedding of x (B, H, S, D): the first R = 2 * cos.shape[-1] dims rotate, the
     rest pass through. Pairs (x[d], x[d + R/2]) (NeoX/Llama) or, interleaved, (x[2d], x[2d+1])."""
     pos = _prepare(x, cos, sin, position_ids, offset)
-    return rotary_op(x, cos, sin, pos, bool(interleaved), backends.select("rotary", backend, x))
+    return backends.call(rotary_op, "rotary", "fwd", backends.select("rotary", backend, x),
+                         x, cos, sin, pos, bool(interleaved))
 
 
 def apply_rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,
@@ -99,7 +100,8 @@ def apply_rotary_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleav
     check_same_dtype("q", q, k=k)
     if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
         raise ValueError(f"k must match q in batch, seq and head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return rotary_qk_op(q, k, cos, sin, pos, bool(interleaved), backends.select("rotary", backend, q))
+    return backends.call(rotary_qk_op, "rotary", "qk_fwd", backends.select("rotary", backend, q),
+                         q, k, cos, sin, pos, bool(interleaved))
 
 
 def rotary_cos_sin(seq_len: int, rotary_dim: int, *, base: float = 10000.0, scaling=None,

@@ -56,4 +56,4 @@ def swiglu(gate: Tensor, up: Optional[Tensor] = None, *, backend: Optional[str] 
         check_same_dtype("gate", gate, up=up)
         if up.shape != gate.shape:
             raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
-    return swiglu_op(gate, up, backends.select("swiglu", backend, gate))
+    return backends.call(swiglu_op, "swiglu", "fwd", backends.select("swiglu", backend, gate), gate, up)
