@@ -30,4 +30,16 @@ __device__ __forceinline__ void copy_pack(const T* src, T* dst) {
   *reinterpret_cast<Pack<T, V>*>(dst) = *reinterpret_cast<const Pack<T, V>*>(src);
 }
 
+// Calls f.template operator()<V>() with the vector width v (a power of two, v * sizeof(T) <= 16).
+template <typename T, typename F>
+cudaError_t dispatch_vec(int v, F&& f) {
+  if constexpr (sizeof(T) <= 2) {
+    if (v == 8) return f.template operator()<8>();
+  }
+  if (v == 4) return f.template operator()<4>();
+  if (v == 2) return f.template operator()<2>();
+  if (v == 1) return f.template operator()<1>();
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace truthgpt::cuda

@@ -195,7 +195,7 @@ cudaError_t dispatch_types(DType dtype, const RmsWeight& w, F&& f) {
 
 // Calls f.template operator()<V>() with V = 1 or 16 bytes of T.
 template <typename T, typename F>
-cudaError_t dispatch_vec(int v, F&& f) {
+cudaError_t dispatch_full_or_scalar(int v, F&& f) {
   constexpr int kMax = vec::kMaxBytes / sizeof(T);
   if (v == kMax) return f.template operator()<kMax>();
   if (v == 1) return f.template operator()<1>();
@@ -220,7 +220,7 @@ cudaError_t rms_norm_fwd(DType dtype, int64_t rows, int64_t n, Rows x, RmsWeight
   const int v = rms::pick_vec(element_size(dtype), rows, n, ptrs, sizes, strides, 3);
   const rms::Geometry geo = rms::geometry(n, v);
   return dispatch_types(dtype, w, [&]<typename T, typename W, bool HasW>() {
-    return dispatch_vec<T>(v, [&]<int V>() {
+    return dispatch_full_or_scalar<T>(v, [&]<int V>() {
       rms_fwd_kernel<T, W, V, HasW><<<grid_rows(rows, geo.rpb), dim3(geo.tpr, geo.rpb), 0, stream>>>(
           rows, n, static_cast<const T*>(x.ptr), x.row_stride, static_cast<const W*>(w.ptr),
           static_cast<T*>(y.ptr), y.row_stride, rstd, eps);
@@ -262,7 +262,7 @@ cudaError_t rms_norm_bwd_plan(DType dtype, int64_t rows, int64_t n, Rows grad, R
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   err = dispatch_types(dtype, w, [&]<typename T, typename W, bool HasW>() {
-    return dispatch_vec<T>(v, [&]<int V>() {
+    return dispatch_full_or_scalar<T>(v, [&]<int V>() {
       return with_bwd_kernel<T, W, V, HasW>(plan->smem_bytes > 0, [&](auto kernel) {
         return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
             &per_sm, kernel, plan->geo.tpr * plan->geo.rpb, plan->smem_bytes);
@@ -283,7 +283,7 @@ cudaError_t rms_norm_bwd(DType dtype, int64_t rows, int64_t n, Rows grad, Rows x
   const int v = plan.geo.vec;
   if (v != bwd_vec(dtype, rows, n, grad, x, w, dx)) return cudaErrorInvalidValue;  // stale plan
   cudaError_t err = dispatch_types(dtype, w, [&]<typename T, typename W, bool HasW>() {
-    return dispatch_vec<T>(v, [&]<int V>() {
+    return dispatch_full_or_scalar<T>(v, [&]<int V>() {
       return with_bwd_kernel<T, W, V, HasW>(plan.smem_bytes > 0, [&](auto kernel) {
         kernel<<<static_cast<unsigned>(plan.blocks), dim3(plan.geo.tpr, plan.geo.rpb),
                  plan.smem_bytes, stream>>>(

@@ -66,17 +66,6 @@ __global__ void rotary_kernel(const Args a) {
   }
 }
 
-template <typename T, typename F>
-cudaError_t dispatch_vec(int v, F&& f) {
-  if constexpr (sizeof(T) <= 2) {
-    if (v == 8) return f.template operator()<8>();
-  }
-  if (v == 4) return f.template operator()<4>();
-  if (v == 2) return f.template operator()<2>();
-  if (v == 1) return f.template operator()<1>();
-  return cudaErrorInvalidValue;
-}
-
 constexpr int kThreads = 256;
 
 }  // namespace

@@ -79,6 +79,16 @@ def upcast(inputs: Dict[str, Any]) -> Dict[str, Any]:
     return _to_float64(inputs)
 
 
+def fwd_bwd(fn: Callable[[Dict[str, Any]], Any], names, grad: str = "dy") -> Callable[[Dict[str, Any]], Any]:
+    """An impl timing forward + backward: out = fn(inputs), then the gradients of the inputs
+    named in `names` given inputs[grad] (torch.autograd.grad: nothing accumulates across calls)."""
+    import torch
+
+    def run(inputs):
+        return torch.autograd.grad(fn(inputs), [inputs[n] for n in names], inputs[grad])
+    return run
+
+
 def in_float64(fn: Callable[[Dict[str, Any]], Any]) -> Callable[[Dict[str, Any]], Any]:
     """Case.reference from any impl-like callable: runs fn on upcast(inputs)."""
     def reference(inputs):

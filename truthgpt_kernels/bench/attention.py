@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import truthgpt_kernels as tk
 from truthgpt_kernels import sparse
 
-from . import Case
+from . import Case, fwd_bwd
 
 
 def _flops(B, H, Sq, Sk, D, pairs=None, bwd=False):
@@ -81,10 +81,7 @@ def _window_mask(Sq, Sk, left, right):
 
 
 def _fwd_bwd(fn):
-    def run(x):
-        out = fn(x)
-        return torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["do"])
-    return run
+    return fwd_bwd(fn, ("q", "k", "v"), grad="do")
 
 
 def cpu_cases(quick: bool):

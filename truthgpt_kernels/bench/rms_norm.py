@@ -5,16 +5,13 @@ import torch.nn.functional as F
 
 import truthgpt_kernels as tk
 
-from . import Case, ceiling
+from . import Case, ceiling, fwd_bwd
 
 EPS = 1e-6
 
 
 def _fwd_bwd(fn):
-    def run(x):
-        out = fn(x["x"], x["w"])
-        return torch.autograd.grad(out, (x["x"], x["w"]), x["dy"])
-    return run
+    return fwd_bwd(lambda x: fn(x["x"], x["w"]), ("x", "w"))
 
 
 def cases(device, quick):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import truthgpt_kernels as tk
 from truthgpt_kernels import backends
-from truthgpt_kernels.bench import Case
+from truthgpt_kernels.bench import Case, fwd_bwd
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -67,13 +67,6 @@ def rotary_cases(device="cuda", quick=False) -> List[Case]:
 
 
 # ----------------------------------------------------------------------------- swiglu
-def _grad_of(fn, names):
-    def run(x):
-        out = fn(x)
-        return torch.autograd.grad(out, [x[n] for n in names], x["dy"])
-    return run
-
-
 def swiglu_cases(device="cuda", quick=False) -> List[Case]:
     rows, n = (256, 1376) if quick else (8192, 5504)
     out = []
@@ -85,8 +78,8 @@ def swiglu_cases(device="cuda", quick=False) -> List[Case]:
 
         impls = {}
         for b in _ours("swiglu", device):
-            impls[f"truthgpt {b}"] = _grad_of(lambda x, b=b: tk.swiglu(x["g"], x["u"], backend=b), ("g", "u"))
-        impls["torch eager"] = _grad_of(lambda x: F.silu(x["g"]) * x["u"], ("g", "u"))
+            impls[f"truthgpt {b}"] = fwd_bwd(lambda x, b=b: tk.swiglu(x["g"], x["u"], backend=b), ("g", "u"))
+        impls["torch eager"] = fwd_bwd(lambda x: F.silu(x["g"]) * x["u"], ("g", "u"))
         out.append(Case(op="swiglu", name=f"fwd+bwd {rows}x{n} {_dt(dtype)}", setup=setup, impls=impls,
                         # fwd: read g, u, write out; bwd: read dy, g, u, write dg, du
                         bytes=rows * n * _esize(dtype) * (3 + 5)))
@@ -106,9 +99,9 @@ def rms_norm_cases(device="cuda", quick=False) -> List[Case]:
 
         impls = {}
         for b in _ours("rms_norm", device):
-            impls[f"truthgpt {b}"] = _grad_of(lambda x, b=b: tk.rms_norm(x["x"], x["w"], eps, backend=b),
+            impls[f"truthgpt {b}"] = fwd_bwd(lambda x, b=b: tk.rms_norm(x["x"], x["w"], eps, backend=b),
                                               ("x", "w"))
-        impls["torch eager"] = _grad_of(lambda x: F.rms_norm(x["x"], (n,), x["w"], eps), ("x", "w"))
+        impls["torch eager"] = fwd_bwd(lambda x: F.rms_norm(x["x"], (n,), x["w"], eps), ("x", "w"))
         out.append(Case(op="rms_norm", name=f"fwd+bwd {rows}x{n} {_dt(dtype)}", setup=setup, impls=impls,
                         # fwd: read x, write y; bwd: read dy, x, write dx (weight, rstd: negligible)
                         bytes=rows * n * _esize(dtype) * (2 + 3)))
