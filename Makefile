@@ -8,7 +8,7 @@ EXTRAS ?= dev,hf
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench info clean asan-test
+.PHONY: setup test bench info clean asan-test compat
 
 setup: $(VENV)/.built
 
@@ -48,3 +48,8 @@ asan-test: $(VENV)/.built
 	cd $(ASAN_DIR) && TRUTHGPT_DEBUG=1 TRUTHGPT_BUILD_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		$(abspath $(PY)) -m pytest tests/test_validation.py tests/test_properties.py -q -p no:cacheprovider
+
+# The version floors of pyproject.toml, proved: the op and HF tests against the oldest torch and
+# transformers it admits and against the newest, each in its own venv under build/compat/.
+compat:
+	bash tools/compat.sh

@@ -91,7 +91,10 @@ def rel(pattern):
 
 
 opt = ["-O0", "-g", "-fno-omit-frame-pointer"] if DEBUG else ["-O3"]
-cxx_flags = opt + ["-fdiagnostics-color=always"]
+# The C++ standard is named explicitly: torch's BuildExtension adds -std=c++17 when none is
+# given (torch <= 2.8), and the CPU kernels use C++20 (std::bit_cast).
+CXX_STD = "-std=c++20"
+cxx_flags = opt + [CXX_STD, "-fdiagnostics-color=always"]
 if CPU_NATIVE:
     cxx_flags.append("-march=native")
 link_flags = []
@@ -130,9 +133,9 @@ if WITH_CUDA:
             # some toolkits (e.g. pip-style layouts) keep libcudart in lib/, not lib64/
             library_dirs=[d for d in (os.path.join(CUDA_HOME, "lib"),) if os.path.isdir(d)],
             extra_compile_args={
-                "cxx": opt + [f'-DTRUTHGPT_BUILD_INFO="archs={CUDA_ARCHS}"'],
+                "cxx": opt + [CXX_STD, f'-DTRUTHGPT_BUILD_INFO="archs={CUDA_ARCHS}"'],
                 "nvcc": (["-O0", "-g", "-G"] if DEBUG else ["-O3"])
-                + ["-std=c++20", "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr"]
+                + [CXX_STD, "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr"]
                 + arch_flags,
             },
         )
