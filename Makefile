@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.14.1
 EXTRAS ?= dev,hf
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
+# the test-only extension _C_testing (host builds of the CUDA logic) is part of the dev build
+export TRUTHGPT_BUILD_TESTING ?= 1
 
 .PHONY: setup test bench info clean asan-test compat
 
@@ -45,7 +47,7 @@ ASAN_DIR := build/asan-tree
 asan-test: $(VENV)/.built
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	git ls-files -z | xargs -0 cp --parents -t $(ASAN_DIR)
-	cd $(ASAN_DIR) && TRUTHGPT_DEBUG=1 TRUTHGPT_BUILD_CUDA=0 $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(ASAN_DIR) && TRUTHGPT_DEBUG=1 TRUTHGPT_BUILD_CUDA=0 TRUTHGPT_BUILD_TESTING=0 $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		$(abspath $(PY)) -m pytest tests/test_validation.py tests/test_properties.py -q -p no:cacheprovider
 

@@ -14,6 +14,7 @@ CUDA_ARCHS = os.environ.get("TRUTHGPT_CUDA_ARCHS", "8.0;9.0")       # ';'-separa
 DEBUG = os.environ.get("TRUTHGPT_DEBUG", "0") == "1"                # -O0 -g + ASan (CPU)
 CPU_NATIVE = os.environ.get("TRUTHGPT_CPU_NATIVE", "0") == "1"      # opt-in -march=native
 MAX_JOBS = os.environ.get("MAX_JOBS")                               # default: cores/memory
+BUILD_TESTING = os.environ.get("TRUTHGPT_BUILD_TESTING", "0") == "1"  # test-only _C_testing
 # ---------------------------------------------------------------------------------------
 
 if BUILD_CUDA not in ("auto", "0", "1"):
@@ -114,12 +115,22 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 ext_modules = [
     CppExtension(
         "truthgpt_kernels._C",
-        ["csrc/module.cpp", "csrc/registration.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/testing/*.cpp"),
+        ["csrc/module.cpp", "csrc/registration.cpp"] + rel("csrc/cpu/*.cpp"),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + [f'-DTRUTHGPT_BUILD_INFO="{build_info}"']},
         extra_link_args=link_flags,
     )
 ]
+if BUILD_TESTING:  # host builds of the CUDA kernels' logic, for tests only (csrc/testing/)
+    ext_modules.append(
+        CppExtension(
+            "truthgpt_kernels._C_testing",
+            rel("csrc/testing/*.cpp"),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags + [f'-DTRUTHGPT_BUILD_INFO="{build_info}"']},
+            extra_link_args=link_flags,
+        )
+    )
 if WITH_CUDA:
     arch_flags = []
     for arch in filter(None, (a.strip() for a in CUDA_ARCHS.split(";"))):

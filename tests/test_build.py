@@ -1,6 +1,7 @@
 """The compiled extensions: built, loadable, and registering their kernels."""
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -50,3 +51,16 @@ def test_every_public_op_is_a_truthgpt_op():
     for name in ["attention", "attention_backward", "apply_rotary", "apply_rotary_qk", "swiglu",
                  "swiglu_backward", "rms_norm", "rms_norm_backward"]:
         assert hasattr(torch.ops.truthgpt, name), name
+
+
+def test_shipped_extension_holds_no_test_code():
+    """The host builds of the CUDA logic live in the test-only _C_testing (csrc/testing/):
+    neither the shipped _C library nor its op registrations contain `truthgpt_test`."""
+    mod, info = _ext.load("_C")
+    assert mod is not None, info
+    with open(mod.__file__, "rb") as f:
+        assert b"truthgpt_test" not in f.read()
+    code = ("import torch, truthgpt_kernels._C; "
+            "print(hasattr(torch.ops.truthgpt_test, 'attention_host_fwd'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

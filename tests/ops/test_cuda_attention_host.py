@@ -1,5 +1,5 @@
 """The CUDA attention kernels' GPU-independent logic (csrc/cuda/attention_math.cuh), built for
-the host into _C (csrc/testing/attention.cpp) and checked against ops/reference.py without a
+the host into the test-only _C_testing (csrc/testing/attention.cpp) and checked against ops/reference.py without a
 GPU: a scalar host "kernel" that walks the same tiles, skip lists, masks, score transforms,
 online-softmax and backward steps as the CUDA kernels, plus the tile lists, register layouts
 and index arithmetic on their own. The kernels themselves run in tests/ops/test_attention.py
@@ -10,17 +10,13 @@ import zlib
 import pytest
 import torch
 
-from truthgpt_kernels import _ext, sparse
+from truthgpt_kernels import sparse
 from truthgpt_kernels.ops import reference
 
 from ..helpers import assert_close
+from .host_ext import T, skip_unless_built
 
-_C, _why = _ext.load("_C")
-pytestmark = pytest.mark.skipif(
-    _C is None or not hasattr(torch.ops, "truthgpt_test") or not hasattr(torch.ops.truthgpt_test, "attention_host_fwd"),
-    reason=f"_C with the truthgpt_test attention ops is unavailable ({_why})")
-
-T = torch.ops.truthgpt_test if _C is not None else None
+pytestmark = skip_unless_built
 
 # name: (B, Hq, Hkv, Sq, Sk, D, options)
 CASES = {

@@ -9,17 +9,16 @@ import zlib
 import pytest
 import torch
 
-from truthgpt_kernels import _ext
 from truthgpt_kernels.ops import reference
 
 from ..helpers import assert_close
+from .host_ext import T, skip_unless_built
 
-pytestmark = pytest.mark.skipif(_ext.load("_C")[0] is None, reason="C++ extension _C not built")
+pytestmark = skip_unless_built
 
 
 def _ops():
-    _ext.load("_C")
-    return torch.ops.truthgpt_test
+    return T
 
 
 # --------------------------------------------------------------------------- rotary
