@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from truthgpt_kernels import __main__ as cli
-from truthgpt_kernels.bench import Case, dtype_hint, in_float64, report, runner, upcast
+from truthgpt_kernels.bench import Case, dtype_hint, in_float64, report, runner, timing, upcast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one thread: steady on a busy CI machine (OpenMP threads that wait for a descheduled peer
@@ -66,7 +66,7 @@ def synthetic(monkeypatch):
     def load_family(op, device="cpu", quick=False):
         return synthetic_cases(device, quick) if op == "attention" else None
     monkeypatch.setattr(runner, "load_family", load_family)
-    monkeypatch.setattr("truthgpt_kernels.bench.ceilings.measure", lambda *a, **k: dict(FAKE_CEILINGS))
+    monkeypatch.setattr("truthgpt_kernels.bench.roofline.measure", lambda *a, **k: dict(FAKE_CEILINGS))
 
 
 def run_cli(capsys, *argv):
@@ -159,7 +159,7 @@ def test_failing_impl_is_reported_and_exits_nonzero(monkeypatch, capsys):
     cases = [Case(op="rotary", name="broken 4", setup=lambda: {"x": torch.randn(4)},
                   impls={"ours": broken, "eager": lambda x: x["x"] * 1})]
     monkeypatch.setattr(runner, "load_family", lambda op, *a: cases if op == "rotary" else None)
-    monkeypatch.setattr("truthgpt_kernels.bench.ceilings.measure", lambda *a, **k: dict(FAKE_CEILINGS))
+    monkeypatch.setattr("truthgpt_kernels.bench.roofline.measure", lambda *a, **k: dict(FAKE_CEILINGS))
     rc, out, err = run_cli(capsys, "--ops", "rotary", *FAST, "--no-save")
     assert rc == 1
     assert "failed: RuntimeError: kernel exploded" in out
@@ -248,6 +248,6 @@ def test_helpers():
     assert runner.compare_outputs(torch.tensor([2.0, float("inf")]),
                                   torch.tensor([1.0, float("inf")]))["max_err"] == 1.0
     assert runner.compare_outputs(torch.ones(2), torch.ones(3))["max_err"] is None
-    t = runner.time_fn(lambda: None, "cpu", min_time=0.001, max_reps=7)
+    t = timing.time_fn(lambda: None, "cpu", min_time=0.001, max_reps=7)
     assert 3 <= t["n"] <= 7 and t["min_ms"] <= t["median_ms"]
     assert runner.peak_memory(lambda: torch.ones(1024, 1024), "cpu") in (None, 4 * 2 ** 20)

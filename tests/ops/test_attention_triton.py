@@ -363,7 +363,7 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------- GPU bench cases
 def test_gpu_bench_cases_are_well_formed():
     from truthgpt_kernels.bench import Case
-    from truthgpt_kernels.triton import attention_bench as ab
+    from truthgpt_kernels.bench import attention as ab
 
     cases = ab.gpu_cases()
     assert cases and all(isinstance(c, Case) and c.flops > 0 and len(c.impls) == 2 for c in cases)
@@ -372,5 +372,5 @@ def test_gpu_bench_cases_are_well_formed():
     assert len(ab.gpu_cases(quick=True)) < len(cases)
     for S, left in ((100, 30), (100, 200), (1024, 1024), (4096, 1024)):
         vis = reference.attention_visibility(1, 1, S, S, causal=True, window=(left, -1))
-        assert ab._visible_pairs(S, True, left) == int(vis.sum())
-    assert ab._visible_pairs(64, True) == int(reference.attention_visibility(1, 1, 64, 64, causal=True).sum())
+        assert ab._window_pairs(S, S, left, 0) == int(vis.sum())
+    assert ab._causal_pairs(64, 64) == int(reference.attention_visibility(1, 1, 64, 64, causal=True).sum())

@@ -1,7 +1,16 @@
 """Benchmark cases, defined once and run by both `python -m truthgpt_kernels bench` and the
-pytest-benchmark suites in benchmarks/. Each op family has a module `bench/<op>.py` with
-`cases(device, quick) -> list[Case]`; the first entry of `Case.impls` is ours, the rest are
-the PyTorch baselines it is compared against in the same run.
+pytest-benchmark suites in benchmarks/. Each op family has one module `bench/<op>.py` with
+`cases(device, quick) -> list[Case]`: its CPU cases and its GPU (device "cuda") cases; the
+first entry of `Case.impls` is ours, the rest are the PyTorch baselines it is compared against
+in the same run.
+
+The other modules, leaf first (each imports only those above it):
+    timing.py        time_fn (the timer) and the number formats of the tables
+    roofline.py      the machine's ceilings (GEMM rate, copy bandwidth), measured at the start
+                     of a run, and a case's roofline floor
+    copy_ceiling.py  the per-case "copy, same bytes" row that the elementwise cases list
+    report.py        the results JSON, the plot, --compare and `... report summary`
+    runner.py        the job: runs the cases, prints the tables; the `bench` CLI options
 
 Writing a case (only `op`, `name`, `setup` and `impls` are required):
 
@@ -27,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from .. import backends
 
 FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "model", "dropin")
 
@@ -82,11 +93,16 @@ def upcast(inputs: Dict[str, Any]) -> Dict[str, Any]:
 def fwd_bwd(fn: Callable[[Dict[str, Any]], Any], names, grad: str = "dy") -> Callable[[Dict[str, Any]], Any]:
     """An impl timing forward + backward: out = fn(inputs), then the gradients of the inputs
     named in `names` given inputs[grad] (torch.autograd.grad: nothing accumulates across calls)."""
-    import torch
-
     def run(inputs):
         return torch.autograd.grad(fn(inputs), [inputs[n] for n in names], inputs[grad])
     return run
+
+
+def gpu_backends(family: str) -> List[str]:
+    """Our GPU backends that can run op family `family` here, CUDA C++ first: the "ours"
+    impls of the GPU cases (one impl per backend)."""
+    return [b for b in ("cuda", "triton")
+            if not backends.unavailable_reason(b) and backends.implements(family, b)]
 
 
 def in_float64(fn: Callable[[Dict[str, Any]], Any]) -> Callable[[Dict[str, Any]], Any]:

@@ -17,6 +17,17 @@ subprocesses: `python -m truthgpt_kernels.bench.attention --memory`.
 `python -m truthgpt_kernels.bench.attention --interleaved` times the same cases alternating
 the implementations call by call (fairer ratios on a machine shared with other jobs);
 `--cpu-time` does so on one thread timed by its CPU time (per-core efficiency).
+
+GPU rows (issue #4, the Triton kernels; bf16, B 4, H 32, D 128, S 1024..16384):
+- dense, causal and not, forward and forward+backward, against
+  F.scaled_dot_product_attention restricted to its flash backend;
+- ALiBi (causal) and a sliding window (1024 left, causal), against our own dense causal kernel;
+- a block-sparse local layout (density ~ 5 blocks of 128 per row), against our dense kernel.
+
+`flops` counts the multiply-adds of the visible score entries of "ours" (2 matmuls of
+2 S_visible D flops forward; backward 2.5x forward), the usual flash-attention convention, so
+each row's rate reads as ours' useful FLOP/s; for the window and sparse cases the baseline
+does more work than that count, which is the point of those cases.
 """
 import math
 import subprocess
@@ -211,10 +222,98 @@ def cpu_cases(quick: bool):
 
 
 def cases(device, quick):
-    if device == "cpu":
-        return cpu_cases(quick)
-    from ..triton.attention_bench import gpu_cases  # the H200 cases (issue 4)
-    return gpu_cases(quick)
+    return gpu_cases(quick) if device == "cuda" else cpu_cases(quick)
+
+
+# ----------------------------------------------------------------------------- GPU cases
+GPU_B, GPU_H, GPU_D = 4, 32, 128
+GPU_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+GPU_WINDOW_LEFT = 1024
+GPU_SPARSE_BLOCK = 128
+
+
+def _gpu_setup(S: int, **extra):
+    def make():
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def t():
+            x = torch.randn(GPU_B, GPU_H, S, GPU_D, device="cuda", dtype=torch.bfloat16, generator=gen)
+            return x.requires_grad_(True)
+
+        q, k, v = t(), t(), t()
+        inputs = {"q": q, "k": k, "v": v, "do": torch.randn_like(q)}
+        for name, fn in extra.items():
+            inputs[name] = fn()
+        return inputs
+    return make
+
+
+def _triton(**kw):
+    def run(x):
+        extra = {name: x[name] for name in ("alibi_slopes", "block_mask") if name in x}
+        return tk.attention(x["q"], x["k"], x["v"], backend="triton", **kw, **extra)
+    return run
+
+
+def _sdpa_flash(causal: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(x):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=causal)
+    return run
+
+
+def _no_grad(fn):
+    def run(x):
+        with torch.no_grad():
+            return fn(x)
+    return run
+
+
+def gpu_cases(quick: bool = False):
+    """The H200 benchmark cases (device "cuda"); quick: S 1024 and 2048 only."""
+    B, H, D, bs = GPU_B, GPU_H, GPU_D, GPU_SPARSE_BLOCK
+    cases = []
+    lengths = GPU_LENGTHS[:2] if quick else GPU_LENGTHS
+    shape = f"bf16 B{B} H{H} D{D}"
+    for S in lengths:
+        full, causal_pairs = S * S, _causal_pairs(S, S)
+        window_pairs = _window_pairs(S, S, GPU_WINDOW_LEFT, 0)
+        for backward in (False, True):
+            mode, wrap = ("fwd+bwd", _fwd_bwd) if backward else ("fwd", _no_grad)
+            for causal in (False, True):
+                cases.append(Case(
+                    op="attention", name=f"{mode} S={S} {'causal' if causal else 'full'} {shape}",
+                    setup=_gpu_setup(S),
+                    impls={"truthgpt triton": wrap(_triton(causal=causal)),
+                           "torch sdpa flash": wrap(_sdpa_flash(causal))},
+                    flops=_flops(B, H, S, S, D, causal_pairs if causal else full, backward)))
+            dense_causal = wrap(_triton(causal=True))
+            cases.append(Case(
+                op="attention", name=f"{mode} S={S} causal alibi {shape}",
+                setup=_gpu_setup(S, alibi_slopes=lambda: tk.alibi_slopes(H, device="cuda")),
+                impls={"truthgpt triton alibi": wrap(_triton(causal=True)),
+                       "truthgpt triton dense": dense_causal},
+                flops=_flops(B, H, S, S, D, causal_pairs, backward)))
+            cases.append(Case(
+                op="attention", name=f"{mode} S={S} causal window({GPU_WINDOW_LEFT}, 0) {shape}",
+                setup=_gpu_setup(S),
+                impls={"truthgpt triton window": wrap(_triton(causal=True, window=(GPU_WINDOW_LEFT, 0))),
+                       "truthgpt triton dense": dense_causal},
+                flops=_flops(B, H, S, S, D, window_pairs, backward)))
+            if S >= 4096:
+                def layout(S=S, device="cuda"):
+                    return sparse.local_layout(S, block_size=bs, num_local_blocks=3, device=device)
+                n_blocks = int(layout(device="cpu").sum())
+                cases.append(Case(
+                    op="attention", name=f"{mode} S={S} local block-sparse (bs {bs}, "
+                                         f"{n_blocks} blocks) {shape}",
+                    setup=_gpu_setup(S, block_mask=layout),
+                    impls={"truthgpt triton sparse": wrap(_triton(block_size=bs)),
+                           "truthgpt triton dense": wrap(_triton(causal=False))},
+                    flops=_flops(B, H, S, S, D, n_blocks * bs * bs, backward)))
+    return cases
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -6,6 +6,7 @@ import copy
 import torch
 from torch import nn
 
+from ..patch import replace_modules
 from . import Case
 
 
@@ -57,7 +58,6 @@ def cases(device, quick):
             setup=lambda: {"prompt": torch.randint(1, 1000, (1, 32), device=device)},
             impls={"truthgpt (apply_to)": _generate(patched, n_new), "transformers sdpa": _generate(base, n_new)},
             extra={"tokens": n_new}))
-    from ..patch import replace_modules
     d = 128 if quick else 512
     layer = nn.TransformerEncoderLayer(d, 8, 4 * d, dropout=0.0, batch_first=True)
     enc = nn.TransformerEncoder(layer, 2 if quick else 6, enable_nested_tensor=False).to(device)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import TransformerConfig
+from ..modules import Transformer
 from . import Case
 
 
@@ -140,9 +142,6 @@ class PlainTransformer(nn.Module):
 
 # ============================================================================ cases
 def _models(preset: str, device: str, **overrides):
-    from ..config import TransformerConfig
-    from ..modules import Transformer
-
     cfg = TransformerConfig.preset(preset, **overrides)
     torch.manual_seed(0)
     ours = Transformer(cfg).to(device)
@@ -216,7 +215,6 @@ def cases(device, quick):
 
 
 def _config(preset):
-    from ..config import TransformerConfig
     return TransformerConfig.preset(preset)
 
 

@@ -9,7 +9,7 @@ JSON layout (`format` = "truthgpt_kernels.bench/1"):
                  memory where device is cuda
     versions     python, torch (+ CUDA), triton, truthgpt_kernels, its extensions' build info,
                  the git commit when run from a checkout, and each backend's availability
-    ceilings     measured GEMM GFLOP/s per dtype and copy GB/s (ceilings.py)
+    ceilings     measured GEMM GFLOP/s per dtype and copy GB/s (roofline.py)
     elapsed_s    seconds the whole run took
     cases        one dict per case: op, name, dtype, flops, bytes, extra, ours, baselines,
                  impls {name: median_ms, q1_ms, q3_ms, min_ms, n, spread_pct, max_err,
@@ -26,9 +26,13 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional
+
+from . import canonical_dtype
+from .timing import fmt_err, fmt_ms, fmt_pct
 
 FORMAT = "truthgpt_kernels.bench/1"
 RESULTS_DIR = "bench-results"
@@ -196,8 +200,6 @@ def format_compare(old: Dict, new: Dict) -> str:
     impl name; 'faster'/'slower' only when the change exceeds both runs' spreads and 5%."""
     from tabulate import tabulate
 
-    from .runner import fmt_ms
-
     def index(doc):
         out = {}
         for c in doc.get("cases", []):
@@ -252,8 +254,6 @@ def format_summary(doc: Dict) -> str:
     """A short table of a saved run: one row per case, ours against its fastest baseline."""
     from tabulate import tabulate
 
-    from .runner import fmt_err, fmt_ms, fmt_pct
-
     rows = []
     for c in doc.get("cases", []):
         impls = c.get("impls") or {}
@@ -287,10 +287,6 @@ def _series(case: Dict) -> str:
     """Which line-plot panel a seq_len case belongs to: extra['series'] if set, else its name
     with the sequence length blanked: in a token like S1024 / seq=1024 / L1024 if there is one,
     else in the first token holding that number (dtype words such as bfloat16 excepted)."""
-    import re
-
-    from . import canonical_dtype
-
     extra = case.get("extra") or {}
     if extra.get("series"):
         return f"{case.get('op')}: {extra['series']}"

@@ -1,5 +1,5 @@
-"""The main benchmark job, `python -m truthgpt_kernels bench`: measures the machine's ceilings,
-runs every case's impls (ours first, then the PyTorch baselines) on the same inputs, checks
+"""The main benchmark job, `python -m truthgpt_kernels bench`: measures the machine's ceilings
+(roofline.py), runs every case's impls (ours first, then the PyTorch baselines) on the same inputs, checks
 each output against the float64 reference, and prints one table per op family; report.py
 saves the JSON and the plot and compares with an earlier run.
 
@@ -8,15 +8,14 @@ passed and at least `MIN_REPS` calls were timed, but never more than `max_reps` 
 warm-up call also yields the output for the error column and the peak memory. So an impl costs
 about max(min_time, MIN_REPS x its time) plus one call, and each case its setup and, once,
 the float64 reference; each case's seconds are in the JSON and each op's total under its
-table. The whole run prints how long it took; `make bench` uses the defaults below.
+table. The whole run prints how long it took; `make bench` uses the defaults (MIN_TIME,
+MAX_REPS, MIN_REPS in timing.py, which also holds the timer and the number formats).
 """
 import argparse
 import contextlib
-import gc
 import math
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -24,68 +23,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import FAMILIES, Case, canonical_dtype, dtype_hint, load_family
-
-MIN_TIME = 0.3      # seconds of timed calls per impl (--min-time)
-MAX_REPS = 200      # cap on timed calls per impl (--max-reps)
-MIN_REPS = 3        # timed calls per impl however slow it is
-L2_FLUSH_BYTES = 256 * 2 ** 20  # CUDA: zeroed between timed calls so inputs are not served from L2
-
-
-# ----------------------------------------------------------------------------- measuring
-def _sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn: Callable[[], Any], device: str, min_time: float = MIN_TIME,
-            max_reps: int = MAX_REPS, min_reps: int = MIN_REPS, warmup: bool = True) -> Dict[str, float]:
-    """Times fn after one warm-up call (which compiles and caches; warmup=False when the caller
-    has just made that call). CPU: wall time of each call.
-    CUDA: CUDA events around each call, with the L2 flushed between calls, synchronised once.
-    Returns median, quartiles and min in ms, and the number of timed calls."""
-    min_reps = max(1, min(min_reps, max_reps))
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        if warmup:
-            fn()
-        _sync(device)
-        if device == "cuda":
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            estimate = max(time.perf_counter() - t0, 1e-6)
-            reps = int(min(max_reps, max(min_reps, math.ceil(min_time / estimate))))
-            flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(reps)]
-            for start, end in events:
-                flush.zero_()
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
-            samples = [start.elapsed_time(end) for start, end in events]
-            del flush
-        else:
-            samples = []
-            begin = time.perf_counter()
-            while len(samples) < min_reps or (
-                    time.perf_counter() - begin < min_time and len(samples) < max_reps):
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    if len(samples) > 1:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    else:
-        q1 = q3 = samples[0]
-    return {"median_ms": statistics.median(samples), "q1_ms": q1, "q3_ms": q3,
-            "min_ms": min(samples), "n": len(samples)}
-
+from . import FAMILIES, Case, canonical_dtype, dtype_hint, load_family, report, roofline
+from .timing import MAX_REPS, MIN_TIME, fmt_err, fmt_mib, fmt_ms, fmt_pct, sync, time_fn
 
 _KINETO_LOG = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.cpp:\d+\]")
 
@@ -232,8 +171,6 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
              max_reps: int = MAX_REPS, dtypes=None, progress=None) -> Optional[Dict[str, Any]]:
     """Runs one case; returns its result dict (see report.py for the JSON layout), or None when
     --dtype filters it out."""
-    from .ceilings import roofline_ms
-
     started = time.perf_counter()
     result: Dict[str, Any] = {
         "op": case.op, "name": case.name, "dtype": dtype_hint(case), "flops": float(case.flops),
@@ -271,7 +208,7 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
                 out, entry["peak_bytes"] = call_with_peak(lambda: impl(inputs), device)
             else:
                 out = impl(inputs)
-            _sync(device)
+            sync(device)
             if case.reference is not None:
                 if reference is None and ref_error is None:
                     try:
@@ -306,7 +243,7 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
             result["gflops"] = case.flops / ms / 1e6
         if case.bytes:
             result["gbps"] = case.bytes / ms / 1e6
-        floor, bound = roofline_ms(ceilings, result["dtype"], case.flops, case.bytes)
+        floor, bound = roofline.roofline_ms(ceilings, result["dtype"], case.flops, case.bytes)
         if floor:
             result["roofline_ms"] = floor
             result["roofline_frac"] = floor / ms
@@ -316,25 +253,6 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
 
 
 # ----------------------------------------------------------------------------- tables
-def fmt_ms(ms: Optional[float]) -> str:
-    if ms is None:
-        return ""
-    for limit, digits in ((100, 0), (10, 1), (1, 2), (0.1, 3)):
-        if ms >= limit:
-            return f"{ms:.{digits}f}"
-    return f"{ms:.4f}"
-
-
-def fmt_err(e: Optional[float]) -> str:
-    if e is None:
-        return ""
-    return "inf" if math.isinf(e) else f"{e:.1e}"
-
-
-def fmt_mib(b: Optional[int]) -> str:
-    return "?" if b is None else f"{b / 2 ** 20:.1f}"
-
-
 def _num3(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
@@ -346,12 +264,6 @@ def _rate(result) -> str:
     if "gbps" in result:
         return f"{_num3(result['gbps'])} GB/s"
     return ""
-
-
-def fmt_pct(frac: Optional[float]) -> str:
-    if frac is None:
-        return ""
-    return "<1%" if frac < 0.01 else f"{100 * frac:.0f}%"
 
 
 def table_rows(results: List[Dict]) -> List[Dict[str, str]]:
@@ -497,8 +409,6 @@ def _parse_list(text: Optional[str]) -> Optional[List[str]]:
 
 
 def _check_args(args) -> Dict[str, Any]:
-    from . import report
-
     ops = _parse_list(args.ops)
     if ops is not None:
         if not ops:
@@ -546,9 +456,6 @@ def _check_args(args) -> Dict[str, Any]:
 def cli(args) -> int:
     """`python -m truthgpt_kernels bench`; returns the exit status. Bad input: one line on
     stderr, status 2. A failing case or impl is shown in its table and gives status 1."""
-    from . import ceilings as ceilings_mod
-    from . import report
-
     started = time.perf_counter()
     try:
         checked = _check_args(args)
@@ -588,8 +495,8 @@ def cli(args) -> int:
     print(f"truthgpt_kernels bench: {n_cases} case(s) in {', '.join(cases_by_op)} on {args.device}"
           f"{' (quick sizes)' if args.quick else ''}; min-time {args.min_time} s, max-reps {args.max_reps}"
           + (f"; dtypes {', '.join(checked['dtypes'])}" if checked["dtypes"] else ""), flush=True)
-    ceilings = ceilings_mod.measure(args.device, args.quick)
-    print(ceilings_mod.describe(ceilings), flush=True)
+    ceilings = roofline.measure(args.device, args.quick)
+    print(roofline.describe(ceilings), flush=True)
 
     results = run(cases_by_op, args.device, ceilings, min_time=args.min_time, max_reps=args.max_reps,
                   dtypes=checked["dtypes"], progress=not args.no_progress)
@@ -663,11 +570,9 @@ def _command_line(args) -> str:
 
 def main(device: str = "cpu", quick: bool = False, ops=None, min_time: float = MIN_TIME):
     """Programmatic entry (older signature): runs and prints, saves nothing; returns results."""
-    from .ceilings import measure
-
     cases_by_op = {}
     for op in ops or FAMILIES:
         cases = load_family(op, device, quick)
         if cases:
             cases_by_op[op] = cases
-    return run(cases_by_op, device, measure(device, quick), min_time=min_time)
+    return run(cases_by_op, device, roofline.measure(device, quick), min_time=min_time)

@@ -12,6 +12,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .timing import time_fn
+
 # (matrix size n for an n x n x n product, copy size in MiB); quick sizes for --quick
 _SIZES = {
     ("cpu", False): {"float32": 1024, "bfloat16": 1024, "copy_mib": 128},
@@ -23,8 +25,6 @@ _SIZES = {
 
 def _best_ms(fn, device: str, min_time: float, max_reps: int = 50) -> float:
     """Median ms of fn after a warm-up call (ceilings want a steady rate, not a spread)."""
-    from .runner import time_fn
-
     return time_fn(fn, device, min_time=min_time, max_reps=max_reps)["median_ms"]
 
 
