@@ -173,3 +173,10 @@ def test_malformed_inputs_raise_like_torch(kind, need_weights, monkeypatch):
     assert isinstance(e.value, type(theirs.value)), (type(e.value), type(theirs.value), theirs.value)
     assert isinstance(e.value, ValueError if "int" not in kind else TypeError)
     assert f"`{name}`" in str(e.value) or f"{name} " in str(e.value), str(e.value)
+
+
+def test_is_causal_needs_attn_mask_like_torch():
+    x = torch.randn(2, 5, E)
+    for m in (nn.MultiheadAttention(E, H, batch_first=True), tk.MultiheadAttention(E, H, batch_first=True)):
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            m(x, x, x, is_causal=True, need_weights=False)

@@ -179,8 +179,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                 causal = _is_causal_mask(attn_mask, L, S)
             servable &= causal
         elif is_causal:
-            causal = L == S
-            servable &= causal
+            raise _InputError("Need attn_mask if specifying the is_causal hint (as torch): "
+                              "`attn_mask` must be the causal mask, e.g. nn.Transformer."
+                              "generate_square_subsequent_mask(L)")
         fast = (servable and not need_weights and not self.add_zero_attn
                 and not (self.training and self.dropout > 0)
                 and not (causal and self.bias_k is not None))
