@@ -49,3 +49,66 @@ def test_compile_fullgraph_matches_eager(make, backend):
     torch.testing.assert_close(out, expected)
     for a, b in zip(comp_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def _mha_masks(kind, B=2, H=4, L=6, S=6):
+    """The forward kwargs of one masking mode of nn.MultiheadAttention (batch_first, L == S)."""
+    g = torch.Generator().manual_seed(1)
+    kpm = torch.rand(B, S, generator=g) > 0.6
+    kpm[:, 0] = False
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)
+
+    def bool_mask(*shape):  # never a fully masked row (torch gives NaN there)
+        m = torch.rand(*shape, generator=g) > 0.7
+        m[..., 0] = False
+        return m
+
+    return {
+        "none": {},
+        "kpm_bool": dict(key_padding_mask=kpm),
+        "kpm_float": dict(key_padding_mask=torch.zeros(B, S).masked_fill(kpm, float("-inf"))),
+        "kpm_float_values": dict(key_padding_mask=torch.randn(B, S, generator=g)),
+        "mask_bool_2d": dict(attn_mask=bool_mask(L, S)),
+        "mask_float_2d": dict(attn_mask=torch.randn(L, S, generator=g)),
+        "mask_bool_3d": dict(attn_mask=bool_mask(B * H, L, S)),
+        "mask_float_3d": dict(attn_mask=torch.randn(B * H, L, S, generator=g)),
+        "causal_mask": dict(attn_mask=causal),  # the causal pattern, no hint
+        "is_causal": dict(attn_mask=causal, is_causal=True),
+        "is_causal_bool_kpm": dict(attn_mask=causal.isinf(), is_causal=True, key_padding_mask=kpm),
+    }[kind]
+
+
+MHA_MASKS = ["none", "kpm_bool", "kpm_float", "kpm_float_values", "mask_bool_2d", "mask_float_2d",
+             "mask_bool_3d", "mask_float_3d", "causal_mask", "is_causal", "is_causal_bool_kpm"]
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["no_weights", "weights"])
+@pytest.mark.parametrize("kind", MHA_MASKS)
+def test_compile_fullgraph_multihead_attention_masks(kind, need_weights, monkeypatch):
+    """tk.MultiheadAttention compiles without graph breaks with every mask torch's accepts (the
+    module must not branch on mask values while tracing) and gives eager torch's results; what
+    needs no mask values (no mask, a bool key_padding_mask, the is_causal hint) still runs on
+    tk.attention."""
+    import truthgpt_kernels.modules.multihead as mh
+    traced = []
+    real = mh.attention
+    monkeypatch.setattr(mh, "attention", lambda *a, **k: traced.append(k) or real(*a, **k))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    ours = tk.MultiheadAttention(16, 4, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 16)
+    call = dict(_mha_masks(kind), need_weights=need_weights)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, expected_w = ref(xa, xa, xa, **call)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    out, weights = compiled(xb, xb, xb, **call)
+    torch.testing.assert_close(out, expected)
+    assert bool(traced) == (not need_weights and kind in ("none", "kpm_bool", "is_causal"))
+    assert (weights is None) == (expected_w is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, expected_w)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)

@@ -81,12 +81,6 @@ def replace_modules(model: nn.Module, *, include: Optional[Iterable[str]] = None
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, new)
         report.swapped.append((name, type(new).__name__))
-    from .modules.multihead import MultiheadAttention
-    for module in model.modules():
-        # nn.TransformerEncoder's fused path would hand our attention nested tensors
-        if isinstance(module, nn.TransformerEncoder) and any(
-                isinstance(m, MultiheadAttention) for m in module.modules()):
-            module.use_nested_tensor = False
     model.truthgpt_report = report
     (print if verbose else log.info)(str(report))
     return model

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+import truthgpt_kernels as tk
 from truthgpt_kernels.modules import RMSNorm, make_norm
 
-from ..helpers import assert_close, leaf
+from ..helpers import assert_close, backend_params, leaf
 
 f64 = torch.float64
 
@@ -84,3 +85,76 @@ def test_make_norm():
     assert isinstance(make_norm("layernorm", 8, 1e-5), torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="rmsnorm"):
         make_norm("batchnorm", 8, 1e-5)
+
+
+# ------------------------------------------------------------------ double backward (gradgrad)
+GRADGRAD_BACKENDS = [p for p in backend_params("rms_norm") if p.values[0] in ("cpu", "reference")]
+
+
+@pytest.mark.parametrize("backend", GRADGRAD_BACKENDS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_gradgradcheck(backend, affine):
+    """Second derivatives in x, weight and the incoming gradient, numerically. The saved rstd is
+    float32 by contract, so every evaluation of the first backward carries its ~6e-8 relative
+    rounding: the finite-difference step is 1e-3 (noise ~6e-8 / 2e-3 = 3e-5, truncation
+    O(step^2) ~ 1e-6) and atol 1e-4 covers it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 7, dtype=f64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(7, dtype=f64)).requires_grad_() if affine else None
+    inputs = (x, w) if affine else (x,)
+    fn = (lambda x, w=None: tk.rms_norm(x, w, 1e-5, backend=backend))
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-3, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", GRADGRAD_BACKENDS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_rmsnorm_double_and_triple_backward_match_torch(backend, affine):
+    """create_graph=True, then backward again (and once more), against torch.nn.RMSNorm's
+    autograd in float64; float32-accurate because of the float32 rstd (see above)."""
+    torch.manual_seed(0)
+    ours, theirs = _pair(9, 1e-5, affine, f64)
+    ours.backend = backend
+    x = torch.randn(4, 3, 9, dtype=f64)
+    dy = torch.randn(4, 3, 9, dtype=f64)
+
+    def derivatives(module):
+        xl, dyl = leaf(x), leaf(dy)
+        params = [xl] + ([module.weight] if affine else [])
+        first = torch.autograd.grad(module(xl), params, dyl, create_graph=True)
+        s = sum((g * torch.cos(g)).sum() for g in first)  # nonlinear in the gradients
+        second = torch.autograd.grad(s, params + [dyl], create_graph=True)
+        third = torch.autograd.grad(sum((g ** 2).sum() for g in second), params + [dyl])
+        return first + second + third
+
+    # (with a float64 rstd the formulas agree to ~1e-15 relative; the float32 one leaves ~3e-8
+    # of the largest value, third derivatives reach ~1e3)
+    for a, b in zip(derivatives(ours), derivatives(theirs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+# ------------------------------------------------------------------ memory format
+@pytest.mark.parametrize("shape,layout", [
+    ((2, 3, 4, 6), "channels_last"), ((2, 3, 4, 5, 6), "channels_last_3d"),
+    ((2, 3, 4, 12), "channels_last_slice"), ((2, 3, 4, 6), "transposed"),
+    ((2, 1, 4, 6), "channels_last_one_channel")])
+def test_output_memory_format_like_torch(shape, layout):
+    """torch.nn.RMSNorm's output is dense in x's suggested memory format: channels_last input,
+    channels_last output (ours too); other layouts come back contiguous."""
+    ours, theirs = _pair(6, 1e-5, True, torch.float32)
+    x = torch.randn(shape)
+    if layout == "transposed":
+        x = x.transpose(1, 2)
+    else:
+        x = x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+        x = x[..., :6]
+    xa, xb = leaf(x), leaf(x)
+    ya, yb = ours(xa), theirs(xb)
+    # the same layout (strides of size-1 dims are free, so compare by memory format)
+    for fmt in (torch.contiguous_format, torch.channels_last_3d if x.dim() == 5 else torch.channels_last):
+        assert ya.is_contiguous(memory_format=fmt) == yb.is_contiguous(memory_format=fmt), (
+            fmt, ya.stride(), yb.stride())
+    torch.testing.assert_close(ya, yb)
+    dy = torch.randn_like(yb)
+    ya.backward(dy)
+    yb.backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad)

@@ -1,12 +1,15 @@
 """MultiheadAttention: a drop-in for torch.nn.MultiheadAttention running on tk.attention.
 
 It *is* a torch.nn.MultiheadAttention (a subclass): the same constructor, parameters,
-state_dict keys, forward signature and return values, so weights load unchanged and
-isinstance checks hold. The fast path (tk.attention) serves need_weights=False with no mask, a
-boolean or 0/-inf float key_padding_mask, a causal attn_mask (recognised from is_causal or
-from its pattern, square only) and add_bias_kv. Anything else — need_weights=True,
-arbitrary float or boolean attn_mask, add_zero_attn, attention dropout while training —
-takes the slower exact path (torch's own implementation).
+state_dict keys, forward signature, return values and argument errors, so weights load unchanged
+and isinstance checks hold. The fast path (tk.attention) serves need_weights=False with no mask,
+a boolean or 0/-inf float key_padding_mask, a causal attn_mask (from the is_causal hint, or
+recognised from its pattern in eager mode; square only) and add_bias_kv. Anything else —
+need_weights=True, arbitrary float or boolean attn_mask, add_zero_attn, attention dropout while
+training — takes the slower exact path (torch's own implementation). Under torch.compile the
+choice uses only dtypes, shapes and flags (a float key_padding_mask, or an attn_mask without the
+is_causal hint, takes the exact path), so fullgraph compiles. Nested-tensor inputs (what
+nn.TransformerEncoder passes on its padding fast path) are padded around the same paths.
 """
 from typing import Optional, Tuple
 
@@ -23,7 +26,80 @@ def _keep_own_forward(module, args, kwargs):
     return None
 
 
+class MultiheadAttentionInputError(AssertionError, RuntimeError, ValueError):
+    """A malformed argument. torch's MultiheadAttention raises AssertionError for most of these
+    and RuntimeError for the rest (a wrong attn_mask shape, or a batch-size mismatch that fails
+    in a view); this is both, and a ValueError like every argument error of this package."""
+
+
+class MultiheadAttentionMaskTypeError(AssertionError, TypeError):
+    """A mask that is neither bool nor floating (torch raises AssertionError)."""
+
+
+_InputError, _MaskTypeError = MultiheadAttentionInputError, MultiheadAttentionMaskTypeError
+
+
+def _check_mask_dtype(name: str, mask: Optional[Tensor]):
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise _MaskTypeError(f"only bool and floating types of `{name}` are supported, got "
+                             f"{mask.dtype}")
+
+
+def _check_shape(name: str, t: Tensor, want: tuple, what: str):
+    """t's shape matches want (None entries match anything)."""
+    if len(want) != t.dim() or any(w is not None and w != d for w, d in zip(want, t.shape)):
+        shape = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
+        raise _InputError(f"expected `{name}` of shape {shape} {what}, got {tuple(t.shape)}")
+
+
+def _check_inputs(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                  key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> bool:
+    """torch's argument checks (F.multi_head_attention_forward's), with messages that name the
+    argument and the expected shape, run before any projection or kernel. Returns batched."""
+    nd = query.dim()
+    if nd not in (2, 3):
+        raise _InputError(f"`query` should be an unbatched 2-D or batched 3-D tensor, got shape "
+                          f"{tuple(query.shape)}")
+    kind = "batched (3-D)" if nd == 3 else "unbatched (2-D)"
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != nd:
+            raise _InputError(f"For {kind} `query`, expected `{name}` to be {nd}-D, got shape "
+                              f"{tuple(t.shape)}")
+    if nd == 2:
+        B, (L, S) = None, (query.shape[0], key.shape[0])
+        _check_shape("query", query, (None, m.embed_dim), "(target length, embed_dim)")
+        _check_shape("key", key, (None, m.kdim), "(source length, kdim)")
+        _check_shape("value", value, (S, m.vdim), "(source length of `key`, vdim)")
+    else:
+        order = (lambda b, n, e: (b, n, e)) if m.batch_first else (lambda b, n, e: (n, b, e))
+        what = "(batch, {}, {})" if m.batch_first else "({}, batch, {})"
+        B, L = order(*query.shape)[:2]
+        S = order(*key.shape)[1]
+        _check_shape("query", query, order(None, None, m.embed_dim),
+                     what.format("target length", "embed_dim"))
+        _check_shape("key", key, order(B, None, m.kdim),
+                     what.format("source length", "kdim") + f" with the batch size {B} of `query`")
+        _check_shape("value", value, order(B, S, m.vdim),
+                     what.format("source length", "vdim") + " with the batch size and source "
+                     "length of `key`")
+    _check_mask_dtype("key_padding_mask", key_padding_mask)
+    _check_mask_dtype("attn_mask", attn_mask)
+    if key_padding_mask is not None:
+        _check_shape("key_padding_mask", key_padding_mask, (B, S) if nd == 3 else (S,),
+                     "(batch, source length)" if nd == 3 else "(source length,) for unbatched `query`")
+    if attn_mask is not None:
+        three = (B * m.num_heads if nd == 3 else m.num_heads, L, S)
+        if attn_mask.dim() not in (2, 3):
+            raise _InputError(f"expected `attn_mask` to be None, 2-D {(L, S)} or 3-D {three}, "
+                              f"got shape {tuple(attn_mask.shape)}")
+        _check_shape("attn_mask", attn_mask, (L, S) if attn_mask.dim() == 2 else three,
+                     "(target length, source length)" if attn_mask.dim() == 2 else
+                     "(batch * num_heads, target length, source length)")
+    return nd == 3
+
+
 def _is_causal_mask(mask: Tensor, L: int, S: int) -> bool:
+    """Whether a 2-D mask is exactly the square causal one (eager only: reads the values)."""
     if mask.dim() != 2 or mask.shape != (L, S) or L != S:
         return False
     upper = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu(1)
@@ -32,15 +108,37 @@ def _is_causal_mask(mask: Tensor, L: int, S: int) -> bool:
     return bool(torch.all(torch.where(upper, mask == float("-inf"), mask == 0)))
 
 
-def _key_mask(kpm: Optional[Tensor]) -> Tuple[bool, Optional[Tensor]]:
-    """(servable, key_mask) from an nn-style key_padding_mask (True / -inf = ignore)."""
+def _key_mask(kpm: Optional[Tensor], tracing: bool) -> Tuple[bool, Optional[Tensor]]:
+    """(servable, key_mask) from an nn-style key_padding_mask (True / -inf = ignore). A float
+    mask is servable only when it holds just 0 and -inf, which only eager code can look at."""
     if kpm is None:
         return True, None
     if kpm.dtype == torch.bool:
         return True, ~kpm
-    if torch.all((kpm == 0) | (kpm == float("-inf"))):
+    if not tracing and torch.all((kpm == 0) | (kpm == float("-inf"))):
         return True, kpm == 0
     return False, None
+
+
+def _unpad(t: Tensor, name: str) -> Tuple[Tensor, Tensor, list]:
+    """A nested (batch, ragged length, E) tensor as (zero-padded (B, max length, E), valid
+    (B, max length) bool, lengths)."""
+    if t.dim() != 3:
+        raise _InputError(f"nested `{name}` must be (batch, ragged length, embed), got {t.dim()} "
+                          "dims")
+    lengths = [int(x.shape[0]) for x in t.unbind()]
+    padded = torch.nested.to_padded_tensor(t, 0.0)
+    valid = (torch.arange(padded.shape[1], device=padded.device)
+             < torch.tensor(lengths, device=padded.device)[:, None])
+    return padded, valid, lengths
+
+
+def _renest(out: Tensor, like: Tensor, valid: Tensor, lengths: list) -> Tensor:
+    """The rows `valid` of a padded (B, max length, E) tensor as a nested tensor of like's layout
+    (for jagged: the same offsets, so it adds to `like`)."""
+    if like.layout == torch.jagged:
+        return torch.nested.nested_tensor_from_jagged(out[valid], offsets=like.offsets())
+    return torch.nested.as_nested_tensor([o[:n] for o, n in zip(out, lengths)], layout=like.layout)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -63,25 +161,65 @@ class MultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        batched = query.dim() == 3
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights,
+                                        attn_mask, average_attn_weights, is_causal)
+        batched = _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
         seq_dim = 1 if (batched and self.batch_first) else 0
         L, S = query.shape[seq_dim], key.shape[seq_dim]
-        servable, key_mask = _key_mask(key_padding_mask)
+        # Under torch.compile nothing may branch on a mask's values: a float key_padding_mask or
+        # an attn_mask whose pattern would have to be read takes torch's exact path there.
+        tracing = torch.compiler.is_compiling()
+        servable, key_mask = _key_mask(key_padding_mask, tracing)
         causal = False
         if attn_mask is not None:
-            causal = _is_causal_mask(attn_mask, L, S)
+            if is_causal and key_padding_mask is None:
+                causal = L == S  # torch trusts the hint here too and drops the mask
+            elif not tracing:
+                causal = _is_causal_mask(attn_mask, L, S)
             servable &= causal
         elif is_causal:
-            causal = L == S
-            servable &= causal
+            raise _InputError("Need attn_mask if specifying the is_causal hint (as torch): "
+                              "`attn_mask` must be the causal mask, e.g. nn.Transformer."
+                              "generate_square_subsequent_mask(L)")
         fast = (servable and not need_weights and not self.add_zero_attn
-                and not (self.training and self.dropout > 0) and query.dim() in (2, 3)
+                and not (self.training and self.dropout > 0)
                 and not (causal and self.bias_k is not None))
         if not fast:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
         return self._fast_forward(query, key, value, key_mask, causal, batched), None
+
+    def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):
+        """Nested (batch, ragged length, E) inputs, as nn.TransformerEncoder's padding fast path
+        passes them: padded around the dense path, the padding served as a key_padding_mask."""
+        if not self.batch_first:
+            raise _InputError("nested-tensor inputs need batch_first=True: they are "
+                              "(batch, ragged length, embed)")
+        if key_padding_mask is not None:
+            raise _InputError("`key_padding_mask` cannot be combined with nested-tensor inputs: "
+                              "their lengths already mark the padding")
+        done = {}
+
+        def unpad(t, name):
+            if id(t) not in done:
+                done[id(t)] = _unpad(t, name) if t.is_nested else (t, None, None)
+            return done[id(t)]
+
+        q, q_valid, q_lengths = unpad(query, "query")
+        k, k_valid, _ = unpad(key, "key")
+        v, v_valid, _ = unpad(value, "value")
+        if k_valid is None and v_valid is not None:
+            k_valid = v_valid
+        kpm = None if k_valid is None else ~k_valid
+        out, weights = self.forward(q, k, v, key_padding_mask=kpm, need_weights=need_weights,
+                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                    is_causal=is_causal)
+        if q_valid is not None:
+            out = _renest(out, query, q_valid, q_lengths)
+        return out, weights
 
     def _fast_forward(self, query, key, value, key_mask, causal, batched):
         if not batched:  # (L, E) -> (1, L, E)

@@ -8,6 +8,15 @@ from torch import Tensor, nn
 
 from ..ops import rms_norm
 
+try:  # torch's own rule (the one its RMSNorm follows), by the order of x's strides
+    from torch._prims_common import suggest_memory_format as _suggest_memory_format
+except ImportError:  # pragma: no cover - older/newer torch without it
+    def _suggest_memory_format(x: Tensor) -> torch.memory_format:
+        for fmt in (torch.channels_last, torch.channels_last_3d):
+            if x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+                return fmt
+        return torch.contiguous_format
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims.
@@ -48,9 +57,14 @@ class RMSNorm(nn.Module):
                 weight = weight.to(x.dtype)
             weight = weight.reshape(-1)
         if n == 1:
-            return rms_norm(x, weight, eps, backend=self.backend)
-        flat = x.reshape(*x.shape[:x.dim() - n], math.prod(self.normalized_shape))
-        return rms_norm(flat, weight, eps, backend=self.backend).reshape(x.shape)
+            y = rms_norm(x, weight, eps, backend=self.backend)
+        else:
+            flat = x.reshape(*x.shape[:x.dim() - n], math.prod(self.normalized_shape))
+            y = rms_norm(flat, weight, eps, backend=self.backend).reshape(x.shape)
+        # torch.nn.RMSNorm's output is dense in x's suggested memory format (channels_last
+        # stays channels_last); other layouts come back contiguous, as ours do
+        fmt = _suggest_memory_format(x) if x.dim() in (4, 5) else torch.contiguous_format
+        return y if fmt == torch.contiguous_format else y.contiguous(memory_format=fmt)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
