@@ -18,7 +18,11 @@
 //    the partial softmaxes in a fixed order (flash-decoding); the split depends on the
 //    problem only, never on the thread count.
 //  - Backward recomputes P from the saved lse by tile: dV += P^T dO, dP = dO V^T,
-//    dS = P (dP - rowsum(dO O)) [x softcap derivative], dQ += scale dS K, dK += scale dS^T Q.
+//    dS = P (dP - delta) [x softcap derivative], dQ += scale dS K, dK += scale dS^T Q, with
+//    delta = rowsum(dO O), except for rows with exactly one visible key: delta = dP at that
+//    key, so their dS is exactly 0 (single_visible_key).
+//  - NaN/Inf in q, k, v propagate to the rows they reach (NaN-propagating row max); a row
+//    with no visible key still gives zeros.
 //    Deterministic: a work item owns its outputs (one (batch, kv head) owns dK, dV and the dQ
 //    of its query heads), or, with too few such items for the threads, dK/dV are computed per
 //    (batch, kv head, key block) and dQ per query tile in a second pass. Sums run in a fixed
@@ -661,6 +665,13 @@ struct RowsArgs {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// max that propagates NaN (std::max and the max instructions drop a NaN operand): a NaN score
+// must reach its row's max, so the row comes out NaN, as in the reference, not empty.
+template <typename Acc>
+inline Acc max_nan(Acc a, Acc b) {
+  return (a > b || a != a) ? a : b;
+}
+
 // ---- portable
 template <typename Acc, bool MASK, bool ALIBI, bool SOFTCAP>
 Acc prep_row_portable(Acc* s, int64_t n, int64_t j0, const RowInfo<Acc>& ri, const Cfg<Acc>& cf, Acc* g) {
@@ -677,7 +688,7 @@ Acc prep_row_portable(Acc* s, int64_t n, int64_t j0, const RowInfo<Acc>& ri, con
     if (ALIBI) x -= ri.slope2 * static_cast<Acc>(std::abs(prel - c));
     if (MASK && (c < lo || c > hi || (ri.cm && !ri.cm[c]))) x = ninf;
     s[c] = x;
-    mx = std::max(mx, x);
+    mx = max_nan(mx, x);
   }
   return mx;
 }
@@ -715,7 +726,7 @@ void fwd_rows_portable(const RowsArgs<Acc, PT>& a) {
     PT* p = a.P + r * a.ldP;
     const Acc mx = prep(s, a.n, a.j0, a.ri[r], cf, nullptr);
     const Acc m_old = a.m[r];
-    const Acc m_new = std::max(m_old, mx);
+    const Acc m_new = max_nan(m_old, mx);
     if (m_new == ninf) {
       for (int64_t c = 0; c < a.n; ++c) p[c] = PT(0);
       if (a.n & 1) p[a.n] = PT(0);
@@ -787,9 +798,10 @@ void bwd_ds_rows_portable(const RowsArgs<Acc, PT>& a) {
 // ---- AVX-512 (fp32)
 TK_AVX512 inline __m512 exp2_v(__m512 x) {
   // 2^x = 2^round(x) * 2^f, f in [-0.5, 0.5]; degree-6 polynomial (rel. error ~1e-7);
-  // scalef applies the exponent (overflow to inf). Results below 2^-126 (and -inf or NaN
-  // lanes from -inf inputs) are zeroed: subnormal probabilities would only slow the GEMMs.
-  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  // scalef applies the exponent (overflow to inf). Results below 2^-126 (and -inf inputs)
+  // are zeroed: subnormal probabilities would only slow the GEMMs. NaN stays NaN (not-less-
+  // than, unordered: a NaN lane is kept and the polynomial carries it).
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
   const __m512 fl = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, fl);
   __m512 p = _mm512_set1_ps(1.5337577497120947e-4f);
@@ -867,19 +879,27 @@ TK_AVX512 inline __m512 transform_v(__m512 x, int64_t c, __mmask16 tm, const Row
   return x;
 }
 
+// Row max of the lanes seen, NaN if any lane was NaN (vmaxps drops a NaN operand, so NaN
+// lanes are tracked in a mask beside the max).
+TK_AVX512 inline float row_max_nan(__m512 vmax, __mmask16 nan) {
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
+}
+
 // Transform in place (when there is one) and return the row max.
 template <bool MASK, bool ALIBI, bool SOFTCAP>
 TK_AVX512 float prep_row_avx512(float* s, int64_t n, int64_t j0, const RowInfo<float>& ri, const Cfg<float>& cf,
                                 float* g) {
   const RowConsts k = row_consts(n, j0, ri, cf);
   __m512 vmax = _mm512_set1_ps(kNegInf);
+  __mmask16 nan = 0;
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 tm = tail_mask(n - c);
     const __m512 x = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_maskz_loadu_ps(tm, s + c), c, tm, k, g);
     if (MASK || ALIBI || SOFTCAP) _mm512_mask_storeu_ps(s + c, tm, x);
     vmax = _mm512_mask_max_ps(vmax, tm, vmax, x);
+    nan |= _mm512_mask_cmp_ps_mask(tm, x, x, _CMP_UNORD_Q);
   }
-  return _mm512_reduce_max_ps(vmax);
+  return row_max_nan(vmax, nan);
 }
 
 using prep_avx_fn = float (*)(float*, int64_t, int64_t, const RowInfo<float>&, const Cfg<float>&, float*);
@@ -978,11 +998,13 @@ TK_AVX512 inline void store2_f32(float* dst, int64_t left, __m512 a, __m512 b) {
   const __m512 vm = _mm512_set1_ps(m);                                                      \
   const __mmask16 all = 0xFFFF;                                                             \
   __m512 vmax = _mm512_set1_ps(kNegInf), sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps(); \
+  __mmask16 nan = 0;                                                                        \
   int64_t c = 0;                                                                            \
   for (; c + 32 <= n; c += 32) {                                                            \
     const __m512 x0 = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_loadu_ps(s + c), c, all, k, nullptr); \
     const __m512 x1 = transform_v<MASK, ALIBI, SOFTCAP>(_mm512_loadu_ps(s + c + 16), c + 16, all, k, nullptr); \
     vmax = _mm512_max_ps(vmax, _mm512_max_ps(x0, x1));                                      \
+    nan |= _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q); \
     const __m512 p0 = exp2_v(_mm512_sub_ps(x0, vm));                                        \
     const __m512 p1 = exp2_v(_mm512_sub_ps(x1, vm));                                        \
     sum0 = _mm512_add_ps(sum0, p0);                                                         \
@@ -996,6 +1018,7 @@ TK_AVX512 inline void store2_f32(float* dst, int64_t left, __m512 a, __m512 b) {
         transform_v<MASK, ALIBI, SOFTCAP>(_mm512_maskz_loadu_ps(t1, s + c + 16), c + 16, t1, k, nullptr); \
     vmax = _mm512_mask_max_ps(vmax, t0, vmax, x0);                                          \
     vmax = _mm512_mask_max_ps(vmax, t1, vmax, x1);                                          \
+    nan |= _mm512_mask_cmp_ps_mask(t0, x0, x0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(t1, x1, x1, _CMP_UNORD_Q); \
     const __m512 p0 = _mm512_maskz_mov_ps(t0, exp2_v(_mm512_sub_ps(x0, vm)));              \
     const __m512 p1 = _mm512_maskz_mov_ps(t1, exp2_v(_mm512_sub_ps(x1, vm)));              \
     sum0 = _mm512_add_ps(sum0, p0);                                                         \
@@ -1003,7 +1026,7 @@ TK_AVX512 inline void store2_f32(float* dst, int64_t left, __m512 a, __m512 b) {
     STORE2(OUT + c, n - c, p0, p1);                                                         \
   }                                                                                         \
   if (std::is_same<decltype(OUT), uint16_t*>::value && (n & 1)) OUT[n] = 0;                \
-  *mx = _mm512_reduce_max_ps(vmax);                                                         \
+  *mx = row_max_nan(vmax, nan);                                                             \
   return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 
 template <bool MASK, bool ALIBI, bool SOFTCAP>
@@ -1602,7 +1625,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
       T* o = op + ((t.b * P.Hq + h) * P.Sq + i) * D;
       const Acc* a = acc + r * D;
       float* lo = lp + (t.b * P.Hq + h) * P.Sq + i;
-      if (l[r] > Acc(0)) {
+      if (l[r] != Acc(0)) {  // (NaN: a NaN reached the row; it propagates)
         const Acc inv = Acc(1) / l[r];
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(a[d] * inv);
         *lo = static_cast<float>((static_cast<double>(m[r]) + std::log2(static_cast<double>(l[r]))) * kLn2);
@@ -1654,8 +1677,8 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
       const Acc* src = part.data() + (item * nsplit + k2) * slot;
       for (int64_t r = 0; r < R; ++r) {
         const Acc ms = src[rmax * D + r], ls = src[rmax * (D + 1) + r];
-        if (!(ls > Acc(0))) continue;
-        const Acc mn = std::max(st.m[r], ms);
+        if (ls == Acc(0)) continue;  // no visible key in this split (NaN merges: it propagates)
+        const Acc mn = max_nan(st.m[r], ms);
         const Acc a_old = std::exp2(st.m[r] - mn), a_new = std::exp2(ms - mn);
         st.l[r] = st.l[r] * a_old + ls * a_new;
         Acc* o = st.acc.data() + r * D;
@@ -1701,6 +1724,7 @@ struct BwdState {
   std::vector<Acc> S, dP, G, dq, dk, dv;
   std::vector<T> Pl, dSl, qbuf, dobuf;
   std::vector<RowInfo<Acc>> ri;
+  std::vector<int64_t> one_key;  // per tile row: its only visible key, or -1
   std::vector<Piece> pieces;
   std::vector<uint8_t> cmbuf, any_buf, all_buf;
 };
@@ -1717,6 +1741,38 @@ struct BwdCtx {
   int64_t qsB, qsH, qsS, ksB, ksH, ksS, vsB, vsH, vsS, dsB, dsH, dsS, osB, osH, osS;
   const float* lse;  // (B, Hq, Sq) contiguous
 };
+
+// The key a row sees when it sees exactly one, else -1 (none, or several). Such a row's
+// softmax is the constant 1, so its dS is exactly 0: bwd_tile sets its delta to dP at that
+// key (delta = rowsum(P dP) exactly, P being 1 there and 0 elsewhere), and dS = P (dP - delta)
+// cancels bit for bit, whatever order the GEMM summed dP in. rowsum(dO O) would leave the
+// rounding difference of two differently ordered sums (~1e-7 in dQ, dK). Costs O(1) per row
+// (prefix counts of the key mask), plus a walk over the key blocks of the window with a block
+// mask that stops at the second visible key.
+int64_t single_visible_key(const Problem& P, int64_t b, int64_t h, int64_t i) {
+  const int64_t lo = P.lo(i), hi = P.hi(i);
+  if (lo > hi) return -1;
+  const int32_t* kc = P.km ? P.kmc.data() + b * (P.Sk + 1) : nullptr;
+  auto count = [&](int64_t a, int64_t e) { return kc ? int64_t{kc[e + 1] - kc[a]} : e - a + 1; };  // [a, e]
+  auto first = [&](int64_t a, int64_t e) {  // the first visible key of [a, e] (which holds one)
+    if (!kc) return a;
+    while (a < e) {  // the first j with kc[j + 1] > kc[a_0]: binary search on the prefix counts
+      const int64_t mid = a + (e - a) / 2;
+      if (kc[mid + 1] - kc[a] > 0) e = mid; else a = mid + 1;
+    }
+    return a;
+  };
+  if (!P.bm) return count(lo, hi) == 1 ? first(lo, hi) : -1;
+  int64_t total = 0, at = -1;
+  for (int64_t kb = lo / P.bs; kb <= hi / P.bs && total < 2; ++kb) {
+    if (!P.bmask(b, h, i / P.bs, kb)) continue;
+    const int64_t a = std::max(lo, kb * P.bs), e = std::min(hi, (kb + 1) * P.bs - 1);
+    const int64_t c = count(a, e);
+    if (c == 1 && total == 0) at = first(a, e);
+    total += c;
+  }
+  return total == 1 ? at : -1;
+}
 
 // Accumulates one tile's contributions over its pieces: dq (rows x D, if non-null), and
 // dk/dv rows [j - kofs] (if non-null).
@@ -1738,17 +1794,19 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     st.dSl.resize(R * ldS);
   }
   fill_rows<Acc>(P, t, st.ri);
+  st.one_key.resize(R);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
     const int64_t idx = (t.b * P.Hq + h) * P.Sq + i;
     const float l = c.lse[idx];
     st.ri[r].lse2 = std::isinf(l) && l < 0 ? -std::numeric_limits<Acc>::infinity() : static_cast<Acc>(l * kLog2e);
-    // delta = rowsum(dO * O), in the accumulation precision
+    // delta = rowsum(dO * O), in the accumulation precision (one-key rows: see below)
     const T* dor = c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS;
     const T* orow = c.out + t.b * c.osB + h * c.osH + i * c.osS;
     Acc dl = 0;
     for (int64_t d = 0; d < D; ++d) dl += static_cast<Acc>(to_f(dor[d])) * static_cast<Acc>(to_f(orow[d]));
     st.ri[r].delta = dl;
+    st.one_key[r] = single_visible_key(P, t.b, h, i);
   }
   int64_t lda = 0, ldo = 0;
   const T* A = tile_rows<T>(c.q, c.qsB, c.qsH, c.qsS, t, D, st.qbuf, lda);
@@ -1780,6 +1838,10 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     c.rows.bwd_p(ra);
     if (dv) c.gemm(Op::TN, n, D, R, Acc(1), Pm, ldS, dO, ldo, Acc(1), dv + (pc.j0 - kofs) * D, D);
     c.gemm(Op::NT, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
+    for (int64_t r = 0; r < R; ++r) {  // a row's only key is in this piece: delta = dP there
+      const int64_t j = st.one_key[r];
+      if (j >= pc.j0 && j < pc.j1) st.ri[r].delta = st.dP[r * ldS + (j - pc.j0)];
+    }
     c.rows.bwd_ds(ra);
     if (dq) c.gemm(Op::NN, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D);
     if (dk) c.gemm(Op::TN, n, D, R, c.scale, dSm, ldS, A, lda, Acc(1), dk + (pc.j0 - kofs) * D, D);
