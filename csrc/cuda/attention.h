@@ -34,7 +34,8 @@ struct AttentionParams {
   BhsdArg dout, o;
   const float* lse_in;
   int64_t lse_sb, lse_sh, lse_ss;
-  // backward outputs (contiguous) and float32 scratch (B, Hq, Sq) for delta = rowsum(dO * O)
+  // backward outputs (contiguous) and float32 scratch 2 x (B, Hq, Sq) for delta = rowsum(dO * O)
+  // (as the dQ kernel's product computes it, then as the dK/dV kernel's; attention_kernel.cuh)
   void *dq, *dk, *dv;
   float* delta;
 };
@@ -52,7 +53,6 @@ namespace detail {
 // (attention_fwd_<D>.cu, attention_bwd_<D>.cu).
 template <int D> cudaError_t attention_fwd_bucket(const AttentionParams& p, cudaStream_t stream);
 template <int D> cudaError_t attention_bwd_bucket(const AttentionParams& p, cudaStream_t stream);
-cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream);
 }  // namespace detail
 
 }  // namespace truthgpt::cuda

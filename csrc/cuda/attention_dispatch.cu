@@ -1,5 +1,5 @@
 // Entry points of the CUDA attention kernels: head-dim bucket dispatch (the buckets' kernels
-// live in attention_{fwd,bwd}_<D>.cu) and the backward's delta pre-pass.
+// live in attention_{fwd,bwd}_<D>.cu, the backward's delta pre-pass included).
 #include "attention_kernel.cuh"
 
 namespace truthgpt::cuda {
@@ -17,13 +17,6 @@ TRUTHGPT_ATTENTION_BUCKET(192)
 TRUTHGPT_ATTENTION_BUCKET(256)
 #undef TRUTHGPT_ATTENTION_BUCKET
 
-cudaError_t attention_delta(const AttentionParams& p, cudaStream_t stream) {
-  const attn::Problem& pr = p.prob;
-  const int64_t rows = pr.B * pr.Hq * pr.Sq;
-  return dispatch_dtype(p.dtype, [&]<typename T>() {
-    return attn_kernels::launch(attn_kernels::attention_delta_kernel<T>, attn::ceil_div(rows, 8), 256, 0, p, stream);
-  });
-}
 }  // namespace detail
 
 cudaError_t attention_fwd(const AttentionParams& p, cudaStream_t stream) {
@@ -41,8 +34,6 @@ cudaError_t attention_fwd(const AttentionParams& p, cudaStream_t stream) {
 cudaError_t attention_bwd(const AttentionParams& p, cudaStream_t stream) {
   const int bucket = attention_head_dim_bucket(p.prob.D);
   if (bucket == 0) return cudaErrorInvalidValue;
-  const cudaError_t err = detail::attention_delta(p, stream);
-  if (err != cudaSuccess) return err;
   switch (bucket) {
     case 32: return detail::attention_bwd_bucket<32>(p, stream);
     case 64: return detail::attention_bwd_bucket<64>(p, stream);

@@ -12,7 +12,7 @@
 //   are never visited and tiles the block mask (or an all-padding key mask) removes are
 //   skipped before any math; ALiBi and softcap are applied to the scores in registers;
 //   GQA reads kv head h / (Hq / Hkv) (no repeat);
-// - backward: delta = rowsum(dO * O) pre-pass; dK/dV: a block per (b, kv head, key tile,
+// - backward: delta = rowsum(dO * O) pre-pass (by the product that computes dP); dK/dV: a block per (b, kv head, key tile,
 //   head-dim slice) looping over the query heads of its GQA group and their visible query
 //   tiles; dQ: a block per (b, h, query tile, slice) looping over visible key tiles. Every
 //   output element is written by exactly one thread, in a fixed order: deterministic, no
@@ -208,9 +208,9 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t 
   }
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
-  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+__device__ __forceinline__ float quad_max(float x) {  // NaN-propagating (max_nan)
+  x = max_nan(x, __shfl_xor_sync(kFullMask, x, 1));
+  return max_nan(x, __shfl_xor_sync(kFullMask, x, 2));
 }
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(kFullMask, x, 1);
@@ -297,11 +297,11 @@ __global__ void __launch_bounds__(FwdShape<T, D>::NTH)
         const float v = score(pr, s[nt][e], slope, row[r] + off, j, &tc);
         const bool vis = !masked || elem_visible(pr, row[r], j, colok[jl] != 0, bm);
         s[nt][e] = vis ? v : kNegInf;
-        mt[r] = fmaxf(mt[r], s[nt][e]);
+        mt[r] = max_nan(mt[r], s[nt][e]);
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], quad_max(mt[r]));
+      const float m_new = max_nan(m[r], quad_max(mt[r]));
       const float alpha = online_rescale(m[r], m_new);
       m[r] = m_new;
       l[r] *= alpha;
@@ -340,20 +340,54 @@ __global__ void __launch_bounds__(FwdShape<T, D>::NTH)
 }
 
 // ---------------------------------------------------------------------------- backward
-template <typename T>
-__global__ void __launch_bounds__(256) attention_delta_kernel(const __grid_constant__ AttentionParams p) {
+// delta = rowsum(dO * O) per row, as the diagonal of dO O^T (for the dQ kernel, whose dP is
+// gemm_nt(dO, V)) and of O dO^T (for the dK/dV kernel, whose dP^T is gemm_nt(V, dO)): the same
+// products and summation order as dP, so a row with one visible key gets dS exactly 0 (see
+// attention_math.cuh). p.delta holds 2 x (B, Hq, Sq) floats: the dQ kernel's, then dK/dV's.
+template <typename T, int D>
+struct DeltaShape {
+  static constexpr int BR = (sizeof(T) == 4 && D > 128) ? 32 : 64, NW = BR / 16, NTH = NW * 32,
+                       LD = kPitch<T, D>;
+  static constexpr size_t smem = size_t(2 * BR) * LD * sizeof(T);
+  static_assert(smem <= 160 * 1024, "delta tile exceeds sm_80 shared memory");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DeltaShape<T, D>::NTH)
+    attention_delta_kernel(const __grid_constant__ AttentionParams p) {
+  using Sh = DeltaShape<T, D>;
+  constexpr int BR = Sh::BR, LD = Sh::LD, NTH = Sh::NTH;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* dOs = reinterpret_cast<T*>(smem);
+  T* Os = dOs + BR * LD;
+
   const Problem& pr = p.prob;
-  const int64_t rowi = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (rowi >= pr.B * pr.Hq * pr.Sq) return;
-  const int64_t i = rowi % pr.Sq, bh = rowi / pr.Sq, h = bh % pr.Hq, b = bh / pr.Hq;
-  const T* dor = static_cast<const T*>(p.dout.ptr) + offset_bhs(b, h, i, p.dout.sb, p.dout.sh, p.dout.ss);
-  const T* orow = static_cast<const T*>(p.o.ptr) + offset_bhs(b, h, i, p.o.sb, p.o.sh, p.o.ss);
-  float acc = 0.f;
-  for (int64_t d = lane; d < pr.D; d += 32) acc = delta_step(acc, to_float(dor[d]), to_float(orow[d]));
+  const BlockCoords bc = block_coords(blockIdx.x, pr.Hq, ceil_div(pr.Sq, BR), 1);
+  const int64_t b = bc.b, h = bc.h, q0 = bc.tile * BR, q1 = imin(q0 + BR, pr.Sq);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int Dr = static_cast<int>(pr.D);
+  load_rows<T, BR, D, NTH>(dOs, LD,
+                           static_cast<const T*>(p.dout.ptr) + offset_bhs(b, h, q0, p.dout.sb, p.dout.sh, p.dout.ss),
+                           p.dout.ss, q1 - q0, Dr, p.vec_loads);
+  load_rows<T, BR, D, NTH>(Os, LD, static_cast<const T*>(p.o.ptr) + offset_bhs(b, h, q0, p.o.sb, p.o.sh, p.o.ss),
+                           p.o.ss, q1 - q0, Dr, p.vec_loads);
+  __syncthreads();
+  float eq[2][4], ek[2][4];
+  zero_acc(eq);
+  zero_acc(ek);
+  gemm_nt<T, 2, D>(eq, dOs + warp * 16 * LD, LD, Os + warp * 16 * LD, LD);  // as dP = dO V^T
+  gemm_nt<T, 2, D>(ek, Os + warp * 16 * LD, LD, dOs + warp * 16 * LD, LD);  // as dP^T = V dO^T
+  const int64_t n = pr.B * pr.Hq * pr.Sq, base = (b * pr.Hq + h) * pr.Sq;
 #pragma unroll
-  for (int w = 16; w > 0; w >>= 1) acc += __shfl_xor_sync(kFullMask, acc, w);
-  if (lane == 0) p.delta[rowi] = acc;
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t i = q0 + warp * 16 + acc_coord(lane, nt, e).row;
+      if (acc_on_diagonal(lane, nt, e) && i < q1) {
+        p.delta[base + i] = eq[nt][e];
+        p.delta[n + base + i] = ek[nt][e];
+      }
+    }
 }
 
 template <typename T, int D>
@@ -419,7 +453,7 @@ __global__ void __launch_bounds__(DkdvShape<T, D>::NTH)
         if (tid < BR) {
           const int64_t i = q0 + tid;
           lse_s[tid] = i < q1 ? p.lse_in[offset_bhs(b, h, i, p.lse_sb, p.lse_sh, p.lse_ss)] : kNegInf;
-          dl_s[tid] = i < q1 ? p.delta[(b * pr.Hq + h) * pr.Sq + i] : 0.f;
+          dl_s[tid] = i < q1 ? p.delta[pr.B * pr.Hq * pr.Sq + (b * pr.Hq + h) * pr.Sq + i] : 0.f;
         }
         __syncthreads();
         const bool masked = !info.full || pr.key_mask != nullptr || k1 - k0 < BC || q1 - q0 < BR;
@@ -595,10 +629,14 @@ cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
+  using E = DeltaShape<T, D>;
   using A = DkdvShape<T, D>;
   using Q = DqShape<T, D>;
   const Problem& pr = p.prob;
-  cudaError_t err = launch(attention_dkdv_kernel<T, D>, pr.B * pr.Hkv * ceil_div(pr.Sk, A::BC) * A::NS, A::NTH,
+  cudaError_t err = launch(attention_delta_kernel<T, D>, pr.B * pr.Hq * ceil_div(pr.Sq, E::BR), E::NTH, E::smem, p,
+                           stream);
+  if (err != cudaSuccess) return err;
+  err = launch(attention_dkdv_kernel<T, D>, pr.B * pr.Hkv * ceil_div(pr.Sk, A::BC) * A::NS, A::NTH,
                            A::smem, p, stream);
   if (err != cudaSuccess) return err;
   return launch(attention_dq_kernel<T, D>, pr.B * pr.Hq * ceil_div(pr.Sq, Q::BR) * Q::NS, Q::NTH, Q::smem, p,

@@ -196,24 +196,32 @@ TG_HD float softcap_grad(const Problem& p, float t) { return p.softcap > 0.f ? 1
 
 // ---------------------------------------------------------------------------- online softmax
 // Per row: m = running max (-inf before any visible key), l = running sum of exp(s - m),
-// o = running sum of exp(s - m) v. For each key tile: m_new = max(m, tile max);
+// o = running sum of exp(s - m) v. For each key tile: m_new = max(m, tile max) (max_nan);
 // alpha = online_rescale(m, m_new) multiplies l and o; p = online_prob(s, m_new).
+// NaN/Inf in q, k or v reach the rows they reach: a NaN score makes the row max NaN (fmaxf
+// would drop it and leave an "empty" row of zeros), then l, the output and lse are NaN.
+
+// max that propagates NaN (fmaxf returns the other operand).
+TG_HD float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 TG_HD float online_rescale(float m_old, float m_new) {
   return m_new == kNegInf ? 1.f : expf(m_old - m_new);  // m_old = -inf, m_new finite -> 0
 }
 TG_HD float online_prob(float s, float m) { return s == kNegInf ? 0.f : expf(s - m); }
 // Final: out = o * softmax_inv_sum(l); lse = softmax_lse(m, l). A row without a visible key
-// has l = 0: out 0, lse -inf.
-TG_HD float softmax_inv_sum(float l) { return l > 0.f ? 1.f / l : 0.f; }
-TG_HD float softmax_lse(float m, float l) { return l > 0.f ? m + logf(l) : kNegInf; }
+// has l = 0: out 0, lse -inf. A NaN l (a NaN reached the row) gives NaN for both.
+TG_HD float softmax_inv_sum(float l) { return l != 0.f ? 1.f / l : 0.f; }
+TG_HD float softmax_lse(float m, float l) { return l != 0.f ? m + logf(l) : kNegInf; }
 
 // ---------------------------------------------------------------------------- backward
 // P recomputed from the saved lse (0 for a masked pair or a row with no visible key).
 TG_HD float backward_prob(float s, float lse, bool visible) {
   return (visible && lse != kNegInf) ? expf(s - lse) : 0.f;
 }
-// delta_i = sum_d dO[i, d] * O[i, d], accumulated in float32 (one row, step by step).
-TG_HD float delta_step(float acc, float dout, float out) { return acc + dout * out; }
+// delta_i = sum_d dO[i, d] * O[i, d] is computed by the very product that computes dP
+// (attention_delta_kernel: the diagonal of dO O^T for the dQ kernel, of O dO^T for the dK/dV
+// kernel, with gemm_nt as dP = dO V^T and dP^T = V dO^T): a row whose mass sits on one key j
+// has O == v_j exactly, so dP_ij == delta_i bit for bit and dS is exactly 0 (the gradient of
+// the constant softmax of one key) instead of the rounding difference of two sums.
 // dS = P * (dP - delta) * dscore/draw; then dQ = scale * dS K, dK = scale * dS^T Q.
 TG_HD float backward_dscore(const Problem& p, float prob, float dp, float delta, float t) {
   return prob * (dp - delta) * softcap_grad(p, t);
@@ -271,6 +279,12 @@ TG_HD Coord b_coord(int lane, int kstep, int ntile, int e) {
 // The accumulator (n-tile, element) that supplies A element e of k-step kk.
 TG_HD int a_from_acc_ntile(int kstep, int e) { return 2 * kstep + e / 4; }
 TG_HD int a_from_acc_elem(int e) { return e % 4; }
+// Is accumulator element e of n-tile `ntile` of a 16 x 16 tile (2 n-tiles) on its diagonal
+// (the delta kernel reads delta_i = (dO O^T)_ii there)?
+TG_HD bool acc_on_diagonal(int lane, int ntile, int e) {
+  const Coord c = acc_coord(lane, ntile, e);
+  return c.row == c.col;
+}
 // fp32 path (no MMA): column k of a warp's 16-row tile held in accumulator layout lives in lane
 // (lane & ~3) | shfl_src_tid(k), n-tile k / 8, element (k % 2) (+2 for the row g + 8).
 TG_HD int shfl_src_tid(int k) { return (k % 8) / 2; }

@@ -133,9 +133,9 @@ std::tuple<at::Tensor, at::Tensor> host_fwd(const at::Tensor& q_, const at::Tens
           const float val = score(p, raw, slope, i + off, j, &tc);
           const bool vis = !masked || elem_visible(p, i, j, colok[jl] != 0, bm);
           s[jl] = vis ? val : kNegInf;
-          mt = std::fmax(mt, s[jl]);
+          mt = max_nan(mt, s[jl]);
         }
-        const float m_new = std::fmax(m[r], mt);
+        const float m_new = max_nan(m[r], mt);
         const float alpha = online_rescale(m[r], m_new);
         m[r] = m_new;
         l[r] *= alpha;
@@ -185,13 +185,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
   const int64_t lsb = lse_.stride(0), lsh = lse_.stride(1), lss = lse_.stride(2);
   const int64_t D = p.D, off = query_offset(p), group = p.Hq / p.Hkv;
 
-  auto delta_t = at::empty({p.B, p.Hq, p.Sq}, q.options());
-  float* delta = delta_t.data_ptr<float>();
-  for (int64_t row = 0; row < p.B * p.Hq * p.Sq; ++row) {
+  // delta as attention_delta_kernel computes it: by the product of dP (the fp32 gemm_nt: one
+  // fma chain over d), in the dQ kernel's orientation (dO . O) and the dK/dV kernel's (O . dO)
+  const int64_t nrows = p.B * p.Hq * p.Sq;
+  auto delta_t = at::empty({2, nrows}, q.options());
+  float* delta_q = delta_t.data_ptr<float>();
+  float* delta_k = delta_q + nrows;
+  for (int64_t row = 0; row < nrows; ++row) {
     const int64_t i = row % p.Sq, bh = row / p.Sq, h = bh % p.Hq, b = bh / p.Hq;
-    float acc = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc = delta_step(acc, dO.row(b, h, i)[d], O.row(b, h, i)[d]);
-    delta[row] = acc;
+    delta_q[row] = dot(dO.row(b, h, i), O.row(b, h, i), D);
+    delta_k[row] = dot(O.row(b, h, i), dO.row(b, h, i), D);
   }
 
   auto dq_t = at::zeros({p.B, p.Hq, p.Sq, D}, q.options());
@@ -230,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
               const int64_t i = q0 + il;
               const bool in = i < q1;
               const float lse_i = in ? lse[b * lsb + h * lsh + i * lss] : kNegInf;
-              const float dl_i = in ? delta[(b * p.Hq + h) * p.Sq + i] : 0.f;
+              const float dl_i = in ? delta_k[(b * p.Hq + h) * p.Sq + i] : 0.f;
               const float raw = in ? dot(K.row(b, hk, j), Q.row(b, h, i), D) : 0.f;
               const float dp = in ? dot(V.row(b, hk, j), dO.row(b, h, i), D) : 0.f;
               float tc;
@@ -282,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
       const bool masked = !info.full || p.key_mask != nullptr || k1 - k0 < bc || q1 - q0 < br;
       for (int64_t i = q0; i < q1; ++i) {
         const float lse_i = lse[b * lsb + h * lsh + i * lss];
-        const float dl_i = delta[(b * p.Hq + h) * p.Sq + i];
+        const float dl_i = delta_q[(b * p.Hq + h) * p.Sq + i];
         for (int64_t jl = 0; jl < bc; ++jl) {
           const int64_t j = k0 + jl;
           const bool in = j < k1;

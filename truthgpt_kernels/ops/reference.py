@@ -185,15 +185,22 @@ def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block
 
 def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes,
                   block_mask, block_size, key_mask, softcap):
-    """The flash-attention backward written densely: P from the saved lse,
-    dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), through softcap, dQ = scale dS K,
-    dK = scale dS^T Q; GQA gradients summed over the query heads sharing a kv head."""
+    """The flash-attention backward written densely: dV = P^T dO, dS = P (dP - delta) with
+    dP = dO V^T, through softcap, dQ = scale dS K, dK = scale dS^T Q; GQA gradients summed
+    over the query heads sharing a kv head.
+
+    P is recomputed here in the accumulation precision (the saved lse is float32: in float64
+    it would leave P off by a rounding). delta = rowsum(P * dP), from the very dP values the
+    subtraction uses, instead of the equal rowsum(dO * O): so a row whose probability mass
+    sits on one key (P == 1 there, 0 elsewhere) gets dS exactly 0, as the constant softmax of
+    one key must, rather than the rounding difference of two dot products. NaN/Inf reach the
+    rows they reach in the forward; rows without a visible key get zero gradients."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = Hq // Hkv
     acc = _acc(q.dtype)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    do, o = grad_out.to(acc), out.to(acc)
+    do = grad_out.to(acc)
     kr, vr = kf.repeat_interleave(g, dim=1), vf.repeat_interleave(g, dim=1)
     raw = scale * (qf @ kr.transpose(-1, -2))
     s = softcap * torch.tanh(raw / softcap) if softcap > 0 else raw
@@ -203,12 +210,15 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
         s = s - alibi_slopes.to(acc).reshape(-1, Hq, 1, 1) * (pos_i - pos_j).abs().to(acc)
     vis = attention_visibility(B, Hq, Sq, Sk, window=(window_left, window_right),
                                block_mask=block_mask, block_size=block_size,
-                               key_mask=key_mask, device=q.device)
-    lse_f = lse.to(acc)[..., None]
-    p = torch.where(vis & torch.isfinite(lse_f), torch.exp(s - lse_f), 0.0)
+                               key_mask=key_mask, device=q.device).expand(B, Hq, Sq, Sk)
+    s = s.masked_fill(~vis, float("-inf"))
+    any_visible = vis.any(-1, keepdim=True)
+    lse_acc = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
+    p = torch.where(vis, torch.exp(s - lse_acc), 0.0)
     dv = p.transpose(-1, -2) @ do
-    delta = (do * o).sum(-1, keepdim=True)
-    ds = p * (do @ vr.transpose(-1, -2) - delta)
+    dp = do @ vr.transpose(-1, -2)
+    delta = torch.where(vis, p * dp, 0.0).sum(-1, keepdim=True)
+    ds = torch.where(vis, p * (dp - delta), 0.0)
     if softcap > 0:
         ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
     dq = scale * (ds @ kr)

@@ -4,7 +4,8 @@ sliding window, GQA/MQA, ALiBi, softcap, key padding mask and block-sparse masks
 Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
 - `_attn_fwd`: one program per (query tile, batch * query head); online softmax over the
   visible key tiles, fp32 accumulation, writes out and the natural-log lse.
-- `_attn_bwd_delta`: delta = rowsum(dO * O) per query row (fp32).
+- `_attn_bwd_delta`: delta = rowsum(dO * O) per query row (fp32), by the product that
+  computes dP in each backward kernel (so one-key rows get dS exactly 0).
 - `_attn_bwd_dkdv`: one program per (key tile, batch * kv head); loops over the query heads
   sharing that kv head (GQA) and over their visible query tiles. Every dK/dV element is
   written by exactly one program: no atomics, deterministic.
@@ -47,6 +48,13 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 # ============================================================================ device helpers
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN (tl.maximum / tl.max drop a NaN operand by default): a NaN
+    score must make its row's max NaN, so the row comes out NaN rather than empty (zeros)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def _visible(i2, j2, pos_off, Sq, Sk, wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -210,7 +218,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
                             wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
                             BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                             HAS_KMASK, HAS_LIST)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = _max_nan(m_i, tl.reduce(s, 1, _max_nan))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf on empty rows
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
@@ -232,7 +240,13 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
 # ============================================================================ backward
 @triton.jit(do_not_specialize=["Sq"])
 def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PREC: tl.constexpr, DOT_T: tl.constexpr):
+    """delta = rowsum(dO * O), computed by the product that computes dP: the diagonal of
+    dO O^T as the dQ kernel's dP = dO V^T (into DELTA[0]) and of O dO^T as the dK/dV kernel's
+    dP^T = V dO^T (into DELTA[1]), same operand types and precision. A row whose mass sits on
+    one key j has O == v_j exactly, so dP_ij == delta_i bit for bit and dS is exactly 0 (the
+    gradient of the constant softmax of one key), not a rounding difference of two sums."""
     pid_m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -243,10 +257,15 @@ def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
     offs_m = m0.to(tl.int32) + ar_m
     msk = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row = pid_bh * Sq + offs_m
-    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(DOT_T)
     do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
-                 mask=msk, other=0.0).to(tl.float32)
-    tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Sq)
+                 mask=msk, other=0.0).to(DOT_T)
+    diag = ar_m[:, None] == ar_m[None, :]
+    dq_side = tl.dot(do, tl.trans(o), input_precision=PREC)
+    dk_side = tl.dot(o, tl.trans(do), input_precision=PREC)
+    n = tl.num_programs(1).to(tl.int64) * tl.num_programs(2) * Sq
+    tl.store(DELTA + row, tl.sum(tl.where(diag, dq_side, 0.0), 1), mask=offs_m < Sq)
+    tl.store(DELTA + n + row, tl.sum(tl.where(diag, dk_side, 0.0), 1), mask=offs_m < Sq)
 
 
 @triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
@@ -741,25 +760,25 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
                    key_mask, softcap)
     bd = a["BLOCK_D"]
-    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    delta = torch.empty((2, B, Hq, Sq), dtype=torch.float32, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
-        bm_delta = 32 if triton_interpreted() else max(16, min(128, 8192 // bd))
+        bm_delta = 32 if triton_interpreted() else max(16, min(64, 4096 // bd))
         _attn_bwd_delta[(triton.cdiv(Sq, bm_delta), Hq, B)](
             out, grad_out, delta, *grad_out.stride(), Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm_delta,
-            num_warps=4)
+            PREC=a["PREC"], DOT_T=a["DOT_T"], num_warps=4)
         tiles = _list_tiles("bwd", bd) if (block_mask is not None or triton_interpreted()) else None
         lst_q = cnt_q = lst_k = cnt_k = None
         if block_mask is not None:  # key tiles per query tile (dQ), query tiles per key tile (dK/dV)
             (lst_k, cnt_k), (lst_q, cnt_q) = _tile_lists(block_mask, block_size, Sq, Sk, *tiles,
                                                          window_left, window_right, both=True)
-        a.update(Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, **_strides("sq", q),
+        a.update(Q=q, K=k, V=v, DO=grad_out, LSE=lse, **_strides("sq", q),
                  **_strides("sk", k), **_strides("sv", v), **_strides("sd", grad_out))
         _set_lists(a, lst_q, cnt_q)
         _launch(_DKDV, _attn_bwd_dkdv, lambda bm, bn: triton.cdiv(Sk, bn), Hkv, B,
-                dict(a, DK=dk, DV=dv), tiles)
+                dict(a, DK=dk, DV=dv, DELTA=delta[1]), tiles)
         _set_lists(a, lst_k, cnt_k)
-        _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B, dict(a, DQ=dq),
-                tiles)
+        _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B,
+                dict(a, DQ=dq, DELTA=delta[0]), tiles)
     return dq, dk, dv
 
 

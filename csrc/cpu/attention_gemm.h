@@ -1,0 +1,556 @@
+// CPU attention, part 1 of 4: the tile GEMMs and their runtime dispatch. MKL's sgemm /
+// dgemm / gemm_bf16bf16f32 resolved from the libtorch_cpu already loaded, else AVX-512 (fp32)
+// and AVX512-BF16 (VNNI pairs) micro-kernels, else a portable loop; `Gemm<T>` picks one per
+// call from the `Isa` chosen at run time (`choose_isa`). Included by attention.cpp only.
+#pragma once
+#include "cpu/attention_common.h"
+
+namespace truthgpt {
+namespace {  // internal to the CPU attention kernel (one translation unit: attention.cpp)
+
+// ============================================================================ dispatch
+struct MklFns {
+  using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                           const float*, const float*, const int*, const float*, const int*,
+                           const float*, float*, const int*);
+  using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
+                           const double*, const double*, const int*, const double*, const int*,
+                           const double*, double*, const int*);
+  using bgemm_t = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
+                           const uint16_t*, int, float, float*, int);
+  using threads_t = int (*)(const int*);  // Fortran-style symbol: argument by reference
+  sgemm_t sgemm = nullptr;
+  dgemm_t dgemm = nullptr;
+  bgemm_t bgemm = nullptr;
+  threads_t set_local_threads = nullptr;
+
+  MklFns() {
+#if !defined(_WIN32)
+    // torch's own MKL first (another BLAS may export the same Fortran names globally)
+    void* self = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    auto find = [&](const char* name) -> void* {
+      void* p = self ? dlsym(self, name) : nullptr;
+      return p ? p : dlsym(RTLD_DEFAULT, name);
+    };
+    sgemm = reinterpret_cast<sgemm_t>(find("sgemm_"));
+    dgemm = reinterpret_cast<dgemm_t>(find("dgemm_"));
+    bgemm = reinterpret_cast<bgemm_t>(find("cblas_gemm_bf16bf16f32"));
+    set_local_threads = reinterpret_cast<threads_t>(find("mkl_set_num_threads_local_"));
+#endif
+  }
+};
+
+const MklFns& mkl() {
+  static const MklFns fns;
+  return fns;
+}
+
+bool cpu_has_avx512() {
+#if TK_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512bf16() {
+#if TK_X86
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+enum class GemmImpl { Mkl, Avx512, Portable };
+
+struct Isa {
+  GemmImpl gemm;
+  bool avx512_rows;  // AVX-512 score/softmax loops
+};
+
+// TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | portable | noavx512 (as on a CPU without
+// AVX-512: MKL GEMMs if present, portable loops otherwise). A path the machine cannot run
+// falls back to the next one (mkl -> avx512 -> portable).
+template <typename T>
+Isa choose_isa() {
+  const char* env = std::getenv("TRUTHGPT_CPU_ATTN");
+  std::string want = env ? env : "auto";
+  const bool avx = cpu_has_avx512() && want != "noavx512";
+  bool have_mkl = false;
+  bool have_avx_gemm = false;
+  if (std::is_same<T, float>::value) {
+    have_mkl = mkl().sgemm != nullptr;
+    have_avx_gemm = avx;
+  } else if (std::is_same<T, double>::value) {
+    have_mkl = mkl().dgemm != nullptr;
+  } else {
+    have_mkl = mkl().bgemm != nullptr;
+    have_avx_gemm = cpu_has_avx512bf16();
+  }
+  Isa isa{GemmImpl::Portable, false};
+  if (want == "portable") return isa;
+  isa.avx512_rows = avx && !std::is_same<T, double>::value;
+  if (want != "avx512" && have_mkl) {
+    isa.gemm = GemmImpl::Mkl;
+  } else if (have_avx_gemm) {
+    isa.gemm = GemmImpl::Avx512;
+  } else if (have_mkl) {
+    isa.gemm = GemmImpl::Mkl;
+  }
+  return isa;
+}
+
+// Flush-to-zero / denormals-are-zero while a worker runs (restored after): subnormal
+// probabilities (ALiBi and windows make many) cost ~100 cycles per operation otherwise.
+struct FlushDenormals {
+#if TK_X86
+  unsigned int prev = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(prev | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(prev); }
+#endif
+};
+
+// Keeps MKL single-threaded inside our worker threads (we parallelise over tiles).
+struct MklSingleThread {
+  int prev = 0;
+  MklSingleThread() {
+    const int one = 1;
+    if (mkl().set_local_threads) prev = mkl().set_local_threads(&one);
+  }
+  ~MklSingleThread() {
+    if (mkl().set_local_threads) mkl().set_local_threads(&prev);
+  }
+};
+
+// ============================================================================ GEMMs
+// Row-major tile GEMMs with an fp32 (fp64) accumulator C:
+//   NT: C(MxN) = alpha A(MxK) B(NxK)^T + beta C
+//   NN: C(MxN) = alpha A(MxK) B(KxN)   + beta C
+//   TN: C(MxN) = alpha A(KxM)^T B(KxN) + beta C
+// Leading dimensions are in elements; every matrix has unit stride along its rows.
+enum class Op { NT, NN, TN };
+
+template <typename T>
+using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+inline float to_f(float x) { return x; }
+inline double to_f(double x) { return x; }
+inline float to_f(bf16 x) { return static_cast<float>(x); }
+
+// ---- portable
+template <typename T>
+void gemm_portable(Op op, int64_t M, int64_t N, int64_t K, acc_t<T> alpha, const T* A, int64_t lda,
+                   const T* B, int64_t ldb, acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+  using Acc = acc_t<T>;
+  std::vector<Acc> row(N);
+  for (int64_t i = 0; i < M; ++i) {
+    std::fill(row.begin(), row.end(), Acc(0));
+    if (op == Op::NT) {
+      const T* a = A + i * lda;
+      for (int64_t j = 0; j < N; ++j) {
+        const T* b = B + j * ldb;
+        Acc s = 0;
+        for (int64_t k = 0; k < K; ++k) s += static_cast<Acc>(to_f(a[k])) * static_cast<Acc>(to_f(b[k]));
+        row[j] = s;
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const Acc a = static_cast<Acc>(to_f(op == Op::NN ? A[i * lda + k] : A[k * lda + i]));
+        if (a == Acc(0)) continue;
+        const T* b = B + k * ldb;
+        for (int64_t j = 0; j < N; ++j) row[j] += a * static_cast<Acc>(to_f(b[j]));
+      }
+    }
+    Acc* c = C + i * ldc;
+    if (beta == Acc(0)) {
+      for (int64_t j = 0; j < N; ++j) c[j] = alpha * row[j];
+    } else {
+      for (int64_t j = 0; j < N; ++j) c[j] = alpha * row[j] + beta * c[j];
+    }
+  }
+}
+
+// ---- MKL (column-major BLAS computing C^T = op(B)^T op(A)^T)
+inline int ld_int(int64_t ld, int64_t need) { return static_cast<int>(std::max<int64_t>(std::max<int64_t>(ld, need), 1)); }
+
+void gemm_mkl(Op op, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char* ta = op == Op::NT ? "T" : "N";
+  const char* tb = op == Op::TN ? "T" : "N";
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  // B is the first operand: NT stores it (N x K) row-major = col-major K x N ('T');
+  // NN/TN store it (K x N) row-major = col-major N x K ('N').
+  const int lb = ld_int(ldb, op == Op::NT ? K : N);
+  const int la = ld_int(lda, op == Op::TN ? M : K);
+  const int lc = ld_int(ldc, N);
+  mkl().sgemm(ta, tb, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+
+void gemm_mkl(Op op, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+              const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  const char* ta = op == Op::NT ? "T" : "N";
+  const char* tb = op == Op::TN ? "T" : "N";
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int lb = ld_int(ldb, op == Op::NT ? K : N);
+  const int la = ld_int(lda, op == Op::TN ? M : K);
+  const int lc = ld_int(ldc, N);
+  mkl().dgemm(ta, tb, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+
+void gemm_mkl(Op op, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A, int64_t lda,
+              const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  const int ta = op == Op::TN ? kTrans : kNoTrans;
+  const int tb = op == Op::NT ? kTrans : kNoTrans;
+  const int la = ld_int(lda, op == Op::TN ? M : K);
+  const int lb = ld_int(ldb, op == Op::NT ? K : N);
+  mkl().bgemm(kRowMajor, ta, tb, static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha,
+              reinterpret_cast<const uint16_t*>(A), la, reinterpret_cast<const uint16_t*>(B), lb, beta, C,
+              ld_int(ldc, N));
+}
+
+// Per-thread packing buffers of the AVX-512 GEMMs.
+template <typename E>
+E* scratch_buf(std::vector<E>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+#if TK_X86
+// ---- AVX-512 fp32: C(MR x 16 NV) micro-kernel, A(r, k) = A[r sr + k sk], B row-major.
+template <int MR, int NV>
+TK_AVX512 void ukernel_f32(int64_t K, const float* A, int64_t sr, int64_t sk, const float* B, int64_t ldb,
+                           float* C, int64_t ldc, float alpha, float beta, __mmask16 tail) {
+  __m512 acc[MR][NV];
+  TK_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TK_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+    const float* bk = B + k * ldb;
+    TK_UNROLL
+    for (int v = 0; v < NV; ++v)
+      b[v] = (v == NV - 1) ? _mm512_maskz_loadu_ps(tail, bk + 16 * v) : _mm512_loadu_ps(bk + 16 * v);
+    const float* ak = A + k * sk;
+    TK_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(ak[r * sr]);
+      TK_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  TK_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+    TK_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = (v == NV - 1) ? tail : static_cast<__mmask16>(0xFFFF);
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (beta != 0.f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c + 16 * v), x);
+      _mm512_mask_storeu_ps(c + 16 * v, m, x);
+    }
+  }
+}
+
+// C(M x N) = alpha A B + beta C with A(r, k) = A[r sr + k sk] and B (K x N) row-major.
+TK_AVX512 void gemm_f32_strided_a(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t sr,
+                                  int64_t sk, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int kMR = 8;
+  for (int64_t n0 = 0; n0 < N; n0 += 48) {
+    const int64_t nw = std::min<int64_t>(48, N - n0);
+    const int nv = static_cast<int>((nw + 15) / 16);
+    const int rem = static_cast<int>(nw - 16 * (nv - 1));
+    const __mmask16 tail = static_cast<__mmask16>(rem == 16 ? 0xFFFF : (1u << rem) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      const float* a = A + m0 * sr;
+      const float* b = B + n0;
+      float* c = C + m0 * ldc + n0;
+#define TK_UK(R, V) ukernel_f32<R, V>(K, a, sr, sk, b, ldb, c, ldc, alpha, beta, tail)
+#define TK_UK_ROWS(V)        \
+  switch (mr) {              \
+    case 1: TK_UK(1, V); break; \
+    case 2: TK_UK(2, V); break; \
+    case 3: TK_UK(3, V); break; \
+    case 4: TK_UK(4, V); break; \
+    case 5: TK_UK(5, V); break; \
+    case 6: TK_UK(6, V); break; \
+    case 7: TK_UK(7, V); break; \
+    default: TK_UK(8, V); break; \
+  }
+      if (nv == 1) {
+        TK_UK_ROWS(1)
+      } else if (nv == 2) {
+        TK_UK_ROWS(2)
+      } else {
+        TK_UK_ROWS(3)
+      }
+#undef TK_UK_ROWS
+#undef TK_UK
+    }
+  }
+}
+
+// out (K x N, ld ldo) = B^T for B (N x K, ldb), by 16 x 16 blocks through registers
+// (32-bit elements: also used for pairs of bf16).
+TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, float* out, int64_t ldo) {
+  for (int64_t j0 = 0; j0 < N; j0 += 16) {
+    const int64_t jn = std::min<int64_t>(16, N - j0);
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t kn = std::min<int64_t>(16, K - k0);
+      if (jn == 16 && kn == 16) {
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(B + (j0 + i) * ldb + k0);
+        // 16x16 transpose: unpack 32-bit, 64-bit, then 128-bit lanes twice.
+        for (int i = 0; i < 16; i += 2) {
+          t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+          t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) {
+          r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+          r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+          r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+          r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        }
+        for (int i = 0; i < 16; i += 8) {
+          for (int q = 0; q < 4; ++q) {
+            t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
+            t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xDD);
+          }
+        }
+        for (int q = 0; q < 8; ++q) {
+          r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+          r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xDD);
+        }
+        // r[i] now holds column k0 + i of the block
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (k0 + i) * ldo + j0, r[i]);
+      } else {
+        for (int64_t kk = 0; kk < kn; ++kk)
+          for (int64_t jj = 0; jj < jn; ++jj) out[(k0 + kk) * ldo + j0 + jj] = B[(j0 + jj) * ldb + k0 + kk];
+      }
+    }
+  }
+}
+
+thread_local std::vector<float> tl_pack_f32;
+
+TK_AVX512 void gemm_avx512_f32(Op op, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (op == Op::NT) {
+    float* bt = scratch_buf(tl_pack_f32, K * N);
+    transpose_f32(N, K, B, ldb, bt, N);
+    gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, bt, N, beta, C, ldc);
+  } else if (op == Op::NN) {
+    gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, B, ldb, beta, C, ldc);
+  } else {
+    gemm_f32_strided_a(M, N, K, alpha, A, 1, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+// ---- AVX512-BF16: pairs of k in one 32-bit lane (VNNI layout), vdpbf16ps.
+// A: rows of bf16 with k pairs contiguous (row r at A + r lda, K padded to even with zeros);
+// Bv: (K/2) x Np x 2 bf16, Np a multiple of 16.
+template <int MR, int NV>
+TK_AVX512BF16 void ukernel_bf16(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* Bv, int64_t Np,
+                                float* C, int64_t ldc, float alpha, float beta, __mmask16 tail) {
+  __m512 acc[MR][NV];
+  TK_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TK_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    __m512i b[NV];
+    const uint16_t* bk = Bv + kp * Np * 2;
+    TK_UNROLL
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(bk + 32 * v);
+    TK_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * kp, 4);
+      const __m512i a = _mm512_set1_epi32(pair);
+      TK_UNROLL
+      for (int v = 0; v < NV; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b[v]));
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  TK_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+    TK_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = (v == NV - 1) ? tail : static_cast<__mmask16>(0xFFFF);
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (beta != 0.f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c + 16 * v), x);
+      _mm512_mask_storeu_ps(c + 16 * v, m, x);
+    }
+  }
+}
+
+TK_AVX512BF16 void gemm_bf16_vnni(int64_t M, int64_t N, int64_t Kp, float alpha, const uint16_t* A, int64_t lda,
+                                  const uint16_t* Bv, int64_t Np, float beta, float* C, int64_t ldc) {
+  constexpr int kMR = 8;
+  for (int64_t n0 = 0; n0 < N; n0 += 48) {
+    const int64_t nw = std::min<int64_t>(48, N - n0);
+    const int nv = static_cast<int>((nw + 15) / 16);
+    const int rem = static_cast<int>(nw - 16 * (nv - 1));
+    const __mmask16 tail = static_cast<__mmask16>(rem == 16 ? 0xFFFF : (1u << rem) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      const uint16_t* a = A + m0 * lda;
+      const uint16_t* b = Bv + n0 * 2;
+      float* c = C + m0 * ldc + n0;
+#define TK_UK(R, V) ukernel_bf16<R, V>(Kp, a, lda, b, Np, c, ldc, alpha, beta, tail)
+#define TK_UK_ROWS(V)        \
+  switch (mr) {              \
+    case 1: TK_UK(1, V); break; \
+    case 2: TK_UK(2, V); break; \
+    case 3: TK_UK(3, V); break; \
+    case 4: TK_UK(4, V); break; \
+    case 5: TK_UK(5, V); break; \
+    case 6: TK_UK(6, V); break; \
+    case 7: TK_UK(7, V); break; \
+    default: TK_UK(8, V); break; \
+  }
+      if (nv == 1) {
+        TK_UK_ROWS(1)
+      } else if (nv == 2) {
+        TK_UK_ROWS(2)
+      } else {
+        TK_UK_ROWS(3)
+      }
+#undef TK_UK_ROWS
+#undef TK_UK
+    }
+  }
+}
+
+thread_local std::vector<uint16_t> tl_pack_a16, tl_pack_b16;
+
+// Bv (ceil(K/2) x Np x 2) from B (K x N) row-major: pairs of consecutive rows interleaved.
+TK_AVX512BF16 void pack_vnni_rows(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bv, int64_t Np) {
+  const int64_t Kp = (K + 1) / 2;
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23,
+                                          54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    const uint16_t* r0 = B + (2 * kp) * ldb;
+    const bool has1 = 2 * kp + 1 < K;
+    const uint16_t* r1 = B + (2 * kp + 1) * ldb;
+    uint16_t* o = Bv + kp * Np * 2;
+    for (int64_t j = 0; j < Np; j += 32) {
+      const int64_t left = N - j;
+      const __mmask32 m = left >= 32 ? 0xFFFFFFFFu : (left <= 0 ? 0u : ((1u << left) - 1));
+      const __m512i x0 = _mm512_maskz_loadu_epi16(m, r0 + j);
+      const __m512i x1 = has1 ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + 2 * j, _mm512_permutex2var_epi16(x0, lo_idx, x1));
+      if (j + 16 < Np) _mm512_storeu_si512(o + 2 * j + 32, _mm512_permutex2var_epi16(x0, hi_idx, x1));
+    }
+  }
+}
+
+// Bv from B (N x K) row-major, i.e. the VNNI layout of B^T: 32-bit words (k pairs) transposed.
+TK_AVX512BF16 void pack_vnni_cols(int64_t N, int64_t K, const uint16_t* B, int64_t ldb, uint16_t* Bv, int64_t Np) {
+  const int64_t Kp = (K + 1) / 2;
+  uint32_t* out = reinterpret_cast<uint32_t*>(Bv);
+  if (K % 2 == 0 && ldb % 2 == 0 && reinterpret_cast<uintptr_t>(B) % 4 == 0) {
+    transpose_f32(N, Kp, reinterpret_cast<const float*>(B), ldb / 2, reinterpret_cast<float*>(Bv), Np);
+    for (int64_t kp = 0; kp < Kp; ++kp)
+      for (int64_t j = N; j < Np; ++j) out[kp * Np + j] = 0;
+    return;
+  }
+  for (int64_t j = 0; j < Np; ++j) {
+    if (j >= N) {
+      for (int64_t kp = 0; kp < Kp; ++kp) out[kp * Np + j] = 0;
+      continue;
+    }
+    const uint16_t* b = B + j * ldb;
+    for (int64_t kp = 0; kp < Kp; ++kp) {
+      const uint32_t lo = b[2 * kp];
+      const uint32_t hi = (2 * kp + 1 < K) ? b[2 * kp + 1] : 0u;
+      out[kp * Np + j] = lo | (hi << 16);
+    }
+  }
+}
+
+// A' (M x Kpad) with k pairs contiguous, from A (K x M) row-major (the TN case) or from
+// A (M x K) with odd K or non-even row strides (padding the last pair with zero).
+void pack_a_rows(int64_t M, int64_t K, const uint16_t* A, int64_t sr, int64_t sk, uint16_t* out, int64_t ldo) {
+  for (int64_t r = 0; r < M; ++r) {
+    uint16_t* o = out + r * ldo;
+    const uint16_t* a = A + r * sr;
+    for (int64_t k = 0; k < K; ++k) o[k] = a[k * sk];
+    if (K & 1) o[K] = 0;
+  }
+}
+
+TK_AVX512BF16 void gemm_avx512_bf16(Op op, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A_,
+                                    int64_t lda, const bf16* B_, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  const uint16_t* A = reinterpret_cast<const uint16_t*>(A_);
+  const uint16_t* B = reinterpret_cast<const uint16_t*>(B_);
+  const int64_t Kp = (K + 1) / 2;
+  const int64_t Np = (N + 15) / 16 * 16;
+  uint16_t* bv = scratch_buf(tl_pack_b16, Kp * Np * 2 + 32);
+  if (op == Op::NT) {
+    pack_vnni_cols(N, K, B, ldb, bv, Np);
+  } else {
+    pack_vnni_rows(K, N, B, ldb, bv, Np);
+  }
+  const uint16_t* a = A;
+  int64_t la = lda;
+  const bool direct = op != Op::TN && (K % 2 == 0) && (lda % 2 == 0);
+  if (!direct) {
+    la = 2 * Kp;
+    uint16_t* ap = scratch_buf(tl_pack_a16, M * la);
+    if (op == Op::TN) {
+      pack_a_rows(M, K, A, 1, lda, ap, la);
+    } else {
+      pack_a_rows(M, K, A, lda, 1, ap, la);
+    }
+    a = ap;
+  }
+  gemm_bf16_vnni(M, N, Kp, alpha, a, la, bv, Np, beta, C, ldc);
+}
+#endif  // TK_X86
+
+template <typename T>
+struct Gemm {
+  GemmImpl impl;
+  void operator()(Op op, int64_t M, int64_t N, int64_t K, acc_t<T> alpha, const T* A, int64_t lda, const T* B,
+                  int64_t ldb, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == acc_t<T>(0) ? acc_t<T>(0) : beta * C[i * ldc + j];
+      return;
+    }
+    if (impl == GemmImpl::Mkl) {
+      gemm_mkl(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
+#if TK_X86
+    if (impl == GemmImpl::Avx512) {
+      if constexpr (std::is_same<T, float>::value) {
+        gemm_avx512_f32(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+      } else if constexpr (std::is_same<T, bf16>::value) {
+        gemm_avx512_bf16(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+      }
+    }
+#endif
+    gemm_portable<T>(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+};
+
+}  // namespace
+}  // namespace truthgpt
