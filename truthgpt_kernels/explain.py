@@ -82,7 +82,7 @@ class Explanation(list):
 
 def _source(arg: Optional[str], what: str = "backend= argument") -> str:
     if arg:
-        return f"{what} {arg!r}"
+        return f"{what} ({arg!r})"
     if backends._selected.get():
         return f"use_backend({backends._selected.get()!r})"
     if os.environ.get(backends.ENV_VAR):
@@ -192,8 +192,8 @@ def explain_config(config, *, device: str = "cpu", dtype=None, batch_size: int =
                                    block_size=attn.sparsity["block_size"] if attn.sparsity else 64,
                                    softcap=config.softcap)
         out.append(decision(op, "attention", dev.type, dtype, config.attention_backend, source=att_src, plan=plan))
-    if config.position == "rope":
-        out.append(decision("rotary", "rotary", dev.type, dtype, config.op_backend, source=src))
+    if config.position == "rope":  # the attention module's rotary embedding: attention's backend
+        out.append(decision("rotary", "rotary", dev.type, dtype, config.attention_backend, source=att_src))
     if config.norm == "rmsnorm":
         out.append(decision("rms_norm", "rms_norm", dev.type, dtype, config.op_backend, source=src))
     if config.ffn in ("swiglu", "moe"):
@@ -213,9 +213,9 @@ def explain(target, *tensors: Tensor, backend: Optional[str] = None, device: str
     Returns an Explanation (a list of Decision; print it for a table)."""
     if isinstance(target, str) and target in OPS:
         return explain_op(target, *tensors, backend=backend, **options)
+    if isinstance(target, str) and not os.path.isfile(target):
+        raise ValueError(f"explain: {target!r} is neither an op name ({', '.join(OPS)}) nor a config file")
     if tensors or options or backend is not None:
         raise ValueError("explain(config, ...) takes device=, dtype=, batch_size= and seq_len= only; "
                          f"op names for single calls are {', '.join(OPS)}")
-    if isinstance(target, str) and not os.path.isfile(target):
-        raise ValueError(f"explain: {target!r} is neither an op name ({', '.join(OPS)}) nor a config file")
     return explain_config(target, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len)
