@@ -39,7 +39,7 @@ LIMITS = {"vocab_size": 1 << 22, "d_model": 1 << 16, "n_layers": 1024, "n_encode
 MAX_PARAMETERS = 2e12
 
 # TRUTHGPT_* variables that belong to other parts of the package, never config fields.
-RESERVED_ENV = {"PROFILE", "CONFIG", "BUILD_CUDA", "CUDA_ARCHS", "DEBUG", "CPU_NATIVE"}
+RESERVED_ENV = {"PROFILE", "CONFIG", "BUILD_CUDA", "CUDA_ARCHS", "DEBUG", "CPU_NATIVE", "LOG_LEVEL"}
 RESERVED_ENV_PREFIXES = ("BUILD_", "BENCH_", "TEST_")
 
 
