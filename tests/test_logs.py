@@ -184,3 +184,8 @@ def test_env_level():
     assert "truthgpt_kernels.backends INFO: rms_norm on cpu float32 (requested auto): backend" in loud.stderr
     bad = _run("loud")
     assert bad.returncode != 0 and "TRUTHGPT_LOG_LEVEL must be a logging level" in bad.stderr
+
+
+def test_log_level_is_not_a_config_field():
+    from truthgpt_kernels.config import TransformerConfig
+    assert TransformerConfig.env_overrides(environ={logs.ENV_VAR: "INFO"}) == {}
