@@ -211,7 +211,7 @@ def test_tiny_preset_learns_reversal_task():
 
 def test_checkpoint_round_trip_and_generate(tmp_path):
     model, result = train(tiny(), steps=3, batch_size=4, progress=False, out=str(tmp_path / "ck"))
-    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors", "train.json"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "metrics.jsonl", "model.safetensors", "train.json"]
     loaded = load_checkpoint(str(tmp_path / "ck"))
     assert loaded.config == model.config
     x = tokens()

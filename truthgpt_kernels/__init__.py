@@ -1,7 +1,9 @@
 """truthgpt_kernels: attention, rotary, SwiGLU and RMSNorm kernels (Triton, CUDA C++, C++ CPU)
 as autograd-aware torch.library ops, nn.Modules and a configurable transformer."""
-from . import _ext
+from . import _ext, logs
 from .backends import BackendError, available_backends, use_backend
+
+logs.configure()     # TRUTHGPT_LOG_LEVEL, if set
 
 _ext.load("_C")      # registers the C++ CPU kernels (if built)
 _ext.load("_cuda")   # registers the CUDA C++ kernels (if built)
@@ -18,7 +20,8 @@ from .config import ConfigError, TransformerConfig  # noqa: E402
 from .modules import (Attention, KVCache, MoE, MLP, MultiheadAttention, RMSNorm,  # noqa: E402
                       RotaryEmbedding, SwiGLU, Transformer, TransformerBlock)
 from .patch import replace_modules  # noqa: E402
+from .explain import explain  # noqa: E402
 
 __all__ += ["TransformerConfig", "ConfigError", "Attention", "KVCache", "RotaryEmbedding",
             "SwiGLU", "MLP", "MoE", "RMSNorm", "TransformerBlock", "Transformer",
-            "MultiheadAttention", "replace_modules"]
+            "MultiheadAttention", "replace_modules", "explain"]

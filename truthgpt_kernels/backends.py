@@ -14,7 +14,7 @@ import contextvars
 import functools
 import importlib
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -155,13 +155,31 @@ def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.
 @functools.lru_cache(maxsize=None)
 def _resolve(family: str, name: str, device_type: str, dtype: torch.dtype, interpreted: bool) -> str:
     """Cached: what is built and visible does not change within a process (failures, which
-    raise, are not cached)."""
+    raise, are not cached). A cache miss is the one place that logs the choice (INFO, once per
+    distinct key), so a call whose choice is cached pays nothing for logging."""
+    chosen, skipped = decide(family, name, device_type, dtype)
+    from . import logs
+    logs.backend_chosen(family, name, device_type, dtype, chosen, skipped)
+    return chosen
+
+
+def decide(family: str, name: str, device_type: str, dtype: torch.dtype) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+    """(backend, ((candidate, why "auto" skipped it), ...)) for op family `family` asked for
+    backend `name` on `device_type` tensors of `dtype`; raises BackendError when `name` cannot
+    serve the call. Uncached and silent (tk.explain uses it too)."""
     device = torch.device(device_type)
     if name == "auto":
+        skipped = []
         for cand in AUTO_ORDER.get(device.type, ()):
-            if not unavailable_reason(cand) and implements(family, cand) and dtype in DTYPES[cand]:
-                return cand
-        return "reference"
+            why = unavailable_reason(cand)
+            if not why and not implements(family, cand):
+                why = f"has no {family} kernel"
+            if not why and dtype not in DTYPES[cand]:
+                why = f"does not take {str(dtype).replace('torch.', '')}"
+            if not why:
+                return cand, tuple(skipped)
+            skipped.append((cand, why))
+        return "reference", tuple(skipped)
     reason = unavailable_reason(name)
     if reason:
         raise BackendError(f"backend {name!r} is unavailable: {reason}")
@@ -176,7 +194,7 @@ def _resolve(family: str, name: str, device_type: str, dtype: torch.dtype, inter
         takes = [str(d).replace("torch.", "") for d in DTYPES[name]]
         others = [b for b in BACKENDS if dtype in DTYPES[b] and b != name]
         raise BackendError(f"backend {name!r} takes {takes}, got {dtype}; backends that take it: {others}")
-    return name
+    return name, ()
 
 
 def call(op, family: str, which: str, name: str, *args):

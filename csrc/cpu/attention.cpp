@@ -148,9 +148,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
   // softmaxes in a fixed order (flash-decoding). The split depends on the problem only, so
   // results do not depend on the thread count.
   const int64_t items = P.items_fwd();
-  int64_t nsplit = 1;
-  if (items < 64 && P.Sk >= 4 * BK) nsplit = std::min<int64_t>((64 + items - 1) / items, P.Sk / (2 * BK));
-  nsplit = std::min<int64_t>(std::max<int64_t>(1, env_int("TRUTHGPT_ATTN_SPLITK", nsplit)), std::max<int64_t>(1, P.Sk));
+  const int64_t nsplit = fwd_key_splits(P);
   if (nsplit == 1) {
     run_items<FwdState<T>>(items, [&](int64_t item, FwdState<T>& st) {
       const Tile t = tile_of(item);
@@ -396,12 +394,8 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
 
   // One item per (batch, kv head) owns dK, dV and the dQ of its query heads: one pass.
   // With fewer such items than threads: dK/dV per key block, then dQ per query tile.
-  const int64_t nthreads = at::get_num_threads();
   const int64_t n_single = P.B * P.Hkv;
-  bool single = n_single >= 2 * nthreads || (n_single >= nthreads && n_single % nthreads == 0);
-  const char* mode = std::getenv("TRUTHGPT_ATTN_BWD");
-  if (mode && std::string(mode) == "single") single = true;
-  if (mode && std::string(mode) == "split") single = false;
+  const bool single = bwd_single_pass(P);
 
   auto write_kv = [&](int64_t b, int64_t kvh, int64_t j0, int64_t n, const Acc* dka, const Acc* dva) {
     T* ko = dkp + ((b * P.Hkv + kvh) * P.Sk + j0) * D;
@@ -491,7 +485,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
+template <typename T>
+std::string isa_path() {
+  const Isa isa = choose_isa<T>();
+  const bool bf = std::is_same<T, bf16>::value;
+  std::string gemm = isa.gemm == GemmImpl::Mkl      ? (bf ? "MKL bf16 tile GEMMs" : "MKL tile GEMMs")
+                     : isa.gemm == GemmImpl::Avx512 ? (bf ? "AVX512-BF16 tile GEMMs" : "AVX-512 tile GEMMs")
+                                                    : "portable tile GEMMs";
+  return gemm + (isa.avx512_rows ? " + AVX-512 rows" : " + portable rows");
+}
+
 }  // namespace
+
+// Described for logging and tk.explain (csrc/cpu/info.cpp); the same choices the kernels make.
+std::string attention_cpu_path(c10::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return isa_path<float>();
+    case at::kDouble: return isa_path<double>();
+    case at::kBFloat16: return isa_path<bf16>();
+    case at::kHalf: return isa_path<float>() + " (float16 widened to float32)";
+    default: return "no CPU attention kernel for this dtype";
+  }
+}
+
+std::string attention_cpu_plan(const at::Tensor& q, const at::Tensor& k, double scale, int64_t window_left,
+                               int64_t window_right, const c10::optional<at::Tensor>& alibi_slopes,
+                               const c10::optional<at::Tensor>& block_mask, int64_t block_size,
+                               const c10::optional<at::Tensor>& key_mask, double softcap) {
+  Problem P;
+  at::Tensor bm_keep, km_keep;
+  setup_problem(P, q, k, scale, window_left, window_right, alibi_slopes, block_mask,
+                block_size, key_mask, softcap, bm_keep, km_keep);
+  plan_tiles(P);
+  const int64_t nsplit = fwd_key_splits(P);
+  std::string s = attention_cpu_path(q.scalar_type()) + "; tiles " + std::to_string(P.BQ) + "x" +
+                  std::to_string(P.BK) + ", " + std::to_string(P.items_fwd()) + " work items";
+  s += nsplit > 1 ? ", split-key decode (" + std::to_string(nsplit) + " key splits)" : ", no key split";
+  s += bwd_single_pass(P) ? "; backward: one pass per (batch, kv head)"
+                          : "; backward: dK/dV per key block, then dQ per query tile";
+  return s;
+}
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);

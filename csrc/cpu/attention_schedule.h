@@ -95,6 +95,26 @@ void plan_tiles(Problem& P) {
   }
 }
 
+// Forward key splits (flash-decoding) for few work items; depends on the problem only.
+int64_t fwd_key_splits(const Problem& P) {
+  const int64_t items = P.items_fwd();
+  int64_t nsplit = 1;
+  if (items < 64 && P.Sk >= 4 * P.BK) nsplit = std::min<int64_t>((64 + items - 1) / items, P.Sk / (2 * P.BK));
+  return std::min<int64_t>(std::max<int64_t>(1, env_int("TRUTHGPT_ATTN_SPLITK", nsplit)), std::max<int64_t>(1, P.Sk));
+}
+
+// Backward schedule: one item per (batch, kv head) owns dK, dV and the dQ of its query heads
+// (one pass); with fewer such items than threads, dK/dV per key block, then dQ per query tile.
+bool bwd_single_pass(const Problem& P) {
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t n_single = P.B * P.Hkv;
+  bool single = n_single >= 2 * nthreads || (n_single >= nthreads && n_single % nthreads == 0);
+  const char* mode = std::getenv("TRUTHGPT_ATTN_BWD");
+  if (mode && std::string(mode) == "single") single = true;
+  if (mode && std::string(mode) == "split") single = false;
+  return single;
+}
+
 // Visible key pieces of a tile within keys [L0, L1): window union, intersected with the runs
 // of key blocks visible to some row of the tile, cut into pieces of at most BK keys.
 void tile_pieces(const Problem& P, const Tile& t, int64_t L0, int64_t L1, std::vector<Piece>& out,

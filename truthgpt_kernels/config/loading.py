@@ -17,8 +17,8 @@ from .rules import ConfigError, did_you_mean
 ENV_PREFIX = "TRUTHGPT_"
 
 # TRUTHGPT_* variables that belong to other parts of the package, never config fields.
-RESERVED_ENV = {"PROFILE", "CONFIG", "BUILD_CUDA", "CUDA_ARCHS", "DEBUG", "CPU_NATIVE"}
-RESERVED_ENV_PREFIXES = ("BUILD_", "BENCH_", "TEST_")
+RESERVED_ENV = {"PROFILE", "CONFIG", "BUILD_CUDA", "CUDA_ARCHS", "DEBUG", "CPU_NATIVE", "LOG_LEVEL", "BACKEND"}
+RESERVED_ENV_PREFIXES = ("BUILD_", "BENCH_", "TEST_", "CPU_", "ATTN_")
 
 
 def resolve(d: Dict[str, Any], names: List[str]) -> Dict[str, Any]:

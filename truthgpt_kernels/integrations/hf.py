@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from .. import logs as _logs
 from .. import ops
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2")
@@ -50,6 +51,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                             key_mask=key_mask, device=query.device)
             servable = vis.shape[1] == 1 and torch.equal(expected, vis)
     if not servable:
+        _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

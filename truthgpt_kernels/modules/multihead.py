@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import logs as _logs
 from ..ops.attention import attention
 
 
@@ -186,6 +187,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 and not (self.training and self.dropout > 0)
                 and not (causal and self.bias_k is not None))
         if not fast:
+            _logs.warn_once("multihead-fallback", _logs.MULTIHEAD_FALLBACK, need_weights, servable, logger="modules")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
