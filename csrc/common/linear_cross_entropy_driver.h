@@ -131,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
       if (db_acc.numel()) db_acc.add_(L.sum(0, false, acc));
     }
   }
+  Lbuf = at::Tensor();  // freed before dW is converted: the peak is dW in both dtypes
   at::Tensor dw = dwb ? (w.scalar_type() == acc ? dw_acc : dw_acc.to(w.scalar_type())) : dw_acc;
   dw_acc = at::Tensor();
   at::Tensor db = db_acc.numel() ? db_acc.to(bias->scalar_type()) : db_acc;
