@@ -10,6 +10,10 @@
 //     key_mask bool (B,Sk); all may be broadcast views (stride 0). lse float32 (B,Hq,Sq).
 //   rotary: position_ids int64 (B,S) (may be a broadcast view); cos/sin (P, R/2).
 //   rms_norm: rstd float32 of x.shape[:-1]; dweight is an empty tensor when weight is None.
+//   linear_cross_entropy: x (N,d), weight (V,d), bias (V,), target int64 (N,). Returns per-row
+//     (loss, z-loss term) in float32 (float64 for float64 x), 0 on ignored rows, and when
+//     grad_scale (N,) is given the gradients (dx, dweight, dbias) of sum_i grad_scale_i loss_i
+//     (dweight/dbias empty unless need_dweight and a bias); chunk_size 0 = auto.
 #include <torch/library.h>
 
 TORCH_LIBRARY(truthgpt, m) {
@@ -27,4 +31,8 @@ TORCH_LIBRARY(truthgpt, m) {
         "float scale, int window_left, int window_right, Tensor? alibi_slopes, "
         "Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
+        "float softcap, bool need_dweight, int chunk_size) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -68,3 +68,13 @@ def check_float(name: str, value, *, minimum=None, positive=False) -> float:
 def check_head_dim(name: str, d: int):
     if d < 1 or d > MAX_HEAD_DIM:
         raise ValueError(f"{name}: head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+
+
+def check_class_targets(target: Tensor, num_classes: int, ignore_index: int):
+    """Every target is a class in [0, num_classes) or ignore_index. Reads the values (a device
+    sync on GPUs), so kernels call it inside their op, where torch.compile does not trace."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target must hold class indices in [0, {num_classes}) or ignore_index "
+                         f"({ignore_index}); got {int(target[i])} at position {i}")

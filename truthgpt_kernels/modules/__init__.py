@@ -3,6 +3,7 @@ from .attention import Attention, CacheFullError, KVCache
 from .embeddings import (AlibiSlopes, LearnedPositionalEmbedding, RotaryEmbedding,
                          SinusoidalPositionalEmbedding, sinusoidal_table)
 from .feed_forward import MLP, MoE, SwiGLU
+from .loss import FusedLinearCrossEntropyLoss
 from .multihead import MultiheadAttention
 from .norm import RMSNorm, make_norm
 from .transformer import ModelCache, Transformer, TransformerBlock, sample
@@ -10,4 +11,4 @@ from .transformer import ModelCache, Transformer, TransformerBlock, sample
 __all__ = ["Attention", "KVCache", "CacheFullError", "RotaryEmbedding", "AlibiSlopes",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "sinusoidal_table",
            "SwiGLU", "MLP", "MoE", "RMSNorm", "make_norm", "TransformerBlock", "Transformer",
-           "ModelCache", "sample", "MultiheadAttention"]
+           "ModelCache", "sample", "MultiheadAttention", "FusedLinearCrossEntropyLoss"]

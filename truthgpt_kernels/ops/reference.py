@@ -268,3 +268,76 @@ def rms_norm_bwd(grad, x, weight, rstd):
     else:
         dw = (dy * xf * r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     return dx.to(x.dtype).contiguous(), dw
+
+
+# ---------------------------------------------------------------- linear cross-entropy
+LCE_REDUCTIONS = ("none", "mean", "sum")  # the kernel-level code of a reduction is its index
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         logit_softcap: float = 0.0, return_z_loss: bool = False):
+    """F.cross_entropy(F.linear(x, weight, bias), target, ...) with the logits materialised,
+    plus Liger-Kernel's options: logits -> softcap * tanh(logits / softcap) when softcap > 0
+    (Gemma 2), and z_loss * logsumexp(logits)^2 added to every non-ignored row's loss (PaLM).
+    Low precision is computed in float32 and the loss cast back to x's dtype."""
+    acc = _acc(x.dtype)
+    logits = torch.nn.functional.linear(x.to(acc), weight.to(acc),
+                                        None if bias is None else bias.to(acc))
+    if logit_softcap > 0:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index,
+                                           reduction="none", label_smoothing=label_smoothing)
+    valid = target != ignore_index
+    z = torch.where(valid, z_loss * torch.logsumexp(logits, -1) ** 2, 0.0)
+    rows = ce + z
+    if reduction == "sum":
+        rows, z = rows.sum(), z.sum()
+    elif reduction == "mean":
+        n = valid.sum()
+        rows, z = rows.sum() / n, z.sum() / n
+    out = rows.to(x.dtype), z.to(x.dtype)
+    return out if return_z_loss else out[0]
+
+
+def linear_cross_entropy_fwd(x, weight, bias, target, grad_scale, ignore_index, label_smoothing,
+                             z_loss, softcap, need_dweight, chunk_size):
+    """Kernel-level reference (no chunking: logits materialised). Returns per-row (loss, z-loss
+    term) in the accumulation dtype (0 on ignored rows) and, when grad_scale (per-row weights,
+    (N,)) is given, the gradients (dx, dweight, dbias) of sum_i grad_scale_i * loss_i, with
+    the formulas written out: for p = softmax(z'), z' the (softcapped) logits,
+      dloss/dz'_j = p_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == target],
+      dz'/dz = 1 - (z' / softcap)^2 when softcapped."""
+    from ..validation import check_class_targets
+    check_class_targets(target, weight.shape[0], ignore_index)
+    acc = _acc(x.dtype)
+    N, V = x.shape[0], weight.shape[0]
+    xf, wf = x.to(acc), weight.to(acc)
+    z = xf @ wf.t()
+    if bias is not None:
+        z = z + bias.to(acc)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    lse = torch.logsumexp(z, -1)
+    zt = z.gather(1, t[:, None])[:, 0]
+    eps = label_smoothing
+    zrow = torch.where(valid, z_loss * lse * lse, 0.0)
+    loss = torch.where(valid, lse - (1 - eps) * zt - eps / V * z.sum(-1), 0.0) + zrow
+    if grad_scale is None:
+        return loss, zrow, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    g = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - eps / V
+    g = g - (1 - eps) * torch.nn.functional.one_hot(t, V).to(acc)
+    # ignored rows: exactly 0 (also for the inf scale of a mean over no rows)
+    g = torch.where(valid[:, None], g * grad_scale.to(acc)[:, None], 0.0)
+    if softcap > 0:
+        g = g * (1 - (z / softcap) ** 2)
+    dx = (g @ wf).to(x.dtype)
+    if need_dweight:
+        dw = (g.t() @ xf).to(weight.dtype)
+        db = x.new_empty(0) if bias is None else g.sum(0).to(bias.dtype)
+    else:
+        dw, db = x.new_empty(0), x.new_empty(0)
+    return loss, zrow, dx, dw, db

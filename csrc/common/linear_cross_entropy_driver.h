@@ -1,0 +1,142 @@
+// The chunk loop of the fused linear cross-entropy (truthgpt::linear_cross_entropy_fwd), shared
+// by the CPU kernel (csrc/cpu/linear_cross_entropy.cpp) and the CUDA binding
+// (csrc/cuda/linear_cross_entropy_binding.cpp): host code on ATen only. Each backend supplies
+// the row kernel; the GEMMs are ATen's (MKL/oneDNN on CPUs, cuBLAS on GPUs).
+//
+// For each chunk of rows [r0, r0 + nc):
+//   L = x_c W^T                      (nc, V) logits: the only buffer that grows with V
+//   rows(L, r0, nc)                  per row: loss, z-loss term, and with grad_scale
+//                                    L <- grad_scale_r * d loss_r / d logits (in place)
+//   dx_c = L W,  dW += L^T x_c,  db += sum_r L    (chunks in order: deterministic)
+// Accumulation: float32 (float64 for float64 inputs). With `upcast` (the CPU, whose
+// bfloat16/float16 GEMMs are several times slower than float32 ones), low-precision x and W
+// are converted to float32 a block at a time and every GEMM runs in float32; otherwise (CUDA)
+// the GEMMs take the inputs' dtype (float32 accumulation inside) and L has x's dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+namespace truthgpt {
+namespace lce {
+
+// The chunk's logits take about this much memory when chunk_size is 0 (auto).
+constexpr int64_t kChunkBytes = int64_t(64) << 20;
+// With upcast: W is converted to float32 in blocks of about this many bytes.
+constexpr int64_t kBlockBytes = int64_t(16) << 20;
+
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
+                       int64_t ignore_index) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "linear_cross_entropy_fwd: x (N, d) and weight (V, d) expected, got ", x.sizes(),
+              " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear_cross_entropy_fwd: x and weight dtypes differ");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
+              "linear_cross_entropy_fwd: target must be int64 (N,)");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == x.scalar_type(),
+                "linear_cross_entropy_fwd: bias must be (V,) of x's dtype");
+  }
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == x.size(0), "linear_cross_entropy_fwd: grad_scale must have N elements");
+  }
+  const int64_t V = w.size(0);
+  const auto bad = ((target < 0) | (target >= V)) & (target != ignore_index);
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "target must hold class indices in [0, ", V, ") or ignore_index (",
+                      ignore_index, "); got ", target[i].item<int64_t>(), " at position ", i);
+  }
+}
+
+inline int64_t rows_per_chunk(int64_t chunk_size, int64_t N, int64_t V, int64_t elem) {
+  const int64_t c = chunk_size > 0 ? chunk_size : kChunkBytes / std::max<int64_t>(1, V * elem);
+  return std::clamp<int64_t>(c, 1, std::max<int64_t>(N, 1));
+}
+
+// rows(L, r0, nc): L is the (nc, V) chunk (unit inner stride, row stride L.stride(0)).
+// Returns (loss, z, dx, dweight, dbias); loss and z (N,) in the accumulation dtype.
+template <class RowFn>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
+    const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+    bool need_dweight, int64_t chunk_size, bool upcast, at::Tensor& loss, at::Tensor& zrows,
+    RowFn&& rows) {
+  check_args(x_in, w_in, bias, target, grad_scale, ignore_index);
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
+  const int64_t N = x.size(0), d = x.size(1), V = w.size(0);
+  const auto acc = acc_type(x.scalar_type());
+  const bool low = x.scalar_type() != acc;
+  const bool conv = upcast && low;  // convert x and W blocks to acc for the GEMMs
+  const auto ldt = conv || !low ? acc : x.scalar_type();
+  const auto aopt = x.options().dtype(acc);
+  loss = at::empty({N}, aopt);
+  zrows = at::empty({N}, aopt);
+  const bool grad = grad_scale.has_value();
+  const bool dwb = grad && need_dweight;
+  at::Tensor dx = grad ? at::empty({N, d}, x.options()) : x.new_empty({0});
+  at::Tensor dw_acc = dwb ? at::zeros({V, d}, aopt) : x.new_empty({0});
+  at::Tensor db_acc = dwb && bias.has_value() ? at::zeros({V}, aopt) : x.new_empty({0});
+  if (N == 0) {
+    auto dw = dwb ? dw_acc.to(w.scalar_type()) : dw_acc;
+    auto db = db_acc.numel() ? db_acc.to(bias->scalar_type()) : db_acc;
+    return {loss, zrows, dx, dw, db};
+  }
+  const int64_t nc_max = rows_per_chunk(chunk_size, N, V, at::elementSize(acc));
+  at::Tensor Lbuf = at::empty({nc_max, V}, x.options().dtype(ldt));
+  // W blocks (rows [v0, v0 + vb)) in the GEMM dtype
+  const int64_t vb = conv ? std::clamp<int64_t>(kBlockBytes / (d * 4), 1, V) : V;
+  auto wblock = [&](int64_t v0) {
+    auto b = w.narrow(0, v0, std::min(vb, V - v0));
+    return conv ? b.to(acc) : b;
+  };
+  for (int64_t r0 = 0; r0 < N; r0 += nc_max) {
+    const int64_t nc = std::min(nc_max, N - r0);
+    at::Tensor L = Lbuf.narrow(0, 0, nc);
+    at::Tensor xc = x.narrow(0, r0, nc);
+    if (conv) xc = xc.to(acc);
+    for (int64_t v0 = 0; v0 < V; v0 += vb) {
+      auto wb = wblock(v0);
+      at::Tensor Lv = L.narrow(1, v0, wb.size(0));
+      at::mm_out(Lv, xc, wb.t());
+    }
+    rows(L, r0, nc);
+    if (!grad) continue;
+    at::Tensor dxc = dx.narrow(0, r0, nc);
+    if (conv) {
+      at::Tensor acc_dx = at::zeros({nc, d}, aopt);
+      for (int64_t v0 = 0; v0 < V; v0 += vb) {
+        auto wb = wblock(v0);
+        acc_dx.addmm_(L.narrow(1, v0, wb.size(0)), wb);
+      }
+      dxc.copy_(acc_dx);
+    } else {
+      at::mm_out(dxc, L, w);
+    }
+    if (dwb) {
+      if (ldt == acc) {
+        dw_acc.addmm_(L.t(), xc);
+      } else {  // GEMM in the inputs' dtype (float32 inside), the sum over chunks in float32
+        dw_acc.add_(at::mm(L.t(), xc));
+      }
+      if (db_acc.numel()) db_acc.add_(L.sum(0, false, acc));
+    }
+  }
+  Lbuf = at::Tensor();  // freed before dW is converted: the peak is dW in both dtypes
+  at::Tensor dw = dwb ? (w.scalar_type() == acc ? dw_acc : dw_acc.to(w.scalar_type())) : dw_acc;
+  dw_acc = at::Tensor();
+  at::Tensor db = db_acc.numel() ? db_acc.to(bias->scalar_type()) : db_acc;
+  return {loss, zrows, dx, dw, db};
+}
+
+}  // namespace lce
+}  // namespace truthgpt

@@ -1,0 +1,169 @@
+// Fused linear cross-entropy on the CPU (truthgpt::linear_cross_entropy_fwd): the chunk loop
+// and its GEMMs are common/linear_cross_entropy_driver.h (ATen: MKL/oneDNN); this file has the
+// row kernel, which runs in place on a chunk's logits, one row per task (at::parallel_for):
+//   z' = softcap * tanh((z + b) / softcap)   (or z + b)
+//   lse = log sum exp z',  loss = lse - (1 - eps) z'_t - eps/V sum z' + z_loss lse^2
+//   with gradients: z <- s (p (1 + 2 z_loss lse) - eps/V - (1 - eps) [j == t]) (1 - (z'/cap)^2)
+// (p = exp(z' - lse), s the row's grad_scale; ignored rows: loss 0, gradient 0.)
+// Vectorised per instruction set (cpu/vec_utils.h); math in float (double for double).
+#ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/linear_cross_entropy_driver.h"
+#include "cpu/tensor_utils.h"
+
+namespace truthgpt {
+namespace cpu {
+namespace {
+
+// The row kernel's arguments, per-row pointers at the chunk's first row.
+template <class T>
+struct LceRowArgs {
+  const T* bias;  // (V,) or nullptr
+  const int64_t* target;
+  const T* scale;  // grad_scale, or nullptr: no gradient
+  T* loss;
+  T* zrows;
+  int64_t V, ignore_index;
+  T eps, z_loss, cap;
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace truthgpt
+
+#define TRUTHGPT_KERNELS_FILE "cpu/linear_cross_entropy.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace truthgpt {
+namespace {
+
+using namespace cpu;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, bool need_dweight, int64_t chunk_size) {
+  const auto acc = lce::acc_type(x.scalar_type());
+  const at::Tensor tgt = target.contiguous();
+  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  const at::Tensor scale =
+      grad_scale.has_value() ? grad_scale->to(acc).contiguous() : at::Tensor();
+  at::Tensor loss, zrows;
+  const Isa isa = active_isa();
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T>);
+    return lce::run(x, weight, bias, tgt, grad_scale, ignore_index, need_dweight, chunk_size,
+                    /*upcast=*/true, loss, zrows, [&](at::Tensor& L, int64_t r0, int64_t nc) {
+      LceRowArgs<T> a{bias_acc.defined() ? cptr<T>(bias_acc) : nullptr,
+                   tgt.const_data_ptr<int64_t>() + r0,
+                   scale.defined() ? cptr<T>(scale) + r0 : nullptr,
+                   mptr<T>(loss) + r0,
+                   mptr<T>(zrows) + r0,
+                   L.size(1),
+                   ignore_index,
+                   static_cast<T>(label_smoothing),
+                   static_cast<T>(z_loss),
+                   static_cast<T>(softcap)};
+      T* base = mptr<T>(L);
+      const int64_t ld = L.stride(0);
+      at::parallel_for(0, nc, 1, [&](int64_t i0, int64_t i1) { fn(base, ld, a, i0, i1); });
+    });
+  };
+  if (acc == at::kDouble) return run(Tag<double>{});
+  return run(Tag<float>{});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd); }
+
+}  // namespace truthgpt
+
+#else  // ========================================== kernel section (once per instruction set)
+
+// Rows [i0, i1) of a chunk: L row i at L + i * ld (V elements), its arguments at index i of
+// a's per-row pointers.
+template <class T>
+void lce_rows(T* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) {
+  using V = VecFor<T>;
+  constexpr int kLanes = 16;  // independent maxima: the compiler vectorises this loop
+  const int64_t n = a.V;
+  const bool capped = a.cap > 0;
+  const T inv_cap = capped ? T(1) / a.cap : T(0);
+  const V vcap = V::set1(a.cap), vinv2 = V::set1(2 * inv_cap), one = V::set1(1), two = V::set1(2);
+  for (int64_t i = i0; i < i1; ++i) {
+    T* z = L + i * ld;
+    const int64_t t = a.target[i];
+    if (t == a.ignore_index) {
+      a.loss[i] = 0;
+      a.zrows[i] = 0;
+      if (a.scale != nullptr) {
+        for (int64_t j = 0; j < n; ++j) z[j] = 0;
+      }
+      continue;
+    }
+    // z' = softcap(z + b), in place
+    if (a.bias != nullptr || capped) {
+      for (int64_t j = 0; j < n; j += V::W) {
+        const int64_t m = n - j;
+        V y = V::load(z + j, m);
+        if (a.bias != nullptr) y = y + V::load(a.bias + j, m);
+        if (capped) y = vcap * (one - two / (V::exp(y * vinv2) + one));  // cap tanh(y / cap)
+        y.store(z + j, m);
+      }
+    }
+    T lanes[kLanes];
+    for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lanes[l] = z[j + l] > lanes[l] ? z[j + l] : lanes[l];
+    }
+    T mx = -INFINITY;
+    for (; j < n; ++j) mx = z[j] > mx ? z[j] : mx;
+    for (int l = 0; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    // sum exp(z' - max) and sum z'
+    const V vmx = V::set1(mx);
+    V vse = V::zero(), vsz = V::zero();
+    int64_t k = 0;
+    for (; k + V::W <= n; k += V::W) {
+      const V y = V::load(z + k, V::W);
+      vse = vse + V::exp(y - vmx);
+      vsz = vsz + y;
+    }
+    T se = static_cast<T>(vse.hsum()), sz = static_cast<T>(vsz.hsum());
+    for (; k < n; ++k) {  // the tail: padding lanes would add exp(0 - max)
+      se += std::exp(z[k] - mx);
+      sz += z[k];
+    }
+    const T lse = mx + std::log(se);
+    const T zt = z[t];
+    const T zterm = a.z_loss * lse * lse;
+    a.zrows[i] = zterm;
+    a.loss[i] = lse - (1 - a.eps) * zt - a.eps / static_cast<T>(n) * sz + zterm;
+    if (a.scale == nullptr) continue;
+    // gradient, in place
+    const T s = a.scale[i];
+    const T coef = s * (1 + 2 * a.z_loss * lse), off = s * a.eps / static_cast<T>(n);
+    const V vcoef = V::set1(coef), voff = V::set1(off), vlse = V::set1(lse), vinv = V::set1(inv_cap);
+    for (k = 0; k < n; k += V::W) {
+      const int64_t m = n - k;
+      const V y = V::load(z + k, m);
+      V g = V::fma(V::exp(y - vlse), vcoef, V::zero() - voff);
+      if (capped) {
+        const V u = y * vinv;
+        g = g * (one - u * u);
+      }
+      g.store(z + k, m);
+    }
+    T gt = std::exp(zt - lse) * coef - off - s * (1 - a.eps);
+    if (capped) gt *= 1 - (zt * inv_cap) * (zt * inv_cap);
+    z[t] = gt;
+  }
+}
+
+#endif  // TRUTHGPT_KERNEL_SECTION

@@ -1,0 +1,325 @@
+"""tk.linear_cross_entropy on every backend against the float64 reference (logits materialised)
+and against plain PyTorch in the same dtype: forward, gradients to x, weight and bias, every
+reduction, label smoothing, z-loss, softcap, chunking, ignored rows; gradcheck, opcheck, bad
+inputs.
+
+Tolerances: DESIGN.md's rule (error against float64 <= 2x the same-dtype PyTorch error + atol).
+The float64 reference is evaluated on the inputs rounded to the tested dtype, so the error
+measures the computation only. bfloat16: the kernels compute the logits with float32
+accumulation and keep them in float32 (PyTorch rounds them to bfloat16), so their error is
+mostly the final rounding of each output to bfloat16; atol is the ATOL of tests/helpers.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import truthgpt_kernels as tk
+from truthgpt_kernels import backends
+from truthgpt_kernels.ops import reference
+
+from ..helpers import assert_close, backend_params, device_for, leaf
+
+FAMILY = "linear_cross_entropy"
+BACKENDS = backend_params(FAMILY)
+
+
+def _cpu_built():
+    return not backends.unavailable_reason("cpu") and backends.implements(FAMILY, "cpu")
+
+
+def _dtypes(backend):
+    return [torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+
+
+def _make(N, d, V, dev, *, bias=True, ignore_frac=0.25, scale=3.0):
+    """float64 inputs: logits of a few units (so softmax is neither flat nor one-hot)."""
+    x = torch.randn(N, d, dtype=torch.float64, device=dev)
+    w = torch.randn(V, d, dtype=torch.float64, device=dev) * (scale / math.sqrt(d))
+    b = torch.randn(V, dtype=torch.float64, device=dev) if bias else None
+    t = torch.randint(0, V, (N,), device=dev)
+    t[torch.rand(N, device=dev) < ignore_frac] = -100
+    return x, w, b, t
+
+
+def _torch_same_dtype(x, w, b, t, reduction, label_smoothing, z_loss, softcap):
+    """What plain PyTorch computes in the inputs' dtype (Liger's test baseline for z-loss and
+    softcap): materialised logits, F.cross_entropy, z_loss * logsumexp^2 per counted row."""
+    logits = F.linear(x, w, b)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    if z_loss == 0:
+        return F.cross_entropy(logits, t, reduction=reduction, label_smoothing=label_smoothing)
+    valid = t != -100
+    rows = F.cross_entropy(logits, t, reduction="none", label_smoothing=label_smoothing)
+    rows = rows + torch.where(valid, z_loss * torch.logsumexp(logits, -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / (valid.sum() if reduction == "mean" else 1)
+
+
+def _check(backend, dtype, inputs, *, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+           softcap=0.0, chunk_size=None, name=""):
+    x64, w64, b64, t = (None if v is None else (v.to(dtype).double() if v.is_floating_point() else v)
+                        for v in inputs)
+    opts = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+    x, w = leaf(x64, dtype), leaf(w64, dtype)
+    b = None if b64 is None else leaf(b64, dtype)
+    loss = tk.linear_cross_entropy(x, w, t, bias=b, logit_softcap=softcap, chunk_size=chunk_size,
+                                   backend=backend, **opts)
+    gy64 = torch.randn(loss.shape, dtype=torch.float64, device=x.device) + 0.5
+    rx, rw = leaf(x64), leaf(w64)
+    rb = None if b64 is None else leaf(b64)
+    ref = reference.linear_cross_entropy(rx, rw, t, rb, logit_softcap=softcap, **opts)
+    bx, bw = leaf(x64, dtype), leaf(w64, dtype)
+    bb = None if b64 is None else leaf(b64, dtype)
+    base = _torch_same_dtype(bx, bw, bb, t, softcap=softcap, **opts)
+    tag = f"{name}[{backend} {dtype} {reduction} ls={label_smoothing} z={z_loss} cap={softcap}]"
+    assert_close("loss" + tag, loss, ref, base)
+    if not ref.requires_grad or not torch.isfinite(ref).all():
+        return
+    for out, gy in ((loss, gy64.to(dtype)), (ref, gy64), (base, gy64.to(dtype))):
+        out.backward(gy)
+    assert_close("dx" + tag, x.grad, rx.grad, bx.grad)
+    assert_close("dweight" + tag, w.grad, rw.grad, bw.grad)
+    if b is not None:
+        assert_close("dbias" + tag, b.grad, rb.grad, bb.grad)
+
+
+CASES = {  # name: ((N, d, V), bias, options)
+    "chunked": ((17, 32, 203), True, dict(chunk_size=4)),
+    "one_row_d1": ((1, 1, 37), False, {}),
+    "smoothing": ((9, 16, 50), True, dict(label_smoothing=0.1, chunk_size=2)),
+    "z_loss": ((12, 24, 96), False, dict(z_loss=0.05, chunk_size=5)),
+    "softcap": ((11, 20, 77), True, dict(logit_softcap=4.0, chunk_size=3)),
+    "all_options": ((13, 24, 130), True, dict(label_smoothing=0.2, z_loss=0.01, logit_softcap=5.0,
+                                              chunk_size=6)),
+    "one_chunk_wide": ((6, 40, 1000), True, dict(label_smoothing=0.05)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_reference(backend, case, reduction):
+    (N, d, V), bias, opts = CASES[case]
+    opts = dict(opts)
+    softcap = opts.pop("logit_softcap", 0.0)
+    inputs = _make(N, d, V, device_for(backend), bias=bias)
+    for dtype in _dtypes(backend):
+        _check(backend, dtype, inputs, reduction=reduction, softcap=softcap, name=case, **opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(backend, reduction):
+    """As F.cross_entropy: mean over no rows is nan, sum is 0, gradients are 0."""
+    dev = device_for(backend)
+    x = torch.randn(5, 8, device=dev, requires_grad=True)
+    w = torch.randn(20, 8, device=dev, requires_grad=True)
+    t = torch.full((5,), -100, device=dev)
+    loss = tk.linear_cross_entropy(x, w, t, reduction=reduction, label_smoothing=0.1, z_loss=0.1,
+                                   backend=backend)
+    expected = F.cross_entropy(F.linear(x, w), t, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_no_rows(backend):
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(10, 12, 30, dev)
+    t = torch.where(t == -100, 7, t)  # 7 is the ignored class here
+    ours = tk.linear_cross_entropy(x64.float(), w64.float(), t, ignore_index=7, backend=backend)
+    ref = reference.linear_cross_entropy(x64, w64, t, ignore_index=7)
+    assert_close("loss", ours, ref, F.cross_entropy(F.linear(x64.float(), w64.float()), t, ignore_index=7))
+    empty = tk.linear_cross_entropy(x64.float()[:0], w64.float(), t[:0], reduction="sum", backend=backend)
+    assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_z_loss_term_returned(backend):
+    """return_z_loss=True: (loss, z_loss_term) as Liger, the term reduced like the loss and
+    already part of the loss (no gradient flows through it)."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(14, 16, 60, dev)
+    for reduction in ("mean", "sum", "none"):
+        x = leaf(x64, torch.float32)
+        loss, z = tk.linear_cross_entropy(x, w64.float(), t, bias=b64.float(), z_loss=0.02,
+                                          reduction=reduction, return_z_loss=True, backend=backend)
+        rl, rz = reference.linear_cross_entropy(x64, w64, t, b64, z_loss=0.02, reduction=reduction,
+                                                return_z_loss=True)
+        assert_close(f"loss[{reduction}]", loss, rl, rl.float())
+        assert_close(f"z[{reduction}]", z, rz, rz.float())
+        assert not z.requires_grad
+        valid = t != -100
+        lse = torch.logsumexp(F.linear(x64, w64, b64), -1)
+        expected = torch.where(valid, 0.02 * lse ** 2, 0.0)
+        expected = {"none": expected, "sum": expected.sum(), "mean": expected.sum() / valid.sum()}[reduction]
+        torch.testing.assert_close(rz, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunking_is_invisible_and_deterministic(backend):
+    """Every chunk size gives the same result up to float32 rounding; a given one is bitwise
+    reproducible."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(23, 16, 90, dev)
+    outs = {}
+    for chunk in (1, 4, 7, 23, None):
+        x, w, b = leaf(x64, torch.float32), leaf(w64, torch.float32), leaf(b64, torch.float32)
+        runs = []
+        for _ in range(2):
+            loss = tk.linear_cross_entropy(x, w, t, bias=b, chunk_size=chunk, label_smoothing=0.1,
+                                           backend=backend)
+            runs.append((loss.detach(),) + torch.autograd.grad(loss, (x, w, b)))
+        assert all(torch.equal(p, q) for p, q in zip(*runs)), f"chunk {chunk}: not deterministic"
+        outs[chunk] = runs[0]
+    for chunk, out in outs.items():
+        for name, p, q in zip(("loss", "dx", "dw", "db"), out, outs[None]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name} chunk {chunk}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_output_scaling_and_retain_graph(backend):
+    """Backward scales the saved gradients by grad_output; with grad_output 1 (returned
+    without a copy) a retained graph's second backward still adds the same gradient."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(9, 8, 40, dev)
+    x, w = leaf(x64, torch.float32), leaf(w64, torch.float32)
+    loss = tk.linear_cross_entropy(x, w, t, backend=backend)
+    loss.backward(retain_graph=True)
+    first = (x.grad.clone(), w.grad.clone())
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 2 * first[0])
+    torch.testing.assert_close(w.grad, 2 * first[1])
+    gx, gw = torch.autograd.grad(3 * loss, (x, w))
+    torch.testing.assert_close(gx, 3 * first[0])
+    torch.testing.assert_close(gw, 3 * first[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_no_grad(backend):
+    """Only x requires grad (a frozen LM head): dx right, no weight gradient; under no_grad
+    the loss alone."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(10, 8, 33, dev)
+    x = leaf(x64, torch.float32)
+    w = w64.float()
+    loss = tk.linear_cross_entropy(x, w, t, bias=b64.float(), backend=backend)
+    loss.backward()
+    rx = leaf(x64)
+    reference.linear_cross_entropy(rx, w64.float().double(), t, b64.float().double()).backward()
+    torch.testing.assert_close(x.grad.double(), rx.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        again = tk.linear_cross_entropy(x, w, t, bias=b64.float(), backend=backend)
+    assert torch.equal(again, loss.detach())
+
+
+def test_cpu_weight_blocks_upcast():
+    """bfloat16 on the CPU: W is converted to float32 in blocks of 16 MiB (a V x d weight of
+    more than that takes several blocks, the last one partial)."""
+    if not _cpu_built():
+        pytest.skip("C++ CPU extension not built")
+    inputs = _make(5, 64, 70001, "cpu", ignore_frac=0.0)
+    _check("cpu", torch.bfloat16, inputs, label_smoothing=0.1, z_loss=0.01, name="blocks")
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_cpu_instruction_sets(isa, monkeypatch):
+    if not _cpu_built():
+        pytest.skip("C++ CPU extension not built")
+    monkeypatch.setenv("TRUTHGPT_CPU_ISA", isa)
+    inputs = _make(7, 12, 45, "cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        _check("cpu", dtype, inputs, label_smoothing=0.1, z_loss=0.01, softcap=3.0, chunk_size=3,
+               name=isa)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_cpu(reduction):
+    if not _cpu_built():
+        pytest.skip("C++ CPU extension not built")
+    x64, w64, b64, t = _make(6, 5, 11, "cpu")
+    x, w, b = leaf(x64), leaf(w64), leaf(b64)
+
+    def fn(x, w, b):
+        return tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=0.1,
+                                       z_loss=0.05, logit_softcap=2.0, chunk_size=4, backend="cpu")
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", [1, 0])  # mean, none
+def test_opcheck(backend, reduction):
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(6, 8, 20, dev)
+    x, w, b = leaf(x64, torch.float32), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    args = (x, w, b, t, -100, reduction, 0.1, 0.01, 3.0, True, True, 4, backend)
+    torch.library.opcheck(torch.ops.truthgpt.linear_cross_entropy.default, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x64, w64, b64, t = _make(8, 8, 30, "cpu")
+
+    def fn(x, w, b):
+        return tk.linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, z_loss=0.01, backend=backend)
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        x, w, b = leaf(x64, torch.float32), leaf(w64, torch.float32), leaf(b64, torch.float32)
+        loss = f(x, w, b)
+        results.append((loss,) + torch.autograd.grad(2 * loss, (x, w, b)))
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q)
+
+
+def test_bad_inputs():
+    x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    lce = tk.linear_cross_entropy
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        lce(x[None], w, t)
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 8\)"):
+        lce(x, torch.randn(10, 7), t)
+    with pytest.raises(TypeError, match="weight must have the dtype of x"):
+        lce(x, w.double(), t)
+    with pytest.raises(TypeError, match="target must have dtype int64"):
+        lce(x, w, t.int())
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):
+        lce(x, w, t[:3])
+    with pytest.raises(ValueError, match=r"bias must have shape \(10\)"):
+        lce(x, w, t, bias=torch.randn(9))
+    with pytest.raises(TypeError, match="bias must have the dtype of x"):
+        lce(x, w, t, bias=torch.randn(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        lce(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be"):
+        lce(x, w, t, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        lce(x, w, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss must be >= 0"):
+        lce(x, w, t, z_loss=-1.0)
+    with pytest.raises(ValueError, match="logit_softcap must be finite"):
+        lce(x, w, t, logit_softcap=float("inf"))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        lce(x, w, t, chunk_size=0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        lce(x.tolist(), w, t)
+    with pytest.raises(ValueError, match="x must have at least one feature"):
+        lce(x[:, :0], w[:, :0], t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_out_of_range(backend):
+    """Checked inside the op (a data-dependent check torch.compile does not trace), before
+    any kernel runs; the message names target, the value and its position."""
+    dev = device_for(backend)
+    x, w = torch.randn(4, 8, device=dev), torch.randn(10, 8, device=dev)
+    for bad in (10, -1, -101):
+        t = torch.tensor([1, 2, bad, 3], device=dev)
+        with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, 10\).*got {bad} at position 2"):
+            tk.linear_cross_entropy(x, w, t, backend=backend)
+        with pytest.raises(ValueError, match="target must hold class indices"):
+            tk.linear_cross_entropy(x.requires_grad_(), w, t, reduction="none", backend=backend)

@@ -1,0 +1,204 @@
+"""tk.linear_cross_entropy: the LM head and its cross-entropy loss, fused and chunked over rows
+so that no (N, V) logits tensor exists, in the forward or the backward (Liger-Kernel's
+fused linear cross-entropy).
+
+How: for each chunk of rows, the kernels compute the chunk's logits (a GEMM, float32
+accumulation), then per row the loss and d loss / d logits (in place), then the chunk's
+gradient dx_c = dlogits W and dW += dlogits^T x_c (float32 accumulation, chunks in a fixed
+order: deterministic). So the forward computes the gradients for reduction "mean"/"sum" and
+the backward only scales them by grad_output. Reduction "none" needs one weight per row,
+unknown in the forward: its forward computes the losses only, and its backward reruns the
+chunked pass with the per-row grad_output (truthgpt::linear_cross_entropy_backward).
+
+The returned z-loss term (return_z_loss=True) is for logging, as in Liger: it is already part
+of the loss and no gradient flows through it.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..validation import check_float, check_int, check_same_dtype, check_tensor
+from .reference import LCE_REDUCTIONS
+
+FAMILY = "linear_cross_entropy"
+_NONE, _MEAN, _SUM = (LCE_REDUCTIONS.index(r) for r in ("none", "mean", "sum"))
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
+                  softcap, need_grad, need_dweight, chunk_size, backend):
+    """(loss, z_loss, dx, dweight, dbias): the reduced loss and z-loss term in x's dtype, and
+    for reduction mean/sum with need_grad the gradients of the loss (else empty tensors)."""
+    N = x.shape[0]
+    acc = _acc(x.dtype)
+    valid = target != ignore_index
+    count = valid.sum().to(acc)
+    grad_scale = None
+    if need_grad and reduction != _NONE:
+        one = torch.ones((), dtype=acc, device=x.device)
+        grad_scale = (one / count if reduction == _MEAN else one).expand(N).contiguous()
+    loss, z, dx, dw, db = backends.kernel(FAMILY, backend, "fwd")(
+        x, weight, bias, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+        need_dweight, chunk_size)
+    if reduction == _SUM:
+        loss, z = loss.sum(), z.sum()
+    elif reduction == _MEAN:
+        loss, z = loss.sum() / count, z.sum() / count
+    return loss.to(x.dtype), z.to(x.dtype), dx, dw, db
+
+
+@torch.library.custom_op("truthgpt::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                            ignore_index: int, reduction: int, label_smoothing: float,
+                            z_loss: float, softcap: float, need_grad: bool, need_dweight: bool,
+                            chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smoothing,
+                         z_loss, softcap, need_grad, need_dweight, chunk_size, backend)
+
+
+@linear_cross_entropy_op.register_fake
+def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      need_grad, need_dweight, chunk_size, backend):
+    shape = (x.shape[0],) if reduction == _NONE else ()
+    grads = need_grad and reduction != _NONE
+    dx = x.new_empty(x.shape) if grads else _empty(x)
+    dw = weight.new_empty(weight.shape) if grads and need_dweight else _empty(x)
+    db = bias.new_empty(bias.shape) if grads and need_dweight and bias is not None else _empty(x)
+    return x.new_empty(shape), x.new_empty(shape), dx, dw, db
+
+
+@torch.library.custom_op("truthgpt::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(grad: Tensor, x: Tensor, weight: Tensor,
+                                     bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                                     label_smoothing: float, z_loss: float, softcap: float,
+                                     need_dweight: bool, chunk_size: int,
+                                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_i * loss_i (reduction "none"): reruns the chunked pass."""
+    _, _, dx, dw, db = backends.kernel(FAMILY, backend, "fwd")(
+        x, weight, bias, target, grad.to(_acc(x.dtype)).contiguous(), ignore_index,
+        label_smoothing, z_loss, softcap, need_dweight, chunk_size)
+    return dx, dw, db
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
+      need_dweight, chunk_size, backend):
+    dw = weight.new_empty(weight.shape) if need_dweight else _empty(x)
+    db = bias.new_empty(bias.shape) if need_dweight and bias is not None else _empty(x)
+    return x.new_empty(x.shape), dw, db
+
+
+def _setup(ctx, inputs, output):
+    (x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
+     need_grad, need_dweight, chunk_size, backend) = inputs
+    _, z, dx, dw, db = output
+    ctx.mark_non_differentiable(z, dx, dw, db)
+    ctx.reduction = reduction
+    ctx.has_bias = bias is not None
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend)
+    if reduction == _NONE:
+        ctx.save_for_backward(x, weight, bias, target)
+    else:
+        ctx.save_for_backward(dx, dw, db)
+
+
+def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
+    """saved * grad (a 0-dim tensor). In eager CPU code, grad == 1 (the usual loss.backward())
+    returns saved itself: no pass over dweight and no second copy of it in memory."""
+    if saved.numel() == 0:
+        return None
+    eager = type(grad) is Tensor and not torch.compiler.is_compiling()  # not traced
+    if eager and grad.device.type == "cpu" and bool(grad == 1):
+        return saved
+    return saved * grad.to(saved.dtype)
+
+
+def _backward(ctx, grad, grad_z, grad_dx, grad_dw, grad_db):
+    ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend = ctx.options
+    if ctx.reduction == _NONE:
+        x, weight, bias, target = ctx.saved_tensors
+        dx, dw, db = linear_cross_entropy_backward_op(
+            grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
+            need_dweight, chunk_size, backend)
+        dw = dw if dw.numel() else None
+        db = db if db.numel() else None
+    else:
+        sdx, sdw, sdb = ctx.saved_tensors
+        dx, dw, db = _scaled(sdx, grad), _scaled(sdw, grad), _scaled(sdb, grad)
+    return (dx, dw, db if ctx.has_bias else None) + (None,) * 10
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+           logit_softcap, chunk_size):
+    check_tensor("x", x, ndim=2)
+    check_tensor("weight", weight, ndim=2, device=x.device)
+    check_same_dtype("x", x, weight=weight, bias=bias)
+    check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=x.device)
+    N, d = x.shape
+    if d < 1:
+        raise ValueError(f"x must have at least one feature (shape (N, d) with d >= 1), got {tuple(x.shape)}")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must have shape (V, {d}) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V < 1:
+        raise ValueError(f"weight must have at least one row (class), got shape {tuple(weight.shape)}")
+    if target.shape[0] != N:
+        raise ValueError(f"target must have shape ({N},) (one class per row of x), got {tuple(target.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, shape=(V,), device=x.device)
+    check_int("ignore_index", ignore_index)
+    if reduction not in LCE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(LCE_REDUCTIONS)}; got {reduction!r}")
+    ls = check_float("label_smoothing", label_smoothing, minimum=0.0)
+    if ls > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {ls}")
+    check_float("z_loss", z_loss, minimum=0.0)
+    check_float("logit_softcap", logit_softcap, minimum=0.0)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, minimum=1)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         logit_softcap: float = 0.0, return_z_loss: bool = False,
+                         chunk_size: Optional[int] = None, backend: Optional[str] = None):
+    """F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=, reduction=,
+    label_smoothing=) without materialising the (N, V) logits.
+
+    x (N, d); weight (V, d) and bias (V,) of x's dtype; target (N,) int64, each a class in
+    [0, V) or ignore_index (a row that adds nothing, and is not counted by "mean").
+    z_loss > 0 adds z_loss * logsumexp(logits)^2 to each counted row's loss (PaLM; Liger's
+    lse_square_scale); logit_softcap > 0 replaces the logits by
+    logit_softcap * tanh(logits / logit_softcap) first (Gemma 2). Returns the loss in x's
+    dtype (a scalar, or (N,) for reduction "none"), or (loss, z_loss_term) with
+    return_z_loss=True (the term reduced like the loss, no gradient: as Liger).
+    chunk_size: rows per chunk (default: as many as keep one chunk's float32 logits within
+    about 64 MiB). Gradients flow to x, weight and bias."""
+    _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+           logit_softcap, chunk_size)
+    name = backends.select(FAMILY, backend, x)
+    args = (x, weight, bias, target, ignore_index, LCE_REDUCTIONS.index(reduction),
+            float(label_smoothing), float(z_loss), float(logit_softcap))
+    need_dweight = weight.requires_grad or (bias is not None and bias.requires_grad)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or need_dweight)
+    if need_grad or torch.compiler.is_compiling():
+        out = linear_cross_entropy_op(*args, need_grad, need_dweight, chunk_size or 0, name)
+    else:  # no autograd: the same implementation without the custom-op dispatcher
+        out = _forward_impl(*args, False, False, chunk_size or 0, name)
+    return (out[0], out[1]) if return_z_loss else out[0]
+
+
+__all__: List[str] = ["linear_cross_entropy"]
