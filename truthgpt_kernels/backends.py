@@ -106,7 +106,10 @@ def implements(family: str, name: str) -> bool:
         if _ext.load("_C" if name == "cpu" else "_cuda")[0] is None:
             return False
         key = "CPU" if name == "cpu" else "CUDA"
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{family}_fwd", key)
+        try:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(f"truthgpt::{family}_fwd", key)
+        except RuntimeError:  # no such schema: an extension built before this family existed
+            return False
     if name == "triton":
         return unavailable_reason("triton") == "" and hasattr(_triton_module(family) or (), f"{family}_fwd")
     return False
