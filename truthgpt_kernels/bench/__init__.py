@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "model", "dropin")
+FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "layer_norm", "geglu", "model", "dropin")
 
 DTYPES = {  # accepted spellings -> canonical torch name
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",

@@ -105,7 +105,8 @@ class LayerNorm(nn.Module):
         return layer_norm(flat, weight, bias, self.eps, backend=self.backend).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}")
 
 
 def make_norm(kind: str, dim: int, eps: float, *, backend: Optional[str] = None,
