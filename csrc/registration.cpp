@@ -14,6 +14,9 @@
 //     (loss, z-loss term) in float32 (float64 for float64 x), 0 on ignored rows, and when
 //     grad_scale (N,) is given the gradients (dx, dweight, dbias) of sum_i grad_scale_i loss_i
 //     (dweight/dbias empty unless need_dweight and a bias); chunk_size 0 = auto.
+//   layer_norm: mean, rstd of x.shape[:-1], float32 (float64 for float64 x); weight and bias
+//     have x's dtype or float32; dweight / dbias are empty tensors when weight / bias is None.
+//   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
 #include <torch/library.h>
 
 TORCH_LIBRARY(truthgpt, m) {
@@ -21,6 +24,11 @@ TORCH_LIBRARY(truthgpt, m) {
   m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  m.def("geglu_fwd(Tensor gate, Tensor up, str approximate) -> Tensor");
+  m.def("geglu_bwd(Tensor grad, Tensor gate, Tensor up, str approximate) -> (Tensor, Tensor)");
   m.def("rotary_fwd(Tensor x, Tensor cos, Tensor sin, Tensor position_ids, bool interleaved) -> Tensor");
   m.def("rotary_qk_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor position_ids, "
         "bool interleaved) -> (Tensor, Tensor)");

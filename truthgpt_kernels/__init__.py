@@ -8,23 +8,22 @@ logs.configure()     # TRUTHGPT_LOG_LEVEL, if set
 _ext.load("_C")      # registers the C++ CPU kernels (if built)
 _ext.load("_cuda")   # registers the CUDA C++ kernels (if built)
 
-from .ops import (alibi_slopes, apply_rotary, apply_rotary_qk, attention, rms_norm,  # noqa: E402
-                  rotary_cos_sin, swiglu)
-from .ops import linear_cross_entropy  # noqa: E402
+from .ops import (alibi_slopes, apply_rotary, apply_rotary_qk, attention, geglu,  # noqa: E402
+                  layer_norm, linear_cross_entropy, rms_norm, rotary_cos_sin, swiglu)
 
 __version__ = "0.1.0"
 __all__ = ["attention", "alibi_slopes", "apply_rotary", "apply_rotary_qk", "rotary_cos_sin",
-           "swiglu", "rms_norm", "linear_cross_entropy", "use_backend", "available_backends",
-           "BackendError"]
+           "swiglu", "rms_norm", "geglu", "layer_norm", "linear_cross_entropy", "use_backend",
+           "available_backends", "BackendError"]
 
 # Modules and the configurable transformer (pure Python on the ops above; cheap to import).
 from .config import ConfigError, TransformerConfig  # noqa: E402
-from .modules import (Attention, KVCache, MoE, MLP, MultiheadAttention, RMSNorm,  # noqa: E402
-                      RotaryEmbedding, SwiGLU, Transformer, TransformerBlock)
+from .modules import (Attention, GeGLU, KVCache, LayerNorm, MoE, MLP, MultiheadAttention,  # noqa: E402
+                      RMSNorm, RotaryEmbedding, SwiGLU, Transformer, TransformerBlock)
 from .modules import FusedLinearCrossEntropyLoss  # noqa: E402
 from .patch import replace_modules  # noqa: E402
 from .explain import explain  # noqa: E402
 
 __all__ += ["TransformerConfig", "ConfigError", "Attention", "KVCache", "RotaryEmbedding",
-            "SwiGLU", "MLP", "MoE", "RMSNorm", "TransformerBlock", "Transformer",
+            "SwiGLU", "GeGLU", "MLP", "MoE", "RMSNorm", "LayerNorm", "TransformerBlock", "Transformer",
             "MultiheadAttention", "replace_modules", "explain", "FusedLinearCrossEntropyLoss"]

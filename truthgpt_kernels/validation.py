@@ -78,3 +78,25 @@ def check_class_targets(target: Tensor, num_classes: int, ignore_index: int):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"target must hold class indices in [0, {num_classes}) or ignore_index "
                          f"({ignore_index}); got {int(target[i])} at position {i}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        want = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {want}, got {value!r}")
+    return value
+
+
+def check_gate_up(gate, up):
+    """(gate, up) of a gated activation: up of gate's shape, dtype and device, or up=None and
+    gate holding [gate | up] halves in its last dim (split as views)."""
+    check_tensor("gate", gate, ndim=range(1, 9))
+    if up is None:
+        if gate.shape[-1] % 2:
+            raise ValueError(f"gate: a packed [gate | up] input needs an even last dim, got {gate.shape[-1]}")
+        return gate.chunk(2, dim=-1)
+    check_tensor("up", up, device=gate.device)
+    check_same_dtype("gate", gate, up=up)
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    return gate, up

@@ -1,11 +1,11 @@
-"""SwiGLU and MLP against their eager formulas with the same weights (forward and backward);
+"""SwiGLU, GeGLU and MLP against their eager formulas with the same weights (forward and backward);
 MoE against a per-token loop, its load-balancing loss and its capacity accounting."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from truthgpt_kernels.modules import MLP, MoE, SwiGLU
+from truthgpt_kernels.modules import MLP, GeGLU, MoE, SwiGLU
 
 from ..helpers import assert_close
 
@@ -35,6 +35,36 @@ def test_swiglu_float32_within_eager_error():
     ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     x = torch.randn(8, 64)
     assert_close("out", m(x).detach(), eager_swiglu(ref, x.double()).detach(), eager_swiglu(m, x).detach())
+
+
+def eager_geglu(m: GeGLU, x):
+    g = F.linear(x, m.gate_weight, None if m.gate_up.bias is None else m.gate_up.bias[: m.d_ff])
+    u = F.linear(x, m.up_weight, None if m.gate_up.bias is None else m.gate_up.bias[m.d_ff:])
+    return m.down(F.gelu(g, approximate=m.approximate) * u)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_geglu_matches_eager_float64(bias, approximate):
+    m = GeGLU(16, 40, bias=bias, approximate=approximate, dtype=f64)
+    x = torch.randn(3, 5, 16, dtype=f64, requires_grad=True)
+    y, y2 = m(x), eager_geglu(m, x)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    params = list(m.parameters())
+    for a, b in zip(torch.autograd.grad(y.sum(), [x] + params), torch.autograd.grad(y2.sum(), [x] + params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_geglu_float32_within_eager_error_and_like_swiglu():
+    m = GeGLU(64, 176)
+    ref = GeGLU(64, 176, dtype=f64)
+    ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    x = torch.randn(8, 64)
+    assert_close("out", m(x).detach(), eager_geglu(ref, x.double()).detach(), eager_geglu(m, x).detach())
+    assert m.state_dict().keys() == SwiGLU(64, 176).state_dict().keys()
+    assert "approximate='tanh'" in repr(m)
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        GeGLU(4, 8, approximate="erf")
 
 
 def test_mlp_matches_eager():

@@ -39,7 +39,8 @@ import torch
 
 from .. import backends
 
-FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "linear_cross_entropy", "model", "dropin")
+FAMILIES = ("attention", "rotary", "swiglu", "rms_norm", "layer_norm", "geglu", "linear_cross_entropy",
+            "model", "dropin")
 
 DTYPES = {  # accepted spellings -> canonical torch name
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",

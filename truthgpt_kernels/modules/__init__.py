@@ -2,13 +2,13 @@
 from .attention import Attention, CacheFullError, KVCache
 from .embeddings import (AlibiSlopes, LearnedPositionalEmbedding, RotaryEmbedding,
                          SinusoidalPositionalEmbedding, sinusoidal_table)
-from .feed_forward import MLP, MoE, SwiGLU
+from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .loss import FusedLinearCrossEntropyLoss
 from .multihead import MultiheadAttention
-from .norm import RMSNorm, make_norm
+from .norm import LayerNorm, RMSNorm, make_norm
 from .transformer import ModelCache, Transformer, TransformerBlock, sample
 
 __all__ = ["Attention", "KVCache", "CacheFullError", "RotaryEmbedding", "AlibiSlopes",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "sinusoidal_table",
-           "SwiGLU", "MLP", "MoE", "RMSNorm", "make_norm", "TransformerBlock", "Transformer",
-           "ModelCache", "sample", "MultiheadAttention", "FusedLinearCrossEntropyLoss"]
+           "SwiGLU", "GeGLU", "MLP", "MoE", "RMSNorm", "LayerNorm", "make_norm", "TransformerBlock",
+           "Transformer", "ModelCache", "sample", "MultiheadAttention", "FusedLinearCrossEntropyLoss"]

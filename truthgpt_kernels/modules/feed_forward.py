@@ -1,4 +1,4 @@
-"""Feed-forward layers: SwiGLU (fused activation), MLP (GELU) and MoE (top-k routed SwiGLU
+"""Feed-forward layers: SwiGLU and GeGLU (fused activations), MLP (GELU) and MoE (top-k routed SwiGLU
 experts with a load-balancing loss and capacity handling that never drops a token silently)."""
 import math
 from typing import Optional
@@ -7,13 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import swiglu
+from ..ops import geglu, swiglu
+from ..ops.geglu import APPROXIMATIONS as GELU_APPROXIMATIONS
+from ..validation import check_choice
 
 
-class SwiGLU(nn.Module):
-    """down(silu(x W_gate) * (x W_up)) (Shazeer 2020). `gate_up` is the fused projection
-    d_model -> 2 d_ff whose first d_ff outputs are the gate and the last d_ff the up
-    projection; tk.swiglu reads both halves in place."""
+class _GatedFeedForward(nn.Module):
+    """down(act(x W_gate) * (x W_up)): `gate_up` is the fused projection d_model -> 2 d_ff
+    whose first d_ff outputs are the gate and the last d_ff the up projection; the fused
+    activation op reads both halves in place."""
 
     def __init__(self, d_model: int, d_ff: int, *, bias: bool = False, dropout: float = 0.0,
                  backend: Optional[str] = None, device=None, dtype=None):
@@ -31,9 +33,38 @@ class SwiGLU(nn.Module):
     def up_weight(self) -> Tensor:
         return self.gate_up.weight[self.d_ff:]
 
+    def activation(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
-        h = swiglu(self.gate_up(x), backend=self.backend)  # (..., d_ff)
+        h = self.activation(self.gate_up(x))  # (..., d_ff)
         return self.dropout(self.down(h))
+
+
+class SwiGLU(_GatedFeedForward):
+    """down(silu(x W_gate) * (x W_up)) (Shazeer 2020). `gate_up` is the fused projection
+    d_model -> 2 d_ff whose first d_ff outputs are the gate and the last d_ff the up
+    projection; tk.swiglu reads both halves in place."""
+
+    def activation(self, h: Tensor) -> Tensor:
+        return swiglu(h, backend=self.backend)
+
+
+class GeGLU(_GatedFeedForward):
+    """down(gelu(x W_gate) * (x W_up)) (Shazeer 2020; T5 v1.1, Gemma): SwiGLU's layout
+    (`gate_up`, `down`) with tk.geglu; `approximate` is "tanh" or "none" (erf), as F.gelu."""
+
+    def __init__(self, d_model: int, d_ff: int, *, approximate: str = "tanh", bias: bool = False,
+                 dropout: float = 0.0, backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__(d_model, d_ff, bias=bias, dropout=dropout, backend=backend, device=device,
+                         dtype=dtype)
+        self.approximate = check_choice("approximate", approximate, GELU_APPROXIMATIONS)
+
+    def activation(self, h: Tensor) -> Tensor:
+        return geglu(h, approximate=self.approximate, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
 
 
 class MLP(nn.Module):

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import rms_norm
+from ..ops import layer_norm, rms_norm
 
 try:  # torch's own rule (the one its RMSNorm follows), by the order of x's strides
     from torch._prims_common import suggest_memory_format as _suggest_memory_format
@@ -68,6 +68,59 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last len(normalized_shape)
+    dims (biased variance), on the fused tk.layer_norm op.
+
+    A drop-in for torch.nn.LayerNorm: same constructor (normalized_shape, eps, elementwise_affine,
+    bias, device, dtype), `weight` / `bias` parameters, state_dict keys, repr and results;
+    statistics are computed in float32. `backend` picks the kernel (None: whatever
+    use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None):
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.backend = backend
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = len(self.normalized_shape)
+        if x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
+            raise ValueError(f"LayerNorm over {list(self.normalized_shape)} got input of shape "
+                             f"{tuple(x.shape)}: its last dims must match")
+        params = [p if p is None or p.dtype in (x.dtype, torch.float32) else p.to(x.dtype)
+                  for p in (self.weight, self.bias)]
+        weight, bias = [p.reshape(-1) if p is not None else None for p in params]
+        if n == 1:
+            return layer_norm(x, weight, bias, self.eps, backend=self.backend)
+        flat = x.reshape(*x.shape[:x.dim() - n], math.prod(self.normalized_shape))
+        return layer_norm(flat, weight, bias, self.eps, backend=self.backend).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}")
 
 
 def make_norm(kind: str, dim: int, eps: float, *, backend: Optional[str] = None,

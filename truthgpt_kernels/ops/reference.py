@@ -341,3 +341,82 @@ def linear_cross_entropy_fwd(x, weight, bias, target, grad_scale, ignore_index, 
     else:
         dw, db = x.new_empty(0), x.new_empty(0)
     return loss, zrow, dx, dw, db
+
+
+# ----------------------------------------------------------------------------- layer_norm, geglu
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (biased variance);
+    statistics in float32 (float64 for float64), output in x's dtype."""
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    mean = xf.mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+GELU_APPROXIMATIONS = ("tanh", "none")
+
+
+def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
+    """x * Phi(x) ("none": Phi the standard normal CDF, via erf) or its tanh approximation
+    x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2, as F.gelu."""
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    if approximate == "none":
+        return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+
+
+def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh") -> Tensor:
+    """gelu(gate, approximate) * up; with up=None the last dim of gate holds [gate | up]."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    acc = _acc(gate.dtype)
+    return (gelu(gate.to(acc), approximate) * up.to(acc)).to(gate.dtype)
+
+
+# "reference" backend kernels of layer_norm and geglu (signatures of csrc/registration.cpp)
+def layer_norm_fwd(x, weight, bias, eps):
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    mean = xf.mean(-1)
+    rstd = torch.rsqrt((xf - mean[..., None]).pow(2).mean(-1) + eps)
+    return layer_norm(x, weight, bias, eps).contiguous(), mean, rstd
+
+
+def layer_norm_bwd(grad, x, weight, bias, mean, rstd):
+    """xhat = (x - mean) r, g = dy w: dx = r (g - mean(g) - xhat mean(g xhat)),
+    dw = sum over rows of dy xhat, db = sum over rows of dy."""
+    acc = _acc(x.dtype)
+    dy, r = grad.to(acc), rstd.to(acc)[..., None]
+    xhat = (x.to(acc) - mean.to(acc)[..., None]) * r
+    g = dy * weight.to(acc) if weight is not None else dy
+    dx = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    rows = (-1, x.shape[-1])
+    dw = (dy * xhat).reshape(rows).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = dy.reshape(rows).sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx.to(x.dtype).contiguous(), dw, db
+
+
+def geglu_fwd(gate, up, approximate):
+    return geglu(gate, up, approximate).contiguous()
+
+
+def geglu_bwd(grad, gate, up, approximate):
+    """dgate = dy up gelu'(gate), dup = dy gelu(gate)."""
+    acc = _acc(gate.dtype)
+    g, u, dy = gate.to(acc), up.to(acc), grad.to(acc)
+    if approximate == "tanh":
+        c = math.sqrt(2 / math.pi)
+        th = torch.tanh(c * (g + 0.044715 * g ** 3))
+        dgelu = 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * c * (1 + 3 * 0.044715 * g * g)
+    else:
+        dgelu = 0.5 * (1 + torch.erf(g / math.sqrt(2))) + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    dgate = dy * u * dgelu
+    dup = dy * gelu(g, approximate)
+    return dgate.to(gate.dtype).contiguous(), dup.to(up.dtype).contiguous()
