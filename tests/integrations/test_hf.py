@@ -28,6 +28,13 @@ def make(name, impl=None, **overrides):
     return getattr(transformers, model_cls)(cfg).double().eval()
 
 
+def set_impl(model, impl):
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.54
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
 def left_padded(batch=2, seq=16, pad=5):
     ids = torch.randint(0, 96, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -140,9 +147,9 @@ def test_set_attn_implementation_runs_exactly_that_function(name, monkeypatch):
     ids, mask = ids[1:], mask[1:]  # float64 eager gives NaN on fully masked rows
     impls = ("eager", "truthgpt", "eager") if name == "gemma2" else ("eager", "sdpa", "truthgpt", "eager")
     for impl in impls:  # Gemma 2 has no sdpa in transformers 5
-        model.set_attn_implementation(impl)
+        set_impl(model, impl)
         if impl != "truthgpt":
-            ref.set_attn_implementation(impl)
+            set_impl(ref, impl)
         calls.clear()
         got = model(ids, attention_mask=mask).logits
         assert calls == [impl] * 2, impl  # one call per layer, of that function only
@@ -154,7 +161,7 @@ def test_set_attn_implementation_runs_exactly_that_function(name, monkeypatch):
 def test_output_attentions_returns_eager_weights(name):
     model = make(name, "sdpa" if name == "llama" else "eager").float()  # float64 eager: NaN rows
     ref = copy.deepcopy(model)
-    ref.set_attn_implementation("eager")
+    set_impl(ref, "eager")
     hf.apply_to(model)
     ids, mask = left_padded()
     got = model(ids, attention_mask=mask, output_attentions=True)
