@@ -35,10 +35,11 @@ def set_impl(model, impl):
         model.config._attn_implementation = impl
 
 
-def left_padded(batch=2, seq=16, pad=5):
-    ids = torch.randint(0, 96, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, :pad] = 0
+def left_padded(seq=16, pads=(5, 0)):
+    ids = torch.randint(0, 96, (len(pads), seq))
+    mask = torch.ones(len(pads), seq, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
     return ids, mask
 
 
@@ -51,7 +52,7 @@ def assert_same_grads(model, ref, rtol=1e-5, atol=1e-6):
 def test_apply_to_same_logits_and_grads(name):
     model = make(name)
     ref = copy.deepcopy(model)
-    ids, mask = left_padded(pad=4)
+    ids, mask = left_padded(pads=(4, 0))
     if name == "gemma2":  # float64 eager gives NaN on fully masked rows: see test_left_padded_loss_...
         mask[:] = 1
     hf.apply_to(model)
@@ -111,7 +112,7 @@ def test_left_padded_loss_matches_replaced_implementation(name, impl):
     (Gemma 2 has no sdpa in transformers 5.)"""
     model = make(name, impl).float()
     ref = copy.deepcopy(model)
-    ids, mask = left_padded()
+    ids, mask = left_padded(pads=(5, 0, 2, 9))
     hf.apply_to(model)
     out = model(ids, attention_mask=mask, labels=ids)
     exp = ref(ids, attention_mask=mask, labels=ids)
@@ -245,7 +246,7 @@ def test_cached_greedy_generation_equals_unpatched(name):
     model = make(name).float()
     ref = copy.deepcopy(model)
     hf.apply_to(model)
-    ids, mask = left_padded(seq=10, pad=3)
+    ids, mask = left_padded(seq=10, pads=(3, 0))
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True,
               return_dict_in_generate=True)
     got, exp = model.generate(ids, **kw), ref.generate(ids, **kw)

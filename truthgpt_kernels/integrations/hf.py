@@ -112,16 +112,18 @@ def _dead_rows(out, dead, module, query, key, value, kwargs, causal, window):
     kind = _replaced(module)
     if kind == "sdpa":  # softcap cannot change a row without visible keys; sdpa refuses it
         kwargs = {**kwargs, "softcap": None}
-    rows_b, rows_i = dead.nonzero(as_tuple=True)
-    parts = []
-    for b in rows_b.unique().tolist():
-        rows = rows_i[rows_b == b]
-        q = query[b:b + 1, :, rows]
-        mask = torch.zeros(1, 1, rows.numel(), key.shape[2], dtype=torch.bool, device=query.device)
-        part, _ = _run(kind, module, q, key[b:b + 1], value[b:b + 1], mask, causal=causal,
-                       window=window, **kwargs)
-        parts.append(part[0])  # (n, Hq, D)
-    return out.index_put((rows_b, rows_i), torch.cat(parts).to(out.dtype))
+    counts = dead.sum(dim=1)  # (B,)
+    bs = counts.nonzero().squeeze(1)  # batch elements with such rows
+    m = int(counts.max())
+    # per batch element, its dead rows first (stable sort), cut to the largest count: one call
+    order = torch.sort(dead[bs].to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
+    H, D = query.shape[1], query.shape[3]
+    q = query[bs].gather(2, order[:, None, :, None].expand(-1, H, -1, D))  # (nb, Hq, m, D)
+    mask = torch.zeros(bs.numel(), 1, m, key.shape[2], dtype=torch.bool, device=query.device)
+    part, _ = _run(kind, module, q, key[bs], value[bs], mask, causal=causal, window=window, **kwargs)
+    real = torch.arange(m, device=dead.device)[None] < counts[bs][:, None]  # (nb, m)
+    rows_b = bs[:, None].expand(-1, m)[real]
+    return out.index_put((rows_b, order[real]), part[real].to(out.dtype))
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
