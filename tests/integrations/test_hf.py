@@ -256,7 +256,7 @@ def test_cached_greedy_generation_equals_unpatched(name):
 
 # --- supported transformers versions (issue #19 item 6) --------------------------------------
 
-@pytest.mark.parametrize("version", ["4.52.4", "4.9.0", "3.99", "5.25.0", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.53.2", "4.52.4", "4.9.0", "3.99", "5.25.0", "6.0.0"])
 def test_apply_to_refuses_unsupported_transformers(version, monkeypatch):
     model = make("llama")
     monkeypatch.setattr("transformers.__version__", version)  # the module in sys.modules now
@@ -265,6 +265,6 @@ def test_apply_to_refuses_unsupported_transformers(version, monkeypatch):
     assert not hasattr(model, "truthgpt_patched") and model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("version", ["4.53.0", "4.57.6", "5.3.0", "5.24.0", "5.24.1.dev0"])
+@pytest.mark.parametrize("version", ["4.53.3", "4.57.6", "5.3.0", "5.24.0", "5.24.1.dev0"])
 def test_version_check_compares_versions_not_strings(version):
     assert str(hf.check_transformers_version(version)) == version

@@ -35,10 +35,10 @@ from .. import ops
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2")
 NAME = "truthgpt"
-# transformers versions the patch is tested with (tests/integrations/test_hf.py); 4.51 and 4.52
-# lack transformers.masking_utils. The upper bound is the newest version tested: the attention
-# forward it replaces changes between releases.
-SUPPORTED_TRANSFORMERS = SpecifierSet(">=4.53,<5.25")
+# transformers versions the patch is tested with (tests/integrations/test_hf.py): 4.53.3 (the
+# oldest passing; 4.51 and 4.52 lack transformers.masking_utils) to 5.24. The upper bound is the
+# newest version tested: the attention forward it replaces changes between releases.
+SUPPORTED_TRANSFORMERS = SpecifierSet(">=4.53.3,<5.25")
 
 # keyword spellings of the KV cache in the attention forward: past_key_value (<= 4.55),
 # past_key_values (4.56 - 4.57), cache (5.x)
