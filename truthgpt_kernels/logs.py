@@ -101,6 +101,7 @@ MULTIHEAD_FALLBACK = ("MultiheadAttention runs torch's implementation, not tk.at
                       "with need_weights=True, add_zero_attn, dropout in training, or a mask that is "
                       "neither key padding nor causal (this call: need_weights=%s, mask servable=%s); "
                       "pass need_weights=False to use the fused kernels")
-HF_SDPA_FALLBACK = ("the truthgpt attention function fell back to transformers' sdpa for a call it "
+HF_SDPA_FALLBACK = ("the truthgpt attention function fell back to the implementation it replaced "
+                    "(transformers' sdpa or eager) for a call it "
                     "cannot serve exactly (dropout, output_attentions, an additive bias, or a mask "
                     "that is not causal + window + key padding)")

@@ -20,22 +20,41 @@ MODELS = {
 }
 
 
-def make(name):
+def make(name, impl=None, **overrides):
     cfg_cls, model_cls, extra = MODELS[name]
-    impl = "eager" if name == "gemma2" else "sdpa"
-    cfg = getattr(transformers, cfg_cls)(**COMMON, **extra, attn_implementation=impl)
+    impl = impl or ("eager" if name == "gemma2" else "sdpa")
+    cfg = getattr(transformers, cfg_cls)(**COMMON, **{**extra, **overrides}, attn_implementation=impl)
     torch.manual_seed(0)
     return getattr(transformers, model_cls)(cfg).double().eval()
+
+
+def set_impl(model, impl):
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.54
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
+def left_padded(seq=16, pads=(5, 0)):
+    ids = torch.randint(0, 96, (len(pads), seq))
+    mask = torch.ones(len(pads), seq, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def assert_same_grads(model, ref, rtol=1e-5, atol=1e-6):
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_apply_to_same_logits_and_grads(name):
     model = make(name)
     ref = copy.deepcopy(model)
-    ids = torch.randint(0, 96, (2, 16))
-    mask = torch.ones(2, 16, dtype=torch.long)
-    if name != "gemma2":  # HF's eager Gemma 2 gives NaN on left-padded rows itself
-        mask[0, :4] = 0   # left padding
+    ids, mask = left_padded(pads=(4, 0))
+    if name == "gemma2":  # float64 eager gives NaN on fully masked rows: see test_left_padded_loss_...
+        mask[:] = 1
     hf.apply_to(model)
     patched = model.truthgpt_patched
     assert patched["attention"] == 2 and patched["rms_norm"] >= 5
@@ -47,8 +66,7 @@ def test_apply_to_same_logits_and_grads(name):
     torch.testing.assert_close(out.logits[valid], exp.logits[valid], rtol=1e-6, atol=1e-6)
     out.loss.backward()
     exp.loss.backward()
-    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert_same_grads(model, ref)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
@@ -81,3 +99,172 @@ def test_unsupported_model_is_left_with_warning():
     assert not hasattr(model, "truthgpt_patched")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+# --- left padding: query rows that see no key (issue #19 item 5) ----------------------------
+
+@pytest.mark.parametrize("name,impl", [("gemma2", "eager"), ("llama", "eager"), ("llama", "sdpa")])
+def test_left_padded_loss_matches_replaced_implementation(name, impl):
+    """Padded query rows see no key; the loss covers them (labels everywhere, as Liger's
+    convergence test does), so they must get what the replaced implementation gives them:
+    eager's uniform softmax (the mean of V), sdpa's zeros. float32: HF's eager functions take
+    the softmax in float32, where a float64 model's mask minimum becomes -inf and gives NaN.
+    (Gemma 2 has no sdpa in transformers 5.)"""
+    model = make(name, impl).float()
+    ref = copy.deepcopy(model)
+    ids, mask = left_padded(pads=(5, 0, 2, 9))
+    hf.apply_to(model)
+    out = model(ids, attention_mask=mask, labels=ids)
+    exp = ref(ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out.logits, exp.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-6, atol=1e-6)
+    out.loss.backward()
+    exp.loss.backward()
+    assert_same_grads(model, ref, rtol=1e-4, atol=1e-5)
+
+
+# --- attention implementation switching, attention weights, revert (item 4) ------------------
+
+def _spy(monkeypatch, owner, attr, calls, tag, setitem=False):
+    real = owner[attr] if setitem else getattr(owner, attr)
+
+    def spy(*a, **k):
+        calls.append(tag)
+        return real(*a, **k)
+    (monkeypatch.setitem if setitem else monkeypatch.setattr)(owner, attr, spy)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_set_attn_implementation_runs_exactly_that_function(name, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    modeling = __import__(f"transformers.models.{name}.modeling_{name}", fromlist=["x"])
+    calls = []
+    _spy(monkeypatch, modeling, "eager_attention_forward", calls, "eager")
+    _spy(monkeypatch, ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", calls, "sdpa", setitem=True)
+    _spy(monkeypatch, hf.ops, "attention", calls, "truthgpt")
+    model = hf.apply_to(make(name, "eager"))
+    ref = make(name, "eager")
+    ids, mask = left_padded()
+    ids, mask = ids[1:], mask[1:]  # float64 eager gives NaN on fully masked rows
+    impls = ("eager", "truthgpt", "eager") if name == "gemma2" else ("eager", "sdpa", "truthgpt", "eager")
+    for impl in impls:  # Gemma 2 has no sdpa in transformers 5
+        set_impl(model, impl)
+        if impl != "truthgpt":
+            set_impl(ref, impl)
+        calls.clear()
+        got = model(ids, attention_mask=mask).logits
+        assert calls == [impl] * 2, impl  # one call per layer, of that function only
+        exp = ref(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6, msg=lambda m: f"{impl}: {m}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_output_attentions_returns_eager_weights(name):
+    model = make(name, "sdpa" if name == "llama" else "eager").float()  # float64 eager: NaN rows
+    ref = copy.deepcopy(model)
+    set_impl(ref, "eager")
+    hf.apply_to(model)
+    ids, mask = left_padded()
+    got = model(ids, attention_mask=mask, output_attentions=True)
+    exp = ref(ids, attention_mask=mask, output_attentions=True)
+    assert got.attentions is not None and len(got.attentions) == 2
+    for a, b in zip(got.attentions, exp.attentions):
+        assert a is not None and a.shape == (2, 4, 16, 16)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, exp.logits, rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == hf.NAME  # only that call ran eager
+
+
+def test_revert_restores_original_forwards_and_registry(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    model = make("llama")
+    untouched = copy.deepcopy(model)
+    before = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    hf.apply_to(model)
+    assert hf.NAME in ALL_ATTENTION_FUNCTIONS
+    assert hf.revert(model) is model
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model, "truthgpt_patched")
+    for name, m in model.named_modules():
+        assert m.__dict__.keys() == before[name].keys(), name  # no bound forward or marker left
+    others = [m for m in list(hf._patched_models) if m is not model]
+    if not others:  # the registry entry goes with the last patched model
+        assert hf.NAME not in ALL_ATTENTION_FUNCTIONS
+    calls = []
+    _spy(monkeypatch, hf.ops, "attention", calls, "truthgpt")
+    _spy(monkeypatch, hf.ops, "rms_norm", calls, "rms_norm")
+    ids, mask = left_padded()
+    assert torch.equal(model(ids, attention_mask=mask).logits, untouched(ids, attention_mask=mask).logits)
+    assert calls == []
+    hf.apply_to(model)  # patches again after a revert
+    assert model.truthgpt_patched["attention"] == 2 and model.config._attn_implementation == hf.NAME
+
+
+# --- cache keywords and refusal (item 7) -----------------------------------------------------
+
+@pytest.mark.parametrize("spelling", ["cache", "past_key_values", "past_key_value"])
+def test_attention_forward_updates_cache_under_each_keyword(spelling):
+    """transformers 4.53-4.55 pass the cache as past_key_value=, 4.56-4.57 as past_key_values=,
+    5.x as cache=; the patched forward must update it under each."""
+    model = hf.apply_to(make("llama"))
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 5, 64, dtype=torch.float64)
+    pos = torch.arange(5)[None]
+    cos_sin = model.model.rotary_emb(hidden, pos)
+    cache = transformers.DynamicCache()
+    out, _ = attn(hidden, position_embeddings=cos_sin, attention_mask=None,
+                  cache_position=torch.arange(5), **{spelling: cache})
+    assert cache.get_seq_length(0) == 5
+
+
+def test_attention_forward_refuses_a_cache_under_an_unknown_keyword():
+    model = hf.apply_to(make("llama"))
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 5, 64, dtype=torch.float64)
+    cos_sin = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    with pytest.raises(TypeError, match="kv_cache="):
+        attn(hidden, position_embeddings=cos_sin, attention_mask=None, kv_cache=transformers.DynamicCache())
+
+
+def test_apply_to_refuses_an_attention_forward_it_does_not_know(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, kv_cache=None, **kwargs):
+        raise AssertionError("not called")
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
+    model = make("llama")
+    with pytest.raises(RuntimeError, match="cannot patch LlamaAttention.forward"):
+        hf.apply_to(model)
+    assert not hasattr(model, "truthgpt_patched")
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_cached_greedy_generation_equals_unpatched(name):
+    """Decoding with the KV cache: the first step's logits and 24 greedy tokens."""
+    model = make(name).float()
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask = left_padded(seq=10, pads=(3, 0))
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    got, exp = model.generate(ids, **kw), ref.generate(ids, **kw)
+    torch.testing.assert_close(got.logits[1], exp.logits[1], rtol=1e-4, atol=1e-4)  # first cached step
+    assert torch.equal(got.sequences, exp.sequences)
+
+
+# --- supported transformers versions (issue #19 item 6) --------------------------------------
+
+@pytest.mark.parametrize("version", ["4.53.2", "4.52.4", "4.9.0", "3.99", "5.25.0", "6.0.0"])
+def test_apply_to_refuses_unsupported_transformers(version, monkeypatch):
+    model = make("llama")
+    monkeypatch.setattr("transformers.__version__", version)  # the module in sys.modules now
+    with pytest.raises(RuntimeError, match=f"supports transformers .*found {version}"):
+        hf.apply_to(model)
+    assert not hasattr(model, "truthgpt_patched") and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("version", ["4.53.3", "4.57.6", "5.3.0", "5.24.0", "5.24.1.dev0"])
+def test_version_check_compares_versions_not_strings(version):
+    assert str(hf.check_transformers_version(version)) == version

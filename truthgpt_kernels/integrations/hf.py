@@ -1,27 +1,67 @@
 """Hugging Face transformers integration: `apply_to(model)` patches one Llama-family model
-instance (Llama, Mistral, Qwen2, Gemma 2) to run on truthgpt kernels:
+instance (Llama, Mistral, Qwen2, Gemma 2) to run on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry (with the boolean
   sdpa-style mask), selected on this model. The 4-D mask is decomposed into causal +
   sliding window + key padding mask and checked; a mask that is not of that form (e.g. a
-  static cache prefill) falls back to transformers' sdpa function, so results stay exact.
+  static cache prefill), dropout in training, or `output_attentions=True` runs the function
+  that the patch replaced (the model's own eager function for attention weights), so results
+  stay exact. Query rows that see no key at all (left padding) get what the replaced
+  function gives them: the mean of V for eager (its additive mask turns into a uniform
+  softmax), zeros for sdpa with current torch; it is computed by running that function on
+  those rows only.
+- `model.set_attn_implementation("eager" | "sdpa" | ...)` after the patch runs exactly that
+  function; "truthgpt" selects ours again.
 - rotary: the attention modules' forward applies `tk.apply_rotary_qk`;
 - RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included);
 - MLP: `tk.swiglu` for SiLU-gated MLPs (Gemma's GELU-gated MLP is left as it is).
 
 Patches are per instance (bound forwards); classes and other models are untouched.
-transformers is an optional dependency: `pip install .[hf]`.
+transformers is an optional dependency: `pip install .[hf]`. The versions it is tested with
+are SUPPORTED_TRANSFORMERS; `apply_to` refuses others, and refuses any attention module whose
+forward signature it does not know, rather than compute something else.
 """
+import inspect
+import sys
 import types
 import warnings
+import weakref
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from .. import logs as _logs
 from .. import ops
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2")
 NAME = "truthgpt"
+# transformers versions the patch is tested with (tests/integrations/test_hf.py): 4.53.3 (the
+# oldest passing; 4.51 and 4.52 lack transformers.masking_utils) to 5.24. The upper bound is the
+# newest version tested: the attention forward it replaces changes between releases.
+SUPPORTED_TRANSFORMERS = SpecifierSet(">=4.53.3,<5.25")
+
+# keyword spellings of the KV cache in the attention forward: past_key_value (<= 4.55),
+# past_key_values (4.56 - 4.57), cache (5.x)
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+_KNOWN_ARGS = {"self", "hidden_states", "position_embeddings", "attention_mask", "cache_position",
+               *_CACHE_ARGS}
+_STATE = "_truthgpt_hf_state"
+_patched_models = weakref.WeakSet()
+
+
+def check_transformers_version(version=None):
+    """Raises RuntimeError unless `version` (default: the installed transformers) is in
+    SUPPORTED_TRANSFORMERS. Returns the parsed version."""
+    if version is None:
+        import transformers
+        version = transformers.__version__
+    parsed = Version(str(version))
+    if not SUPPORTED_TRANSFORMERS.contains(parsed, prereleases=True):
+        raise RuntimeError(
+            f"truthgpt_kernels.integrations.hf supports transformers {SUPPORTED_TRANSFORMERS}, "
+            f"found {version}; install a supported one: pip install 'transformers{SUPPORTED_TRANSFORMERS}'")
+    return parsed
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
@@ -30,15 +70,78 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask == 0
 
 
+def _additive(mask, query, key, causal, window):
+    """The eager functions' float mask (0 visible, dtype min hidden) for a boolean or absent
+    (sdpa's causal skip) mask; a float mask is returned as it is."""
+    if mask is None:
+        if not causal and window is None:
+            return None
+        from ..ops.reference import attention_visibility
+        mask = attention_visibility(1, 1, query.shape[2], key.shape[2], causal=causal,
+                                    window=window, device=query.device)
+    if mask.dtype != torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(mask, zero, torch.finfo(query.dtype).min)
+
+
+def _eager_function(module):
+    """The eager attention function of the module's own modeling file (Gemma 2's has softcap)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward")
+    return fn
+
+
+def _run(kind, module, query, key, value, attention_mask, *, causal, window, **kwargs):
+    """Runs transformers' eager or sdpa function with our (boolean or absent) mask."""
+    if kind == "eager":
+        return _eager_function(module)(module, query, key, value,
+                                       _additive(attention_mask, query, key, causal, window), **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _replaced(module):
+    """The implementation the patch replaced on this module's model: "eager" or "sdpa"."""
+    return "eager" if getattr(module, "_truthgpt_replaced", "sdpa") == "eager" else "sdpa"
+
+
+def _dead_rows(out, dead, module, query, key, value, kwargs, causal, window):
+    """Query rows that see no key: what the replaced function gives, run on those rows only.
+    out (B, Sq, Hq, D), dead (B, Sq) bool."""
+    kind = _replaced(module)
+    if kind == "sdpa":  # softcap cannot change a row without visible keys; sdpa refuses it
+        kwargs = {**kwargs, "softcap": None}
+    counts = dead.sum(dim=1)  # (B,)
+    bs = counts.nonzero().squeeze(1)  # batch elements with such rows
+    m = int(counts.max())
+    # per batch element, its dead rows first (stable sort), cut to the largest count: one call
+    order = torch.sort(dead[bs].to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
+    H, D = query.shape[1], query.shape[3]
+    q = query[bs].gather(2, order[:, None, :, None].expand(-1, H, -1, D))  # (nb, Hq, m, D)
+    mask = torch.zeros(bs.numel(), 1, m, key.shape[2], dtype=torch.bool, device=query.device)
+    part, _ = _run(kind, module, q, key[bs], value[bs], mask, causal=causal, window=window, **kwargs)
+    real = torch.arange(m, device=dead.device)[None] < counts[bs][:, None]  # (nb, m)
+    rows_b = bs[:, None].expand(-1, m)[real]
+    return out.index_put((rows_b, order[real]), part[real].to(out.dtype))
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers attention-function signature: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D);
-    returns (out (B, Sq, Hq, D), None)."""
+    returns (out (B, Sq, Hq, D), attention weights or None)."""
     Sq, Sk = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, -1) if sliding_window else None
+    fn_kwargs = dict(dropout=dropout, scaling=scaling, sliding_window=sliding_window,
+                     softcap=softcap, is_causal=is_causal, **kwargs)
+    if kwargs.get("output_attentions", False):  # only the eager function returns weights
+        return _run("eager", module, query, key, value, attention_mask, causal=causal,
+                    window=window, **fn_kwargs)
     key_mask = None
-    servable = dropout == 0.0 and not kwargs.get("output_attentions", False)
+    vis = None
+    servable = dropout == 0.0
     if servable and attention_mask is not None:
         vis = _visible(attention_mask)
         if attention_mask.dtype != torch.bool and not torch.all(vis | (attention_mask <= torch.finfo(attention_mask.dtype).min / 2)):
@@ -52,12 +155,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             servable = vis.shape[1] == 1 and torch.equal(expected, vis)
     if not servable:
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return _run(_replaced(module), module, query, key, value, attention_mask, causal=causal,
+                    window=window, **fn_kwargs)
     out = ops.attention(query, key, value, causal=causal, scale=scaling, window=window,
                         key_mask=key_mask, softcap=softcap or 0.0)
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2).contiguous()
+    if vis is not None:
+        dead = ~vis[:, 0].any(dim=-1)  # (B, Sq)
+        if dead.any():
+            out = _dead_rows(out, dead, module, query, key, value, fn_kwargs, causal, window)
+    return out, None
 
 
 def _register():
@@ -67,11 +174,44 @@ def _register():
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def _unregister():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface._global_mapping.pop(NAME, None)
+    AttentionMaskInterface._global_mapping.pop(NAME, None)
+
+
+def _cache_arg(module):
+    """The keyword under which this transformers version passes the KV cache to the attention
+    module; raises if the forward takes arguments the patched forward would not honour."""
+    params = inspect.signature(type(module).forward).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    cache = [n for n in _CACHE_ARGS if n in named]
+    unknown = sorted(named - _KNOWN_ARGS)
+    if unknown or len(cache) != 1:
+        raise RuntimeError(
+            f"truthgpt_kernels.integrations.hf cannot patch {type(module).__name__}.forward"
+            f"({', '.join(params)}): it serves (hidden_states, position_embeddings, attention_mask, "
+            f"one of {'/'.join(_CACHE_ARGS)}, [cache_position], **kwargs); the model was left unchanged")
+    return cache[0]
+
+
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                       cache=None, past_key_values=None, **kwargs):
-    """The Llama-family attention forward, with rotary through tk.apply_rotary_qk."""
+                       cache=None, past_key_values=None, past_key_value=None, cache_position=None,
+                       **kwargs):
+    """The Llama-family attention forward, with rotary through tk.apply_rotary_qk. Takes the
+    cache under each spelling transformers has used."""
+    from transformers.cache_utils import Cache
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    cache = cache if cache is not None else past_key_values
+    given = [c for c in (cache, past_key_values, past_key_value) if c is not None]
+    if len(given) > 1:
+        raise TypeError("attention forward got the cache under more than one of "
+                        f"{', '.join(_CACHE_ARGS)}")
+    stray = [k for k, v in kwargs.items() if isinstance(v, Cache)]
+    if stray:
+        raise TypeError(f"attention forward got a cache as {stray[0]}=, which the truthgpt patch "
+                        "does not know: this transformers version is not supported")
+    cache = given[0] if given else None
     B, S = hidden_states.shape[:2]
     q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
     k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
@@ -82,9 +222,13 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     table_sin = sin[..., :half].reshape(Bc * S, half)
     pos = torch.arange(Bc * S, device=q.device).view(Bc, S)
     q, k = ops.apply_rotary_qk(q, k, table_cos, table_sin, position_ids=pos)
-    if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs) if "kwargs" in cache.update.__code__.co_varnames \
-            else cache.update(k, v, self.layer_idx)
+    if getattr(self, "_truthgpt_cache_arg", "cache") == "cache":  # transformers 5: kwargs go on
+        if cache_position is not None:
+            kwargs["cache_position"] = cache_position
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    elif cache is not None:  # transformers 4: cache_kwargs, as the replaced forward passes them
+        k, v = cache.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
     extra = {}
     if self.config.model_type == "mistral":
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
@@ -92,8 +236,14 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         extra["sliding_window"] = self.sliding_window
     if getattr(self, "attn_logit_softcapping", None):
         extra["softcap"] = self.attn_logit_softcapping
-    fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, attention_forward) \
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface") else ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    impl = self.config._attn_implementation
+    eager = _eager_function(self)
+    if impl == "eager":  # not in the registry: the models fall back to their own function
+        fn = eager
+    elif hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
     out, weights = fn(self, q, k, v, attention_mask,
                       dropout=0.0 if not self.training else self.attention_dropout,
                       scaling=self.scaling, **extra, **kwargs)
@@ -113,33 +263,76 @@ def _swiglu_mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _set_attn_implementation(model, name):
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
 def apply_to(model):
     """Patches a Llama / Mistral / Qwen2 / Gemma 2 model instance in place; returns it. Other
-    model types are left untouched with a warning."""
+    model types are left untouched with a warning; a transformers version outside
+    SUPPORTED_TRANSFORMERS, or an attention forward this patch does not know, raises
+    RuntimeError before anything is changed. A model already patched is returned as it is."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         warnings.warn(f"truthgpt_kernels.integrations.hf.apply_to supports {', '.join(SUPPORTED)}; "
                       f"{model_type or type(model).__name__} was left unchanged", stacklevel=2)
         return model
-    _register()
+    if getattr(model, _STATE, None) is not None:
+        return model
+    check_transformers_version()
     act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
-    patched = {"attention": 0, "rms_norm": 0, "mlp": 0}
+    plan = []  # (module, forward, extra attributes): everything is checked before changing anything
     for module in model.modules():
         cls = type(module).__name__
         if cls.endswith("Attention") and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx")):
-            module.forward = types.MethodType(_attention_forward, module)
-            patched["attention"] += 1
+            _eager_function(module)
+            plan.append((module, _attention_forward, {"_truthgpt_cache_arg": _cache_arg(module),
+                                                      "_truthgpt_replaced": config._attn_implementation}))
         elif cls.endswith("RMSNorm") and hasattr(module, "weight"):
-            if model_type == "gemma2":
-                module.forward = types.MethodType(_gemma_rms_norm_forward, module)
-            else:
-                module.forward = types.MethodType(_rms_norm_forward, module)
-            patched["rms_norm"] += 1
+            plan.append((module, _gemma_rms_norm_forward if model_type == "gemma2" else _rms_norm_forward, {}))
         elif cls.endswith("MLP") and act in ("silu", "swish") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = types.MethodType(_swiglu_mlp_forward, module)
-            patched["mlp"] += 1
-    model.set_attn_implementation(NAME) if hasattr(model, "set_attn_implementation") else \
-        setattr(config, "_attn_implementation", NAME)
+            plan.append((module, _swiglu_mlp_forward, {}))
+    _register()
+    state = {"attn_implementation": config._attn_implementation, "modules": []}
+    patched = {"attention": 0, "rms_norm": 0, "mlp": 0}
+    for module, forward, attrs in plan:
+        state["modules"].append((module, module.__dict__.get("forward"), list(attrs)))
+        module.forward = types.MethodType(forward, module)
+        for name, value in attrs.items():
+            setattr(module, name, value)
+        kind = {_attention_forward: "attention", _swiglu_mlp_forward: "mlp"}.get(forward, "rms_norm")
+        patched[kind] += 1
+    _set_attn_implementation(model, NAME)
+    setattr(model, _STATE, state)
     model.truthgpt_patched = patched
+    _patched_models.add(model)
+    return model
+
+
+def revert(model):
+    """Undoes apply_to on this model: the original forwards, and the attention implementation the
+    patch replaced (unless another one was chosen since). The "truthgpt" registry entries are
+    removed once no patched model is left. Returns the model; a model not patched is returned
+    as it is."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return model
+    for module, forward, attrs in state["modules"]:
+        if forward is None:
+            del module.forward
+        else:
+            module.forward = forward
+        for name in attrs:
+            delattr(module, name)
+    if model.config._attn_implementation == NAME:
+        _set_attn_implementation(model, state["attn_implementation"])
+    delattr(model, _STATE)
+    del model.truthgpt_patched
+    _patched_models.discard(model)
+    if not len(_patched_models):
+        _unregister()
     return model
