@@ -32,7 +32,7 @@ constexpr int64_t kReduceCols = 512;    // columns per task of the dweight/dbias
 
 // The affine parameters as the kernels take them: none, weight, or weight and bias, both of
 // one type (x's or float32) and contiguous. A bias without a weight gets a weight of ones;
-// a float32 weight with an x-dtype bias (or the reverse) makes both float32.
+// a float32 weight with an x-dtype bias (or the reverse) makes both the wider of the two.
 struct Affine {
   int mode = 0;  // 0: none, 1: weight, 2: weight and bias
   at::Tensor w, b;
@@ -57,7 +57,7 @@ Affine affine_of(const char* op, const at::Tensor& x, const c10::optional<at::Te
   if (!weight.has_value() && !bias.has_value()) return a;
   at::ScalarType st = weight.has_value() ? weight->scalar_type() : bias->scalar_type();
   if (weight.has_value() && bias.has_value() && weight->scalar_type() != bias->scalar_type()) {
-    st = at::kFloat;
+    st = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // the wider: exact
   }
   a.w = weight.has_value() ? weight->to(st).contiguous()
                            : at::ones({x.size(-1)}, x.options().dtype(st));
