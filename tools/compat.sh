@@ -7,27 +7,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
-floor() {  # the ">=" floor of a requirement in pyproject.toml, e.g. floor torch -> 2.6
-  "$PY" - "$1" <<'PYEOF'
+req() {  # req NAME [floor]: NAME's requirement in pyproject.toml, or its ">=" floor pinned
+  "$PY" - "$@" <<'PYEOF'
 import re, sys, tomllib
 data = tomllib.load(open("pyproject.toml", "rb"))["project"]
 reqs = data["dependencies"] + sum(data["optional-dependencies"].values(), [])
 for r in reqs:
     m = re.fullmatch(rf"{re.escape(sys.argv[1])}\s*>=\s*([0-9.]+)(,.*)?", r.strip())
     if m:
-        print(m.group(1)); break
+        print(f"{sys.argv[1]}=={m.group(1)}" if len(sys.argv) > 2 else r.strip()); break
 else:
     sys.exit(f"no '{sys.argv[1]}>=' floor in pyproject.toml")
 PYEOF
 }
-TORCH_FLOOR=$(floor torch)
-TF_FLOOR=$(floor transformers)
 TEST_DEPS="ninja pybind11 packaging pyyaml tqdm tabulate pytest hypothesis numpy safetensors"
 status=0
 for which in ${COMPAT_WHICH:-oldest newest}; do
   case $which in
-    oldest) torch_req="torch==${TORCH_FLOOR}.*"; tf_req="transformers==${TF_FLOOR}.*" ;;
-    newest) torch_req="torch"; tf_req="transformers" ;;
+    oldest) torch_req=$(req torch floor); tf_req=$(req transformers floor) ;;
+    newest) torch_req=$(req torch); tf_req=$(req transformers) ;;
     *) echo "COMPAT_WHICH: oldest and/or newest, got $which" >&2; exit 2 ;;
   esac
   dir=$ROOT/build/compat/$which

@@ -547,15 +547,25 @@ def _prune(kind):
     return prune
 
 
-def _tuned(fn, configs, kind):
-    return triton.autotune(configs=configs, key=_KEY,
-                           prune_configs_by={"early_config_prune": _prune(kind)})(fn)
+class _Tuned:
+    """The autotuned launchers of a kernel ([False]: tiles from the tuning table, [True]: tiles
+    given, warps tuned), built at the first GPU launch: Triton releases before 3.3 query the
+    GPU driver when an autotuner is created, which fails at import on a machine without one."""
+
+    def __init__(self, fn, kind):
+        self.fn, self.kind, self.built = fn, kind, {}
+
+    def __getitem__(self, tiles_given: bool):
+        if tiles_given not in self.built:
+            configs = _WARP_CONFIGS if tiles_given else _configs(self.kind)
+            self.built[tiles_given] = triton.autotune(
+                configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune(self.kind)})(self.fn)
+        return self.built[tiles_given]
 
 
-_FWD = {False: _tuned(_attn_fwd, _configs("fwd"), "fwd"), True: _tuned(_attn_fwd, _WARP_CONFIGS, "fwd")}
-_DKDV = {False: _tuned(_attn_bwd_dkdv, _configs("dkdv"), "dkdv"),
-         True: _tuned(_attn_bwd_dkdv, _WARP_CONFIGS, "dkdv")}
-_DQ = {False: _tuned(_attn_bwd_dq, _configs("dq"), "dq"), True: _tuned(_attn_bwd_dq, _WARP_CONFIGS, "dq")}
+_FWD = _Tuned(_attn_fwd, "fwd")
+_DKDV = _Tuned(_attn_bwd_dkdv, "dkdv")
+_DQ = _Tuned(_attn_bwd_dq, "dq")
 
 
 def _list_tiles(which: str, block_d: int):
