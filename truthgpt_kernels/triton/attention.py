@@ -227,8 +227,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    empty = l_i == 0.0  # (a NaN in v of a key in the tile, seen by other rows, must not leak)
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row = pid_bh * Sq + offs_m
