@@ -206,3 +206,31 @@ def test_one_visible_key_every_cpu_path(monkeypatch, path, bwd, mask):
     kw = _one_key_masks(B, Hq, Sq, Sk)[mask]
     for dtype in (f32, bf16, f64):
         _exact_zero_checks(q, k, v, kw, "cpu", dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_one_key_row_flags_match_dense_visibility(seed):
+    """The Triton launcher's per-row "sees exactly one key" flags (prefix sums at key and block
+    granularity) against the dense visibility, over random windows, key masks and (broadcast)
+    block masks of any block size."""
+    if not any(p.values[0] == "triton" and all(m.name != "skip" for m in p.marks) for p in BACKENDS):
+        pytest.skip("triton is unavailable")
+    from truthgpt_kernels.triton.attention import _one_key_rows
+    g = torch.Generator().manual_seed(seed)
+
+    def ri(a, b):
+        return int(torch.randint(a, b, (), generator=g))
+    for trial in range(150):
+        B, H, Sq, Sk, bs = ri(1, 3), ri(1, 3), ri(1, 40), ri(1, 40), ri(1, 9)
+        wl, wr = ri(-1, 4), ri(-1, 4)
+        km = torch.rand(B, Sk, generator=g) > torch.rand((), generator=g) if trial % 2 else None
+        bm = None
+        if trial % 4:
+            bm = torch.rand(B if trial % 3 else 1, H if trial % 5 else 1, -(-Sq // bs), -(-Sk // bs),
+                            generator=g) > 0.5
+            bm = bm.expand(B, H, *bm.shape[2:]) if trial % 7 else bm
+        got = _one_key_rows(B, H, Sq, Sk, wl, wr, bm, bs, km, "cpu")
+        vis = reference.attention_visibility(B, H, Sq, Sk, window=(wl, wr), block_mask=bm, block_size=bs,
+                                             key_mask=km).expand(B, H, Sq, Sk)
+        want = vis.sum(-1) == 1
+        assert (not want.any()) if got is None else torch.equal(got.bool(), want), (B, H, Sq, Sk, wl, wr, bs)
