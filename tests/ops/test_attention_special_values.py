@@ -13,7 +13,7 @@ from truthgpt_kernels.ops import reference
 
 from ..helpers import backend_params, device_for
 
-f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BACKENDS = [p for p in backend_params("attention") if p.values[0] != "cuda"]
 CPU_SIDE = [p for p in BACKENDS if p.values[0] in ("cpu", "reference")]
 # CPU kernel paths (TRUTHGPT_CPU_ATTN, TRUTHGPT_ATTN_BWD); avx512 falls back where absent
@@ -22,7 +22,7 @@ CPU_PATHS = [("auto", "single"), ("auto", "split"), ("portable", "single"), ("po
 
 
 def _dtypes(backend):
-    return {"cpu": [f32, bf16], "reference": [f32, bf16], "triton": [f32, bf16]}[backend]
+    return {"cpu": [f32, bf16, f16], "reference": [f32, bf16], "triton": [f32, bf16]}[backend]
 
 
 def _reached(which, idx, B, Hq, Hkv, Sq, Sk, kw):
@@ -165,7 +165,7 @@ def _exact_zero_checks(q, k, v, kw, backend, dtype):
 
 
 def _one_key_dtypes(backend):
-    return {"cpu": [f32, bf16, f64], "reference": [f32, bf16, f64], "triton": [f32, bf16]}[backend]
+    return {"cpu": [f32, bf16, f16, f64], "reference": [f32, bf16, f64], "triton": [f32, bf16]}[backend]
 
 
 @pytest.mark.parametrize("shape", [(9, 6, 1, 64), (1, 2, 239, 256)], ids=["issue_9x6", "sq239_d256"])
@@ -204,7 +204,7 @@ def test_one_visible_key_every_cpu_path(monkeypatch, path, bwd, mask):
     B, Hq, Hkv, Sq, Sk, D = 1, 4, 1, 150, 150, 40
     q, k, v = torch.randn(B, Hq, Sq, D), torch.randn(B, Hkv, Sk, D), torch.randn(B, Hkv, Sk, D)
     kw = _one_key_masks(B, Hq, Sq, Sk)[mask]
-    for dtype in (f32, bf16, f64):
+    for dtype in (f32, bf16, f16, f64):
         _exact_zero_checks(q, k, v, kw, "cpu", dtype)
 
 
