@@ -28,8 +28,15 @@ def test_selection_precedence(monkeypatch):
     assert backends.select("swiglu", None, x) == expected
 
 
-def test_auto_falls_back_to_reference_for_dtypes_the_cpu_kernels_lack():
-    assert backends.select("swiglu", "auto", torch.randn(2, dtype=torch.float16)) == "reference"
+def test_auto_falls_back_to_reference_for_dtypes_the_cpu_kernels_lack(monkeypatch):
+    if tk.available_backends()["cpu"]["available"]:  # float16 is a CPU kernel dtype (issue #19)
+        assert backends.select("swiglu", "auto", torch.randn(2, dtype=torch.float16)) == "cpu"
+    monkeypatch.setitem(backends.DTYPES, "cpu", (torch.float32,))
+    backends._resolve.cache_clear()
+    try:
+        assert backends.select("swiglu", "auto", torch.randn(2, dtype=torch.float16)) == "reference"
+    finally:
+        backends._resolve.cache_clear()
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):
@@ -51,8 +58,14 @@ def test_cuda_backend_on_cpu_tensors_says_why():
 
 def test_backend_device_and_dtype_mismatch_errors(monkeypatch):
     if tk.available_backends()["cpu"]["available"]:
-        with pytest.raises(tk.BackendError, match="takes .* got torch.float16"):
-            tk.swiglu(torch.randn(2, 4, dtype=torch.float16), backend="cpu")
+        monkeypatch.setitem(backends.DTYPES, "cpu", (torch.float32,))  # a dtype it would lack
+        backends._resolve.cache_clear()
+        try:
+            with pytest.raises(tk.BackendError, match="takes .* got torch.float16"):
+                tk.swiglu(torch.randn(2, 4, dtype=torch.float16), backend="cpu")
+        finally:
+            monkeypatch.undo()
+            backends._resolve.cache_clear()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # part of the cache key
     if not torch.cuda.is_available():
         with pytest.raises(tk.BackendError, match="triton.*TRITON_INTERPRET"):

@@ -17,7 +17,8 @@ EXAMPLES = 200
 PROFILE = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 # fp32: accumulated rounding of short reductions; bf16: a few ulps of 2^-8 at unit scale;
 # fp64: the saved statistics (attention lse, rms_norm rstd) are float32 by contract
-TOL = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (5e-2, 5e-2), torch.float64: (1e-5, 1e-6)}
+TOL = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (5e-2, 5e-2), torch.float16: (1e-2, 1e-2),
+       torch.float64: (1e-5, 1e-6)}
 
 
 def _backends(family):
@@ -26,7 +27,7 @@ def _backends(family):
 
 
 def _dtypes(backend):
-    return [d for d in (torch.float32, torch.bfloat16, torch.float64) if d in backends.DTYPES[backend]
+    return [d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64) if d in backends.DTYPES[backend]
             and not (backend == "triton" and d != torch.float32)]
 
 

@@ -28,7 +28,7 @@ ENV_VAR = "TRUTHGPT_BACKEND"
 DTYPES = {
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "cuda": (torch.float16, torch.bfloat16, torch.float32),
-    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 

@@ -33,6 +33,8 @@
 //    portable path. Score transforms and softmax: AVX-512 (own exp2 polynomial), else
 //    portable. All chosen at runtime (__builtin_cpu_supports); the default build has no
 //    -mavx512f. Workers run with FTZ/DAZ (subnormal probabilities are flushed).
+//  - float16: the float32 kernel on operands widened once at entry (O((Sq + Sk) D) copies,
+//    against O(Sq Sk D) work), outputs rounded back; so every float32 path serves it.
 //  - Threads: at::parallel_for over the thread count; each thread takes work items (heaviest
 //    first) from a shared counter. Accumulation is fp32 (fp64 for fp64 inputs).
 //  - Knobs for tests and tuning (environment): TRUTHGPT_CPU_ATTN=mkl|avx512|portable|noavx512 (GEMM and
@@ -197,6 +199,11 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
   });
 }
 
+// float16 operands as float32 (inner stride 1 kept; the kernels read the strides). The
+// attention work is O(Sq Sk D) and this copy O((Sq + Sk) D), so float16 runs at the float32
+// kernel's speed on every path (MKL / AVX-512 / portable), with P and dS kept in float32.
+at::Tensor widen_half(const at::Tensor& t) { return rows_unit(t.to(at::kFloat)); }
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                  double scale, int64_t window_left, int64_t window_right,
                                                  const c10::optional<at::Tensor>& alibi_slopes,
@@ -218,7 +225,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
     case at::kFloat: attention_fwd_impl<float>(P, q, k, v, out, lse, choose_isa<float>()); break;
     case at::kDouble: attention_fwd_impl<double>(P, q, k, v, out, lse, choose_isa<double>()); break;
     case at::kBFloat16: attention_fwd_impl<bf16>(P, q, k, v, out, lse, choose_isa<bf16>()); break;
-    default: TORCH_CHECK(false, "attention (cpu): dtype ", q.scalar_type(), " is not supported (float32, bfloat16, float64)");
+    case at::kHalf: {  // float16: the float32 kernel on widened operands (see the header)
+      at::Tensor of = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+      attention_fwd_impl<float>(P, widen_half(q), widen_half(k), widen_half(v), of, lse, choose_isa<float>());
+      out.copy_(of);
+      break;
+    }
+    default: TORCH_CHECK(false, "attention (cpu): dtype ", q.scalar_type(), " is not supported (float32, bfloat16, float16, float64)");
   }
   return {out, lse};
 }
@@ -480,7 +493,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     case at::kFloat: attention_bwd_impl<float>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<float>()); break;
     case at::kDouble: attention_bwd_impl<double>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<double>()); break;
     case at::kBFloat16: attention_bwd_impl<bf16>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<bf16>()); break;
-    default: TORCH_CHECK(false, "attention (cpu): dtype ", q.scalar_type(), " is not supported (float32, bfloat16, float64)");
+    case at::kHalf: {
+      at::Tensor dqf = at::empty(dq.sizes(), dq.options().dtype(at::kFloat));
+      at::Tensor dkf = at::empty(dk.sizes(), dk.options().dtype(at::kFloat));
+      at::Tensor dvf = at::empty(dv.sizes(), dv.options().dtype(at::kFloat));
+      attention_bwd_impl<float>(P, widen_half(dout), widen_half(q), widen_half(k), widen_half(v), widen_half(out),
+                                lse, dqf, dkf, dvf, choose_isa<float>());
+      dq.copy_(dqf);
+      dk.copy_(dkf);
+      dv.copy_(dvf);
+      break;
+    }
+    default: TORCH_CHECK(false, "attention (cpu): dtype ", q.scalar_type(), " is not supported (float32, bfloat16, float16, float64)");
   }
   return {dq, dk, dv};
 }

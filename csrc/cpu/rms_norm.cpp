@@ -1,5 +1,5 @@
 // RMSNorm on the CPU: y = x * r * w with r = rsqrt(mean(x^2) + eps) per row (float32
-// statistics for float/bf16, double for double; r saved as float32), and its backward
+// statistics for float/bf16/fp16, double for double; r saved as float32), and its backward
 //   dx = r * (dy w) - x * r^3 * mean(dy w x),   dw = sum over rows of dy * x * r.
 // dw is deterministic: rows are cut into chunks that depend only on the row count, each
 // chunk sums its rows in order into its own partial row, and the partial rows are added in
@@ -55,18 +55,10 @@ void dispatch_weight(const c10::optional<at::Tensor>& weight, F&& f) {
   }
 }
 
-c10::optional<at::Tensor> to_float(const c10::optional<at::Tensor>& w) {
-  return w.has_value() ? c10::optional<at::Tensor>(w->to(at::kFloat)) : c10::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
                                                 const c10::optional<at::Tensor>& weight,
                                                 double eps) {
   check_weight("rms_norm_fwd", x, weight);
-  if (x.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
-    auto [y, rstd] = rms_norm_fwd(x.to(at::kFloat), to_float(weight), eps);
-    return {y.to(at::kHalf), rstd};
-  }
   auto out = new_output(x.sizes(), x.scalar_type());
   auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const int64_t n = x.size(-1);
@@ -105,10 +97,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
               "rms_norm_bwd: grad must have the shape and dtype of x");
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() * x.size(-1) == x.numel(),
               "rms_norm_bwd: rstd must be float32 with one value per row of x");
-  if (x.scalar_type() == at::kHalf) {
-    auto [dx, dw] = rms_norm_bwd(grad.to(at::kFloat), x.to(at::kFloat), to_float(weight), rstd);
-    return {dx.to(at::kHalf), weight.has_value() ? dw.to(weight->scalar_type()) : x.new_empty({0})};
-  }
   const int64_t n = x.size(-1);
   auto dx = new_output(x.sizes(), x.scalar_type());
   auto dw = weight.has_value() ? at::empty({n}, weight->options()) : x.new_empty({0});

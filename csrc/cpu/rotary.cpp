@@ -148,9 +148,6 @@ void run(const char* op, std::initializer_list<std::pair<const at::Tensor*, at::
 at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& position_ids, bool interleaved) {
   const auto p = prepare("rotary_fwd", x, cos, sin, position_ids);
-  if (x.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
-    return rotary_fwd(x.to(at::kFloat), p.cos, p.sin, p.pos, interleaved).to(at::kHalf);
-  }
   TORCH_CHECK(p.cos.scalar_type() == at::kFloat || p.cos.scalar_type() == x.scalar_type(),
               "rotary_fwd: cos/sin dtype");
   auto out = new_output(x.sizes(), x.scalar_type());
@@ -170,11 +167,6 @@ std::tuple<at::Tensor, at::Tensor> rotary_qk_fwd(const at::Tensor& q, const at::
               k.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "rotary_qk_fwd: q (", q.scalar_type(),
               ") and k (", k.scalar_type(), ") must have the same dtype");
-  if (q.scalar_type() == at::kHalf) {
-    auto [oq, ok] = rotary_qk_fwd(q.to(at::kFloat), k.to(at::kFloat), p.cos, p.sin, p.pos,
-                                  interleaved);
-    return {oq.to(at::kHalf), ok.to(at::kHalf)};
-  }
   auto oq = new_output(q.sizes(), q.scalar_type()), ok = new_output(k.sizes(), k.scalar_type());
   const auto qc = inner_contiguous(q), kc = inner_contiguous(k);
   if (oq.numel() && ok.numel()) {

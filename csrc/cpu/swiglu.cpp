@@ -2,7 +2,7 @@
 // (dgate = dy * up * s * (1 + g * (1 - s)), dup = dy * g * s, s = sigmoid(g)).
 // Vectorised per instruction set (cpu/vec_utils.h; this file's kernel section is compiled
 // once per set), threaded over (row, column block) tasks with at::parallel_for.
-// Math in float for float/bf16 (a polynomial exp), in double for double.
+// Math in float for float/bf16/fp16 (a polynomial exp), in double for double.
 #ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
 
 #include <ATen/ATen.h>
@@ -42,9 +42,6 @@ void for_tasks(int64_t rows, int64_t n, F&& fn) {
 
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   check_inputs("swiglu_fwd", gate, up);
-  if (gate.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
-    return swiglu_fwd(gate.to(at::kFloat), up.to(at::kFloat)).to(at::kHalf);
-  }
   auto out = new_output(gate.sizes(), gate.scalar_type());
   if (out.numel() == 0) return out;
   auto g = as_rows(gate), u = as_rows(up);
@@ -67,10 +64,6 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad, const at::
   check_inputs("swiglu_bwd", gate, up);
   TORCH_CHECK(grad.sizes() == gate.sizes() && grad.scalar_type() == gate.scalar_type(),
               "swiglu_bwd: grad must have the shape and dtype of gate");
-  if (gate.scalar_type() == at::kHalf) {
-    auto [dg, du] = swiglu_bwd(grad.to(at::kFloat), gate.to(at::kFloat), up.to(at::kFloat));
-    return {dg.to(at::kHalf), du.to(at::kHalf)};
-  }
   auto dgate = new_output(gate.sizes(), gate.scalar_type());
   auto dup = new_output(gate.sizes(), gate.scalar_type());
   if (gate.numel() == 0) return {dgate, dup};

@@ -33,6 +33,10 @@ template <>
 struct AtType<bf16> {
   using type = at::BFloat16;
 };
+template <>
+struct AtType<f16> {
+  using type = at::Half;
+};
 
 template <class T>
 const T* cptr(const at::Tensor& t) {
@@ -48,7 +52,7 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<T>{}) with T the kernel element type of `st`: float, double or bf16.
+// Calls f(Tag<T>{}) with T the kernel element type of `st`: float, double, bf16 or f16.
 template <class F>
 void dispatch_kernel_types(at::ScalarType st, const char* op, F&& f) {
   switch (st) {
@@ -61,8 +65,11 @@ void dispatch_kernel_types(at::ScalarType st, const char* op, F&& f) {
     case at::kBFloat16:
       f(Tag<bf16>{});
       return;
+    case at::kHalf:
+      f(Tag<f16>{});
+      return;
     default:
-      TORCH_CHECK(false, op, ": the CPU kernels take float32, bfloat16 and float64, got ", st);
+      TORCH_CHECK(false, op, ": the CPU kernels take float32, bfloat16, float16 and float64, got ", st);
   }
 }
 

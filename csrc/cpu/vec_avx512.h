@@ -37,6 +37,10 @@ struct FloatVec {
     return {widen(m >= W ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                          : _mm256_maskz_loadu_epi16(lane_mask(m), p))};
   }
+  static FloatVec load(const f16* p, int64_t m) {
+    return {_mm512_cvtph_ps(m >= W ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                   : _mm256_maskz_loadu_epi16(lane_mask(m), p))};
+  }
   static FloatVec load_dup(const float* p, int64_t m) {
     const __m256 h = m >= W ? _mm256_loadu_ps(p) : _mm256_maskz_loadu_ps(lane_mask(m / 2), p);
     const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
@@ -49,6 +53,13 @@ struct FloatVec {
     const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     return {_mm512_permutexvar_ps(idx, _mm512_castps256_ps512(f))};
   }
+  static FloatVec load_dup(const f16* p, int64_t m) {
+    const __m128i h = m >= W ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                             : _mm_maskz_loadu_epi16(lane_mask(m / 2), p);
+    const __m256 f = _mm256_cvtph_ps(h);
+    const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    return {_mm512_permutexvar_ps(idx, _mm512_castps256_ps512(f))};
+  }
   void store(float* p, int64_t m) const {
     if (m >= W) {
       _mm512_storeu_ps(p, v);
@@ -58,6 +69,14 @@ struct FloatVec {
   }
   void store(bf16* p, int64_t m) const {
     const __m256i h = narrow(v);
+    if (m >= W) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    } else {
+      _mm256_mask_storeu_epi16(p, lane_mask(m), h);
+    }
+  }
+  void store(f16* p, int64_t m) const {  // F16C rounding, as the avx2 path
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (m >= W) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
     } else {

@@ -20,10 +20,12 @@
 // runs it under at::parallel_for. Nothing compiled for a wider set runs unless the CPU
 // (checked with __builtin_cpu_supports) has it.
 //
-// Element types: float, double, bf16 (the bit layout of c10::BFloat16). Math runs in float
-// for float/bf16 and in double for double (ArrayVec<double, 4> in every instruction set:
+// Element types: float, double, bf16 (the bit layout of c10::BFloat16), f16 (c10::Half). Math
+// runs in float for float/bf16/f16 and in double for double (ArrayVec<double, 4> in every instruction set:
 // fp64 exists for gradcheck, not speed). float -> bf16 rounds to nearest even, NaN stays a
-// (quiet) NaN; bit-identical to c10::BFloat16 except under avx512bf16 (see above).
+// (quiet) NaN; bit-identical to c10::BFloat16 except under avx512bf16 (see above). f16 <->
+// float: exact widening, narrowing to nearest even (F16C instructions in avx2/avx512, integer
+// code in portable); bit-identical to c10::Half except for the payload of non-canonical NaNs.
 //
 // Every load/store takes a lane count m: m >= W means a full vector, 0 < m < W the first m
 // lanes (masked, the rest read as 0 and not written). Kernels loop `for (i = 0; i < n; i +=
@@ -147,17 +149,64 @@ inline bf16 float_to_bf16(float f) {
   return bf16{static_cast<uint16_t>(f != f ? 0x7fc0u : rounded)};
 }
 
+// IEEE binary16 (the bit layout of c10::Half).
+struct f16 {
+  uint16_t bits;
+};
+static_assert(sizeof(f16) == 2, "f16 must be 2 bytes like c10::Half");
+
+// Exact: every half is a float.
+inline float f16_to_float(f16 h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t e = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu;
+  if (e == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (man << 13));  // inf, NaN
+  if (e == 0) {  // zero or subnormal: man * 2^-24 (a normal float)
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  return std::bit_cast<float>(sign | ((e + 112) << 23) | (man << 13));
+}
+
+// Round to nearest even, by integer arithmetic (independent of the FPU's modes); overflow
+// to inf, half subnormals exact, NaN -> quiet NaN 0x7e00 with the sign, as c10::Half.
+inline f16 float_to_f16(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  uint32_t h;
+  if (a > 0x7f800000u) {
+    h = 0x7e00u;                              // NaN
+  } else if (a >= 0x477ff000u) {
+    h = 0x7c00u;                              // >= 65520 (and inf): inf
+  } else if (a >= 0x38800000u) {              // normal half: drop 13 mantissa bits
+    h = ((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10);
+  } else {                                    // subnormal half: round(|f| * 2^24)
+    const int shift = 126 - static_cast<int>(a >> 23);  // >= 14
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    if (shift > 24) {
+      h = 0;                                  // below 2^-25: rounds to 0
+    } else {
+      const uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+      h = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+    }
+  }
+  return f16{static_cast<uint16_t>(sign | h)};
+}
+
 template <class To>
 inline To to_acc(float x) { return static_cast<To>(x); }
 template <class To>
 inline To to_acc(double x) { return static_cast<To>(x); }
 template <class To>
 inline To to_acc(bf16 x) { return static_cast<To>(bf16_to_float(x)); }
+template <class To>
+inline To to_acc(f16 x) { return static_cast<To>(f16_to_float(x)); }
 
 template <class To, class From>
 inline To from_acc(From x) {
   if constexpr (std::is_same_v<To, bf16>) {
     return float_to_bf16(static_cast<float>(x));
+  } else if constexpr (std::is_same_v<To, f16>) {
+    return float_to_f16(static_cast<float>(x));
   } else {
     return static_cast<To>(x);
   }
@@ -335,6 +384,11 @@ struct FloatVec {
     copy(&h, p, sizeof(h8), 2 * static_cast<size_t>(m));
     return {reinterpret_cast<f8>(__builtin_convertvector(h, u8) << 16)};
   }
+  static FloatVec load(const f16* p, int64_t m) {  // (no F16C here: lane by lane)
+    FloatVec r{f8{}};
+    for (int i = 0; i < W; ++i) r.v[i] = i < m ? f16_to_float(p[i]) : 0.0f;
+    return r;
+  }
   template <class P>
   static FloatVec load_dup(const P* p, int64_t m) {
     FloatVec r{f8{}};
@@ -348,6 +402,10 @@ struct FloatVec {
     r = v != v ? u8{} + 0x7fc0u : r;  // NaN -> quiet NaN, as c10::BFloat16
     const h8 h = __builtin_convertvector(r, h8);
     copy(p, &h, sizeof(h8), 2 * static_cast<size_t>(m));
+  }
+  void store(f16* p, int64_t m) const {
+    const int n = m >= W ? W : static_cast<int>(m);
+    for (int i = 0; i < n; ++i) p[i] = float_to_f16(v[i]);
   }
 
   static FloatVec fma(FloatVec a, FloatVec b, FloatVec c) { return {a.v * b.v + c.v}; }
@@ -429,6 +487,14 @@ struct FloatVec {
     std::memcpy(buf, p, static_cast<size_t>(m) * 2);
     return {widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)))};
   }
+  // F16C: exact widening; narrowing rounds to nearest even (NaN stays a quiet NaN, keeping
+  // its sign and the top of its payload: the same NaN as float_to_f16 for canonical NaNs)
+  static FloatVec load(const f16* p, int64_t m) {
+    if (m >= W) return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, p, static_cast<size_t>(m) * 2);
+    return {_mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)))};
+  }
   static FloatVec load_dup(const float* p, int64_t m) {
     const __m128 h = m >= W ? _mm_loadu_ps(p)
                             : _mm_maskload_ps(p, _mm256_castsi256_si128(lane_mask(m / 2)));
@@ -443,6 +509,13 @@ struct FloatVec {
     return {_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f),
                                      _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3))};
   }
+  static FloatVec load_dup(const f16* p, int64_t m) {
+    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, p, static_cast<size_t>(std::min<int64_t>(m, W) / 2) * 2);
+    const __m128 f = _mm_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+    return {_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f),
+                                     _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3))};
+  }
   void store(float* p, int64_t m) const {
     if (m >= W) {
       _mm256_storeu_ps(p, v);
@@ -450,8 +523,8 @@ struct FloatVec {
       _mm256_maskstore_ps(p, lane_mask(m), v);
     }
   }
-  void store(bf16* p, int64_t m) const {
-    const __m128i h = narrow(v);
+  // 8 16-bit elements (bf16 or f16) from h: m of them
+  static void store16(void* p, int64_t m, __m128i h) {
     if (m >= W) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
     } else {
@@ -459,6 +532,10 @@ struct FloatVec {
       _mm_store_si128(reinterpret_cast<__m128i*>(buf), h);
       std::memcpy(p, buf, static_cast<size_t>(m) * 2);
     }
+  }
+  void store(bf16* p, int64_t m) const { store16(p, m, narrow(v)); }
+  void store(f16* p, int64_t m) const {
+    store16(p, m, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 
   FloatVec operator-() const { return {_mm256_xor_ps(v, _mm256_set1_ps(-0.0f))}; }

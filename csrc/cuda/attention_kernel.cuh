@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(FwdShape<T, D>::NTH)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int c = acc_coord(lane, nd, 2 * r + e).col;
-        if (c < Dr) orow[c] = from_float<T>(o[nd][2 * r + e] * inv);
+        if (c < Dr) orow[c] = from_float<T>(softmax_out(o[nd][2 * r + e], lsum, inv));
       }
     if (acc_coord(lane, 0, 0).col == 0) p.lse[bh * pr.Sq + row[r]] = softmax_lse(m[r], lsum);
   }

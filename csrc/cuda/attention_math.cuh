@@ -211,6 +211,9 @@ TG_HD float online_prob(float s, float m) { return s == kNegInf ? 0.f : expf(s -
 // has l = 0: out 0, lse -inf. A NaN l (a NaN reached the row) gives NaN for both.
 TG_HD float softmax_inv_sum(float l) { return l != 0.f ? 1.f / l : 0.f; }
 TG_HD float softmax_lse(float m, float l) { return l != 0.f ? m + logf(l) : kNegInf; }
+// o * inv, but exactly 0 for a row without a visible key (o may hold 0 * NaN from the v of a
+// key other rows of the tile see).
+TG_HD float softmax_out(float o, float l, float inv) { return l != 0.f ? o * inv : 0.f; }
 
 // ---------------------------------------------------------------------------- backward
 // P recomputed from the saved lse (0 for a masked pair or a row with no visible key).

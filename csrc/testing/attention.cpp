@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> host_fwd(const at::Tensor& q_, const at::Tens
     for (int64_t i = q0; i < q1; ++i) {
       const int64_t r = i - q0, row = (b * p.Hq + h) * p.Sq + i;
       const float inv = softmax_inv_sum(l[r]);
-      for (int64_t d = 0; d < D; ++d) O[row * D + d] = o[r * D + d] * inv;
+      for (int64_t d = 0; d < D; ++d) O[row * D + d] = softmax_out(o[r * D + d], l[r], inv);
       L[row] = softmax_lse(m[r], l[r]);
     }
   }

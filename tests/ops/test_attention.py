@@ -15,7 +15,7 @@ BACKENDS = backend_params("attention")
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = {
     "reference": [f32],
-    "cpu": [f32, bf16],
+    "cpu": [f32, bf16, f16],
     "triton": [f32] if backends.triton_interpreted() else [f16, bf16, f32],
     "cuda": [f16, bf16, f32],
 }

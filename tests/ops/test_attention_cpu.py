@@ -18,7 +18,7 @@ from .test_attention import ATOL, CASES, eager_attention, leaves, make_inputs
 pytestmark = pytest.mark.skipif(not backends.implements("attention", "cpu"),
                                 reason="the C++ CPU attention kernel is not built")
 
-f32, bf16 = torch.float32, torch.bfloat16
+f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 
 
 def _cpu_flags():
@@ -37,7 +37,7 @@ PATHS = [("auto", "single"), ("auto", "split"), ("avx512", "single"), ("avx512",
          ("portable", "single"), ("portable", "split"), ("noavx512", "single")]
 
 
-def check(B, Hq, Hkv, Sq, Sk, D, opts, dtypes=(f32, bf16), kw_override=None, inputs=None):
+def check(B, Hq, Hkv, Sq, Sk, D, opts, dtypes=(f32, bf16, f16), kw_override=None, inputs=None):
     """ours vs the float64 reference and eager PyTorch in each dtype: out, lse, dq, dk, dv."""
     (q64, k64, v64), kw = make_inputs(B, Hq, Hkv, Sq, Sk, D, opts, torch.float64, "cpu")
     if inputs is not None:
@@ -163,7 +163,7 @@ def test_large_scores_stay_finite():
 
 
 @pytest.mark.parametrize("bwd", ["single", "split"])
-@pytest.mark.parametrize("dtype", [f32, bf16])
+@pytest.mark.parametrize("dtype", [f32, bf16, f16])
 def test_bitwise_deterministic(monkeypatch, bwd, dtype):
     monkeypatch.setenv("TRUTHGPT_ATTN_BWD", bwd)
     (q, k, v), kw = make_inputs(2, 8, 2, 300, 333, 64, {"causal": True, "alibi": "heads", "layout": "bigbird"},

@@ -289,7 +289,7 @@ from truthgpt_kernels.triton import attention as A
 arch = int(sys.argv[1])
 FLAGS = ("HAS_ALIBI", "HAS_SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "HAS_LIST", "HAS_KMASK")
 TENSORS = {"LSE": "fp32", "DELTA": "fp32", "SLOPES": "fp32", "BMASK": "u8", "KMASK": "u8",
-           "LIST": "i32", "CNT": "i32"}
+           "LIST": "i32", "CNT": "i32", "ONE": "i8"}
 out = []
 for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
     for dt, D, on, tiles in (("bf16", 128, ("HAS_RIGHT",), A._TABLE[arch][kind][128][0]),
@@ -300,6 +300,8 @@ for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._att
         consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
                       PREC="tf32x3" if dt == "fp32" else "tf32", DOT_T=getattr(tl, {"bf16": "bfloat16",
                       "fp16": "float16", "fp32": "float32"}[dt]), **{f: f in on for f in FLAGS})
+        if "HAS_ONE" in fn.arg_names:  # the backward's one-key-row path (issue #19)
+            consts["HAS_ONE"] = dt != "bf16"
         sig = {}
         for name in fn.arg_names:
             if name in consts:

@@ -310,3 +310,57 @@ def test_tile_configs_and_head_dim_buckets():
                 "dq": (2 * qbr + 2 * qbc) * pitch * eb + qbc}
         for name, bytes_ in smem.items():
             assert bytes_ <= 160 * 1024, f"{name} D={D} elem={eb}: {bytes_} B of shared memory"
+
+
+@pytest.mark.parametrize("which", "qkv")
+@pytest.mark.parametrize("tiles", [(64, 64), (16, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_host_kernel_nan_reaches_its_rows(which, tiles):
+    """A NaN in q, k or v makes exactly the rows that see it NaN (fmaxf would drop it from
+    the row max and leave zeros), lse too for q/k; rows without a visible key stay zero."""
+    gen = torch.Generator().manual_seed(7)
+    (q64, k64, v64), kw = make(1, 2, 1, 40, 33, 8, {"causal": True}, gen)
+    q, k, v = (t.float().contiguous() for t in (q64, k64, v64))
+    t = {"q": q, "k": k, "v": v}[which]
+    pos = 20
+    t[0, t.shape[1] - 1, pos, 3] = float("nan")
+    vis = reference.attention_visibility(1, 2, 40, 33, window=kw["window"])[0, 0]  # (Sq, Sk)
+    reached = torch.zeros(1, 2, 40, dtype=torch.bool)
+    if which == "q":
+        reached[0, 1, pos] = bool(vis[pos].any())
+    else:
+        reached[0, :, :] = vis[:, pos]
+    out, lse = T.attention_host_fwd(q, k, v, *kernel_args(kw, 0.35), *tiles)
+    bad = torch.isnan(out).any(-1)
+    assert bad[reached].all()
+    if which != "v":
+        assert torch.equal(bad, reached) and torch.equal(torch.isnan(lse), reached)
+    empty = ~vis.any(-1)
+    assert torch.all(out[0, :, empty] == 0)
+
+
+@pytest.mark.parametrize("opts", [{"window": (0, 0)}, {"causal": True}, {"key_mask": "one"}],
+                         ids=["window_0_0", "causal", "key_mask_one"])
+@pytest.mark.parametrize("tiles", [(64, 64), (16, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_host_kernel_one_key_rows_get_exact_zero_dq(opts, tiles):
+    """delta is computed by the product that computes dP (the fp32 path's fma chain), so a row
+    whose only visible key is j gets dS exactly 0: dq of the row is 0, and dk of a key that
+    only such rows see."""
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Sq, Sk, D = 1, 4, 2, 33, 33, 16
+    (q64, k64, v64), kw = make(B, Hq, Hkv, Sq, Sk, D, {o: x for o, x in opts.items() if o != "key_mask"}, gen)
+    if opts.get("key_mask"):
+        kw["key_mask"] = torch.zeros(B, Sk, dtype=torch.bool)
+        kw["key_mask"][:, 11] = True
+    q, k, v = (t.float().contiguous() for t in (q64, k64, v64))
+    out, lse = T.attention_host_fwd(q, k, v, *kernel_args(kw, D ** -0.5), *tiles)
+    do = torch.randn(B, Hq, Sq, D, generator=gen)
+    dq, dk, dv = T.attention_host_bwd(do, q, k, v, out, lse, *kernel_args(kw, D ** -0.5), *tiles)
+    vis = reference.attention_visibility(B, Hq, Sq, Sk, window=kw["window"], key_mask=kw["key_mask"])
+    vis = vis.expand(B, Hq, Sq, Sk)
+    one = vis.sum(-1) == 1
+    assert one.any() and dq[one].abs().max().item() == 0
+    g = Hq // Hkv
+    only_one = (~vis.reshape(B, Hkv, g, Sq, Sk) | one.reshape(B, Hkv, g, Sq, 1)).all(2).all(2)
+    if only_one.any():
+        assert dk[only_one].abs().max().item() == 0
+    assert dv.abs().max() > 0

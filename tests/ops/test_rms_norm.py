@@ -14,7 +14,8 @@ EPS = 1e-6
 
 
 def _dtypes(backend):
-    return [torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+    return ([torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+            + ([torch.float16] if backend == "cpu" else []))
 
 
 def eager(x, w, eps=EPS):
@@ -138,7 +139,7 @@ def test_rms_norm_cpu_instruction_sets(isa, monkeypatch):
         x64 = torch.randn(shape, dtype=torch.float64)
         w64 = 1 + 0.5 * torch.randn(shape[-1], dtype=torch.float64)
         dy64 = torch.randn(shape, dtype=torch.float64)
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for wdtype in _weight_dtypes(dtype):
                 _check("cpu", x64, w64 if wdtype else None, dy64, dtype, wdtype)
 

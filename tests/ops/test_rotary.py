@@ -14,7 +14,8 @@ SHAPES = [(3, 7, 9, 80), (2, 3, 17, 64)]  # (B, H, S, D)
 
 
 def _dtypes(backend):
-    return [torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+    return ([torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+            + ([torch.float16] if backend == "cpu" else []))
 
 
 def eager(x, cos, sin, interleaved=False, position_ids=None, offset=0):
@@ -165,11 +166,31 @@ def test_rotary_cpu_instruction_sets(isa, monkeypatch):
         x64 = torch.randn(B, H, S, D, dtype=torch.float64)
         ids = torch.randint(0, P, (B, S))
         for interleaved in (False, True):
-            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 for cdtype in {torch.float32, dtype}:
                     cos, sin = tk.rotary_cos_sin(P, R, dtype=cdtype)
                     _check("cpu", x64, cos, sin, {"position_ids": ids, "interleaved": interleaved},
                            dtype, name=f"D{D} R{R}")
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_rotary_cpu_float16_conversions_are_exact(isa, monkeypatch):
+    """float16 loads widen exactly and stores round to nearest even like torch, on every path,
+    overflow to inf, subnormal halves and NaN included: with sin = 0 the kernel computes x * c
+    in float32 and rounds it once, so it must equal torch's (x.float() * c).half() bit for bit."""
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    monkeypatch.setenv("TRUTHGPT_CPU_ISA", isa)
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)  # every half value
+    x1 = bits.view(torch.float16).reshape(1, 1, 1 << 11, 32)
+    x = torch.cat([x1, torch.zeros_like(x1)], -1)  # rotated pairs (x1, 0): out1 = x1 * c - 0
+    for c in (1.0, 0.37, 3.1e-5, 1e-3 / 7, 1.9990234375, 12345.6):
+        cos = torch.full((1 << 11, 32), c)
+        out = tk.apply_rotary(x, cos, torch.zeros_like(cos), backend="cpu")[..., :32]
+        want = (x1.float() * c).half()
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(out), nan), f"c={c}: NaN lanes"
+        assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16)), f"c={c}"
 
 
 def test_rotary_gradcheck_cpu():

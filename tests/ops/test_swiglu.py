@@ -15,7 +15,8 @@ SHAPES = [(7,), (9, 41, 341), (2, 4231), (3, 5, 64), (4096,), (2, 5120)]
 
 
 def _dtypes(backend):
-    return [torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+    return ([torch.float32, torch.bfloat16] + ([torch.float64] if backend in ("cpu", "reference") else [])
+            + ([torch.float16] if backend == "cpu" else []))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,7 +133,7 @@ def test_swiglu_cpu_instruction_sets(isa, monkeypatch):
     for shape in [(3, 7), (2, 4231), (33,), (4, 40)]:
         g64 = torch.randn(shape, dtype=torch.float64) * 4
         u64 = torch.randn(shape, dtype=torch.float64)
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             _check_grads("cpu", g64, u64, dtype, lambda t: t, lambda t: t, f"[{isa} {shape}]")
 
 

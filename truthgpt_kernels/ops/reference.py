@@ -94,7 +94,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, alib
     # rows with no visible key: lse = -inf, output 0, zero gradients (never NaN)
     lse = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
     p = torch.exp(s - lse)  # exactly 0 where masked
-    out = (p @ vf).to(q.dtype)
+    out = torch.where(any_visible, p @ vf, 0.0).to(q.dtype)  # (0 even if a masked v is NaN)
     lse = torch.where(any_visible, lse, float("-inf")).squeeze(-1).to(torch.float32)
     return (out, lse) if return_lse else out
 

@@ -4,8 +4,9 @@ sliding window, GQA/MQA, ALiBi, softcap, key padding mask and block-sparse masks
 Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
 - `_attn_fwd`: one program per (query tile, batch * query head); online softmax over the
   visible key tiles, fp32 accumulation, writes out and the natural-log lse.
-- `_attn_bwd_delta`: delta = rowsum(dO * O) per query row (fp32), by the product that
-  computes dP in each backward kernel (so one-key rows get dS exactly 0).
+- `_attn_bwd_delta`: delta = rowsum(dO * O) per query row (fp32). Rows that see exactly one
+  key (flagged by the launcher, `_one_key_rows`) use dP at that key instead, so their dS is
+  exactly 0 (the softmax of one key is constant), not a rounding difference of two sums.
 - `_attn_bwd_dkdv`: one program per (key tile, batch * kv head); loops over the query heads
   sharing that kv head (GQA) and over their visible query tiles. Every dK/dV element is
   written by exactly one program: no atomics, deterministic.
@@ -227,8 +228,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    empty = l_i == 0.0  # (a NaN in v of a key in the tile, seen by other rows, must not leak)
+    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row = pid_bh * Sq + offs_m
@@ -240,13 +241,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
 # ============================================================================ backward
 @triton.jit(do_not_specialize=["Sq"])
 def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PREC: tl.constexpr, DOT_T: tl.constexpr):
-    """delta = rowsum(dO * O), computed by the product that computes dP: the diagonal of
-    dO O^T as the dQ kernel's dP = dO V^T (into DELTA[0]) and of O dO^T as the dK/dV kernel's
-    dP^T = V dO^T (into DELTA[1]), same operand types and precision. A row whose mass sits on
-    one key j has O == v_j exactly, so dP_ij == delta_i bit for bit and dS is exactly 0 (the
-    gradient of the constant softmax of one key), not a rounding difference of two sums."""
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -257,19 +252,14 @@ def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
     offs_m = m0.to(tl.int32) + ar_m
     msk = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row = pid_bh * Sq + offs_m
-    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(DOT_T)
+    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
-                 mask=msk, other=0.0).to(DOT_T)
-    diag = ar_m[:, None] == ar_m[None, :]
-    dq_side = tl.dot(do, tl.trans(o), input_precision=PREC)
-    dk_side = tl.dot(o, tl.trans(do), input_precision=PREC)
-    n = tl.num_programs(1).to(tl.int64) * tl.num_programs(2) * Sq
-    tl.store(DELTA + row, tl.sum(tl.where(diag, dq_side, 0.0), 1), mask=offs_m < Sq)
-    tl.store(DELTA + n + row, tl.sum(tl.where(diag, dk_side, 0.0), 1), mask=offs_m < Sq)
+                 mask=msk, other=0.0).to(tl.float32)
+    tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
 @triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, BMASK, KMASK, LIST, CNT,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, LIST, CNT,
                    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    sdb, sdh, sds, sdd,
                    sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
@@ -277,8 +267,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, BMASK, KMASK, LIST, 
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-                   PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Works on transposed tiles (keys x queries): dV = P^T dO, dK = scale dS^T Q."""
     pid_n = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1).to(tl.int64)
@@ -334,7 +324,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, BMASK, KMASK, LIST, 
                          mask=q_msk, other=0.0).to(DOT_T)
             lse = tl.load(LSE + stat + offs_m, mask=mmask, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)
+            delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)[None, :]
             kq = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
             s, t = _tile_scores(kq, offs_m[None, :], j2, m0, n0, pos_off, Sq, Sk, scale, softcap,
                                 slope, wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
@@ -343,7 +333,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, BMASK, KMASK, LIST, 
             p = tl.exp2(s - lse2[None, :])  # 0 where masked, in empty rows and past Sq
             dv += tl.dot(p.to(DO.dtype.element_ty).to(DOT_T), do, input_precision=PREC)
             dp = tl.dot(v, tl.trans(do), input_precision=PREC)
-            ds = p * (dp - delta[None, :])
+            if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
+                one = tl.load(ONE + stat + offs_m, mask=mmask, other=0) != 0
+                delta = tl.where(one[None, :], dp, delta)
+            ds = p * (dp - delta)
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
             dk += tl.dot(ds.to(Q.dtype.element_ty).to(DOT_T), q, input_precision=PREC)
@@ -353,7 +346,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES, BMASK, KMASK, LIST, 
 
 
 @triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  sdb, sdh, sds, sdd,
                  sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
@@ -361,8 +354,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-                 PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited."""
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -385,7 +378,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
     stat = pid_bh * Sq
     lse = tl.load(LSE + stat + offs_m, mask=mmask, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)
+    delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)[:, None]
+    if HAS_ONE:
+        one = (tl.load(ONE + stat + offs_m, mask=mmask, other=0) != 0)[:, None]
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     km_ptr = KMASK + b * skmb
@@ -424,7 +419,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
                             HAS_KMASK, HAS_LIST)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
+            ds = p * (dp - tl.where(one, dp, delta))
+        else:
+            ds = p * (dp - delta)
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_T), k, input_precision=PREC)
@@ -770,26 +768,78 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
                    key_mask, softcap)
     bd = a["BLOCK_D"]
-    delta = torch.empty((2, B, Hq, Sq), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    one = _one_key_rows(B, Hq, Sq, Sk, window_left, window_right, block_mask, block_size, key_mask, q.device)
+    a.update(ONE=one if one is not None else delta, HAS_ONE=one is not None)
     with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
-        bm_delta = 32 if triton_interpreted() else max(16, min(64, 4096 // bd))
+        bm_delta = 32 if triton_interpreted() else max(16, min(128, 8192 // bd))
         _attn_bwd_delta[(triton.cdiv(Sq, bm_delta), Hq, B)](
             out, grad_out, delta, *grad_out.stride(), Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm_delta,
-            PREC=a["PREC"], DOT_T=a["DOT_T"], num_warps=4)
+            num_warps=4)
         tiles = _list_tiles("bwd", bd) if (block_mask is not None or triton_interpreted()) else None
         lst_q = cnt_q = lst_k = cnt_k = None
         if block_mask is not None:  # key tiles per query tile (dQ), query tiles per key tile (dK/dV)
             (lst_k, cnt_k), (lst_q, cnt_q) = _tile_lists(block_mask, block_size, Sq, Sk, *tiles,
                                                          window_left, window_right, both=True)
-        a.update(Q=q, K=k, V=v, DO=grad_out, LSE=lse, **_strides("sq", q),
+        a.update(Q=q, K=k, V=v, DO=grad_out, LSE=lse, DELTA=delta, **_strides("sq", q),
                  **_strides("sk", k), **_strides("sv", v), **_strides("sd", grad_out))
         _set_lists(a, lst_q, cnt_q)
         _launch(_DKDV, _attn_bwd_dkdv, lambda bm, bn: triton.cdiv(Sk, bn), Hkv, B,
-                dict(a, DK=dk, DV=dv, DELTA=delta[1]), tiles)
+                dict(a, DK=dk, DV=dv), tiles)
         _set_lists(a, lst_k, cnt_k)
         _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B,
-                dict(a, DQ=dq, DELTA=delta[0]), tiles)
+                dict(a, DQ=dq), tiles)
     return dq, dk, dv
+
+
+def _one_key_rows(B, Hq, Sq, Sk, wl, wr, block_mask, block_size, key_mask, device):
+    """int8 (B, Hq, Sq), contiguous: 1 where query row i sees exactly one key; None when no row
+    can (no window, no masks, Sk > 1). Such a row's softmax is the constant 1, so its dS must be
+    exactly 0; the kernels then take delta = dP at that key, which cancels bit for bit.
+    O(B Hq Sq) work (plus O(B Hq nqb nkb) at block granularity with a block mask): rows see
+    keys [lo, hi] of the window, counted through the key mask's prefix sums; with a block mask,
+    whole blocks inside the window count from prefix sums over the key blocks, the two edge
+    blocks from the key-mask prefix sums."""
+    if wl < 0 and wr < 0 and key_mask is None and block_mask is None and Sk > 1:
+        return None
+    i = torch.arange(Sq, device=device) + (Sk - Sq)
+    lo = (i - wl).clamp(min=0) if wl >= 0 else torch.zeros_like(i)
+    hi = (i + wr).clamp(max=Sk - 1) if wr >= 0 else torch.full_like(i, Sk - 1)
+    if key_mask is not None:  # kc[b, j] = visible keys before j
+        kc = torch.nn.functional.pad(key_mask.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+    else:
+        kc = torch.arange(Sk + 1, device=device, dtype=torch.int32)[None]
+    kc = kc[:, None, :]  # (B or 1, 1, Sk + 1)
+
+    def count(a, e):  # visible keys of [a, e] (per row; 0 when empty), (B or 1, 1, Sq)
+        ok = (a <= e) & (a >= 0) & (e < Sk)
+        a, e = torch.where(ok, a, 0), torch.where(ok, e, 0)
+        c = kc.index_select(-1, e + 1) - kc.index_select(-1, a)
+        return torch.where(ok, c, 0)
+
+    if block_mask is None:
+        n = count(lo, hi)
+    else:
+        bs = block_size
+        bm = block_mask.to(torch.int32)  # (B or 1, H or 1, nqb, nkb), maybe broadcast views
+        nkb = bm.shape[-1]
+        k0 = torch.arange(nkb, device=device) * bs
+        blk = kc.index_select(-1, (k0 + bs).clamp(max=Sk)) - kc.index_select(-1, k0)  # keys per block
+        pre = torch.nn.functional.pad((bm * blk[:, :, None, :]).cumsum(-1, dtype=torch.int32), (1, 0))
+        qb = torch.arange(Sq, device=device) // bs
+        kb_lo, kb_hi = lo // bs, hi // bs
+        bm_rows = bm.index_select(-2, qb)      # (.., Sq, nkb)
+        pre_rows = pre.index_select(-2, qb)    # (.., Sq, nkb + 1)
+
+        def at(t, idx):  # t[..., i, idx[i]]
+            return t.gather(-1, idx.clamp(0, t.shape[-1] - 1).expand(*t.shape[:-1])[..., None])[..., 0]
+
+        same = kb_lo == kb_hi
+        left = at(bm_rows, kb_lo) * count(lo, torch.where(same, hi, (kb_lo + 1) * bs - 1))
+        right = torch.where(same, 0, at(bm_rows, kb_hi) * count(kb_hi * bs, hi))
+        inner = torch.where(same, 0, at(pre_rows, kb_hi) - at(pre_rows, kb_lo + 1))
+        n = torch.where(lo <= hi, left + right + inner, 0)
+    return (n == 1).to(torch.int8).expand(B, Hq, Sq).contiguous()
 
 
 class _nullctx:
