@@ -102,6 +102,6 @@ MULTIHEAD_FALLBACK = ("MultiheadAttention runs torch's implementation, not tk.at
                       "neither key padding nor causal (this call: need_weights=%s, mask servable=%s); "
                       "pass need_weights=False to use the fused kernels")
 HF_SDPA_FALLBACK = ("the truthgpt attention function fell back to the implementation it replaced "
-                    "(transformers' sdpa or eager) for a call it "
+                    "(transformers' sdpa or eager; eager when output_attentions asks for the weights) for a call it "
                     "cannot serve exactly (dropout, output_attentions, an additive bias, or a mask "
                     "that is not causal + window + key padding)")

@@ -187,7 +187,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _gemm_ceiling(device: torch.device, dtype_name: str) -> Optional[float]:
     """The GEMM rate (GFLOP/s) of this machine for `dtype_name`, measured now (quick sizes),
     without touching the global RNG (so a run's losses do not depend on it)."""
-    from .bench import ceilings
+    from .bench import roofline as ceilings
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         measured = ceilings.measure("cuda" if device.type == "cuda" else "cpu", quick=True, min_time=0.05)
     return ceilings.gemm_rate(measured, dtype_name)

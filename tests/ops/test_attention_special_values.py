@@ -61,13 +61,21 @@ def _nan_params():
     return out
 
 
+def _triton_runs(case, which, pos, value, Sq):
+    """The Triton interpreter takes minutes per 300 x 300 case: it gets the short cases at the
+    tile-inner/edge positions (inf only in q), and one NaN q on the 32-row tile edge at S 300."""
+    if case == "s300_causal":
+        return which == "q" and value != value and pos in (31, 32)
+    return Sq <= 8 and case != "decode_split_long" and pos in (5, 31, 32, 299) and (
+        value != value or which == "q")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("case,which,pos", _nan_params())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_inputs_propagate(monkeypatch, backend, case, which, pos, value):
     B, Hq, Hkv, Sq, Sk, D, opts, split = NAN_CASES[case]
-    if backend == "triton" and (Sk > 1000 or case == "s300" or pos not in (5, 31, 32, 299)
-                                or (value == float("inf") and which != "q")):
+    if backend == "triton" and not _triton_runs(case, which, pos, value, Sq):
         pytest.skip("interpreter time: Triton gets the tile-inner/edge positions of the short cases")
     if split:
         monkeypatch.setenv("TRUTHGPT_ATTN_SPLITK", str(split))

@@ -137,6 +137,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     fn_kwargs = dict(dropout=dropout, scaling=scaling, sliding_window=sliding_window,
                      softcap=softcap, is_causal=is_causal, **kwargs)
     if kwargs.get("output_attentions", False):  # only the eager function returns weights
+        _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         return _run("eager", module, query, key, value, attention_mask, causal=causal,
                     window=window, **fn_kwargs)
     key_mask = None
