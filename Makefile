@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 EXTRAS ?= dev,hf
 CSRC := $(shell find csrc -type f 2>/dev/null)
-PYTEST_ARGS ?=
+# one pytest worker per core (pytest-xdist); PYTEST_ARGS= runs in one process
+PYTEST_ARGS ?= -n auto
 # the test-only extension _C_testing (host builds of the CUDA logic) is part of the dev build
 export TRUTHGPT_BUILD_TESTING ?= 1
 

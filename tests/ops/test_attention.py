@@ -126,6 +126,8 @@ def leaves(tensors, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_matches_reference(backend, case):
     B, Hq, Hkv, Sq, Sk, D, opts = CASES[case]
+    if backend == "triton" and Sq * Sk > 300_000:
+        pytest.skip("interpreter time: the Triton grid stops at S 300 x 300 (the tile edges are there)")
     device = device_for(backend)
     (q64, k64, v64), kw = make_inputs(B, Hq, Hkv, Sq, Sk, D, opts, torch.float64, device)
     do64 = torch.randn(B, Hq, Sq, D, dtype=torch.float64, device=device)
