@@ -98,8 +98,9 @@ def _model_ran(config, ran):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(use_flash_attention=False), dict(position="alibi", ffn="mlp"),
-                                dict(backend="reference"), dict(norm="layernorm", attention="sliding_window", window=4)],
-                         ids=["default", "no-flash", "alibi-mlp", "reference", "layernorm-window"])
+                                dict(backend="reference"), dict(norm="layernorm", attention="sliding_window", window=4),
+                                dict(ffn="geglu")],
+                         ids=["default", "no-flash", "alibi-mlp", "reference", "layernorm-window", "geglu"])
 def test_explain_config_agrees_with_the_model(kw, ran):
     config = TransformerConfig.preset("tiny", **kw)
     ex = tk.explain(config)
@@ -109,6 +110,8 @@ def test_explain_config_agrees_with_the_model(kw, ran):
     assert ops[:2] == ["attention", "attention (decode)"]
     assert ("rotary" in ops) == (config.position == "rope")
     assert ("rms_norm" in ops) == (config.norm == "rmsnorm")
+    assert ("layer_norm" in ops) == (config.norm == "layernorm")
+    assert ("geglu" in ops) == (config.ffn == "geglu")
     assert ("swiglu" in ops) == (config.ffn in ("swiglu", "moe"))
     if not config.use_flash_attention:
         assert ex[0].backend == "reference" and "use_flash_attention=False" in ex[0].reason

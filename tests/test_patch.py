@@ -100,7 +100,8 @@ def test_replace_modules_transformer_encoder(train):
     replace_modules(model)
     assert [id(p) for p in model.parameters()] == params_before  # weights kept, not copied
     assert all(type(layer.self_attn) is MultiheadAttention for layer in model.layers)
-    assert len(model.truthgpt_report.swapped) == 2
+    swapped = [t for _, t in model.truthgpt_report.swapped]
+    assert sorted(swapped) == ["LayerNorm"] * 4 + ["MultiheadAttention"] * 2  # 2 x (attn + 2 norms)
     with torch.set_grad_enabled(train):
         out = model(x, src_key_padding_mask=kpm)
         expected = ref(x, src_key_padding_mask=kpm)

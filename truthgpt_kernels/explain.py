@@ -194,10 +194,11 @@ def explain_config(config, *, device: str = "cpu", dtype=None, batch_size: int =
         out.append(decision(op, "attention", dev.type, dtype, config.attention_backend, source=att_src, plan=plan))
     if config.position == "rope":  # the attention module's rotary embedding: attention's backend
         out.append(decision("rotary", "rotary", dev.type, dtype, config.attention_backend, source=att_src))
-    if config.norm == "rmsnorm":
-        out.append(decision("rms_norm", "rms_norm", dev.type, dtype, config.op_backend, source=src))
-    if config.ffn in ("swiglu", "moe"):
-        out.append(decision("swiglu", "swiglu", dev.type, dtype, config.op_backend, source=src))
+    norm = "rms_norm" if config.norm == "rmsnorm" else "layer_norm"
+    out.append(decision(norm, norm, dev.type, dtype, config.op_backend, source=src))
+    if config.ffn in ("swiglu", "moe", "geglu"):
+        ffn = "geglu" if config.ffn == "geglu" else "swiglu"
+        out.append(decision(ffn, ffn, dev.type, dtype, config.op_backend, source=src))
     return out
 
 

@@ -19,7 +19,7 @@ class ReplaceReport:
         lines += [f"  swapped {n} -> {t}" for n, t in self.swapped]
         lines += [f"  left    {n}: {why}" for n, why in self.skipped]
         if not self.swapped and not self.skipped:
-            lines.append("  nothing to replace: no torch.nn.MultiheadAttention or torch.nn.RMSNorm found")
+            lines.append("  nothing to replace: no torch.nn.MultiheadAttention, RMSNorm or LayerNorm found")
         return "\n".join(lines)
 
 
@@ -41,18 +41,38 @@ def _convert_rms_norm(m: nn.RMSNorm):
     return new
 
 
+def _convert_layer_norm(m: nn.LayerNorm):
+    from .modules.norm import LayerNorm
+    if len(m.normalized_shape) != 1:
+        raise ValueError(f"normalized_shape {tuple(m.normalized_shape)} spans more than the last dim")
+    new = LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                    bias=m.bias is not None, device="meta")
+    if m.elementwise_affine:  # the same Parameters, as for RMSNorm
+        new.weight = m.weight
+        if m.bias is not None:
+            new.bias = m.bias
+    # nn.TransformerEncoderLayer's eval fast path would read the parameters and run torch's
+    # own fused kernel unless a submodule has a hook: this no-op one keeps ours in use
+    from .modules.multihead import _keep_own_forward
+    new.register_forward_pre_hook(_keep_own_forward, with_kwargs=True)
+    new.train(m.training)
+    return new
+
+
 # exact type -> converter; subclasses are left alone (they may change behaviour)
 CONVERTERS: Dict[type, Callable[[nn.Module], nn.Module]] = {
     nn.MultiheadAttention: _convert_mha,
     nn.RMSNorm: _convert_rms_norm,
+    nn.LayerNorm: _convert_layer_norm,
 }
 
 
 def replace_modules(model: nn.Module, *, include: Optional[Iterable[str]] = None,
                     exclude: Iterable[str] = (), verbose: bool = False) -> nn.Module:
-    """Swaps every torch.nn.MultiheadAttention and torch.nn.RMSNorm of `model` that these kernels
-    can serve. include/exclude filter by type name ("MultiheadAttention", "RMSNorm") or by
-    module name prefix. Conversion of every module is done first; if one fails, nothing is
+    """Swaps every torch.nn.MultiheadAttention, torch.nn.RMSNorm and torch.nn.LayerNorm of `model`
+    that these kernels can serve (norms over the last dim only; others are left, with the
+    reason in the report). include/exclude filter by type name ("MultiheadAttention",
+    "RMSNorm", "LayerNorm") or by module name prefix. Conversion of every module is done first; if one fails, nothing is
     changed and the error is raised. Returns the model; the report is in
     `model.truthgpt_report` (and logged, or printed with verbose=True)."""
     include = None if include is None else set(include)

@@ -120,7 +120,7 @@ class TextData:
         g = torch.Generator().manual_seed(seed)
         tokens, targets = self.batch(n_examples, g, held_out=True)
         device = next(model.parameters()).device
-        _, loss = model(tokens.to(device), targets.to(device))
+        _, loss = model(tokens.to(device), targets.to(device), return_logits=False)
         return {"held_out_loss": loss.item()}
 
 
@@ -425,7 +425,7 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
                 sync = m == grad_accum - 1 or world == 1 or parallel != "ddp"
                 with (contextlib.nullcontext() if sync else step_model.no_sync()):
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                        _, loss = step_model(tokens[sl], targets[sl])
+                        _, loss = step_model(tokens[sl], targets[sl], return_logits=False)
                     (loss / grad_accum if grad_accum > 1 else loss).backward()  # DDP / FSDP average over ranks
                 loss = loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss

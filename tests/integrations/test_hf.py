@@ -58,7 +58,7 @@ def test_apply_to_same_logits_and_grads(name):
     hf.apply_to(model)
     patched = model.truthgpt_patched
     assert patched["attention"] == 2 and patched["rms_norm"] >= 5
-    assert patched["mlp"] == (0 if name == "gemma2" else 2)  # Gemma's MLP is GELU-gated
+    assert patched["mlp"] == 2  # SiLU-gated: tk.swiglu; Gemma's GELU-gated: tk.geglu
     out = model(ids, attention_mask=mask, labels=ids)
     exp = ref(ids, attention_mask=mask, labels=ids)
     valid = mask.bool()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import truthgpt_kernels as tk
-from truthgpt_kernels.modules import RMSNorm, make_norm
+from truthgpt_kernels.modules import LayerNorm, RMSNorm, make_norm
 
 from ..helpers import assert_close, backend_params, leaf
 
@@ -82,7 +82,7 @@ def test_bad_shape():
 
 def test_make_norm():
     assert isinstance(make_norm("rmsnorm", 8, 1e-5), RMSNorm)
-    assert isinstance(make_norm("layernorm", 8, 1e-5), torch.nn.LayerNorm)
+    assert type(make_norm("layernorm", 8, 1e-5)) is LayerNorm  # ours (fused), not torch.nn.LayerNorm
     with pytest.raises(ValueError, match="rmsnorm"):
         make_norm("batchnorm", 8, 1e-5)
 

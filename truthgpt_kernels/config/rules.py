@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple, Union
 MODEL_TYPES = ("decoder", "encoder", "encoder_decoder")
 ATTENTION_KINDS = ("full", "sliding_window", "sparse")
 POSITION_KINDS = ("rope", "alibi", "sinusoidal", "learned", "none")
-FFN_KINDS = ("swiglu", "mlp", "moe")
+FFN_KINDS = ("swiglu", "geglu", "mlp", "moe")
 NORM_KINDS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")

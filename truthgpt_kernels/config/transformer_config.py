@@ -26,7 +26,7 @@ class TransformerConfig:
     n_encoder_layers: Optional[int] = None   # encoder_decoder only; None = n_layers
     n_heads: int = 8
     n_kv_heads: Optional[int] = None         # GQA/MQA; None = n_heads
-    d_ff: Optional[int] = None               # None: 8/3 d_model (swiglu, moe) or 4 d_model (mlp),
+    d_ff: Optional[int] = None               # None: 8/3 d_model (swiglu, geglu, moe) or 4 d_model (mlp),
     ffn_multiple_of: int = 64                # ... rounded up to a multiple of this
     max_seq_len: int = 2048
     # attention
@@ -41,13 +41,13 @@ class TransformerConfig:
     rope_scaling: Optional[Dict[str, Any]] = None  # {"type": "linear"|"ntk"|"llama3", "factor": f, ...}
     rotary_dim: Optional[int] = None         # partial rotary; None = head_dim
     # feed-forward
-    ffn: str = "swiglu"                      # swiglu | mlp | moe
+    ffn: str = "swiglu"                      # swiglu | geglu (tanh GELU gate, Gemma) | mlp | moe
     n_experts: int = 8
     experts_top_k: int = 2
     capacity_factor: Optional[float] = None  # None: no token is ever dropped
     moe_aux_loss_weight: float = 0.01
     # norms, regularisation, init
-    norm: str = "rmsnorm"                    # rmsnorm | layernorm
+    norm: str = "rmsnorm"                    # rmsnorm | layernorm (with bias); both fused ops
     norm_eps: float = 1e-5
     dropout: float = 0.0
     bias: bool = False
@@ -122,10 +122,10 @@ class TransformerConfig:
             attn += (self.n_heads + 2 * self.kv_heads) * hd + d
         if self.ffn == "mlp":
             ffn = 2 * d * f + ((f + d) if self.bias else 0)
-        elif self.ffn == "swiglu":
-            ffn = 3 * d * f
-        else:
-            ffn = self.n_experts * 3 * d * f + d * self.n_experts
+        else:  # gated: gate_up d -> 2f and down f -> d (biases 2f + d)
+            ffn = 3 * d * f + ((2 * f + d) if self.bias else 0)
+            if self.ffn == "moe":
+                ffn = self.n_experts * ffn + d * self.n_experts
         norm = d if self.norm == "rmsnorm" else 2 * d
         block = attn + ffn + 2 * norm
         n = self.vocab_size * d + norm

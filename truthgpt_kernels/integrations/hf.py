@@ -1,5 +1,5 @@
 """Hugging Face transformers integration: `apply_to(model)` patches one Llama-family model
-instance (Llama, Mistral, Qwen2, Gemma 2) to run on truthgpt kernels, `revert(model)` undoes it:
+instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry (with the boolean
   sdpa-style mask), selected on this model. The 4-D mask is decomposed into causal +
@@ -13,14 +13,23 @@ instance (Llama, Mistral, Qwen2, Gemma 2) to run on truthgpt kernels, `revert(mo
 - `model.set_attn_implementation("eager" | "sdpa" | ...)` after the patch runs exactly that
   function; "truthgpt" selects ours again.
 - rotary: the attention modules' forward applies `tk.apply_rotary_qk`;
-- RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included);
-- MLP: `tk.swiglu` for SiLU-gated MLPs (Gemma's GELU-gated MLP is left as it is).
+- RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included, and Gemma 3's q_norm / k_norm);
+- MLP: `tk.swiglu` for SiLU-gated MLPs, `tk.geglu` for Gemma's GELU-gated ones
+  (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
+- loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
+  in training mode (or skip_logits=True) computes its loss with tk.linear_cross_entropy on the
+  last hidden states and lm_head (final_logit_softcapping included, num_items_in_batch and
+  shift_labels honoured as ForCausalLMLoss does), so no (batch, seq, vocab) logits tensor exists; `outputs.logits` is
+  then None, as with Liger's `skip_logits`. In eval mode, without labels, with
+  skip_logits=False, return_dict=False or logits_to_keep != 0 the model's own forward runs.
 
 Patches are per instance (bound forwards); classes and other models are untouched.
 transformers is an optional dependency: `pip install .[hf]`. The versions it is tested with
 are SUPPORTED_TRANSFORMERS; `apply_to` refuses others, and refuses any attention module whose
 forward signature it does not know, rather than compute something else.
 """
+import dataclasses
+import functools
 import inspect
 import sys
 import types
@@ -34,7 +43,10 @@ from packaging.version import Version
 from .. import logs as _logs
 from .. import ops
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma2")
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")  # RMSNorm scales by 1 + weight
+# the GELU of a GELU-gated MLP -> tk.geglu's approximate
+GELU_ACTS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 NAME = "truthgpt"
 # transformers versions the patch is tested with (tests/integrations/test_hf.py): 4.53.3 (the
 # oldest passing; 4.51 and 4.52 lack transformers.masking_utils) to 5.24. The upper bound is the
@@ -217,6 +229,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
     k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
     v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)
+    if getattr(self, "q_norm", None) is not None:  # Gemma 3: RMSNorm of q and k per head
+        q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings  # (B or 1, S, R), halves repeated
     Bc, half = cos.shape[0], cos.shape[-1] // 2
     table_cos = cos[..., :half].reshape(Bc * S, half)  # one row per (batch, token)
@@ -264,6 +278,65 @@ def _swiglu_mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _geglu_mlp_forward(self, x):
+    return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x),
+                                    approximate=self._truthgpt_approximate))
+
+
+def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
+    """The *ForCausalLM forward with the loss through tk.linear_cross_entropy (see the module
+    docstring for when); otherwise the class's own forward."""
+    orig = type(self).forward
+    names = [n for n in inspect.signature(orig).parameters if n != "self"]
+    kwargs.update(zip(names, args))  # positional arguments by name
+    labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+    if skip_logits is None:  # as Liger; like the model's own forward, no loss without labels
+        skip_logits = self.training and labels is not None
+    if skip_logits and labels is None:
+        raise ValueError("skip_logits=True needs labels: the loss is the only output")
+    logits_to_keep = kwargs.get("logits_to_keep", 0)
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    if not skip_logits or not return_dict or \
+            not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        return orig(self, **kwargs)
+    for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
+        kwargs.pop(name, None)
+    num_items = kwargs.get("num_items_in_batch")  # also passed on, as the original forward does
+    outputs = self.model(**kwargs)
+    hidden = outputs[0]
+    if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    head = self.lm_head
+    loss = ops.linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight,
+        shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64), bias=head.bias,
+        ignore_index=-100, reduction="mean" if num_items is None else "sum",
+        logit_softcap=getattr(self.config, "final_logit_softcapping", None) or 0.0)
+    if loss.dtype != torch.float64:  # float32 as ForCausalLMLoss (a float64 model keeps float64)
+        loss = loss.float()
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    extra = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values") if name in fields}
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions, **extra)
+
+
+def _fusable_loss(model):
+    """Whether `model` is a *ForCausalLM whose loss _causal_lm_forward computes exactly: a
+    decoder `model`, an `lm_head` Linear and transformers' ForCausalLMLoss."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # pragma: no cover - every supported version has it
+        return False
+    return (type(model).__name__.endswith("ForCausalLM") and isinstance(getattr(model, "lm_head", None), torch.nn.Linear)
+            and isinstance(getattr(model, "model", None), torch.nn.Module)
+            and getattr(model, "loss_function", None) is ForCausalLMLoss)
+
+
 def _set_attn_implementation(model, name):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -271,11 +344,13 @@ def _set_attn_implementation(model, name):
         model.config._attn_implementation = name
 
 
-def apply_to(model):
-    """Patches a Llama / Mistral / Qwen2 / Gemma 2 model instance in place; returns it. Other
-    model types are left untouched with a warning; a transformers version outside
-    SUPPORTED_TRANSFORMERS, or an attention forward this patch does not know, raises
-    RuntimeError before anything is changed. A model already patched is returned as it is."""
+def apply_to(model, *, fused_loss: bool = True):
+    """Patches a Llama / Mistral / Qwen2 / Gemma 2 / Gemma 3 (text) model instance in place;
+    returns it. fused_loss: a *ForCausalLM's training loss through tk.linear_cross_entropy
+    without logits (module docstring). Other model types are left untouched with a warning; a
+    transformers version outside SUPPORTED_TRANSFORMERS, or an attention forward this patch
+    does not know, raises RuntimeError before anything is changed. A model already patched is
+    returned as it is."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
@@ -294,18 +369,24 @@ def apply_to(model):
             plan.append((module, _attention_forward, {"_truthgpt_cache_arg": _cache_arg(module),
                                                       "_truthgpt_replaced": config._attn_implementation}))
         elif cls.endswith("RMSNorm") and hasattr(module, "weight"):
-            plan.append((module, _gemma_rms_norm_forward if model_type == "gemma2" else _rms_norm_forward, {}))
-        elif cls.endswith("MLP") and act in ("silu", "swish") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            plan.append((module, _swiglu_mlp_forward, {}))
+            plan.append((module, _gemma_rms_norm_forward if model_type in GEMMA else _rms_norm_forward, {}))
+        elif cls.endswith("MLP") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            if act in ("silu", "swish"):
+                plan.append((module, _swiglu_mlp_forward, {}))
+            elif act in GELU_ACTS:
+                plan.append((module, _geglu_mlp_forward, {"_truthgpt_approximate": GELU_ACTS[act]}))
+    if fused_loss and _fusable_loss(model):
+        plan.append((model, functools.wraps(type(model).forward)(_causal_lm_forward), {}))
     _register()
     state = {"attn_implementation": config._attn_implementation, "modules": []}
-    patched = {"attention": 0, "rms_norm": 0, "mlp": 0}
+    patched = {"attention": 0, "rms_norm": 0, "mlp": 0, "loss": 0}
+    kinds = {_attention_forward: "attention", _swiglu_mlp_forward: "mlp", _geglu_mlp_forward: "mlp"}
     for module, forward, attrs in plan:
         state["modules"].append((module, module.__dict__.get("forward"), list(attrs)))
         module.forward = types.MethodType(forward, module)
         for name, value in attrs.items():
             setattr(module, name, value)
-        kind = {_attention_forward: "attention", _swiglu_mlp_forward: "mlp"}.get(forward, "rms_norm")
+        kind = "loss" if module is model else kinds.get(forward, "rms_norm")
         patched[kind] += 1
     _set_attn_implementation(model, NAME)
     setattr(model, _STATE, state)

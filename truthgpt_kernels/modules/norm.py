@@ -1,4 +1,5 @@
-"""RMSNorm (a drop-in for torch.nn.RMSNorm on the fused tk.rms_norm op) and the norm factory."""
+"""RMSNorm and LayerNorm (drop-ins for torch.nn.RMSNorm / torch.nn.LayerNorm on the fused
+tk.rms_norm / tk.layer_norm ops) and the norm factory."""
 import math
 import numbers
 from typing import Optional
@@ -106,6 +107,8 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_nested:
+            return self._nested_forward(x)
         n = len(self.normalized_shape)
         if x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
             raise ValueError(f"LayerNorm over {list(self.normalized_shape)} got input of shape "
@@ -118,6 +121,18 @@ class LayerNorm(nn.Module):
         flat = x.reshape(*x.shape[:x.dim() - n], math.prod(self.normalized_shape))
         return layer_norm(flat, weight, bias, self.eps, backend=self.backend).reshape(x.shape)
 
+    def _nested_forward(self, x: Tensor) -> Tensor:
+        """A nested (batch, ragged length, ..., normalized dims) tensor, as nn.TransformerEncoder's
+        padding fast path passes it: the rows of every component normalised at once."""
+        if x.layout == torch.jagged:
+            return torch.nested.nested_tensor_from_jagged(self(x.values()), offsets=x.offsets())
+        parts = x.unbind()
+        out = self(torch.cat([p.reshape(-1, *p.shape[p.dim() - len(self.normalized_shape):])
+                              for p in parts]))
+        sizes = [p.numel() // math.prod(self.normalized_shape) for p in parts]
+        return torch.nested.as_nested_tensor(
+            [o.reshape(p.shape) for o, p in zip(out.split(sizes), parts)], layout=x.layout)
+
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"bias={self.bias is not None}")
@@ -125,9 +140,10 @@ class LayerNorm(nn.Module):
 
 def make_norm(kind: str, dim: int, eps: float, *, backend: Optional[str] = None,
               device=None, dtype=None) -> nn.Module:
-    """"rmsnorm" (ours, fused) or "layernorm" (torch.nn.LayerNorm)."""
+    """"rmsnorm" (RMSNorm) or "layernorm" (LayerNorm, with a bias): ours, on the fused ops, with
+    the state_dict keys of torch.nn.RMSNorm / torch.nn.LayerNorm ("weight", "bias")."""
     if kind == "rmsnorm":
         return RMSNorm(dim, eps=eps, backend=backend, device=device, dtype=dtype)
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
+        return LayerNorm(dim, eps=eps, backend=backend, device=device, dtype=dtype)
     raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {kind!r}")

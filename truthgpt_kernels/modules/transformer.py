@@ -4,6 +4,7 @@ encoder, or an encoder-decoder with cross-attention, built from a TransformerCon
     model = Transformer(TransformerConfig.preset("tiny"))
     logits = model(tokens)                       # (B, S, vocab)
     logits, loss = model(tokens, targets)        # targets: -100 = ignore
+    _, loss = model(tokens, targets, return_logits=False)  # fused LM head + loss: no logits
     out = model.generate(prompt, 32, temperature=0.8, top_p=0.9)
 """
 import math
@@ -16,10 +17,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TransformerConfig
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from .attention import Attention, KVCache
 from .embeddings import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
-from .feed_forward import MLP, MoE, SwiGLU
-from .norm import RMSNorm, make_norm
+from .feed_forward import MLP, GeGLU, MoE, SwiGLU
+from .norm import LayerNorm, RMSNorm, make_norm
 
 
 class TransformerBlock(nn.Module):
@@ -49,6 +51,8 @@ class TransformerBlock(nn.Module):
         ffn = dict(bias=c.bias, dropout=c.dropout, device=device, dtype=dt)
         if c.ffn == "swiglu":
             self.ffn = SwiGLU(c.d_model, c.ffn_dim, backend=c.op_backend, **ffn)
+        elif c.ffn == "geglu":  # tanh-approximated GELU, as Gemma
+            self.ffn = GeGLU(c.d_model, c.ffn_dim, approximate="tanh", backend=c.op_backend, **ffn)
         elif c.ffn == "mlp":
             self.ffn = MLP(c.d_model, c.ffn_dim, **ffn)
         else:
@@ -141,7 +145,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * depth) if scaled else std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+            elif isinstance(m, (nn.LayerNorm, LayerNorm, RMSNorm)):
                 m.reset_parameters()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -196,10 +200,21 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *,
                 encoder_tokens: Optional[Tensor] = None, cache: Optional[ModelCache] = None,
-                key_mask: Optional[Tensor] = None, encoder_key_mask: Optional[Tensor] = None):
+                key_mask: Optional[Tensor] = None, encoder_key_mask: Optional[Tensor] = None,
+                return_logits: bool = True):
         """tokens (B, S) int ids -> logits (B, S, vocab). With targets (B, S) (-100 = ignore):
-        (logits, loss), the loss including the MoE load-balancing loss. encoder_tokens: the
-        source sequence of an encoder_decoder model. cache: from make_cache(), for decoding."""
+        (logits, loss), the loss (mean over the counted tokens) including the MoE
+        load-balancing loss. With targets and return_logits=False: (None, loss), the LM head
+        and the cross-entropy fused in tk.linear_cross_entropy, so that no (B, S, vocab)
+        logits tensor exists in the forward or the backward (as Liger-Kernel's fused linear
+        cross-entropy); what training loops that only need the loss should pass.
+        encoder_tokens: the source sequence of an encoder_decoder model. cache: from
+        make_cache(), for decoding."""
+        if not isinstance(return_logits, bool):
+            raise TypeError(f"return_logits must be True or False, got {return_logits!r}")
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them the logits are "
+                             "the only output")
         offset = cache.pos if cache is not None else 0
         if cache is not None and self.config.model_type == "encoder":
             raise ValueError("a KV cache is for decoding; an encoder model is bidirectional "
@@ -223,14 +238,35 @@ class Transformer(nn.Module):
             x = self._run(layer, x, context=context, key_mask=key_mask, context_mask=context_mask,
                           cache=cache.layers[i] if cache is not None else None,
                           cross_cache=cache.cross[i] if cache is not None and cache.cross else None)
-        logits = self.lm_head(self.norm(x))                      # (B, S, vocab)
+        h = self.norm(x)                                         # (B, S, d)
         if targets is None:
-            return logits
+            return self.lm_head(h)                               # (B, S, vocab)
         if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
             raise ValueError(f"targets must be a tensor of shape {tuple(tokens.shape)}, got "
                              f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+        if not return_logits:
+            return None, self.fused_loss(h, targets) + self.aux_loss()
+        logits = self.lm_head(h)                                 # (B, S, vocab)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=-100)
         return logits, loss + self.aux_loss()
+
+    def fused_loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of lm_head(h) against targets (-100 = ignore) through
+        tk.linear_cross_entropy (lm_head's weight, and its bias if it has one), in float32
+        or x's dtype if wider; the logits are never materialised."""
+        head = self.lm_head
+        h2 = h.reshape(-1, h.shape[-1])
+        weight, bias = head.weight, head.bias
+        if torch.is_autocast_enabled(h.device.type):  # as F.linear under autocast, in its dtype
+            dt = torch.get_autocast_dtype(h.device.type)
+            h2, weight = h2.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        elif weight.dtype != h2.dtype:
+            h2 = h2.to(weight.dtype)
+        loss = linear_cross_entropy(h2, weight, targets.reshape(-1).long(), bias=bias,
+                                    ignore_index=-100, reduction="mean",
+                                    backend=self.config.op_backend)
+        return loss.float() if loss.dtype != torch.float64 else loss
 
     def aux_loss(self) -> Tensor:
         """The MoE load-balancing losses of the last forward (0 without MoE layers)."""
