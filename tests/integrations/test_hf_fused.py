@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from truthgpt_kernels.integrations import hf  # noqa: E402
-from tests.integrations.test_hf import COMMON, assert_same_grads  # noqa: E402
+from .test_hf import COMMON, assert_same_grads  # noqa: E402
 
 MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
