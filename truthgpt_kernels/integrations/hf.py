@@ -1,5 +1,6 @@
-"""Hugging Face transformers integration: `apply_to(model)` patches one Llama-family model
-instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kernels, `revert(model)` undoes it:
+"""Hugging Face transformers integration: `apply_to(model)` patches one model instance of a
+SUPPORTED family (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text, Qwen3, Phi-3, OLMo 2, Mixtral,
+Qwen2-MoE, Qwen3-MoE) to run on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry (with the boolean
   sdpa-style mask), selected on this model. The 4-D mask is decomposed into causal +
@@ -12,10 +13,18 @@ instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kerne
   those rows only.
 - `model.set_attn_implementation("eager" | "sdpa" | ...)` after the patch runs exactly that
   function; "truthgpt" selects ours again.
-- rotary: the attention modules' forward applies `tk.apply_rotary_qk`;
-- RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included, and Gemma 3's q_norm / k_norm);
-- MLP: `tk.swiglu` for SiLU-gated MLPs, `tk.geglu` for Gemma's GELU-gated ones
-  (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
+- rotary: the attention modules' forward applies `tk.apply_rotary_qk` (partial rotary, as
+  Phi-3's partial_rotary_factor, included); q/k/v from separate projections or Phi-3's packed
+  qkv_proj; q/k RMSNorm per head (Gemma 3, Qwen3) or over the whole projection (OLMo 2);
+- RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included, q_norm / k_norm and OLMo 2's
+  post-attention / post-feedforward norms);
+- MLP: `tk.swiglu` for SiLU-gated MLPs (Phi-3's packed gate_up_proj as `tk.swiglu(gate_up)`),
+  `tk.geglu` for Gemma's GELU-gated ones (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
+- MoE experts (transformers 5's fused *Experts modules, 3-D gate_up_proj / down_proj): each
+  routed expert's SwiGLU through `tk.swiglu`; the router and its top-k are untouched. This
+  forward replaces the config's experts_implementation (eager / grouped_mm / batched_mm);
+- a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
+  left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
   in training mode (or skip_logits=True) computes its loss with tk.linear_cross_entropy on the
   last hidden states and lm_head (final_logit_softcapping included, num_items_in_batch and
@@ -24,6 +33,9 @@ instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kerne
   skip_logits=False, return_dict=False or logits_to_keep != 0 the model's own forward runs.
 
 Patches are per instance (bound forwards); classes and other models are untouched.
+`apply_to_class(family)` / `revert_class(family)` patch (unpatch) every model of a family built
+afterwards; `AutoTruthgptForCausalLM.from_config / .from_pretrained` return a patched model;
+importing this module registers attn_implementation="truthgpt" (the attention function only).
 transformers is an optional dependency: `pip install .[hf]`. The versions it is tested with
 are SUPPORTED_TRANSFORMERS; `apply_to` refuses others, and refuses any attention module whose
 forward signature it does not know, rather than compute something else.
@@ -32,6 +44,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -529,9 +542,9 @@ def apply_to(model, *, fused_loss: bool = True):
 
 def revert(model):
     """Undoes apply_to on this model: the original forwards, and the attention implementation the
-    patch replaced (unless another one was chosen since). The "truthgpt" registry entries are
-    removed once no patched model is left. Returns the model; a model not patched is returned
-    as it is."""
+    patch replaced (unless another one was chosen since). The "truthgpt" registry entries stay
+    (attn_implementation="truthgpt" keeps working; _unregister() removes them). Returns the
+    model; a model not patched is returned as it is."""
     state = getattr(model, _STATE, None)
     if state is None:
         return model
@@ -547,6 +560,94 @@ def revert(model):
     delattr(model, _STATE)
     del model.truthgpt_patched
     _patched_models.discard(model)
-    if not len(_patched_models):
-        _unregister()
     return model
+
+
+# --- class-level entry points -----------------------------------------------------------------
+
+_class_patches = {}  # family -> [(class, __init__ in its __dict__ or None)]
+_building = threading.local()  # depth of patched __init__ calls: only the outermost model patches
+
+
+def _family_module(family):
+    import importlib
+    if family not in SUPPORTED:
+        raise ValueError(f"family must be one of {', '.join(SUPPORTED)}, got {family!r}")
+    name = _FAMILY_MODULES.get(family, family)
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+def _patching_init(init, options):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        depth = getattr(_building, "depth", 0)
+        _building.depth = depth + 1
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            _building.depth = depth
+        if depth == 0:  # the model being built, not one of its sub-models
+            apply_to(self, **options)
+    return __init__
+
+
+def apply_to_class(family, *, fused_loss: bool = True):
+    """Patches the model classes of one SUPPORTED family (its model_type, e.g. "qwen3"), as
+    Liger's apply_liger_kernel_to_<family>: every model of the family built afterwards (a class's
+    constructor, from_config, from_pretrained) is passed to apply_to(model, fused_loss=...).
+    Models built before are untouched. revert_class(family) undoes it. Calling it again replaces
+    the options."""
+    check_transformers_version()
+    module = _family_module(family)
+    from transformers import PreTrainedModel
+    revert_class(family)
+    patched = []
+    for obj in vars(module).values():
+        if (isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj.__module__ == module.__name__
+                and getattr(getattr(obj, "config_class", None), "model_type", None) == family):
+            patched.append((obj, obj.__dict__.get("__init__")))
+            obj.__init__ = _patching_init(obj.__init__, {"fused_loss": fused_loss})
+    _class_patches[family] = patched
+    return [cls.__name__ for cls, _ in patched]
+
+
+def revert_class(family):
+    """Undoes apply_to_class(family): models built afterwards are not patched (those built
+    before stay patched; revert(model) undoes one)."""
+    for cls, init in _class_patches.pop(family, []):
+        if init is None:
+            del cls.__init__
+        else:
+            cls.__init__ = init
+
+
+class AutoTruthgptForCausalLM:
+    """transformers.AutoModelForCausalLM, then apply_to: from_config(config, fused_loss=True,
+    **kwargs) and from_pretrained(path, fused_loss=True, **kwargs) return a patched model (a
+    family outside SUPPORTED is returned unpatched with apply_to's warning)."""
+
+    def __init__(self):
+        raise TypeError("AutoTruthgptForCausalLM is built with from_config or from_pretrained")
+
+    @staticmethod
+    def from_config(config, *args, fused_loss: bool = True, **kwargs):
+        from transformers import AutoModelForCausalLM
+        return apply_to(AutoModelForCausalLM.from_config(config, *args, **kwargs), fused_loss=fused_loss)
+
+    @staticmethod
+    def from_pretrained(path, *args, fused_loss: bool = True, **kwargs):
+        from transformers import AutoModelForCausalLM
+        return apply_to(AutoModelForCausalLM.from_pretrained(path, *args, **kwargs), fused_loss=fused_loss)
+
+
+def _register_on_import():
+    """attn_implementation="truthgpt" in from_config / from_pretrained once this module is
+    imported (the attention function only; apply_to swaps the rest)."""
+    try:
+        check_transformers_version()
+        _register()
+    except (ImportError, RuntimeError):  # transformers missing or unsupported: apply_to says so
+        pass
+
+
+_register_on_import()

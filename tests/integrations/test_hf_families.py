@@ -1,0 +1,236 @@
+"""Issue #20: integrations.hf for Qwen3, Phi-3, OLMo 2, Mixtral, Qwen2-MoE and Qwen3-MoE, and the
+entry points apply_to_class / AutoTruthgptForCausalLM / attn_implementation="truthgpt".
+Tiny random models (no downloads), each compared with the unpatched model (sdpa attention,
+transformers' eager experts: its default grouped_mm has no float64)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from truthgpt_kernels.integrations import hf  # noqa: E402
+from .test_hf import COMMON, assert_same_grads  # noqa: E402
+
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults exceed the vocab
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# family: (config, model, config overrides, report counts for 2 layers)
+MODELS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              {"head_dim": 16, "use_sliding_window": True, "sliding_window": 6,
+               "layer_types": ["sliding_attention", "full_attention"]},
+              {"attention": 2, "rms_norm": 9, "mlp": 2, "experts": 0}),  # 4 per layer (q/k norms) + final
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             {**TOKENS, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.5}},
+             {"attention": 2, "rms_norm": 5, "mlp": 2, "experts": 0}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", TOKENS,
+              {"attention": 2, "rms_norm": 9, "mlp": 2, "experts": 0}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6},
+                {"attention": 2, "rms_norm": 5, "mlp": 0, "experts": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**MOE, "shared_expert_intermediate_size": 64},
+                  {"attention": 2, "rms_norm": 5, "mlp": 2, "experts": 2}),  # mlp: the shared experts
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**MOE, "head_dim": 16, "mlp_only_layers": [0]},
+                  {"attention": 2, "rms_norm": 9, "mlp": 1, "experts": 1}),  # layer 0 dense
+}
+VOCAB = COMMON["vocab_size"]
+
+
+def config(name, **overrides):
+    cfg_cls, _, extra, _ = MODELS[name]
+    overrides = {"attn_implementation": "sdpa", "experts_implementation": "eager", **extra, **overrides}
+    return getattr(transformers, cfg_cls)(**COMMON, **overrides)
+
+
+def make(name, dtype=torch.float64, **overrides):
+    torch.manual_seed(0)
+    return getattr(transformers, MODELS[name][1])(config(name, **overrides)).to(dtype).eval()
+
+
+def batch(pad, seq=12, seed=0):
+    """ids, attention mask (row 0 left-padded by `pad`), labels (-100 on the padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(hf.ops, name)
+    monkeypatch.setattr(hf.ops, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("pad", [0, 4], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_same_logits_loss_and_grads(name, pad, monkeypatch):
+    """float64: eval logits (the model's own head) and the fused training loss and its
+    gradients equal the unpatched model's. HF's RMSNorm rounds through float32 even for float64
+    models (ours stays in float64): 1e-6."""
+    model = make(name)
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    calls = {op: _spy(monkeypatch, op) for op in ("attention", "swiglu", "rms_norm", "apply_rotary_qk")}
+    ids, mask, labels = batch(pad)
+    got, exp = model(ids, attention_mask=mask), ref(ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got.logits[valid], exp.logits[valid], rtol=1e-6, atol=1e-6)
+    report = MODELS[name][3]
+    assert len(calls["attention"]) == len(calls["apply_rotary_qk"]) == report["attention"]
+    # one call per dense MLP, one per expert hit in each MoE layer
+    assert len(calls["swiglu"]) >= report["mlp"] + report["experts"]
+    assert len(calls["rms_norm"]) == report["rms_norm"]  # each norm once (q/k norms included)
+    model.train()
+    ref.train()
+    got, exp = model(ids, attention_mask=mask, labels=labels), ref(ids, attention_mask=mask, labels=labels)
+    assert got.logits is None  # fused loss
+    torch.testing.assert_close(got.loss.float(), exp.loss, rtol=1e-6, atol=1e-6)
+    got.loss.backward()
+    exp.loss.backward()
+    assert_same_grads(model, ref)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_report_lists_what_was_swapped(name):
+    model = hf.apply_to(make(name))
+    assert model.truthgpt_patched == {**MODELS[name][3], "loss": 1, "left": {}}
+    assert model.config._attn_implementation == hf.NAME
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_generation_dynamic_and_static_cache(name):
+    """float32, left padding: 5 greedy tokens equal the unpatched model's with either cache."""
+    model = make(name, torch.float32)
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask, _ = batch(3, seq=8, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # static cache prefill: the replaced function runs, once
+        for cache in (None, "static"):
+            kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation=cache,
+                      pad_token_id=0)
+            assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw)), cache
+
+
+def test_float32_moe_against_grouped_mm():
+    """transformers' default experts implementation (grouped_mm, float32) as the reference."""
+    model = make("qwen3_moe", torch.float32, experts_implementation="grouped_mm")
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask, _ = batch(4)
+    valid = mask.bool()
+    got, exp = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[valid], exp[valid], rtol=1e-4, atol=1e-5)
+
+
+# --- what cannot be served is left whole, with a warning -------------------------------------
+
+def test_unserved_activation_leaves_the_mlp_kind_with_warning():
+    model = make("qwen3", hidden_act="relu")
+    with pytest.warns(UserWarning, match=r"left these module kinds unpatched: mlp \(Qwen3MLP: activation 'relu'"):
+        hf.apply_to(model)
+    assert model.truthgpt_patched["mlp"] == 0 and "mlp" in model.truthgpt_patched["left"]
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+    assert model.truthgpt_patched["attention"] == 2  # the other kinds are served
+
+
+def test_experts_without_the_expected_layout_are_left_whole():
+    model = make("mixtral")
+    ref = copy.deepcopy(model)
+    model.model.layers[0].mlp.experts.is_transposed = True  # one layer: no layer's experts patched
+    with pytest.warns(UserWarning, match=r"experts \(MixtralExperts: is_transposed=True"):
+        hf.apply_to(model)
+    assert model.truthgpt_patched["experts"] == 0
+    assert all("forward" not in layer.mlp.experts.__dict__ for layer in model.model.layers)
+    model.model.layers[0].mlp.experts.is_transposed = False
+    ids, mask, _ = batch(0)
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_without_the_expected_attributes_keeps_the_implementation():
+    model = make("phi3")
+    attn = model.model.layers[1].self_attn
+    attn.qkv_proj = torch.nn.Linear(64, 60, bias=False, dtype=torch.float64)  # not q + k + v
+    with pytest.warns(UserWarning, match=r"attention \(Phi3Attention: qkv_proj gives 60 features"):
+        hf.apply_to(model)
+    assert model.truthgpt_patched["attention"] == 0
+    assert model.config._attn_implementation == "sdpa"
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+def test_moe_router_aux_loss_runs_the_model_forward():
+    """output_router_logits adds the router's aux loss: the fused loss does not compute it, so
+    the model's own forward runs."""
+    model = make("mixtral", output_router_logits=True).train()
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask, labels = batch(0)
+    got, exp = model(ids, labels=labels), ref(ids, labels=labels)
+    assert got.aux_loss is not None
+    torch.testing.assert_close(got.loss, exp.loss, rtol=1e-6, atol=1e-6)
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+def test_apply_to_class_patches_models_built_afterwards():
+    before = make("qwen3")
+    inits = {cls: cls.__dict__.get("__init__") for cls in (transformers.Qwen3ForCausalLM, transformers.Qwen3Model)}
+    try:
+        names = hf.apply_to_class("qwen3")
+        assert "Qwen3ForCausalLM" in names and "Qwen3Model" in names
+        model = make("qwen3")
+        assert model.truthgpt_patched["attention"] == 2 and model.truthgpt_patched["loss"] == 1
+        inner = transformers.Qwen3Model(config("qwen3"))  # a bare decoder: patched, no loss
+        assert inner.truthgpt_patched["attention"] == 2 and inner.truthgpt_patched["loss"] == 0
+        assert not hasattr(before, "truthgpt_patched")
+        assert not hasattr(make("olmo2"), "truthgpt_patched")  # other families untouched
+    finally:
+        hf.revert_class("qwen3")
+    assert not hasattr(make("qwen3"), "truthgpt_patched")
+    assert {cls: cls.__dict__.get("__init__") for cls in inits} == inits
+    with pytest.raises(ValueError, match="family must be one of"):
+        hf.apply_to_class("gpt2")
+
+
+def test_auto_model_from_config_and_from_pretrained(tmp_path):
+    cfg = config("phi3")
+    model = hf.AutoTruthgptForCausalLM.from_config(cfg, fused_loss=False)
+    assert model.truthgpt_patched["attention"] == 2 and model.truthgpt_patched["loss"] == 0
+    ref = make("phi3", torch.float32)
+    ref.save_pretrained(tmp_path)
+    loaded = hf.AutoTruthgptForCausalLM.from_pretrained(tmp_path)
+    assert loaded.truthgpt_patched == {**MODELS["phi3"][3], "loss": 1, "left": {}}
+    assert loaded.config._attn_implementation == hf.NAME
+    ids, mask, _ = batch(4)
+    valid = mask.bool()
+    torch.testing.assert_close(loaded.eval()(ids, attention_mask=mask).logits[valid],
+                               ref(ids, attention_mask=mask).logits[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_apply_to_class_and_from_pretrained(tmp_path):
+    make("qwen3_moe", torch.float32).save_pretrained(tmp_path)
+    try:
+        hf.apply_to_class("qwen3_moe")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    finally:
+        hf.revert_class("qwen3_moe")
+    assert model.truthgpt_patched == {**MODELS["qwen3_moe"][3], "loss": 1, "left": {}}
+    assert model.config._attn_implementation == hf.NAME
+
+
+def test_attn_implementation_truthgpt_after_import(monkeypatch):
+    calls = _spy(monkeypatch, "attention")
+    cfg = config("qwen3")
+    cfg._attn_implementation = None
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="truthgpt").double().eval()
+    ref = make("qwen3")
+    ref.load_state_dict(model.state_dict())
+    ids, mask, _ = batch(4)
+    valid = mask.bool()
+    got, exp = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert len(calls) == 2 and not hasattr(model, "truthgpt_patched")  # attention only
+    torch.testing.assert_close(got[valid], exp[valid], rtol=1e-6, atol=1e-6)
