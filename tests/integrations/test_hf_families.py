@@ -119,6 +119,36 @@ def test_greedy_generation_dynamic_and_static_cache(name):
             assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw)), cache
 
 
+@pytest.mark.parametrize("name", ["qwen3", "olmo2", "phi3", "qwen2_moe"])
+def test_same_logits_as_eager(name):
+    """The eager attention as the reference (and as the implementation replaced); float32 (HF's
+    eager softmax), right padding: no query row without keys (see test_hf for those)."""
+    model = make(name, torch.float32, attn_implementation="eager")
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask, _ = batch(5, side="right")
+    valid = mask.bool()
+    got, exp = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[valid], exp[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_batches_same_loss_and_grads():
+    """Padding-free packed batches (DataCollatorWithFlattening: one row, position ids restarting
+    per sequence): transformers builds a block-diagonal mask, which the truthgpt attention does not
+    serve yet (no varlen path): the replaced sdpa runs, so loss and gradients stay exact."""
+    model = make("qwen3").train()
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    seqs = [{"input_ids": row[:n].tolist()} for row, n in zip(_random_tokens(3), (5, 9, 7))]
+    packed = transformers.DataCollatorWithFlattening(return_tensors="pt")(seqs)
+    assert packed["input_ids"].shape == (1, 21)
+    got, exp = model(**packed, use_cache=False), ref(**packed, use_cache=False)
+    torch.testing.assert_close(got.loss.float(), exp.loss, rtol=1e-6, atol=1e-6)
+    got.loss.backward()
+    exp.loss.backward()
+    assert_same_grads(model, ref)
+
+
 def test_float32_moe_against_grouped_mm():
     """transformers' default experts implementation (grouped_mm, float32) as the reference."""
     model = make("qwen3_moe", torch.float32, experts_implementation="grouped_mm")
@@ -199,6 +229,20 @@ def test_apply_to_class_patches_models_built_afterwards():
         hf.apply_to_class("gpt2")
 
 
+def test_apply_to_class_gemma3_text():
+    """The family name is the model_type; Gemma 3's text classes live in models/gemma3."""
+    cfg = transformers.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=6,
+                                        layer_types=["sliding_attention", "full_attention"])
+    try:
+        names = hf.apply_to_class("gemma3_text")
+        model = transformers.Gemma3ForCausalLM(cfg)
+    finally:
+        hf.revert_class("gemma3_text")
+    assert "Gemma3ForCausalLM" in names and "Gemma3ForConditionalGeneration" not in names
+    assert model.truthgpt_patched["mlp"] == 2 and model.truthgpt_patched["attention"] == 2
+    assert not hasattr(transformers.Gemma3ForCausalLM(cfg), "truthgpt_patched")
+
+
 def test_auto_model_from_config_and_from_pretrained(tmp_path):
     cfg = config("phi3")
     model = hf.AutoTruthgptForCausalLM.from_config(cfg, fused_loss=False)
@@ -246,13 +290,15 @@ def _random_tokens(n, seq=16, seed=0):
     return torch.randint(3, VOCAB, (n, seq), generator=g)
 
 
-def test_trainer_runs_with_gradient_checkpointing_and_loss_falls(tmp_path, monkeypatch):
-    """transformers.Trainer on the CPU, gradient checkpointing on, the fused loss: 5 steps over
-    the same 4 random sequences; the loss is finite and falls (it memorises them)."""
+@pytest.mark.parametrize("name,bf16", [("qwen3", False), ("mixtral", True)])
+def test_trainer_runs_with_gradient_checkpointing_and_loss_falls(name, bf16, tmp_path, monkeypatch):
+    """transformers.Trainer on the CPU, gradient checkpointing on, the fused loss (bf16: under
+    the Trainer's bf16 autocast): 5 steps over the same 4 random sequences; the loss is finite
+    and falls (it memorises them)."""
     pytest.importorskip("accelerate")  # transformers' Trainer needs it (not a dependency of ours)
     from transformers import Trainer, TrainingArguments
     import inspect
-    model = hf.apply_to(make("qwen3", torch.float32))
+    model = hf.apply_to(make(name, torch.float32))
     fused = _spy(monkeypatch, "linear_cross_entropy")
     data = [{"input_ids": row, "labels": row} for row in _random_tokens(4)]
     checkpointing = "activation_checkpointing"  # its name since transformers 5.x
@@ -260,7 +306,8 @@ def test_trainer_runs_with_gradient_checkpointing_and_loss_falls(tmp_path, monke
         checkpointing = "gradient_checkpointing"
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=5,
                              per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-                             save_strategy="no", seed=0, dataloader_num_workers=0, **{checkpointing: True})
+                             save_strategy="no", seed=0, dataloader_num_workers=0, bf16=bf16,
+                             **{checkpointing: True})
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
