@@ -160,6 +160,66 @@ def test_float32_moe_against_grouped_mm():
     torch.testing.assert_close(got[valid], exp[valid], rtol=1e-4, atol=1e-5)
 
 
+# --- vision-language models: the text tower ----------------------------------------------------
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              image_size=16, patch_size=8)  # 2 x 2 patches
+VLMS = {  # name: (model, config, text config, vision config, extra config)
+    "llava": ("LlavaForConditionalGeneration", "LlavaConfig", "LlamaConfig", "CLIPVisionConfig",
+              {"image_token_id": 95}),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Config", "Gemma3TextConfig", "SiglipVisionConfig",
+               {"image_token_index": 95, "mm_tokens_per_image": 4}),
+    "mistral3": ("Mistral3ForConditionalGeneration", "Mistral3Config", "MistralConfig", "PixtralVisionConfig",
+                 {"image_token_index": 95}),
+}
+TEXT = {"Gemma3TextConfig": {"head_dim": 16, "sliding_window": 6,
+                             "layer_types": ["sliding_attention", "full_attention"]}}
+
+
+def make_vlm(name):
+    model_cls, cfg_cls, text_cls, vision_cls, extra = VLMS[name]
+    text = getattr(transformers, text_cls)(**COMMON, **TEXT.get(text_cls, {}))
+    vision = getattr(transformers, vision_cls)(**VISION, **({"head_dim": 16} if name == "mistral3" else {}))
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(text_config=text, vision_config=vision, **extra)
+    return getattr(transformers, model_cls)(cfg).double().eval()
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_vision_language_text_tower(name):
+    """Llava (Llama text), Gemma 3 and Mistral 3: the language model is patched, the vision
+    tower and projector are not; logits equal with left padding; revert restores it."""
+    model = make_vlm(name)
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    assert model.truthgpt_patched == {"attention": 2, "rms_norm": 13 if name == "gemma3" else 5, "mlp": 2,
+                                      "experts": 0, "loss": 0, "left": {}}  # Gemma 3: q/k norms
+    lm = model.model.language_model
+    assert model.config.text_config._attn_implementation == hf.NAME
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert all("forward" not in m.__dict__ for m in model.model.vision_tower.modules())
+    assert any("forward" in m.__dict__ for m in lm.modules())
+    ids, mask, _ = batch(4)
+    valid = mask.bool()
+    got, exp = model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[valid], exp[valid], rtol=1e-6, atol=1e-6)
+    hf.revert(model)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_llava_with_an_image():
+    model = make_vlm("llava")
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask, _ = batch(0)
+    ids[:, 2:6] = 95  # 4 image tokens: CLIP's 2 x 2 patches (its class token dropped)
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    exp = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6)
+
+
 # --- what cannot be served is left whole, with a warning -------------------------------------
 
 def test_unserved_activation_leaves_the_mlp_kind_with_warning():

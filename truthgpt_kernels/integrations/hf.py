@@ -502,6 +502,23 @@ def _plan(model, config, model_type, fused_loss):
     return plan, left
 
 
+def _text_tower(model):
+    """The module apply_to patches: the model itself for a SUPPORTED model_type; for a
+    vision-language model whose text_config is of a SUPPORTED family, its language model (the
+    vision tower and the projector stay as they are); else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in SUPPORTED:
+        return model
+    text = getattr(config, "text_config", None)
+    if getattr(text, "model_type", None) not in SUPPORTED:
+        return None
+    for owner in (getattr(model, "model", None), model):  # transformers 5: model.model.language_model
+        lm = getattr(owner, "language_model", None)
+        if isinstance(lm, torch.nn.Module) and getattr(lm, "config", None) is text:
+            return lm
+    return None
+
+
 def apply_to(model, *, fused_loss: bool = True):
     """Patches a model instance of a SUPPORTED family in place; returns it. fused_loss: a
     *ForCausalLM's training loss through tk.linear_cross_entropy without logits (module
@@ -511,21 +528,23 @@ def apply_to(model, *, fused_loss: bool = True):
     with a module this patch cannot serve (attributes it does not know, an activation it has
     no kernel for) is left whole, with a warning and its reason in
     model.truthgpt_patched["left"]. A model already patched is returned as it is."""
-    config = getattr(model, "config", None)
+    tower = _text_tower(model)
+    config = getattr(tower, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
+    if tower is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         warnings.warn(f"truthgpt_kernels.integrations.hf.apply_to supports {', '.join(SUPPORTED)}; "
                       f"{model_type or type(model).__name__} was left unchanged", stacklevel=2)
         return model
     if getattr(model, _STATE, None) is not None:
         return model
     check_transformers_version()
-    plan, left = _plan(model, config, model_type, fused_loss)
+    plan, left = _plan(tower, config, model_type, fused_loss and tower is model)
     if left:
         warnings.warn("truthgpt_kernels.integrations.hf.apply_to left these module kinds unpatched: " +
                       "; ".join(f"{kind} ({why})" for kind, why in left.items()), stacklevel=2)
     _register()
-    state = {"attn_implementation": config._attn_implementation, "modules": []}
+    state = {"attn_implementation": config._attn_implementation, "modules": [], "tower": tower}
     patched = {kind: len(entries) for kind, entries in plan.items()}
     for module, forward, attrs in (entry for entries in plan.values() for entry in entries):
         state["modules"].append((module, module.__dict__.get("forward"), list(attrs)))
@@ -533,7 +552,7 @@ def apply_to(model, *, fused_loss: bool = True):
         for name, value in attrs.items():
             setattr(module, name, value)
     if plan["attention"]:
-        _set_attn_implementation(model, NAME)
+        _set_attn_implementation(tower, NAME)
     setattr(model, _STATE, state)
     model.truthgpt_patched = {**patched, "left": left}
     _patched_models.add(model)
@@ -555,8 +574,9 @@ def revert(model):
             module.forward = forward
         for name in attrs:
             delattr(module, name)
-    if model.config._attn_implementation == NAME:
-        _set_attn_implementation(model, state["attn_implementation"])
+    tower = state["tower"]
+    if tower.config._attn_implementation == NAME:
+        _set_attn_implementation(tower, state["attn_implementation"])
     delattr(model, _STATE)
     del model.truthgpt_patched
     _patched_models.discard(model)
