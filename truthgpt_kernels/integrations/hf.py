@@ -1,6 +1,7 @@
 """Hugging Face transformers integration: `apply_to(model)` patches one model instance of a
 SUPPORTED family (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text, Qwen3, Phi-3, OLMo 2, Mixtral,
-Qwen2-MoE, Qwen3-MoE) to run on truthgpt kernels, `revert(model)` undoes it:
+Qwen2-MoE, Qwen3-MoE; and the language model of a vision-language model whose text_config is
+one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry (with the boolean
   sdpa-style mask), selected on this model. The 4-D mask is decomposed into causal +
