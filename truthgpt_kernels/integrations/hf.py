@@ -1,5 +1,7 @@
-"""Hugging Face transformers integration: `apply_to(model)` patches one Llama-family model
-instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kernels, `revert(model)` undoes it:
+"""Hugging Face transformers integration: `apply_to(model)` patches one model instance of a
+SUPPORTED family (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text, Qwen3, Phi-3, OLMo 2, Mixtral,
+Qwen2-MoE, Qwen3-MoE; and the language model of a vision-language model whose text_config is
+one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry (with the boolean
   sdpa-style mask), selected on this model. The 4-D mask is decomposed into causal +
@@ -12,10 +14,18 @@ instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kerne
   those rows only.
 - `model.set_attn_implementation("eager" | "sdpa" | ...)` after the patch runs exactly that
   function; "truthgpt" selects ours again.
-- rotary: the attention modules' forward applies `tk.apply_rotary_qk`;
-- RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included, and Gemma 3's q_norm / k_norm);
-- MLP: `tk.swiglu` for SiLU-gated MLPs, `tk.geglu` for Gemma's GELU-gated ones
-  (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
+- rotary: the attention modules' forward applies `tk.apply_rotary_qk` (partial rotary, as
+  Phi-3's partial_rotary_factor, included); q/k/v from separate projections or Phi-3's packed
+  qkv_proj; q/k RMSNorm per head (Gemma 3, Qwen3) or over the whole projection (OLMo 2);
+- RMSNorm: `tk.rms_norm` (Gemma's `1 + weight` form included, q_norm / k_norm and OLMo 2's
+  post-attention / post-feedforward norms);
+- MLP: `tk.swiglu` for SiLU-gated MLPs (Phi-3's packed gate_up_proj as `tk.swiglu(gate_up)`),
+  `tk.geglu` for Gemma's GELU-gated ones (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
+- MoE experts (transformers 5's fused *Experts modules, 3-D gate_up_proj / down_proj): each
+  routed expert's SwiGLU through `tk.swiglu`; the router and its top-k are untouched. This
+  forward replaces the config's experts_implementation (eager / grouped_mm / batched_mm);
+- a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
+  left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
   in training mode (or skip_logits=True) computes its loss with tk.linear_cross_entropy on the
   last hidden states and lm_head (final_logit_softcapping included, num_items_in_batch and
@@ -24,6 +34,9 @@ instance (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text) to run on truthgpt kerne
   skip_logits=False, return_dict=False or logits_to_keep != 0 the model's own forward runs.
 
 Patches are per instance (bound forwards); classes and other models are untouched.
+`apply_to_class(family)` / `revert_class(family)` patch (unpatch) every model of a family built
+afterwards; `AutoTruthgptForCausalLM.from_config / .from_pretrained` return a patched model;
+importing this module registers attn_implementation="truthgpt" (the attention function only).
 transformers is an optional dependency: `pip install .[hf]`. The versions it is tested with
 are SUPPORTED_TRANSFORMERS; `apply_to` refuses others, and refuses any attention module whose
 forward signature it does not know, rather than compute something else.
@@ -32,6 +45,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -43,8 +57,15 @@ from packaging.version import Version
 from .. import logs as _logs
 from .. import ops
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2",
+             "mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm scales by 1 + weight
+# families whose attention passes config.sliding_window to every layer (the others set a
+# per-layer `sliding_window` attribute)
+CONFIG_WINDOW = ("mistral", "mixtral", "phi3")
+# apply_to_class names that are not the model_type: the modeling module's directory name
+_FAMILY_MODULES = {"gemma3_text": "gemma3"}
+KINDS = ("attention", "rms_norm", "mlp", "experts", "loss")
 # the GELU of a GELU-gated MLP -> tk.geglu's approximate
 GELU_ACTS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 NAME = "truthgpt"
@@ -226,12 +247,18 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
                         "does not know: this transformers version is not supported")
     cache = given[0] if given else None
     B, S = hidden_states.shape[:2]
-    q = self.q_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
-    k = self.k_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-    v = self.v_proj(hidden_states).view(B, S, -1, self.head_dim).transpose(1, 2)
-    if getattr(self, "q_norm", None) is not None:  # Gemma 3: RMSNorm of q and k per head
+    if self._truthgpt_qkv == "packed":  # Phi-3: one [q | k | v] projection
+        q, k, v = self.qkv_proj(hidden_states).split(self._truthgpt_qkv_sizes, dim=-1)
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    if self._truthgpt_qk_norm == "projection":  # OLMo 2: RMSNorm over the whole q and k projections
         q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = position_embeddings  # (B or 1, S, R), halves repeated
+    q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
+    k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v.view(B, S, -1, self.head_dim).transpose(1, 2)
+    if self._truthgpt_qk_norm == "head":  # Gemma 3, Qwen3: RMSNorm of q and k per head
+        q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = position_embeddings  # (B or 1, S, R), halves repeated; R < D: partial rotary
     Bc, half = cos.shape[0], cos.shape[-1] // 2
     table_cos = cos[..., :half].reshape(Bc * S, half)  # one row per (batch, token)
     table_sin = sin[..., :half].reshape(Bc * S, half)
@@ -245,7 +272,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     elif cache is not None:  # transformers 4: cache_kwargs, as the replaced forward passes them
         k, v = cache.update(k, v, self.layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})
     extra = {}
-    if self.config.model_type == "mistral":
+    if self.config.model_type in CONFIG_WINDOW:
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
     elif hasattr(self, "sliding_window"):
         extra["sliding_window"] = self.sliding_window
@@ -283,6 +310,28 @@ def _geglu_mlp_forward(self, x):
                                     approximate=self._truthgpt_approximate))
 
 
+def _packed_swiglu_mlp_forward(self, x):
+    """Phi-3: gate_up_proj gives [gate | up]; tk.swiglu takes it packed (up=None)."""
+    return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers 5 fused experts (gate_up_proj (E, 2I, H) as [gate | up], down_proj (E, H, I)):
+    each routed expert's SwiGLU through tk.swiglu; the routing (top_k_index, top_k_weights from
+    the router) is used as given. hidden_states (T, H), top_k_* (T, K). An index outside
+    [0, E) (a dropped token under expert parallelism) contributes nothing, as in transformers."""
+    out = torch.zeros_like(hidden_states)
+    experts = self.gate_up_proj.shape[0]
+    for e in torch.unique(top_k_index).tolist():
+        if not 0 <= e < experts:
+            continue
+        token, slot = torch.where(top_k_index == e)
+        h = torch.nn.functional.linear(hidden_states[token], self.gate_up_proj[e])
+        h = torch.nn.functional.linear(ops.swiglu(h), self.down_proj[e])
+        out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
     """The *ForCausalLM forward with the loss through tk.linear_cross_entropy (see the module
     docstring for when); otherwise the class's own forward."""
@@ -298,7 +347,10 @@ def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
     return_dict = kwargs.get("return_dict")
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    if not skip_logits or not return_dict or \
+    router_logits = kwargs.get("output_router_logits")  # MoE: the loss adds the router's aux loss
+    if router_logits is None:
+        router_logits = getattr(self.config, "output_router_logits", False)
+    if not skip_logits or not return_dict or router_logits or \
             not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         return orig(self, **kwargs)
     for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
@@ -344,62 +396,175 @@ def _set_attn_implementation(model, name):
         model.config._attn_implementation = name
 
 
-def apply_to(model, *, fused_loss: bool = True):
-    """Patches a Llama / Mistral / Qwen2 / Gemma 2 / Gemma 3 (text) model instance in place;
-    returns it. fused_loss: a *ForCausalLM's training loss through tk.linear_cross_entropy
-    without logits (module docstring). Other model types are left untouched with a warning; a
-    transformers version outside SUPPORTED_TRANSFORMERS, or an attention forward this patch
-    does not know, raises RuntimeError before anything is changed. A model already patched is
-    returned as it is."""
+_SILU = ("silu", "swish")
+_EXPERT_FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                 "has_post_expert_norm": False}
+
+
+def _plan_attention(module, config):
+    """(forward, attrs) or a reason string. An attention forward this patch does not know (its
+    signature) raises RuntimeError, as before."""
+    has = functools.partial(hasattr, module)
+    if not all(map(has, ("o_proj", "layer_idx", "head_dim", "scaling"))):
+        return "no o_proj / layer_idx / head_dim / scaling"
+    D = module.head_dim
+    nq = config.num_attention_heads * D
+    nkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    nkv *= D
+    if all(map(has, ("q_proj", "k_proj", "v_proj"))):
+        qkv, sizes = "separate", None
+    elif isinstance(getattr(module, "qkv_proj", None), torch.nn.Linear):
+        qkv, sizes = "packed", [nq, nkv, nkv]
+        if module.qkv_proj.out_features != nq + 2 * nkv:
+            return f"qkv_proj gives {module.qkv_proj.out_features} features, not q + k + v = {nq + 2 * nkv}"
+    else:
+        return "no q_proj / k_proj / v_proj nor a packed qkv_proj"
+    norm = None
+    if getattr(module, "q_norm", None) is not None or getattr(module, "k_norm", None) is not None:
+        q_size = getattr(getattr(module, "q_norm", None), "weight", torch.empty(0)).shape[-1:]
+        k_size = getattr(getattr(module, "k_norm", None), "weight", torch.empty(0)).shape[-1:]
+        if q_size == (D,) and k_size == (D,):
+            norm = "head"  # Gemma 3, Qwen3
+        elif q_size == (nq,) and k_size == (nkv,):
+            norm = "projection"  # OLMo 2
+        else:
+            return f"q_norm / k_norm over {tuple(q_size)} / {tuple(k_size)}: neither a head ({D}) nor the projections"
+    _eager_function(module)
+    return _attention_forward, {"_truthgpt_cache_arg": _cache_arg(module),
+                                "_truthgpt_replaced": config._attn_implementation,
+                                "_truthgpt_qkv": qkv, "_truthgpt_qkv_sizes": sizes,
+                                "_truthgpt_qk_norm": norm}
+
+
+def _plan_rms_norm(module, model_type):
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return "no weight"
+    if model_type in GEMMA:
+        return (_gemma_rms_norm_forward, {}) if hasattr(module, "eps") else "no eps"
+    return (_rms_norm_forward, {}) if hasattr(module, "variance_epsilon") else "no variance_epsilon"
+
+
+def _plan_mlp(module, act):
+    has = functools.partial(hasattr, module)
+    if all(map(has, ("gate_proj", "up_proj", "down_proj"))):
+        if act in _SILU:
+            return _swiglu_mlp_forward, {}
+        if act in GELU_ACTS:
+            return _geglu_mlp_forward, {"_truthgpt_approximate": GELU_ACTS[act]}
+        return f"activation {act!r} (served: {', '.join(_SILU + tuple(GELU_ACTS))})"
+    if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Linear) and has("down_proj"):
+        if act in _SILU:
+            return _packed_swiglu_mlp_forward, {}
+        return f"packed gate_up_proj with activation {act!r} (served: {', '.join(_SILU)})"
+    return "no gate_proj / up_proj / down_proj nor a packed gate_up_proj"
+
+
+def _plan_experts(module, act):
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3):
+        return "no 3-D gate_up_proj / down_proj parameters (a per-expert module list is not served)"
+    E, I2, H = gu.shape
+    if I2 % 2 or tuple(down.shape) != (E, H, I2 // 2):
+        return f"gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are not (E, 2I, H) and (E, H, I)"
+    for flag, want in _EXPERT_FLAGS.items():
+        if getattr(module, flag, want) != want:
+            return f"{flag}={not want} (served: {want})"
+    if act not in _SILU:
+        return f"activation {act!r} (served: {', '.join(_SILU)})"
+    names = [n for n in inspect.signature(type(module).forward).parameters][:4]
+    if names != ["self", "hidden_states", "top_k_index", "top_k_weights"]:
+        return f"forward({', '.join(names)}) is not (hidden_states, top_k_index, top_k_weights)"
+    return _experts_forward, {}
+
+
+def _plan(model, config, model_type, fused_loss):
+    """{kind: [(module, forward, attrs)]} and {kind: reason} for the kinds left: a kind with one
+    module that cannot be served is left whole (nothing half-patched)."""
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    planners = (("Attention", "attention", lambda m: _plan_attention(m, config)),
+                ("RMSNorm", "rms_norm", lambda m: _plan_rms_norm(m, model_type)),
+                ("MLP", "mlp", lambda m: _plan_mlp(m, act)),
+                ("Experts", "experts", lambda m: _plan_experts(m, act)))
+    plan, left = {k: [] for k in KINDS}, {}
+    for module in model.modules():
+        cls = type(module).__name__
+        for suffix, kind, planner in planners:
+            if cls.endswith(suffix):
+                got = planner(module)
+                if isinstance(got, str):
+                    left.setdefault(kind, f"{cls}: {got}")
+                else:
+                    plan[kind].append((module, *got))
+                break
+    if fused_loss and _fusable_loss(model):
+        plan["loss"].append((model, functools.wraps(type(model).forward)(_causal_lm_forward), {}))
+    for kind in left:
+        plan[kind] = []
+    return plan, left
+
+
+def _text_tower(model):
+    """The module apply_to patches: the model itself for a SUPPORTED model_type; for a
+    vision-language model whose text_config is of a SUPPORTED family, its language model (the
+    vision tower and the projector stay as they are); else None."""
     config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in SUPPORTED:
+        return model
+    text = getattr(config, "text_config", None)
+    if getattr(text, "model_type", None) not in SUPPORTED:
+        return None
+    for owner in (getattr(model, "model", None), model):  # transformers 5: model.model.language_model
+        lm = getattr(owner, "language_model", None)
+        if isinstance(lm, torch.nn.Module) and getattr(lm, "config", None) is text:
+            return lm
+    return None
+
+
+def apply_to(model, *, fused_loss: bool = True):
+    """Patches a model instance of a SUPPORTED family in place; returns it. fused_loss: a
+    *ForCausalLM's training loss through tk.linear_cross_entropy without logits (module
+    docstring). Other model types are left untouched with a warning; a transformers version
+    outside SUPPORTED_TRANSFORMERS, or an attention forward this patch does not know, raises
+    RuntimeError before anything is changed. A module kind (attention, rms_norm, mlp, experts)
+    with a module this patch cannot serve (attributes it does not know, an activation it has
+    no kernel for) is left whole, with a warning and its reason in
+    model.truthgpt_patched["left"]. A model already patched is returned as it is."""
+    tower = _text_tower(model)
+    config = getattr(tower, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
+    if tower is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         warnings.warn(f"truthgpt_kernels.integrations.hf.apply_to supports {', '.join(SUPPORTED)}; "
                       f"{model_type or type(model).__name__} was left unchanged", stacklevel=2)
         return model
     if getattr(model, _STATE, None) is not None:
         return model
     check_transformers_version()
-    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
-    plan = []  # (module, forward, extra attributes): everything is checked before changing anything
-    for module in model.modules():
-        cls = type(module).__name__
-        if cls.endswith("Attention") and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx")):
-            _eager_function(module)
-            plan.append((module, _attention_forward, {"_truthgpt_cache_arg": _cache_arg(module),
-                                                      "_truthgpt_replaced": config._attn_implementation}))
-        elif cls.endswith("RMSNorm") and hasattr(module, "weight"):
-            plan.append((module, _gemma_rms_norm_forward if model_type in GEMMA else _rms_norm_forward, {}))
-        elif cls.endswith("MLP") and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            if act in ("silu", "swish"):
-                plan.append((module, _swiglu_mlp_forward, {}))
-            elif act in GELU_ACTS:
-                plan.append((module, _geglu_mlp_forward, {"_truthgpt_approximate": GELU_ACTS[act]}))
-    if fused_loss and _fusable_loss(model):
-        plan.append((model, functools.wraps(type(model).forward)(_causal_lm_forward), {}))
+    plan, left = _plan(tower, config, model_type, fused_loss and tower is model)
+    if left:
+        warnings.warn("truthgpt_kernels.integrations.hf.apply_to left these module kinds unpatched: " +
+                      "; ".join(f"{kind} ({why})" for kind, why in left.items()), stacklevel=2)
     _register()
-    state = {"attn_implementation": config._attn_implementation, "modules": []}
-    patched = {"attention": 0, "rms_norm": 0, "mlp": 0, "loss": 0}
-    kinds = {_attention_forward: "attention", _swiglu_mlp_forward: "mlp", _geglu_mlp_forward: "mlp"}
-    for module, forward, attrs in plan:
+    state = {"attn_implementation": config._attn_implementation, "modules": [], "tower": tower}
+    patched = {kind: len(entries) for kind, entries in plan.items()}
+    for module, forward, attrs in (entry for entries in plan.values() for entry in entries):
         state["modules"].append((module, module.__dict__.get("forward"), list(attrs)))
         module.forward = types.MethodType(forward, module)
         for name, value in attrs.items():
             setattr(module, name, value)
-        kind = "loss" if module is model else kinds.get(forward, "rms_norm")
-        patched[kind] += 1
-    _set_attn_implementation(model, NAME)
+    if plan["attention"]:
+        _set_attn_implementation(tower, NAME)
     setattr(model, _STATE, state)
-    model.truthgpt_patched = patched
+    model.truthgpt_patched = {**patched, "left": left}
     _patched_models.add(model)
     return model
 
 
 def revert(model):
     """Undoes apply_to on this model: the original forwards, and the attention implementation the
-    patch replaced (unless another one was chosen since). The "truthgpt" registry entries are
-    removed once no patched model is left. Returns the model; a model not patched is returned
-    as it is."""
+    patch replaced (unless another one was chosen since). The "truthgpt" registry entries stay
+    (attn_implementation="truthgpt" keeps working; _unregister() removes them). Returns the
+    model; a model not patched is returned as it is."""
     state = getattr(model, _STATE, None)
     if state is None:
         return model
@@ -410,11 +575,100 @@ def revert(model):
             module.forward = forward
         for name in attrs:
             delattr(module, name)
-    if model.config._attn_implementation == NAME:
-        _set_attn_implementation(model, state["attn_implementation"])
+    tower = state["tower"]
+    if tower.config._attn_implementation == NAME:
+        _set_attn_implementation(tower, state["attn_implementation"])
     delattr(model, _STATE)
     del model.truthgpt_patched
     _patched_models.discard(model)
-    if not len(_patched_models):
-        _unregister()
     return model
+
+
+# --- class-level entry points -----------------------------------------------------------------
+
+_class_patches = {}  # family -> [(class, __init__ in its __dict__ or None)]
+_building = threading.local()  # depth of patched __init__ calls: only the outermost model patches
+
+
+def _family_module(family):
+    import importlib
+    if family not in SUPPORTED:
+        raise ValueError(f"family must be one of {', '.join(SUPPORTED)}, got {family!r}")
+    name = _FAMILY_MODULES.get(family, family)
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+def _patching_init(init, options):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        depth = getattr(_building, "depth", 0)
+        _building.depth = depth + 1
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            _building.depth = depth
+        if depth == 0:  # the model being built, not one of its sub-models
+            apply_to(self, **options)
+    return __init__
+
+
+def apply_to_class(family, *, fused_loss: bool = True):
+    """Patches the model classes of one SUPPORTED family (its model_type, e.g. "qwen3"), as
+    Liger's apply_liger_kernel_to_<family>: every model of the family built afterwards (a class's
+    constructor, from_config, from_pretrained) is passed to apply_to(model, fused_loss=...).
+    Models built before are untouched. revert_class(family) undoes it. Calling it again replaces
+    the options."""
+    check_transformers_version()
+    module = _family_module(family)
+    from transformers import PreTrainedModel
+    revert_class(family)
+    patched = []
+    for obj in vars(module).values():
+        if (isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj.__module__ == module.__name__
+                and getattr(getattr(obj, "config_class", None), "model_type", None) == family):
+            patched.append((obj, obj.__dict__.get("__init__")))
+            obj.__init__ = _patching_init(obj.__init__, {"fused_loss": fused_loss})
+    _class_patches[family] = patched
+    return [cls.__name__ for cls, _ in patched]
+
+
+def revert_class(family):
+    """Undoes apply_to_class(family): models built afterwards are not patched (those built
+    before stay patched; revert(model) undoes one)."""
+    for cls, init in _class_patches.pop(family, []):
+        if init is None:
+            del cls.__init__
+        else:
+            cls.__init__ = init
+
+
+class AutoTruthgptForCausalLM:
+    """transformers.AutoModelForCausalLM, then apply_to: from_config(config, fused_loss=True,
+    **kwargs) and from_pretrained(path, fused_loss=True, **kwargs) return a patched model (a
+    family outside SUPPORTED is returned unpatched with apply_to's warning)."""
+
+    def __init__(self):
+        raise TypeError("AutoTruthgptForCausalLM is built with from_config or from_pretrained")
+
+    @staticmethod
+    def from_config(config, *args, fused_loss: bool = True, **kwargs):
+        from transformers import AutoModelForCausalLM
+        return apply_to(AutoModelForCausalLM.from_config(config, *args, **kwargs), fused_loss=fused_loss)
+
+    @staticmethod
+    def from_pretrained(path, *args, fused_loss: bool = True, **kwargs):
+        from transformers import AutoModelForCausalLM
+        return apply_to(AutoModelForCausalLM.from_pretrained(path, *args, **kwargs), fused_loss=fused_loss)
+
+
+def _register_on_import():
+    """attn_implementation="truthgpt" in from_config / from_pretrained once this module is
+    imported (the attention function only; apply_to swaps the rest)."""
+    try:
+        check_transformers_version()
+        _register()
+    except (ImportError, RuntimeError):  # transformers missing or unsupported: apply_to says so
+        pass
+
+
+_register_on_import()
