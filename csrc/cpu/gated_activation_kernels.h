@@ -1,0 +1,68 @@
+// Kernel-section part of the gated activations (see cpu/gated_activation.h). Not a normal
+// header: no include guard and no includes, it is included from the kernel section of an op
+// file and so lands in each instruction set's namespace (cpu/foreach_isa.h), with that
+// namespace's VecFor<T>. The op then specialises GatedAct<Key> there:
+//   template <class V, class A> static V fwd(const V& g);       act(g)
+//   template <class V, class A> static void bwd(const V& y, const V& g, const V& u, V& dg, V& du);
+//                                                                 dg = y u act'(g), du = y act(g)
+// V the vector type, A its lanes' type (float, or double for double).
+
+template <class Key>
+struct GatedAct;
+
+// Calls f(r, c0, len) for tasks [t0, t1) of a (rows, n) problem: task t covers row t / nb,
+// columns [c0, c0 + len) = [b * block, min(n, (b + 1) * block)), b = t % nb.
+template <class F>
+inline void for_each_task(int64_t n, int64_t block, int64_t t0, int64_t t1, F&& f) {
+  const int64_t nb = (n + block - 1) / block;
+  int64_t r = t0 / nb, b = t0 % nb;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = b * block;
+    f(r, c0, std::min(n, c0 + block) - c0);
+    if (++b == nb) {
+      b = 0;
+      ++r;
+    }
+  }
+}
+
+// in: gate, up; out: act(gate) * up, contiguous (rows, n).
+template <class T, class Key>
+void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t block, int64_t t0,
+                     int64_t t1) {
+  using V = VecFor<T>;
+  using A = acc_t<T>;
+  for_each_task(n, block, t0, t1, [&](int64_t r, int64_t c0, int64_t len) {
+    const T* gr = in[0].p + r * in[0].stride + c0;
+    const T* ur = in[1].p + r * in[1].stride + c0;
+    T* orow = out[0] + r * n + c0;
+    for (int64_t i = 0; i < len; i += V::W) {
+      const int64_t m = len - i;
+      const V act = GatedAct<Key>::template fwd<V, A>(V::load(gr + i, m));
+      (act * V::load(ur + i, m)).store(orow + i, m);
+    }
+  });
+}
+
+// in: dy, gate, up; out: dgate, dup, contiguous (rows, n).
+template <class T, class Key>
+void gated_bwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t block, int64_t t0,
+                     int64_t t1) {
+  using V = VecFor<T>;
+  using A = acc_t<T>;
+  for_each_task(n, block, t0, t1, [&](int64_t r, int64_t c0, int64_t len) {
+    const T* yr = in[0].p + r * in[0].stride + c0;
+    const T* gr = in[1].p + r * in[1].stride + c0;
+    const T* ur = in[2].p + r * in[2].stride + c0;
+    T* dgr = out[0] + r * n + c0;
+    T* dur = out[1] + r * n + c0;
+    for (int64_t i = 0; i < len; i += V::W) {
+      const int64_t m = len - i;
+      V dgv, duv;
+      GatedAct<Key>::template bwd<V, A>(V::load(yr + i, m), V::load(gr + i, m), V::load(ur + i, m),
+                                         dgv, duv);
+      duv.store(dur + i, m);
+      dgv.store(dgr + i, m);
+    }
+  });
+}
