@@ -345,19 +345,28 @@ void layer_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, cons
       if constexpr (Mode >= 1) V::zero().store(pw + i, n - i);
       if constexpr (Mode == 2) V::zero().store(pb + i, n - i);
     }
-    norm_row_groups<G>(rows, chunk, c, c1, [&](auto gc, int64_t r, int64_t nr) {
-      constexpr int g = decltype(gc)::value;
-      const T* dyp[g];
-      const T* xp[g];
-      T* dxp[g];
+    const int64_t rend = std::min(rows, (c + 1) * chunk);
+    const int64_t last = std::min(rows, c1 * chunk) - 1;  // last row of this task
+    for (int64_t r = c * chunk; r < rend;) {
+      const int g = rend - r >= G ? G : 1;
+      const T* dyp[G];
+      const T* xp[G];
+      T* dxp[G];
       for (int k = 0; k < g; ++k) {
         dyp[k] = dy + (r + k) * ys;
         xp[k] = x + (r + k) * xs;
         dxp[k] = dx + (r + k) * n;
       }
-      layer_norm_bwd_group<T, Wt, Mode, g>(dyp, xp, dxp, mean + r, rstd + r, w, pw, pb,
-                                           dy + nr * ys, x + nr * xs, n);
-    });
+      const int64_t nr = std::min(r + g, last);  // a row to prefetch (the next group's first)
+      if (g == G) {
+        layer_norm_bwd_group<T, Wt, Mode, G>(dyp, xp, dxp, mean + r, rstd + r, w, pw, pb,
+                                             dy + nr * ys, x + nr * xs, n);
+      } else {
+        layer_norm_bwd_group<T, Wt, Mode, 1>(dyp, xp, dxp, mean + r, rstd + r, w, pw, pb,
+                                             dy + nr * ys, x + nr * xs, n);
+      }
+      r += g;
+    }
   }
 }
 

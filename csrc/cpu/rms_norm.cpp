@@ -232,20 +232,28 @@ void rms_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, const 
     if constexpr (HasW) {
       for (int64_t i = 0; i < n; i += W) V::zero().store(pc + i, n - i);
     }
-    norm_row_groups<G>(rows, chunk, c, c1, [&](auto gc, int64_t r, int64_t nr) {
-      constexpr int g = decltype(gc)::value;
-      const T* dyp[g];
-      const T* xp[g];
-      T* dxp[g];
-      A rs[g];
+    const int64_t rend = std::min(rows, (c + 1) * chunk);
+    const int64_t last = std::min(rows, c1 * chunk) - 1;  // last row of this task
+    for (int64_t r = c * chunk; r < rend;) {
+      const int g = rend - r >= G ? G : 1;
+      const T* dyp[G];
+      const T* xp[G];
+      T* dxp[G];
+      A rs[G];
       for (int k = 0; k < g; ++k) {
         dyp[k] = dy + (r + k) * ys;
         xp[k] = x + (r + k) * xs;
         dxp[k] = dx + (r + k) * n;
         rs[k] = static_cast<A>(rstd[r + k]);
       }
-      rms_norm_bwd_group<T, Wt, HasW, g>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
-    });
+      const int64_t nr = std::min(r + g, last);  // a row to prefetch (the next group's first)
+      if (g == G) {
+        rms_norm_bwd_group<T, Wt, HasW, G>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
+      } else {
+        rms_norm_bwd_group<T, Wt, HasW, 1>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
+      }
+      r += g;
+    }
   }
 }
 
