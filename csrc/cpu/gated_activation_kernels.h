@@ -10,9 +10,23 @@
 template <class Key>
 struct GatedAct;
 
-// Task t covers row t / nb, columns [b * block, min(n, (b + 1) * block)), b = t % nb.
-// (The task loop is written out in both: a lambda here changed what GCC contracts into FMAs
-// in the float64 ArrayVec code, and with it the last bits of float64 results.)
+// The tasks from t0 on: task t covers row r = t / nb, columns [c0, c0 + len) = [b * block,
+// min(n, (b + 1) * block)), b = t % nb. (A cursor, not a loop taking a lambda: moving the
+// loop bodies into lambdas changed what GCC contracts into FMAs in the float64 ArrayVec code,
+// and with it the last bits of float64 results.)
+struct GatedTasks {
+  int64_t n, block, nb, r, b;
+  GatedTasks(int64_t n_, int64_t block_, int64_t t0)
+      : n(n_), block(block_), nb((n_ + block_ - 1) / block_), r(t0 / nb), b(t0 % nb) {}
+  int64_t c0() const { return b * block; }
+  int64_t len() const { return std::min(n, c0() + block) - c0(); }
+  void next() {
+    if (++b == nb) {
+      b = 0;
+      ++r;
+    }
+  }
+};
 
 // in: gate, up; out: act(gate) * up, contiguous (rows, n).
 template <class T, class Key>
@@ -20,10 +34,9 @@ void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
                      int64_t t1) {
   using V = VecFor<T>;
   using A = acc_t<T>;
-  const int64_t nb = (n + block - 1) / block;
-  int64_t r = t0 / nb, b = t0 % nb;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = b * block, len = std::min(n, c0 + block) - c0;
+  GatedTasks task(n, block, t0);
+  for (int64_t t = t0; t < t1; ++t, task.next()) {
+    const int64_t r = task.r, c0 = task.c0(), len = task.len();
     const T* gr = in[0].p + r * in[0].stride + c0;
     const T* ur = in[1].p + r * in[1].stride + c0;
     T* orow = out[0] + r * n + c0;
@@ -31,10 +44,6 @@ void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
       const int64_t m = len - i;
       const V act = GatedAct<Key>::template fwd<V, A>(V::load(gr + i, m));
       (act * V::load(ur + i, m)).store(orow + i, m);
-    }
-    if (++b == nb) {
-      b = 0;
-      ++r;
     }
   }
 }
@@ -45,10 +54,9 @@ void gated_bwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
                      int64_t t1) {
   using V = VecFor<T>;
   using A = acc_t<T>;
-  const int64_t nb = (n + block - 1) / block;
-  int64_t r = t0 / nb, b = t0 % nb;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = b * block, len = std::min(n, c0 + block) - c0;
+  GatedTasks task(n, block, t0);
+  for (int64_t t = t0; t < t1; ++t, task.next()) {
+    const int64_t r = task.r, c0 = task.c0(), len = task.len();
     const T* yr = in[0].p + r * in[0].stride + c0;
     const T* gr = in[1].p + r * in[1].stride + c0;
     const T* ur = in[2].p + r * in[2].stride + c0;
@@ -61,10 +69,6 @@ void gated_bwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
                                          dgv, duv);
       duv.store(dur + i, m);
       dgv.store(dgr + i, m);
-    }
-    if (++b == nb) {
-      b = 0;
-      ++r;
     }
   }
 }
