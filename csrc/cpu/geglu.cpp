@@ -10,14 +10,14 @@
 // the exact value in float (tails relatively accurate: no 1 - erf cancellation). Double uses
 // std::erfc.
 // Vectorised per instruction set (cpu/vec_utils.h; this file's kernel section is compiled
-// once per set), threaded over (row, column block) tasks with at::parallel_for.
+// once per set), threaded over (row, column block) tasks with at::parallel_for; the drivers
+// and task loops are the gated activations' (cpu/gated_activation.h, _kernels.h).
 #ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/tensor_utils.h"
+#include "cpu/gated_activation.h"
 #define TRUTHGPT_KERNELS_FILE "cpu/geglu.cpp"
 #include "cpu/foreach_isa.h"
 
@@ -26,41 +26,19 @@ namespace {
 
 using namespace cpu;
 
-// Columns per task: rows are cut into blocks of this many, so one long row still spreads
-// over the threads.
-constexpr int64_t kBlock = 16384;
-// Minimum elements per thread: below this, threading costs more than it saves.
-constexpr int64_t kGrainElems = 16384;
-
 // true for "tanh", false for "none"
 bool check_inputs(const char* op, const at::Tensor& gate, const at::Tensor& up,
                   c10::string_view approximate) {
-  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dimension");
-  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate ", gate.sizes(), " and up ", up.sizes(),
-              " must have the same shape");
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), op, ": gate (", gate.scalar_type(),
-              ") and up (", up.scalar_type(), ") must have the same dtype");
+  gated::check_inputs(op, gate, up);
   TORCH_CHECK(approximate == "tanh" || approximate == "none", op,
               ": approximate must be 'tanh' or 'none', got '", approximate, "'");
   return approximate == "tanh";
 }
 
-// Calls f(std::bool_constant<Tanh>{}).
+// Calls f(std::bool_constant<Tanh>{}) and returns what it returns.
 template <class F>
-void dispatch_form(bool tanh, F&& f) {
-  if (tanh) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-// Runs fn(t0, t1) over the (row, column block) tasks of a (rows, n) problem.
-template <class F>
-void for_tasks(int64_t rows, int64_t n, F&& fn) {
-  const int64_t nb = (n + kBlock - 1) / kBlock;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(n, kBlock));
-  at::parallel_for(0, rows * nb, grain, fn);
+auto dispatch_form(bool tanh, F&& f) {
+  return tanh ? f(std::true_type{}) : f(std::false_type{});
 }
 
 at::Tensor geglu_fwd(const at::Tensor& gate, const at::Tensor& up, c10::string_view approximate) {
@@ -68,53 +46,26 @@ at::Tensor geglu_fwd(const at::Tensor& gate, const at::Tensor& up, c10::string_v
   if (gate.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
     return geglu_fwd(gate.to(at::kFloat), up.to(at::kFloat), approximate).to(at::kHalf);
   }
-  auto out = new_output(gate.sizes(), gate.scalar_type());
-  if (out.numel() == 0) return out;
-  auto g = as_rows(gate), u = as_rows(up);
-  const int64_t rows = g.size(0), n = g.size(1);
-  const Isa isa = active_isa();
-  dispatch_kernel_types(gate.scalar_type(), "geglu_fwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_form(tanh, [&](auto form) {
-      const auto fn = TRUTHGPT_ISA_FN(isa, geglu_fwd_tasks<T, decltype(form)::value>);
-      const T* gp = cptr<T>(g);
-      const T* upp = cptr<T>(u);
-      T* op = mptr<T>(out);
-      const int64_t gs = row_stride(g), us = row_stride(u);
-      for_tasks(rows, n, [&](int64_t t0, int64_t t1) { fn(gp, gs, upp, us, op, n, kBlock, t0, t1); });
-    });
+  return dispatch_form(tanh, [&](auto form) {
+    using Key = GeluKey<decltype(form)::value>;
+    return gated::run<1>("geglu_fwd", gate, {gate, up}, [](auto tag, Isa isa) {
+      return TRUTHGPT_ISA_FN(isa, gated_fwd_tasks<typename decltype(tag)::type, Key>);
+    })[0];
   });
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> geglu_bwd(const at::Tensor& grad, const at::Tensor& gate,
                                              const at::Tensor& up, c10::string_view approximate) {
   const bool tanh = check_inputs("geglu_bwd", gate, up, approximate);
-  TORCH_CHECK(grad.sizes() == gate.sizes() && grad.scalar_type() == gate.scalar_type(),
-              "geglu_bwd: grad must have the shape and dtype of gate");
+  gated::check_grad("geglu_bwd", grad, gate);
   if (gate.scalar_type() == at::kHalf) {
     auto [dg, du] = geglu_bwd(grad.to(at::kFloat), gate.to(at::kFloat), up.to(at::kFloat), approximate);
     return {dg.to(at::kHalf), du.to(at::kHalf)};
   }
-  auto dgate = new_output(gate.sizes(), gate.scalar_type());
-  auto dup = new_output(gate.sizes(), gate.scalar_type());
-  if (gate.numel() == 0) return {dgate, dup};
-  auto y = as_rows(grad), g = as_rows(gate), u = as_rows(up);
-  const int64_t rows = g.size(0), n = g.size(1);
-  const Isa isa = active_isa();
-  dispatch_kernel_types(gate.scalar_type(), "geglu_bwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    dispatch_form(tanh, [&](auto form) {
-      const auto fn = TRUTHGPT_ISA_FN(isa, geglu_bwd_tasks<T, decltype(form)::value>);
-      const T* yp = cptr<T>(y);
-      const T* gp = cptr<T>(g);
-      const T* upp = cptr<T>(u);
-      T* dgp = mptr<T>(dgate);
-      T* dup_p = mptr<T>(dup);
-      const int64_t ys = row_stride(y), gs = row_stride(g), us = row_stride(u);
-      for_tasks(rows, n, [&](int64_t t0, int64_t t1) {
-        fn(yp, ys, gp, gs, upp, us, dgp, dup_p, n, kBlock, t0, t1);
-      });
+  auto [dgate, dup] = dispatch_form(tanh, [&](auto form) {
+    using Key = GeluKey<decltype(form)::value>;
+    return gated::run<2>("geglu_bwd", gate, {grad, gate, up}, [](auto tag, Isa isa) {
+      return TRUTHGPT_ISA_FN(isa, gated_bwd_tasks<typename decltype(tag)::type, Key>);
     });
   });
   return {dgate, dup};
@@ -130,6 +81,8 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 }  // namespace truthgpt
 
 #else  // ========================================== kernel section (once per instruction set)
+
+#include "cpu/gated_activation_kernels.h"
 
 constexpr double kSqrt2OverPi = 0.79788456080286535588;   // sqrt(2 / pi)
 constexpr double kGeluCubic = 0.044715;
@@ -193,58 +146,19 @@ inline V gelu(const V& g, V* d) {
   }
 }
 
-// Task t covers row t / nb, columns [b * block, min(n, (b + 1) * block)), b = t % nb.
-// Inputs have unit inner stride and row strides gs, us...; outputs are contiguous (rows, n).
-template <class T, bool Tanh>
-void geglu_fwd_tasks(const T* g, int64_t gs, const T* u, int64_t us, T* out, int64_t n,
-                     int64_t block, int64_t t0, int64_t t1) {
-  using V = VecFor<T>;
-  using A = acc_t<T>;
-  const int64_t nb = (n + block - 1) / block;
-  int64_t r = t0 / nb, b = t0 % nb;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = b * block, len = std::min(n, c0 + block) - c0;
-    const T* gr = g + r * gs + c0;
-    const T* ur = u + r * us + c0;
-    T* orow = out + r * n + c0;
-    for (int64_t i = 0; i < len; i += V::W) {
-      const int64_t m = len - i;
-      (gelu<Tanh, false, V, A>(V::load(gr + i, m), nullptr) * V::load(ur + i, m)).store(orow + i, m);
-    }
-    if (++b == nb) {
-      b = 0;
-      ++r;
-    }
+template <bool Tanh>
+struct GatedAct<GeluKey<Tanh>> {
+  template <class V, class A>
+  static V fwd(const V& g) {
+    return gelu<Tanh, false, V, A>(g, nullptr);
   }
-}
-
-template <class T, bool Tanh>
-void geglu_bwd_tasks(const T* dy, int64_t ys, const T* g, int64_t gs, const T* u, int64_t us,
-                     T* dg, T* du, int64_t n, int64_t block, int64_t t0, int64_t t1) {
-  using V = VecFor<T>;
-  using A = acc_t<T>;
-  const int64_t nb = (n + block - 1) / block;
-  int64_t r = t0 / nb, b = t0 % nb;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = b * block, len = std::min(n, c0 + block) - c0;
-    const T* yr = dy + r * ys + c0;
-    const T* gr = g + r * gs + c0;
-    const T* ur = u + r * us + c0;
-    T* dgr = dg + r * n + c0;
-    T* dur = du + r * n + c0;
-    for (int64_t i = 0; i < len; i += V::W) {
-      const int64_t m = len - i;
-      const V y = V::load(yr + i, m);
-      V d;
-      const V act = gelu<Tanh, true, V, A>(V::load(gr + i, m), &d);
-      (y * act).store(dur + i, m);
-      (y * V::load(ur + i, m) * d).store(dgr + i, m);
-    }
-    if (++b == nb) {
-      b = 0;
-      ++r;
-    }
+  template <class V, class A>
+  static void bwd(const V& y, const V& g, const V& u, V& dg, V& du) {
+    V d;
+    const V act = gelu<Tanh, true, V, A>(g, &d);
+    du = y * act;
+    dg = y * u * d;
   }
-}
+};
 
 #endif  // TRUTHGPT_KERNEL_SECTION

@@ -3,19 +3,18 @@
 // float32 for float/bf16 and double for double; mean and r are saved in that type. Backward,
 // with xhat = (x - mean) r and g = dy w:
 //   dx = r * (g - mean(g) - xhat * mean(g xhat)),  dw = sum over rows of dy xhat,  db = sum dy.
-// dw and db are deterministic (as in rms_norm.cpp): rows are cut into chunks that depend only
-// on the row count, each chunk sums its rows in order into its own partial rows, and the
-// partial rows are added in chunk order; the thread count changes nothing.
+// dw and db are deterministic (cpu/norm_common.h: per-chunk partial rows added in chunk
+// order).
 // Vectorised per instruction set (cpu/vec_utils.h), threaded with at::parallel_for; rows of
 // any length and any row stride.
 #ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <limits>
 
+#include "cpu/norm_common.h"
 #include "cpu/tensor_utils.h"
 #define TRUTHGPT_KERNELS_FILE "cpu/layer_norm.cpp"
 #include "cpu/foreach_isa.h"
@@ -25,11 +24,6 @@ namespace {
 
 using namespace cpu;
 
-constexpr int64_t kGrainElems = 16384;  // minimum elements per thread
-constexpr int64_t kMaxChunks = 128;     // partial dweight/dbias rows (fewer when rows are few)
-constexpr int64_t kMinChunkRows = 8;
-constexpr int64_t kReduceCols = 512;    // columns per task of the dweight/dbias reduction
-
 // The affine parameters as the kernels take them: none, weight, or weight and bias, both of
 // one type (x's or float32) and contiguous. A bias without a weight gets a weight of ones;
 // a float32 weight with an x-dtype bias (or the reverse) makes both the wider of the two.
@@ -38,21 +32,11 @@ struct Affine {
   at::Tensor w, b;
 };
 
-void check_param(const char* op, const char* name, const at::Tensor& x,
-                 const c10::optional<at::Tensor>& p) {
-  if (!p.has_value()) return;
-  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), op, ": ", name, " must have shape (",
-              x.size(-1), ",), got ", p->sizes());
-  TORCH_CHECK(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat, op, ": ",
-              name, " must have x's dtype (", x.scalar_type(), ") or float32, got ",
-              p->scalar_type());
-}
-
 Affine affine_of(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_param(op, "weight", x, weight);
-  check_param(op, "bias", x, bias);
+  norm::check_x(op, x);
+  norm::check_param(op, "weight", x, weight);
+  norm::check_param(op, "bias", x, bias);
   Affine a;
   if (!weight.has_value() && !bias.has_value()) return a;
   at::ScalarType st = weight.has_value() ? weight->scalar_type() : bias->scalar_type();
@@ -132,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
       A* mp = mean.mutable_data_ptr<A>();
       A* rp = rstd.mutable_data_ptr<A>();
       const int64_t xs = row_stride(xr);
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
+      norm::for_rows(rows, n, [&](int64_t r0, int64_t r1) {
         fn(xp, xs, wp, bp, yp, mp, rp, n, eps, r0, r1);
       });
     });
@@ -144,8 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd) {
   const Affine a = affine_of("layer_norm_bwd", x, weight, bias);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
-              "layer_norm_bwd: grad must have the shape and dtype of x");
+  norm::check_grad("layer_norm_bwd", grad, x);
   const int64_t n = x.size(-1);
   const auto st = stat_type(x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type());
   TORCH_CHECK(mean.scalar_type() == st && rstd.scalar_type() == st &&
@@ -174,8 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   }
   auto yr = as_rows(grad), xr = as_rows(x);
   const auto ms = mean.reshape({-1}).contiguous(), rs = rstd.reshape({-1}).contiguous();
-  const int64_t rows = xr.size(0);
-  const int64_t chunk = std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
+  const int64_t rows = xr.size(0), chunk = norm::chunk_rows(rows);
   const int64_t nchunks = (rows + chunk - 1) / chunk;
   const Isa isa = active_isa();
   dispatch_kernel_types(x.scalar_type(), "layer_norm_bwd", [&](auto tag) {
@@ -196,18 +178,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
       const A* rp = rs.const_data_ptr<A>();
       T* dxp = mptr<T>(dx);
       const int64_t ys = row_stride(yr), xs = row_stride(xr);
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / (chunk * n));
-      at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+      norm::for_chunks(nchunks, chunk, n, [&](int64_t c0, int64_t c1) {
         fn(yp, ys, xp, xs, wp, mp, rp, dxp, pp, rows, n, chunk, c0, c1);
       });
       if constexpr (Mode >= 1) {
-        const auto reduce = TRUTHGPT_ISA_FN(isa, layer_norm_reduce_cols<A, Wt>);
+        const auto reduce = TRUTHGPT_ISA_FN(isa, norm_reduce_cols<A, Wt>);
         Wt* dwp = mptr<Wt>(dw);
         Wt* dbp = Mode == 2 ? mptr<Wt>(db) : nullptr;
-        const int64_t nblocks = (n + kReduceCols - 1) / kReduceCols;
-        const int64_t rgrain = std::max<int64_t>(1, kGrainElems / (Mode * nchunks * kReduceCols));
-        at::parallel_for(0, nblocks, rgrain, [&](int64_t b0, int64_t b1) {
-          const int64_t j0 = b0 * kReduceCols, j1 = std::min(n, b1 * kReduceCols);
+        norm::for_reduce_cols(Mode, nchunks, n, [&](int64_t j0, int64_t j1) {
           reduce(pp, nchunks, n, dwp, j0, j1);
           if (Mode == 2) reduce(pp + nchunks * n, nchunks, n, dbp, j0, j1);
         });
@@ -227,6 +205,8 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 }  // namespace truthgpt
 
 #else  // ========================================== kernel section (once per instruction set)
+
+#include "cpu/norm_kernels.h"
 
 // W ones then zeros: V::load(kLaneOnes<A>, m) is 1 on the first m lanes and 0 on the others.
 template <class A>
@@ -387,19 +367,6 @@ void layer_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, cons
       }
       r += g;
     }
-  }
-}
-
-// out[j] for columns [j0, j1): the partial rows summed in chunk order.
-template <class A, class Wt>
-void layer_norm_reduce_cols(const A* part, int64_t nchunks, int64_t n, Wt* out, int64_t j0,
-                            int64_t j1) {
-  using V = VecFor<A>;
-  for (int64_t j = j0; j < j1; j += V::W) {
-    const int64_t m = j1 - j;
-    V s = V::load(part + j, m);
-    for (int64_t c = 1; c < nchunks; ++c) s = s + V::load(part + c * n + j, m);
-    s.store(out + j, m);
   }
 }
 

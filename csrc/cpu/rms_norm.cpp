@@ -1,19 +1,17 @@
 // RMSNorm on the CPU: y = x * r * w with r = rsqrt(mean(x^2) + eps) per row (float32
 // statistics for float/bf16/fp16, double for double; r saved as float32), and its backward
 //   dx = r * (dy w) - x * r^3 * mean(dy w x),   dw = sum over rows of dy * x * r.
-// dw is deterministic: rows are cut into chunks that depend only on the row count, each
-// chunk sums its rows in order into its own partial row, and the partial rows are added in
-// chunk order; the thread count changes nothing.
+// dw is deterministic (cpu/norm_common.h: per-chunk partial rows added in chunk order).
 // Vectorised per instruction set (cpu/vec_utils.h), threaded with at::parallel_for; rows of
 // any length and any row stride.
 #ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <limits>
 
+#include "cpu/norm_common.h"
 #include "cpu/tensor_utils.h"
 #define TRUTHGPT_KERNELS_FILE "cpu/rms_norm.cpp"
 #include "cpu/foreach_isa.h"
@@ -23,24 +21,9 @@ namespace {
 
 using namespace cpu;
 
-constexpr int64_t kGrainElems = 16384;  // minimum elements per thread
-constexpr int64_t kMaxChunks = 128;     // dweight partial rows (fewer when rows are few)
-constexpr int64_t kMinChunkRows = 8;
-constexpr int64_t kReduceCols = 512;    // columns per task of the dweight reduction
-
-int64_t chunk_rows(int64_t rows) {
-  return std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
-}
-
 void check_weight(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(-1), op,
-                ": weight must have shape (", x.size(-1), ",), got ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == x.scalar_type() || weight->scalar_type() == at::kFloat,
-                op, ": weight must have x's dtype (", x.scalar_type(), ") or float32, got ",
-                weight->scalar_type());
-  }
+  norm::check_x(op, x);
+  norm::check_param(op, "weight", x, weight);
 }
 
 // Calls f(Tag<Wt>{}, has_weight) with Wt the weight's kernel type (T when there is none).
@@ -81,9 +64,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
       T* yp = mptr<T>(out);
       float* rp = rstd.mutable_data_ptr<float>();
       const int64_t xs = row_stride(xr);
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / n), [&](int64_t r0, int64_t r1) {
-        fn(xp, xs, wp, yp, rp, n, eps, r0, r1);
-      });
+      norm::for_rows(rows, n, [&](int64_t r0, int64_t r1) { fn(xp, xs, wp, yp, rp, n, eps, r0, r1); });
     });
   });
   return {out, rstd};
@@ -93,8 +74,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
                                                 const c10::optional<at::Tensor>& weight,
                                                 const at::Tensor& rstd) {
   check_weight("rms_norm_bwd", x, weight);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
-              "rms_norm_bwd: grad must have the shape and dtype of x");
+  norm::check_grad("rms_norm_bwd", grad, x);
   TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() * x.size(-1) == x.numel(),
               "rms_norm_bwd: rstd must be float32 with one value per row of x");
   const int64_t n = x.size(-1);
@@ -107,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
   auto yr = as_rows(grad), xr = as_rows(x);
   const auto rs = rstd.reshape({-1}).contiguous();
   const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
-  const int64_t rows = xr.size(0), chunk = chunk_rows(rows);
+  const int64_t rows = xr.size(0), chunk = norm::chunk_rows(rows);
   const int64_t nchunks = (rows + chunk - 1) / chunk;
   const Isa isa = active_isa();
   dispatch_kernel_types(x.scalar_type(), "rms_norm_bwd", [&](auto tag) {
@@ -126,17 +106,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
       const float* rp = rs.const_data_ptr<float>();
       T* dxp = mptr<T>(dx);
       const int64_t ys = row_stride(yr), xs = row_stride(xr);
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / (chunk * n));
-      at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+      norm::for_chunks(nchunks, chunk, n, [&](int64_t c0, int64_t c1) {
         fn(yp, ys, xp, xs, wp, rp, dxp, pp, rows, n, chunk, c0, c1);
       });
       if constexpr (HasW) {
-        const auto reduce = TRUTHGPT_ISA_FN(isa, rms_norm_reduce_cols<A, Wt>);
+        const auto reduce = TRUTHGPT_ISA_FN(isa, norm_reduce_cols<A, Wt>);
         Wt* dwp = mptr<Wt>(dw);
-        const int64_t nblocks = (n + kReduceCols - 1) / kReduceCols;
-        const int64_t rgrain = std::max<int64_t>(1, kGrainElems / (nchunks * kReduceCols));
-        at::parallel_for(0, nblocks, rgrain, [&](int64_t b0, int64_t b1) {
-          reduce(pp, nchunks, n, dwp, b0 * kReduceCols, std::min(n, b1 * kReduceCols));
+        norm::for_reduce_cols(1, nchunks, n, [&](int64_t j0, int64_t j1) {
+          reduce(pp, nchunks, n, dwp, j0, j1);
         });
       }
     });
@@ -154,6 +131,8 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 }  // namespace truthgpt
 
 #else  // ========================================== kernel section (once per instruction set)
+
+#include "cpu/norm_kernels.h"
 
 // Rows [r0, r1) of x (unit inner stride, row stride xs) into y (contiguous) and rstd.
 // The second pass over a row reads it from cache; meanwhile the next row is prefetched so
@@ -275,19 +254,6 @@ void rms_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, const 
       }
       r += g;
     }
-  }
-}
-
-// dw[j] for columns [j0, j1): the partial rows summed in chunk order.
-template <class A, class Wt>
-void rms_norm_reduce_cols(const A* part, int64_t nchunks, int64_t n, Wt* dw, int64_t j0,
-                          int64_t j1) {
-  using V = VecFor<A>;
-  for (int64_t j = j0; j < j1; j += V::W) {
-    const int64_t m = j1 - j;
-    V s = V::load(part + j, m);
-    for (int64_t c = 1; c < nchunks; ++c) s = s + V::load(part + c * n + j, m);
-    s.store(dw + j, m);
   }
 }
 

@@ -1,95 +1,33 @@
 // GeGLU CUDA kernels: out = gelu(gate) * up; backward recomputes gelu. fp32 math.
-// Each thread moves V contiguous elements of a row (a 128-bit access when aligned), over a
-// grid-stride loop of 64-bit indices; per-element math in geglu_math.cuh.
+// Kernels and launch are the gated activations' (gated_activation.cuh); per-element math in
+// geglu_math.cuh.
+#include "gated_activation.cuh"
 #include "geglu.h"
 #include "geglu_math.cuh"
-#include "pack.cuh"
 
 namespace truthgpt::cuda {
 namespace {
 
-template <typename T, int V, bool Tanh>
-__global__ void geglu_fwd_kernel(int64_t rows, int64_t nv, const T* g, int64_t gs, const T* u,
-                                 int64_t us, T* out, int64_t os) {
-  const int64_t total = rows * nv;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / nv, c = (idx - r * nv) * V;
-    float gv[V], uv[V], ov[V];
-    load_floats<V>(g + r * gs + c, gv);
-    load_floats<V>(u + r * us + c, uv);
-#pragma unroll
-    for (int i = 0; i < V; ++i) ov[i] = geglu::fwd<Tanh>(gv[i], uv[i]);
-    store_floats<V>(out + r * os + c, ov);
+template <bool Tanh>
+struct GegluOp {
+  static TG_HD float fwd(float g, float u) { return geglu::fwd<Tanh>(g, u); }
+  static TG_HD void bwd(float dy, float g, float u, float& dg, float& du) {
+    geglu::bwd<Tanh>(dy, g, u, dg, du);
   }
-}
-
-template <typename T, int V, bool Tanh>
-__global__ void geglu_bwd_kernel(int64_t rows, int64_t nv, const T* dy, int64_t ys, const T* g,
-                                 int64_t gs, const T* u, int64_t us, T* dg, int64_t dgs, T* du,
-                                 int64_t dus) {
-  const int64_t total = rows * nv;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / nv, c = (idx - r * nv) * V;
-    float yv[V], gv[V], uv[V], dgv[V], duv[V];
-    load_floats<V>(dy + r * ys + c, yv);
-    load_floats<V>(g + r * gs + c, gv);
-    load_floats<V>(u + r * us + c, uv);
-#pragma unroll
-    for (int i = 0; i < V; ++i) geglu::bwd<Tanh>(yv[i], gv[i], uv[i], dgv[i], duv[i]);
-    store_floats<V>(dg + r * dgs + c, dgv);
-    store_floats<V>(du + r * dus + c, duv);
-  }
-}
-
-constexpr int kThreads = 256;
-
-// Calls f.template operator()<Tanh>().
-template <typename F>
-cudaError_t dispatch_form(bool tanh, F&& f) {
-  return tanh ? f.template operator()<true>() : f.template operator()<false>();
-}
+};
 
 }  // namespace
 
 cudaError_t geglu_fwd(DType dtype, bool tanh, int64_t rows, int64_t n, Rows gate, Rows up, Rows out,
                       cudaStream_t stream) {
-  if (rows * n == 0) return cudaSuccess;
-  const void* ptrs[] = {gate.ptr, up.ptr, out.ptr};
-  const int64_t strides[] = {gate.row_stride, up.row_stride, out.row_stride};
-  const int v = swiglu::pick_vec(element_size(dtype), rows, n, ptrs, strides, 3);
-  return dispatch_dtype(dtype, [&]<typename T>() {
-    return dispatch_vec<T>(v, [&]<int V>() {
-      return dispatch_form(tanh, [&]<bool Tanh>() {
-        geglu_fwd_kernel<T, V, Tanh><<<grid_1d(rows * (n / V), kThreads), kThreads, 0, stream>>>(
-            rows, n / V, static_cast<const T*>(gate.ptr), gate.row_stride,
-            static_cast<const T*>(up.ptr), up.row_stride, static_cast<T*>(out.ptr), out.row_stride);
-        return cudaGetLastError();
-      });
-    });
-  });
+  return tanh ? gated::fwd<GegluOp<true>>(dtype, rows, n, gate, up, out, stream)
+              : gated::fwd<GegluOp<false>>(dtype, rows, n, gate, up, out, stream);
 }
 
 cudaError_t geglu_bwd(DType dtype, bool tanh, int64_t rows, int64_t n, Rows grad, Rows gate, Rows up,
                       Rows dgate, Rows dup, cudaStream_t stream) {
-  if (rows * n == 0) return cudaSuccess;
-  const void* ptrs[] = {grad.ptr, gate.ptr, up.ptr, dgate.ptr, dup.ptr};
-  const int64_t strides[] = {grad.row_stride, gate.row_stride, up.row_stride, dgate.row_stride,
-                             dup.row_stride};
-  const int v = swiglu::pick_vec(element_size(dtype), rows, n, ptrs, strides, 5);
-  return dispatch_dtype(dtype, [&]<typename T>() {
-    return dispatch_vec<T>(v, [&]<int V>() {
-      return dispatch_form(tanh, [&]<bool Tanh>() {
-        geglu_bwd_kernel<T, V, Tanh><<<grid_1d(rows * (n / V), kThreads), kThreads, 0, stream>>>(
-            rows, n / V, static_cast<const T*>(grad.ptr), grad.row_stride,
-            static_cast<const T*>(gate.ptr), gate.row_stride, static_cast<const T*>(up.ptr),
-            up.row_stride, static_cast<T*>(dgate.ptr), dgate.row_stride, static_cast<T*>(dup.ptr),
-            dup.row_stride);
-        return cudaGetLastError();
-      });
-    });
-  });
+  return tanh ? gated::bwd<GegluOp<true>>(dtype, rows, n, grad, gate, up, dgate, dup, stream)
+              : gated::bwd<GegluOp<false>>(dtype, rows, n, grad, gate, up, dgate, dup, stream);
 }
 
 }  // namespace truthgpt::cuda

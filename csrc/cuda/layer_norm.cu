@@ -4,42 +4,15 @@
 // dbias = sum over rows of dy, reduced deterministically as RMSNorm's dweight: each team of
 // threads accumulates the rows it owns, in row order, into its own float32 rows of partial sums
 // (shared memory, copied out at the end, or for long rows directly in global memory), and a
-// second kernel sums those rows in a fixed order. fp32 math; V-wide (128-bit) accesses when
-// aligned; 64-bit indices. Geometry as RMSNorm's (rms_norm_math.cuh).
+// second kernel sums those rows in a fixed order (norm_common.cuh). fp32 math; V-wide (128-bit)
+// accesses when aligned; 64-bit indices. Geometry as RMSNorm's (rms_norm_math.cuh).
 #include "layer_norm.h"
-#include "pack.cuh"
+#include "norm_common.cuh"
 
 namespace truthgpt::cuda {
 namespace {
 
-constexpr size_t kSmemAccBytes = 48 * 1024;  // accumulators in shared memory, at most
-
-// Sum of v over the tpr = blockDim.x threads of this thread's team (threadIdx.y), in a fixed
-// order. Every thread of the block must call it (it synchronises when a team spans warps).
-__device__ __forceinline__ float team_sum(float v, float* red) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (blockDim.x == 32) return v;
-  float* mine = red + threadIdx.y * 32;
-  if ((threadIdx.x & 31) == 0) mine[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float s = 0.f;
-  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) s += mine[w];
-  __syncthreads();
-  return s;
-}
-
-// V elements of an optional parameter at col (fill when absent)
-template <int V, typename W, bool Has>
-__device__ __forceinline__ void load_param(const W* __restrict__ p, int64_t col, float fill,
-                                           float (&out)[V]) {
-  if constexpr (Has) {
-    load_floats<V>(p + col, out);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[i] = fill;
-  }
-}
+using namespace norm;
 
 template <typename T, typename W, int V, bool HasW, bool HasB>
 __global__ void ln_fwd_kernel(int64_t rows, int64_t n, const T* __restrict__ x, int64_t xs,
@@ -101,14 +74,6 @@ __global__ void ln_fwd_kernel(int64_t rows, int64_t n, const T* __restrict__ x, 
       }
     }
   }
-}
-
-template <int V>
-__device__ __forceinline__ void add_floats(float* p, const float (&v)[V]) {
-  Pack<float, V> a = *reinterpret_cast<Pack<float, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) a.v[i] += v[i];
-  *reinterpret_cast<Pack<float, V>*>(p) = a;
 }
 
 // partial: (P, teams, n) floats, P = 1 (dweight) or 2 (dweight, dbias); with SmemAcc the
@@ -190,34 +155,9 @@ __global__ void ln_bwd_kernel(int64_t rows, int64_t n, const T* __restrict__ dy,
   if constexpr (HasW && SmemAcc) {
     for (int64_t k = threadIdx.x; k < nv; k += tpr) {
       const int64_t col = rms::vec_begin(k, V);
-      *reinterpret_cast<Pack<float, V>*>(partial + team * n + col) =
-          *reinterpret_cast<const Pack<float, V>*>(acc_w + col);
-      if constexpr (HasB) {
-        *reinterpret_cast<Pack<float, V>*>(partial + (teams + team) * n + col) =
-            *reinterpret_cast<const Pack<float, V>*>(acc_b + col);
-      }
+      copy_pack<V>(acc_w + col, partial + team * n + col);
+      if constexpr (HasB) copy_pack<V>(acc_b + col, partial + (teams + team) * n + col);
     }
-  }
-}
-
-// out[c] = sum over teams t of partial[t, c]: thread (x, y) of a 32 x 32 block sums the
-// teams y, y + 32, ... of column c, then the 32 sums are added in y order. Fixed order.
-constexpr int kRedCols = 32, kRedRows = 32;
-
-template <typename W>
-__global__ void ln_sum_kernel(int64_t teams, int64_t n, const float* __restrict__ partial,
-                              W* __restrict__ out) {
-  __shared__ float sums[kRedRows][kRedCols + 1];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kRedCols + threadIdx.x;
-  float s = 0.f;
-  if (c < n)
-    for (int64_t t = threadIdx.y; t < teams; t += kRedRows) s += partial[t * n + c];
-  sums[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < n) {
-    float total = 0.f;
-    for (int r = 0; r < kRedRows; ++r) total += sums[r][threadIdx.x];
-    out[c] = from_float<W>(total);
   }
 }
 
@@ -236,21 +176,7 @@ cudaError_t dispatch_types(DType dtype, const LnAffine& a, F&& f) {
   });
 }
 
-// Calls f.template operator()<V>() with V = 1 or 16 bytes of T.
-template <typename T, typename F>
-cudaError_t dispatch_full_or_scalar(int v, F&& f) {
-  constexpr int kMax = vec::kMaxBytes / sizeof(T);
-  if (v == kMax) return f.template operator()<kMax>();
-  if (v == 1) return f.template operator()<1>();
-  return cudaErrorInvalidValue;
-}
-
 int param_size(const LnAffine& a) { return a.w ? element_size(a.dtype) : 1; }
-
-unsigned grid_rows(int64_t rows, int rpb) {
-  const int64_t blocks = (rows + rpb - 1) / rpb;
-  return static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));
-}
 
 }  // namespace
 
@@ -301,24 +227,16 @@ cudaError_t layer_norm_bwd_plan(DType dtype, int64_t rows, int64_t n, Rows grad,
   const size_t acc_bytes =
       static_cast<size_t>(a.b ? 2 : 1) * static_cast<size_t>(plan->geo.rpb) * n * sizeof(float);
   plan->smem_bytes = (a.w && acc_bytes <= kSmemAccBytes) ? acc_bytes : 0;
-  const int64_t wanted = (rows + plan->geo.rpb - 1) / plan->geo.rpb;
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = dispatch_types(dtype, a, [&]<typename T, typename W, bool HasW, bool HasB>() {
-    return dispatch_full_or_scalar<T>(v, [&]<int V>() {
-      return with_bwd_kernel<T, W, V, HasW, HasB>(plan->smem_bytes > 0, [&](auto kernel) {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, kernel, plan->geo.tpr * plan->geo.rpb, plan->smem_bytes);
+  return finish_bwd_plan(rows, plan, [&](int* per_sm) {
+    return dispatch_types(dtype, a, [&]<typename T, typename W, bool HasW, bool HasB>() {
+      return dispatch_full_or_scalar<T>(v, [&]<int V>() {
+        return with_bwd_kernel<T, W, V, HasW, HasB>(plan->smem_bytes > 0, [&](auto kernel) {
+          return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+              per_sm, kernel, plan->geo.tpr * plan->geo.rpb, plan->smem_bytes);
+        });
       });
     });
   });
-  if (err != cudaSuccess) return err;
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-  plan->blocks = wanted < resident ? (wanted > 0 ? wanted : 1) : resident;
-  plan->teams = plan->blocks * plan->geo.rpb;
-  return cudaSuccess;
 }
 
 cudaError_t layer_norm_bwd(DType dtype, int64_t rows, int64_t n, Rows grad, Rows x, LnAffine a,
@@ -340,14 +258,9 @@ cudaError_t layer_norm_bwd(DType dtype, int64_t rows, int64_t n, Rows grad, Rows
     });
   });
   if (err != cudaSuccess || a.w == nullptr || n == 0) return err;
-  const unsigned blocks = static_cast<unsigned>((n + kRedCols - 1) / kRedCols);
   return dispatch_dtype(a.dtype, [&]<typename W>() {
-    ln_sum_kernel<W><<<blocks, dim3(kRedCols, kRedRows), 0, stream>>>(plan.teams, n, partial,
-                                                                        static_cast<W*>(dweight));
-    if (a.b != nullptr) {
-      ln_sum_kernel<W><<<blocks, dim3(kRedCols, kRedRows), 0, stream>>>(
-          plan.teams, n, partial + plan.teams * n, static_cast<W*>(dbias));
-    }
+    launch_sum(plan.teams, n, partial, static_cast<W*>(dweight), stream);
+    if (a.b != nullptr) launch_sum(plan.teams, n, partial + plan.teams * n, static_cast<W*>(dbias), stream);
     return cudaGetLastError();
   });
 }

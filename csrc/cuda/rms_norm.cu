@@ -2,41 +2,16 @@
 // Backward: dx = rstd (dy w - x rstd^2 mean(dy w x)), and dweight = sum over rows of dy x rstd,
 // reduced deterministically: each team of threads accumulates the rows it owns, in row order,
 // into its own float32 row of partial sums (shared memory, copied out at the end, or for long
-// rows directly in global memory), and a second kernel sums those rows in a fixed order.
-// fp32 math; V-wide (128-bit) accesses when aligned; 64-bit indices. Geometry and per-element
-// math in rms_norm_math.cuh.
-#include "pack.cuh"
+// rows directly in global memory), and a second kernel sums those rows in a fixed order
+// (norm_common.cuh). fp32 math; V-wide (128-bit) accesses when aligned; 64-bit indices.
+// Geometry and per-element math in rms_norm_math.cuh.
+#include "norm_common.cuh"
 #include "rms_norm.h"
 
 namespace truthgpt::cuda {
 namespace {
 
-constexpr size_t kSmemAccBytes = 48 * 1024;  // dweight accumulators in shared memory, at most
-
-// Sum of v over the tpr = blockDim.x threads of this thread's team (threadIdx.y), in a fixed
-// order. Every thread of the block must call it (it synchronises when a team spans warps).
-__device__ __forceinline__ float team_sum(float v, float* red) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (blockDim.x == 32) return v;
-  float* mine = red + threadIdx.y * 32;
-  if ((threadIdx.x & 31) == 0) mine[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float s = 0.f;
-  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) s += mine[w];
-  __syncthreads();
-  return s;
-}
-
-template <int V, typename W, bool HasW>
-__device__ __forceinline__ void load_weight(const W* __restrict__ w, int64_t col, float (&out)[V]) {
-  if constexpr (HasW) {
-    load_floats<V>(w + col, out);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[i] = 1.f;
-  }
-}
+using namespace norm;
 
 template <typename T, typename W, int V, bool HasW>
 __global__ void rms_fwd_kernel(int64_t rows, int64_t n, const T* __restrict__ x, int64_t xs,
@@ -71,21 +46,13 @@ __global__ void rms_fwd_kernel(int64_t rows, int64_t n, const T* __restrict__ x,
         const int64_t col = rms::vec_begin(k, V);
         float e[V], wv[V], o[V];
         load_floats<V>(xr + col, e);
-        load_weight<V, W, HasW>(w, col, wv);
+        load_param<V, W, HasW>(w, col, 1.f, wv);
 #pragma unroll
         for (int i = 0; i < V; ++i) o[i] = rms::fwd(e[i], r, wv[i]);
         store_floats<V>(yr + col, o);
       }
     }
   }
-}
-
-template <int V>
-__device__ __forceinline__ void add_floats(float* p, const float (&v)[V]) {
-  Pack<float, V> a = *reinterpret_cast<Pack<float, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) a.v[i] += v[i];
-  *reinterpret_cast<Pack<float, V>*>(p) = a;
 }
 
 template <typename T, typename W, int V, bool HasW, bool SmemAcc>
@@ -121,7 +88,7 @@ __global__ void rms_bwd_kernel(int64_t rows, int64_t n, const T* __restrict__ dy
         float g[V], e[V], wv[V];
         load_floats<V>(dyr + col, g);
         load_floats<V>(xr + col, e);
-        load_weight<V, W, HasW>(w, col, wv);
+        load_param<V, W, HasW>(w, col, 1.f, wv);
 #pragma unroll
         for (int i = 0; i < V; ++i) dot += g[i] * wv[i] * e[i];
       }
@@ -139,7 +106,7 @@ __global__ void rms_bwd_kernel(int64_t rows, int64_t n, const T* __restrict__ dy
         float g[V], e[V], wv[V], o[V];
         load_floats<V>(dyr + col, g);
         load_floats<V>(xr + col, e);
-        load_weight<V, W, HasW>(w, col, wv);
+        load_param<V, W, HasW>(w, col, 1.f, wv);
 #pragma unroll
         for (int i = 0; i < V; ++i) o[i] = rms::dx(e[i], g[i] * wv[i], r, c);
         store_floats<V>(dxr + col, o);
@@ -155,30 +122,8 @@ __global__ void rms_bwd_kernel(int64_t rows, int64_t n, const T* __restrict__ dy
   if constexpr (HasW && SmemAcc) {
     for (int64_t k = threadIdx.x; k < nv; k += tpr) {
       const int64_t col = rms::vec_begin(k, V);
-      *reinterpret_cast<Pack<float, V>*>(partial + team * n + col) =
-          *reinterpret_cast<const Pack<float, V>*>(acc + col);
+      copy_pack<V>(acc + col, partial + team * n + col);
     }
-  }
-}
-
-// dweight[c] = sum over teams t of partial[t, c]: thread (x, y) of a 32 x 32 block sums the
-// teams y, y + 32, ... of column c, then the 32 sums are added in y order. Fixed order.
-constexpr int kRedCols = 32, kRedRows = 32;
-
-template <typename W>
-__global__ void rms_dw_kernel(int64_t teams, int64_t n, const float* __restrict__ partial,
-                              W* __restrict__ dw) {
-  __shared__ float sums[kRedRows][kRedCols + 1];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kRedCols + threadIdx.x;
-  float s = 0.f;
-  if (c < n)
-    for (int64_t t = threadIdx.y; t < teams; t += kRedRows) s += partial[t * n + c];
-  sums[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < n) {
-    float total = 0.f;
-    for (int r = 0; r < kRedRows; ++r) total += sums[r][threadIdx.x];
-    dw[c] = from_float<W>(total);
   }
 }
 
@@ -193,21 +138,7 @@ cudaError_t dispatch_types(DType dtype, const RmsWeight& w, F&& f) {
   });
 }
 
-// Calls f.template operator()<V>() with V = 1 or 16 bytes of T.
-template <typename T, typename F>
-cudaError_t dispatch_full_or_scalar(int v, F&& f) {
-  constexpr int kMax = vec::kMaxBytes / sizeof(T);
-  if (v == kMax) return f.template operator()<kMax>();
-  if (v == 1) return f.template operator()<1>();
-  return cudaErrorInvalidValue;
-}
-
 int weight_size(const RmsWeight& w) { return w.ptr ? element_size(w.dtype) : 1; }
-
-unsigned grid_rows(int64_t rows, int rpb) {
-  const int64_t blocks = (rows + rpb - 1) / rpb;
-  return static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));
-}
 
 }  // namespace
 
@@ -256,24 +187,16 @@ cudaError_t rms_norm_bwd_plan(DType dtype, int64_t rows, int64_t n, Rows grad, R
   plan->geo = rms::geometry(n, v);
   const size_t acc_bytes = static_cast<size_t>(plan->geo.rpb) * n * sizeof(float);
   plan->smem_bytes = (w.ptr && acc_bytes <= kSmemAccBytes) ? acc_bytes : 0;
-  const int64_t wanted = (rows + plan->geo.rpb - 1) / plan->geo.rpb;
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = dispatch_types(dtype, w, [&]<typename T, typename W, bool HasW>() {
-    return dispatch_full_or_scalar<T>(v, [&]<int V>() {
-      return with_bwd_kernel<T, W, V, HasW>(plan->smem_bytes > 0, [&](auto kernel) {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, kernel, plan->geo.tpr * plan->geo.rpb, plan->smem_bytes);
+  return finish_bwd_plan(rows, plan, [&](int* per_sm) {
+    return dispatch_types(dtype, w, [&]<typename T, typename W, bool HasW>() {
+      return dispatch_full_or_scalar<T>(v, [&]<int V>() {
+        return with_bwd_kernel<T, W, V, HasW>(plan->smem_bytes > 0, [&](auto kernel) {
+          return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+              per_sm, kernel, plan->geo.tpr * plan->geo.rpb, plan->smem_bytes);
+        });
       });
     });
   });
-  if (err != cudaSuccess) return err;
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-  plan->blocks = wanted < resident ? (wanted > 0 ? wanted : 1) : resident;
-  plan->teams = plan->blocks * plan->geo.rpb;
-  return cudaSuccess;
 }
 
 cudaError_t rms_norm_bwd(DType dtype, int64_t rows, int64_t n, Rows grad, Rows x, RmsWeight w,
@@ -295,10 +218,8 @@ cudaError_t rms_norm_bwd(DType dtype, int64_t rows, int64_t n, Rows grad, Rows x
     });
   });
   if (err != cudaSuccess || w.ptr == nullptr || n == 0) return err;
-  const unsigned blocks = static_cast<unsigned>((n + kRedCols - 1) / kRedCols);
   return dispatch_dtype(w.dtype, [&]<typename W>() {
-    rms_dw_kernel<W><<<blocks, dim3(kRedCols, kRedRows), 0, stream>>>(
-        plan.teams, n, partial, static_cast<W*>(dweight));
+    launch_sum(plan.teams, n, partial, static_cast<W*>(dweight), stream);
     return cudaGetLastError();
   });
 }

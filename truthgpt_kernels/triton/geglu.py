@@ -2,14 +2,14 @@
 
 gelu forms as F.gelu: "tanh", written as g * sigmoid(2k) with k = sqrt(2/pi) (g + 0.044715 g^3)
 (= g (1 + tanh k) / 2), and "none", g * Phi(g) with Phi(g) = (1 + erf(g / sqrt 2)) / 2.
-Tiles as triton/swiglu.py (its _tile and _grid).
+Tiles and launch as the other gated activations (triton/gated.py).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .swiglu import _grid, _tile
-from .utils import as_rows
+from . import gated
+from .gated import _tile
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 CUBIC = tl.constexpr(0.044715)
@@ -52,24 +52,8 @@ def _geglu_bwd_kernel(dy_ptr, dy_stride, g_ptr, g_stride, u_ptr, u_stride, dg_pt
 
 
 def geglu_fwd(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
-    g, u = as_rows(gate), as_rows(up)
-    rows, n = g.shape
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if out.numel():
-        grid, rows_per, block_n, warps = _grid(rows, n)
-        _geglu_fwd_kernel[grid](g, g.stride(0), u, u.stride(0), out, rows, n, TANH=approximate == "tanh",
-                                ROWS=rows_per, BLOCK_N=block_n, num_warps=warps)
-    return out
+    return gated.fwd(_geglu_fwd_kernel, gate, up, TANH=approximate == "tanh")
 
 
 def geglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate: str):
-    dy, g, u = as_rows(grad), as_rows(gate), as_rows(up)
-    rows, n = g.shape
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    if dg.numel():
-        grid, rows_per, block_n, warps = _grid(rows, n)
-        _geglu_bwd_kernel[grid](dy, dy.stride(0), g, g.stride(0), u, u.stride(0), dg, du, rows, n,
-                                TANH=approximate == "tanh", ROWS=rows_per, BLOCK_N=block_n,
-                                num_warps=warps)
-    return dg, du
+    return gated.bwd(_geglu_bwd_kernel, grad, gate, up, TANH=approximate == "tanh")

@@ -4,16 +4,15 @@ y = (x - mean) * rstd * weight + bias, mean and rstd = rsqrt(var + eps) in float
 backward; biased variance from the deviations, corrected two-pass when the row is processed in
 chunks); weight and bias are None, or of x's dtype, or float32. Backward with xhat = (x - mean)
 rstd and g = dy w: dx = rstd (g - mean(g) - xhat mean(g xhat)), dweight = sum over rows of
-dy xhat, dbias = sum over rows of dy, reduced deterministically as in triton/rms_norm.py (each
-program of the backward owns a fixed chunk of rows and its own rows of a float32 partial-sum
-buffer; a second kernel sums the buffer over programs in a fixed order). Row tiling as there.
+dy xhat, dbias = sum over rows of dy, reduced deterministically. Row tiling and the reduction
+as in triton/norm_common.py.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import _programs, _settings, _sum_rows_kernel
-from .utils import as_rows, tile_settings
+from .norm_common import _load_tile, _row_tile, _settings, bwd_programs, partials, reduce_partials
+from .utils import as_rows
 
 
 @triton.jit
@@ -88,11 +87,9 @@ def _ln_bwd_kernel(dy_ptr, sdy, x_ptr, sx, w_ptr, m_ptr, r_ptr, dx_ptr, pw_ptr, 
         dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         for i in range(0, rows_per_prog, ROWS):
-            rows = first + i + tl.arange(0, ROWS)
-            rmask = rows < M
-            m = rmask[:, None] & cmask[None, :]
-            dy = tl.load(dy_ptr + rows[:, None] * sdy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            rows, rmask, m = _row_tile(first + i, ROWS, M, cmask)
+            dy = _load_tile(dy_ptr, rows, sdy, cols, m)
+            x = _load_tile(x_ptr, rows, sx, cols, m)
             mean = tl.load(m_ptr + rows, mask=rmask, other=0.0)[:, None]
             r = tl.load(r_ptr + rows, mask=rmask, other=0.0)[:, None]
             xhat = tl.where(m, (x - mean) * r, 0.0)
@@ -177,14 +174,6 @@ def layer_norm_fwd(x: torch.Tensor, weight, bias, eps: float):
     return out, mean, rstd
 
 
-def _reduce(part, progs: int, N: int, like: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    block_g, block_n, warps = tile_settings(progs, N, max_cols=256)
-    _sum_rows_kernel[(triton.cdiv(N, block_n),)](part, progs, N, out, BLOCK_G=block_g,
-                                                  BLOCK_N=block_n, num_warps=warps)
-    return out
-
-
 def layer_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, bias, mean: torch.Tensor,
                    rstd: torch.Tensor):
     N = x.shape[-1]
@@ -197,15 +186,12 @@ def layer_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, bias, mean: torc
     w, b = _affine(x, weight, bias)
     has_w, has_b = w is not None, b is not None
     single, rows, block, warps = _settings(M, N)
-    progs = _programs(x.device, triton.cdiv(M, rows))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, progs), rows) * rows
-    progs = triton.cdiv(M, rows_per_prog)
-    alloc = torch.empty if single else torch.zeros
-    part = alloc((2 if has_b else 1, progs, N) if has_w else (1, 1), dtype=torch.float32, device=x.device)
+    progs, rows_per_prog = bwd_programs(x.device, M, rows)
+    part = partials((2 if has_b else 1, progs, N) if has_w else (1, 1), single, x.device)
     _ln_bwd_kernel[(progs,)](
         dy2, dy2.stride(0), x2, x2.stride(0), w if has_w else x2, mean.reshape(-1).contiguous(),
         rstd.reshape(-1).contiguous(), dx, part[0], part[-1], M, N, rows_per_prog, HAS_W=has_w,
         HAS_B=has_b, ROWS=rows, BLOCK=block, SINGLE=single, num_warps=warps)
-    dw = _reduce(part[0], progs, N, weight) if weight is not None else x.new_empty(0)
-    db = _reduce(part[1], progs, N, bias) if has_b else x.new_empty(0)
+    dw = reduce_partials(part[0], progs, N, weight) if weight is not None else x.new_empty(0)
+    db = reduce_partials(part[1], progs, N, bias) if has_b else x.new_empty(0)
     return dx, dw, db

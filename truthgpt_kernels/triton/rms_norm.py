@@ -2,22 +2,16 @@
 
 y = x * rstd * weight, rstd = rsqrt(mean(x^2) + eps) in float32 (saved for the backward);
 weight is None, or of x's dtype, or float32. Backward: dx = rstd * (dy w - x rstd^2 mean(dy w x)),
-dweight = sum over rows of dy x rstd, reduced deterministically: each program of the backward
-owns a fixed chunk of rows and writes its partial sums to its own row of a float32 buffer (no
-atomics), and a second kernel sums that buffer over programs in a fixed order.
-
-Rows of up to SINGLE_MAX elements are held whole in registers (short rows are packed several to
-a program); longer rows are processed in chunks of CHUNK elements, two passes over the row.
+dweight = sum over rows of dy x rstd, reduced deterministically. Row tiling and the reduction
+as in triton/norm_common.py; long rows take two passes.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreted
-from .utils import as_rows, calculate_settings, tile_settings
-
-SINGLE_MAX = 8192  # longest row held whole in registers
-CHUNK = 4096       # chunk of a longer row
+from .norm_common import CHUNK, SINGLE_MAX  # noqa: F401  (defined here before norm_common.py)
+from .norm_common import _load_tile, _row_tile, _settings, bwd_programs, partials, reduce_partials
+from .utils import as_rows
 
 
 @triton.jit
@@ -71,11 +65,9 @@ def _rms_bwd_kernel(dy_ptr, sdy, x_ptr, sx, w_ptr, r_ptr, dx_ptr, part_ptr, M, N
             w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         for i in range(0, rows_per_prog, ROWS):
-            rows = first + i + tl.arange(0, ROWS)
-            rmask = rows < M
-            m = rmask[:, None] & cmask[None, :]
-            dy = tl.load(dy_ptr + rows[:, None] * sdy + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rows[:, None] * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            rows, rmask, m = _row_tile(first + i, ROWS, M, cmask)
+            dy = _load_tile(dy_ptr, rows, sdy, cols, m)
+            x = _load_tile(x_ptr, rows, sx, cols, m)
             r = tl.load(r_ptr + rows, mask=rmask, other=0.0)[:, None]
             if HAS_W:
                 dyw = dy * w
@@ -118,28 +110,6 @@ def _rms_bwd_kernel(dy_ptr, sdy, x_ptr, sx, w_ptr, r_ptr, dx_ptr, part_ptr, M, N
                 tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _sum_rows_kernel(part_ptr, G, N, out_ptr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[c] = sum over g of part[g, c], always in the same order."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
-        m = (g < G)[:, None] & cmask[None, :]
-        acc += tl.load(part_ptr + g[:, None] * N + cols[None, :], mask=m, other=0.0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cmask)
-
-
-def _settings(M: int, N: int):
-    """(SINGLE, ROWS, BLOCK, num_warps)."""
-    if N <= SINGLE_MAX:
-        rows, block, warps = tile_settings(M, N, max_cols=SINGLE_MAX)
-        return True, rows, block, warps
-    block, warps = calculate_settings(CHUNK)
-    return False, 1, block, warps
-
-
 def rms_norm_fwd(x: torch.Tensor, weight, eps: float):
     N = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -156,16 +126,6 @@ def rms_norm_fwd(x: torch.Tensor, weight, eps: float):
     return out, rstd
 
 
-def _programs(device: torch.device, tiles: int) -> int:
-    """Programs of the backward: a few waves of the device's SMs (fixed per device, so the
-    dweight reduction order, and with it the result, is reproducible)."""
-    if device.type == "cuda" and not triton_interpreted():
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8
-    return max(1, min(tiles, target))
-
-
 def rms_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Tensor):
     N = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -177,18 +137,11 @@ def rms_norm_bwd(grad: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Tensor
     r = rstd.reshape(-1).contiguous()
     w = weight.contiguous() if has_w else None
     single, rows, block, warps = _settings(M, N)
-    progs = _programs(x.device, triton.cdiv(M, rows))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, progs), rows) * rows
-    progs = triton.cdiv(M, rows_per_prog)
-    alloc = torch.empty if single else torch.zeros
-    part = alloc((progs, N) if has_w else (1,), dtype=torch.float32, device=x.device)
+    progs, rows_per_prog = bwd_programs(x.device, M, rows)
+    part = partials((progs, N) if has_w else (1,), single, x.device)
     _rms_bwd_kernel[(progs,)](
         dy2, dy2.stride(0), x2, x2.stride(0), w if has_w else x2, r, dx, part, M, N,
         rows_per_prog, HAS_W=has_w, ROWS=rows, BLOCK=block, SINGLE=single, num_warps=warps)
     if not has_w:
         return dx, x.new_empty(0)
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    block_g, block_n, red_warps = tile_settings(progs, N, max_cols=256)
-    _sum_rows_kernel[(triton.cdiv(N, block_n),)](part, progs, N, dw, BLOCK_G=block_g,
-                                                  BLOCK_N=block_n, num_warps=red_warps)
-    return dx, dw
+    return dx, reduce_partials(part, progs, N, weight)

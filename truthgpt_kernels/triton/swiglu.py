@@ -1,22 +1,13 @@
 """SwiGLU in Triton: out = silu(gate) * up; backward recomputes silu. fp32 math.
 
-Each program processes a (ROWS, BLOCK_N) tile (triton/utils.tile_settings): long rows are split
-over several programs along the second grid axis, short rows are packed several to a program,
-so any row length works and every program moves a similar amount of data.
+Tiles and launch as the other gated activations (triton/gated.py).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, tile_settings
-
-
-@triton.jit
-def _tile(rows_count, n, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < rows_count)[:, None] & (cols < n)[None, :]
-    return rows[:, None], cols[None, :], mask
+from . import gated
+from .gated import _tile
 
 
 @triton.jit
@@ -42,29 +33,9 @@ def _swiglu_bwd_kernel(dy_ptr, dy_stride, g_ptr, g_stride, u_ptr, u_stride, dg_p
     tl.store(dg_ptr + r * n + c, dg.to(dg_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(rows: int, n: int):
-    rows_per, block_n, warps = tile_settings(rows, n)
-    return (triton.cdiv(rows, rows_per), triton.cdiv(n, block_n)), rows_per, block_n, warps
-
-
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g, u = as_rows(gate), as_rows(up)
-    rows, n = g.shape
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if out.numel():
-        grid, rows_per, block_n, warps = _grid(rows, n)
-        _swiglu_fwd_kernel[grid](g, g.stride(0), u, u.stride(0), out, rows, n,
-                                 ROWS=rows_per, BLOCK_N=block_n, num_warps=warps)
-    return out
+    return gated.fwd(_swiglu_fwd_kernel, gate, up)
 
 
 def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    dy, g, u = as_rows(grad), as_rows(gate), as_rows(up)
-    rows, n = g.shape
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    if dg.numel():
-        grid, rows_per, block_n, warps = _grid(rows, n)
-        _swiglu_bwd_kernel[grid](dy, dy.stride(0), g, g.stride(0), u, u.stride(0), dg, du, rows, n,
-                                 ROWS=rows_per, BLOCK_N=block_n, num_warps=warps)
-    return dg, du
+    return gated.bwd(_swiglu_bwd_kernel, grad, gate, up)
