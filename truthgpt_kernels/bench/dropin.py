@@ -1,6 +1,6 @@
-"""Drop-in cases: a Hugging Face Llama-architecture model patched by integrations.hf.apply_to
-vs unpatched (transformers' sdpa attention), and an nn.TransformerEncoder after
-replace_modules vs as built. Needs transformers for the HF cases."""
+"""Drop-in cases: Hugging Face models patched by integrations.hf.apply_to vs unpatched
+(transformers' sdpa attention, eager where it has none), one fwd+bwd case per served family, and an nn.TransformerEncoder
+after replace_modules vs as built. Needs transformers for the HF cases."""
 import copy
 
 import torch
@@ -9,15 +9,40 @@ from torch import nn
 from ..patch import replace_modules
 from . import Case
 
+VOCAB = 1000
+# family -> its config fields beyond the common ones (4 layers, d 512, 8 heads, 2 kv heads)
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 64},
+    "gemma2": {"head_dim": 64, "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3_text": {"head_dim": 64, "hidden_activation": "gelu_pytorch_tanh"},
+    "phi3": {},
+    "olmo2": {},
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 344,
+                  "shared_expert_intermediate_size": 1376},
+    "qwen3_moe": {"head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 344},
+}
+# families whose transformers code has no sdpa path (Gemma 2: attention-logit softcapping)
+EAGER_ONLY = {"gemma2"}
 
-def _llama(device, quick):
+
+def _attn(family):
+    return "eager" if family in EAGER_ONLY else "sdpa"
+
+
+def _model(family, device, quick):
     import transformers
-    cfg = transformers.LlamaConfig(
-        vocab_size=1000, hidden_size=128 if quick else 512, intermediate_size=256 if quick else 1376,
-        num_hidden_layers=2 if quick else 4, num_attention_heads=8, num_key_value_heads=2,
-        max_position_embeddings=4096, attn_implementation="sdpa")
+    cfg = transformers.AutoConfig.for_model(
+        family, vocab_size=VOCAB, hidden_size=128 if quick else 512,
+        intermediate_size=256 if quick else 1376, num_hidden_layers=2 if quick else 4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,  # some defaults lie past VOCAB
+        **FAMILIES[family])
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(device)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=_attn(family)).to(device)
 
 
 def _train_step(model):
@@ -45,17 +70,21 @@ def cases(device, quick):
     except ImportError:
         transformers = None
     if transformers is not None:
-        base = _llama(device, quick)
+        for family in FAMILIES:
+            fbase = _model(family, device, quick)
+            fpatched = hf.apply_to(copy.deepcopy(fbase))
+            out.append(Case(
+                op="dropin", name=f"HF {family} fwd+bwd seq {seq}",
+                setup=lambda: {"ids": torch.randint(0, VOCAB, (1, seq), device=device)},
+                impls={"truthgpt (apply_to)": _train_step(fpatched),
+                       f"transformers {_attn(family)}": _train_step(fbase)},
+                extra={"tokens": seq}))
+        base = _model("llama", device, quick)
         patched = hf.apply_to(copy.deepcopy(base))
-        out.append(Case(
-            op="dropin", name=f"HF Llama fwd+bwd seq {seq}",
-            setup=lambda: {"ids": torch.randint(0, 1000, (1, seq), device=device)},
-            impls={"truthgpt (apply_to)": _train_step(patched), "transformers sdpa": _train_step(base)},
-            extra={"tokens": seq}))
         n_new = 16 if quick else 128
         out.append(Case(
             op="dropin", name=f"HF Llama greedy generate {n_new} tokens",
-            setup=lambda: {"prompt": torch.randint(1, 1000, (1, 32), device=device)},
+            setup=lambda: {"prompt": torch.randint(1, VOCAB, (1, 32), device=device)},
             impls={"truthgpt (apply_to)": _generate(patched, n_new), "transformers sdpa": _generate(base, n_new)},
             extra={"tokens": n_new}))
     d = 128 if quick else 512
