@@ -47,3 +47,19 @@ def assert_close(name, ours, expected64, baseline, *, atol=None):
 
 def leaf(t: torch.Tensor, dtype=None, device=None) -> torch.Tensor:
     return t.detach().to(dtype=dtype or t.dtype, device=device or t.device).requires_grad_(True)
+
+
+CPU_ISAS = ["portable", "avx2", "avx512", "avx512bf16"]
+
+
+def gated_isa_inputs(isa: str, monkeypatch):
+    """(shape, gate64, up64) for the CPU instruction-set tests of the gated activations, with the
+    C++ CPU kernels capped at `isa` (TRUTHGPT_CPU_ISA; a path the CPU lacks falls back to the
+    best one it has). Skips when the extension is not built."""
+    import pytest
+    import truthgpt_kernels as tk
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    monkeypatch.setenv("TRUTHGPT_CPU_ISA", isa)
+    for shape in [(3, 7), (2, 4231), (33,), (4, 40)]:
+        yield shape, torch.randn(shape, dtype=torch.float64) * 4, torch.randn(shape, dtype=torch.float64)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
-from ..helpers import assert_close, backend_params, device_for, leaf
+from ..helpers import CPU_ISAS, assert_close, backend_params, device_for, gated_isa_inputs, leaf
 from .interpreter import bf16_rounding_known
 
 BACKENDS = backend_params("geglu")
@@ -123,16 +123,10 @@ def test_geglu_extreme_gates(backend, approximate):
         _check_grads(backend, g64, u64, dtype, approximate, name="[extreme]")
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_geglu_cpu_instruction_sets(isa, monkeypatch):
-    """Every compiled instruction-set path of the CPU kernels (capped by TRUTHGPT_CPU_ISA;
-    a path the CPU lacks falls back to the best one it has)."""
-    if not tk.available_backends()["cpu"]["available"]:
-        pytest.skip("C++ CPU extension not built")
-    monkeypatch.setenv("TRUTHGPT_CPU_ISA", isa)
-    for shape in [(3, 7), (2, 4231), (33,), (4, 40)]:
-        g64 = torch.randn(shape, dtype=torch.float64) * 4
-        u64 = torch.randn(shape, dtype=torch.float64)
+    """Every compiled instruction-set path of the CPU kernels."""
+    for shape, g64, u64 in gated_isa_inputs(isa, monkeypatch):
         for approximate in FORMS:
             for dtype in (torch.float32, torch.bfloat16, torch.float64):
                 _check_grads("cpu", g64, u64, dtype, approximate, name=f"[{isa} {shape}]")
