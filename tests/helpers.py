@@ -63,3 +63,16 @@ def gated_isa_inputs(isa: str, monkeypatch):
     monkeypatch.setenv("TRUTHGPT_CPU_ISA", isa)
     for shape in [(3, 7), (2, 4231), (33,), (4, 40)]:
         yield shape, torch.randn(shape, dtype=torch.float64) * 4, torch.randn(shape, dtype=torch.float64)
+
+
+ROW_LAYOUTS = ["transposed", "row_slice", "strided_inner"]
+
+
+def row_layout(layout: str):
+    """(shape, make): a float64 tensor of `shape` and the non-contiguous view `make(t)` of it
+    that the row-wise ops (norms) are tested on."""
+    if layout == "transposed":  # (41, 9, 341) viewed as (9, 41, 341): rows not evenly strided
+        return (41, 9, 341), lambda t: t.transpose(0, 1)
+    if layout == "row_slice":  # the first 333 columns of (20, 500): row stride 500
+        return (20, 500), lambda t: t[:, :333]
+    return (12, 2 * 257), lambda t: t[:, ::2]  # every other column: inner stride 2

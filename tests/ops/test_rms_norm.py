@@ -5,7 +5,7 @@ import torch
 import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
-from ..helpers import assert_close, backend_params, device_for, leaf
+from ..helpers import assert_close, backend_params, device_for, leaf, row_layout, ROW_LAYOUTS
 from .interpreter import bf16_rounding_known
 
 BACKENDS = backend_params("rms_norm")
@@ -72,15 +72,10 @@ def test_rms_norm_matches_reference(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["transposed", "row_slice", "strided_inner"])
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
 def test_rms_norm_non_contiguous(backend, layout):
     dev = device_for(backend)
-    if layout == "transposed":  # (41, 9, 341) viewed as (9, 41, 341): rows not evenly strided
-        shape, make = (41, 9, 341), lambda t: t.transpose(0, 1)
-    elif layout == "row_slice":  # the first 333 columns of (20, 500): row stride 500
-        shape, make = (20, 500), lambda t: t[:, :333]
-    else:  # every other column: inner stride 2
-        shape, make = (12, 2 * 257), lambda t: t[:, ::2]
+    shape, make = row_layout(layout)
     x64 = torch.randn(shape, dtype=torch.float64, device=dev)
     n = make(x64).shape[-1]
     w64 = 1 + 0.5 * torch.randn(n, dtype=torch.float64, device=dev)
