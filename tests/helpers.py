@@ -76,3 +76,20 @@ def row_layout(layout: str):
     if layout == "row_slice":  # the first 333 columns of (20, 500): row stride 500
         return (20, 500), lambda t: t[:, :333]
     return (12, 2 * 257), lambda t: t[:, ::2]  # every other column: inner stride 2
+
+
+def check_module_against_torch(ours, theirs, ref, x, params, *, param_atol=None):
+    """Our module and torch's (`theirs`) in x's dtype against torch's in float64 (`ref`, same
+    weights): output, dx and the gradients of `params` (attribute names), each with our error at
+    most 2x torch's (assert_close)."""
+    xa, xb, xr = leaf(x), leaf(x), leaf(x, torch.float64)
+    ya, yb, yr = ours(xa), theirs(xb), ref(xr)
+    assert_close("out", ya, yr, yb)
+    dy = torch.randn(ya.shape, dtype=torch.float64)
+    ya.backward(dy.to(x.dtype))
+    yb.backward(dy.to(x.dtype))
+    yr.backward(dy)
+    assert_close("dx", xa.grad, xr.grad, xb.grad)
+    for name in params:
+        assert_close(f"d{name}", getattr(ours, name).grad, getattr(ref, name).grad,
+                     getattr(theirs, name).grad, atol=param_atol)

@@ -6,7 +6,7 @@ import torch
 import truthgpt_kernels as tk
 from truthgpt_kernels.modules import LayerNorm
 
-from ..helpers import assert_close, leaf
+from ..helpers import assert_close, check_module_against_torch, leaf
 
 f64 = torch.float64
 
@@ -46,16 +46,7 @@ def test_low_precision_within_torch_error(dtype):
     ref = torch.nn.LayerNorm(64, dtype=f64)
     ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
     x = torch.randn(4, 7, 64, dtype=dtype) * 3
-    xa, xb, xr = leaf(x), leaf(x), leaf(x, f64)
-    ya, yb, yr = ours(xa), theirs(xb), ref(xr)
-    assert_close("out", ya, yr, yb)
-    dy = torch.randn(ya.shape, dtype=f64)
-    ya.backward(dy.to(dtype))
-    yb.backward(dy.to(dtype))
-    yr.backward(dy)
-    assert_close("dx", xa.grad, xr.grad, xb.grad)
-    assert_close("dweight", ours.weight.grad, ref.weight.grad, theirs.weight.grad)
-    assert_close("dbias", ours.bias.grad, ref.bias.grad, theirs.bias.grad)
+    check_module_against_torch(ours, theirs, ref, x, ("weight", "bias"))
 
 
 def test_state_dict_and_repr_like_torch():

@@ -5,7 +5,7 @@ import torch
 import truthgpt_kernels as tk
 from truthgpt_kernels.modules import LayerNorm, RMSNorm, make_norm
 
-from ..helpers import assert_close, backend_params, leaf
+from ..helpers import assert_close, backend_params, check_module_against_torch, leaf
 
 f64 = torch.float64
 
@@ -47,15 +47,8 @@ def test_low_precision_within_torch_error(dtype):
     ref = torch.nn.RMSNorm(64, eps=1e-6, dtype=f64)
     ref.load_state_dict({"weight": ours.weight.double()})
     x = torch.randn(4, 7, 64, dtype=dtype) * 3
-    xa, xb, xr = leaf(x), leaf(x), leaf(x, f64)
-    ya, yb, yr = ours(xa), theirs(xb), ref(xr)
-    assert_close("out", ya, yr, yb)
-    dy = torch.randn(ya.shape, dtype=f64)
-    ya.backward(dy.to(dtype))
-    yb.backward(dy.to(dtype))
-    yr.backward(dy)
-    assert_close("dx", xa.grad, xr.grad, xb.grad)
-    assert_close("dweight", ours.weight.grad, ref.weight.grad, theirs.weight.grad, atol=0.5 if dtype == torch.bfloat16 else None)
+    check_module_against_torch(ours, theirs, ref, x, ("weight",),
+                               param_atol=0.5 if dtype == torch.bfloat16 else None)
 
 
 def test_state_dict_and_repr_like_torch():
