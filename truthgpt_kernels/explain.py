@@ -122,8 +122,8 @@ def _attention_plan(q: Tensor, k: Tensor, *, causal=False, scale=None, alibi_slo
         info = _info_ops()
         if chosen != "cpu" or q.device.type != "cpu" or info is None or not hasattr(info, "attention_plan"):
             return None
-        from .ops.attention import _window
-        left, right = _window(bool(causal), window)
+        from .validation import check_window
+        left, right = check_window(bool(causal), window)
         B, Hq, Sq, _D = q.shape
         sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
         alibi = None if alibi_slopes is None else alibi_slopes.expand(B, Hq)

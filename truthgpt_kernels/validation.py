@@ -3,7 +3,7 @@
 Messages name the argument and say what was expected. Wrong dtypes raise TypeError;
 everything else (rank, shape, device, values) raises ValueError.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -68,6 +68,34 @@ def check_float(name: str, value, *, minimum=None, positive=False) -> float:
 def check_head_dim(name: str, d: int):
     if d < 1 or d > MAX_HEAD_DIM:
         raise ValueError(f"{name}: head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+
+
+def check_window(causal: bool, window) -> Tuple[int, int]:
+    """(left, right) key offsets around a query's position, -1 = unbounded; causal means
+    right <= 0."""
+    left, right = -1, -1
+    if window is not None:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ValueError(f"window must be a pair (left, right), got {window!r}")
+        left = check_int("window[0]", window[0], minimum=-1)
+        right = check_int("window[1]", window[1], minimum=-1)
+    if causal:
+        right = 0 if right == -1 else min(right, 0)
+    return left, right
+
+
+def check_attention_options(D: int, B: int, Hq: int, device, *, scale, softcap, causal, window,
+                            alibi_slopes):
+    """The options every attention op shares, normalised: (scale, softcap, (left, right),
+    alibi_slopes as a (B, Hq) view or None). Slopes: float32 (Hq,) or (B, Hq)."""
+    scale = D ** -0.5 if scale is None else check_float("scale", scale)
+    softcap = check_float("softcap", softcap, minimum=0.0)
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, ndim=(1, 2), dtypes=(torch.float32,), device=device)
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.expand(B, Hq)
+    return scale, softcap, check_window(bool(causal), window), alibi_slopes
 
 
 def check_class_targets(target: Tensor, num_classes: int, ignore_index: int):

@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import (check_float, check_head_dim, check_int, check_same_dtype,
-                          check_tensor)
+from ..validation import check_attention_options, check_head_dim, check_int, check_same_dtype, check_tensor
 from .reference import alibi_slopes  # noqa: F401  (re-exported as tk.alibi_slopes)
 
 
@@ -62,19 +61,6 @@ def _backward(ctx, grad_out, _grad_lse):
 attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _window(causal: bool, window) -> Tuple[int, int]:
-    """(left, right) with -1 = unbounded; causal means right <= 0."""
-    left, right = -1, -1
-    if window is not None:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise ValueError(f"window must be a pair (left, right), got {window!r}")
-        left = check_int("window[0]", window[0], minimum=-1)
-        right = check_int("window[1]", window[1], minimum=-1)
-    if causal:
-        right = 0 if right == -1 else min(right, 0)
-    return left, right
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
               window=None, block_mask: Optional[Tensor] = None, block_size: int = 64,
@@ -95,15 +81,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) (GQA/MQA)")
     check_head_dim("q", D)
-    scale = D ** -0.5 if scale is None else check_float("scale", scale)
-    softcap = check_float("softcap", softcap, minimum=0.0)
-    left, right = _window(bool(causal), window)
+    scale, softcap, (left, right), alibi_slopes = check_attention_options(
+        D, B, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
+        alibi_slopes=alibi_slopes)
     check_int("block_size", block_size, minimum=1)
-    if alibi_slopes is not None:
-        check_tensor("alibi_slopes", alibi_slopes, ndim=(1, 2), dtypes=(torch.float32,), device=q.device)
-        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
-            raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
-        alibi_slopes = alibi_slopes.expand(B, Hq)
     if block_mask is not None:
         nq, nk = math.ceil(Sq / block_size), math.ceil(Sk / block_size)
         check_tensor("block_mask", block_mask, ndim=4, dtypes=(torch.bool,), device=q.device)
