@@ -16,6 +16,9 @@
 //     (dweight/dbias empty unless need_dweight and a bias); chunk_size 0 = auto.
 //   layer_norm: mean, rstd of x.shape[:-1], float32 (float64 for float64 x); weight and bias
 //     have x's dtype or float32; dweight / dbias are empty tensors when weight / bias is None.
+//   attention_varlen: q (Tq,Hq,D), k/v (Tk,Hkv,D) packed, cu_seqlens int32 (B+1,) (0 first,
+//     non-decreasing, last = total), per-sequence semantics of attention; alibi_slopes float32
+//     (B,Hq); lse float32 (Hq,Tq).
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
 #include <torch/library.h>
 
@@ -39,6 +42,12 @@ TORCH_LIBRARY(truthgpt, m) {
         "float scale, int window_left, int window_right, Tensor? alibi_slopes, "
         "Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
+        "Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+        "int window_left, int window_right, Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor, Tensor)");
   m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "

@@ -18,6 +18,16 @@ def _attention_args(dev):
     return (q, k, v, 0.3, 4, 0, slopes, block_mask, 4, key_mask, 5.0)
 
 
+def _attention_varlen_args(dev):
+    q = torch.randn(9, 4, 8, device=dev, requires_grad=True)
+    k = torch.randn(11, 2, 8, device=dev, requires_grad=True)
+    v = torch.randn(11, 2, 8, device=dev, requires_grad=True)
+    cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 5, 6, 11], dtype=torch.int32, device=dev)
+    slopes = tk.alibi_slopes(4, device=dev).expand(3, 4)
+    return (q, k, v, cu_q, cu_k, 6, 5, 0.3, 4, 0, slopes, 5.0)
+
+
 def _rotary_args(dev, qk):
     x = torch.randn(2, 3, 5, 8, device=dev, requires_grad=True)
     cos, sin = tk.rotary_cos_sin(16, 6, device=dev)
@@ -29,6 +39,7 @@ def _rotary_args(dev, qk):
 
 CASES = {
     "attention": ("attention", _attention_args),
+    "attention_varlen": ("attention_varlen", _attention_varlen_args),
     "apply_rotary": ("rotary", lambda dev: _rotary_args(dev, False)),
     "apply_rotary_qk": ("rotary", lambda dev: _rotary_args(dev, True)),
     "swiglu": ("swiglu", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import sparse
-from ..ops import attention
+from ..ops import attention, attention_varlen
 from .embeddings import AlibiSlopes, RotaryEmbedding
+from .packing import Packed
 
 POSITIONS = ("rope", "alibi", "none")
 LAYOUTS = {"local": sparse.local_layout, "local_global": sparse.local_global_layout,
@@ -164,11 +165,16 @@ class Attention(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *, context: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, key_mask: Optional[Tensor] = None) -> Tensor:
+                cache: Optional[KVCache] = None, key_mask: Optional[Tensor] = None,
+                packed: Optional[Packed] = None) -> Tensor:
+        """x (B, S, d_model). packed: documents packed into the rows (modules/packing.py),
+        each attending only within itself, positions restarting per document."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Attention expects x of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
         if context is not None:
             return self._cross(x, context, cache, key_mask)
+        if packed is not None:
+            return self._packed(x, packed, cache, key_mask)
         B, S, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
@@ -189,6 +195,25 @@ class Attention(nn.Module):
                       key_mask=key_mask, softcap=self.softcap, backend=self.backend)  # (B, Hq, S, D)
         y = y.transpose(1, 2).reshape(B, S, Hq * D)           # (B, S, Hq * D)
         return self.dropout(self.out(y))
+
+    def _packed(self, x: Tensor, packed: Packed, cache: Optional[KVCache],
+                key_mask: Optional[Tensor]) -> Tensor:
+        if cache is not None or key_mask is not None or self.sparsity:
+            raise ValueError("packed documents run without a KV cache, key_mask or block-sparse "
+                             "layout (each document is its own sequence)")
+        B, S, _ = x.shape
+        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, S, Hq, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)
+        if self.rotary is not None:                           # positions within each document
+            q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), position_ids=packed.position_ids)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)       # (B, S, H, D)
+        n = packed.max_seqlen
+        y = attention_varlen(q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D),
+                             packed.cu_seqlens, packed.cu_seqlens, n, n, causal=self.causal,
+                             window=self.window, softcap=self.softcap, backend=self.backend,
+                             alibi_slopes=self.alibi() if self.alibi is not None else None)  # (B*S, Hq, D)
+        return self.dropout(self.out(y.view(B, S, Hq * D)))
 
     def _cross(self, x: Tensor, context: Tensor, cache: Optional[KVCache],
                key_mask: Optional[Tensor]) -> Tensor:

@@ -22,6 +22,7 @@ from .attention import Attention, KVCache
 from .embeddings import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .norm import LayerNorm, RMSNorm, make_norm
+from .packing import Packed
 
 
 class TransformerBlock(nn.Module):
@@ -62,8 +63,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, *, context: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, cross_cache: Optional[KVCache] = None,
-                key_mask: Optional[Tensor] = None, context_mask: Optional[Tensor] = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask)      # (B, S, d)
+                key_mask: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
+                packed: Optional[Packed] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask, packed=packed)  # (B, S, d)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context=context, cache=cross_cache,
                                     key_mask=context_mask)
@@ -176,10 +178,12 @@ class Transformer(nn.Module):
                                  f"(vocab_size), got values in [{lo}, {hi}]")
 
     # ------------------------------------------------------------------ forward
-    def embed_tokens(self, tokens: Tensor, offset: int = 0) -> Tensor:
+    def embed_tokens(self, tokens: Tensor, offset: int = 0,
+                     position_ids: Optional[Tensor] = None) -> Tensor:
         x = self.embed(tokens)                                   # (B, S, d)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(tokens.shape[1], offset).to(x.dtype)
+            table = self.pos_embed(tokens.shape[1], offset)      # (S, d)
+            x = x + (table if position_ids is None else table[position_ids]).to(x.dtype)
         return self.drop(x)
 
     def _run(self, layer, x, **kwargs):
@@ -201,7 +205,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *,
                 encoder_tokens: Optional[Tensor] = None, cache: Optional[ModelCache] = None,
                 key_mask: Optional[Tensor] = None, encoder_key_mask: Optional[Tensor] = None,
-                return_logits: bool = True):
+                return_logits: bool = True, position_ids: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None):
         """tokens (B, S) int ids -> logits (B, S, vocab). With targets (B, S) (-100 = ignore):
         (logits, loss), the loss (mean over the counted tokens) including the MoE
         load-balancing loss. With targets and return_logits=False: (None, loss), the LM head
@@ -209,7 +214,11 @@ class Transformer(nn.Module):
         logits tensor exists in the forward or the backward (as Liger-Kernel's fused linear
         cross-entropy); what training loops that only need the loss should pass.
         encoder_tokens: the source sequence of an encoder_decoder model. cache: from
-        make_cache(), for decoding."""
+        make_cache(), for decoding. Packed batches (several documents per row, none attending
+        to another, positions restarting at each): position_ids (B, S) that restart at each
+        document (as transformers' packing collators make), or cu_seqlens int32 (N + 1,), the
+        document boundaries over the B * S flattened tokens (every row start among them);
+        attention runs through tk.attention_varlen, nothing is padded or masked densely."""
         if not isinstance(return_logits, bool):
             raise TypeError(f"return_logits must be True or False, got {return_logits!r}")
         if not return_logits and targets is None:
@@ -233,9 +242,11 @@ class Transformer(nn.Module):
         elif encoder_tokens is not None:
             raise ValueError(f"encoder_tokens given to a {self.config.model_type} model")
 
-        x = self.embed_tokens(tokens, offset)                    # (B, S, d)
+        packed = self._packed(tokens, position_ids, cu_seqlens, cache, key_mask)
+        x = self.embed_tokens(tokens, offset, None if packed is None else packed.position_ids)  # (B, S, d)
         for i, layer in enumerate(self.layers):
             x = self._run(layer, x, context=context, key_mask=key_mask, context_mask=context_mask,
+                          **({} if packed is None else {"packed": packed}),
                           cache=cache.layers[i] if cache is not None else None,
                           cross_cache=cache.cross[i] if cache is not None and cache.cross else None)
         h = self.norm(x)                                         # (B, S, d)
@@ -249,6 +260,21 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)                                 # (B, S, vocab)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=-100)
         return logits, loss + self.aux_loss()
+
+    def _packed(self, tokens, position_ids, cu_seqlens, cache, key_mask) -> Optional[Packed]:
+        if position_ids is None and cu_seqlens is None:
+            return None
+        if position_ids is not None and cu_seqlens is not None:
+            raise ValueError("pass either position_ids or cu_seqlens for a packed batch, not both")
+        if cache is not None or key_mask is not None or self.encoder is not None:
+            raise ValueError("a packed batch (position_ids / cu_seqlens) runs without a cache, "
+                             "key_mask or encoder (decoder or encoder models only)")
+        if position_ids is not None:
+            if tuple(getattr(position_ids, "shape", ())) != tuple(tokens.shape):
+                raise ValueError(f"position_ids must have the shape of tokens {tuple(tokens.shape)}, "
+                                 f"got {tuple(getattr(position_ids, 'shape', ()))}")
+            return Packed.from_position_ids(position_ids.to(tokens.device))
+        return Packed.from_cu_seqlens(cu_seqlens.to(tokens.device), *tokens.shape)
 
     def fused_loss(self, h: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of lm_head(h) against targets (-100 = ignore) through

@@ -420,3 +420,41 @@ def geglu_bwd(grad, gate, up, approximate):
     dgate = dy * u * dgelu
     dup = dy * gelu(g, approximate)
     return dgate.to(gate.dtype).contiguous(), dup.to(up.dtype).contiguous()
+
+
+def _varlen_spans(cu_seqlens_q, cu_seqlens_k):
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(b, cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def _seq(t, start, end):
+    """(1, H, S, D) view of rows [start, end) of a packed (total, H, D) tensor."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                         window_left, window_right, alibi_slopes, softcap):
+    """Packed sequences, each through attention_fwd: out like q (Tq, Hq, D), lse (Hq, Tq)."""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0 and k1 > k0:
+            slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
+            o, l = attention_fwd(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), scale, window_left,
+                                 window_right, slopes, None, 64, None, softcap)
+            out[q0:q1] = o[0].transpose(0, 1)
+            lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0 and k1 > k0:
+            slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
+            g = attention_bwd(_seq(grad_out, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
+                              _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0), scale, window_left,
+                              window_right, slopes, None, 64, None, softcap)
+            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g)
+    return dq, dk, dv

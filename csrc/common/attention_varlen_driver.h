@@ -1,0 +1,95 @@
+// truthgpt::attention_varlen_fwd / _bwd for one device: packed (total, heads, head_dim)
+// sequences run one after another through that device's dense kernels
+// (truthgpt::attention_fwd / _bwd, reached through the dispatcher) on strided per-sequence
+// views; nothing is padded and no (total x total) mask exists. Included by
+// csrc/cpu/attention_varlen.cpp (CPU) and csrc/cuda/attention_varlen_binding.cpp (CUDA).
+//
+// Inputs are validated in Python (truthgpt_kernels/ops/attention_varlen.py) before any kernel
+// runs: cu_seqlens int32 (B + 1,), 0 first, non-decreasing, last = total; alibi float32 (B, Hq).
+// A sequence's outputs are written into its rows of the packed outputs; sequences with no
+// query rows are skipped, sequences with no keys give zero rows, lse -inf and zero gradients.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace truthgpt {
+namespace varlen {
+
+using Opt = c10::optional<at::Tensor>;
+using FwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                 int64_t, int64_t, const Opt&, const Opt&, int64_t, const Opt&,
+                                                 double);
+using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             double, int64_t, int64_t, const Opt&, const Opt&,
+                                                             int64_t, const Opt&, double);
+
+// Cumulative lengths on the host (one copy; a device sync for CUDA tensors).
+inline std::vector<int64_t> host_offsets(const at::Tensor& cu) {
+  const at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + c.numel());
+}
+
+// (1, H, len, D) view of rows [start, start + len) of a packed (total, H, D) tensor.
+inline at::Tensor seq_view(const at::Tensor& t, int64_t start, int64_t len) {
+  return t.narrow(0, start, len).transpose(0, 1).unsqueeze(0);
+}
+
+inline Opt slopes_of(const Opt& alibi, int64_t b) {
+  return alibi.has_value() ? Opt(alibi->narrow(0, b, 1)) : Opt();
+}
+
+inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/,
+                                              int64_t /*max_k*/, double scale, int64_t window_left,
+                                              int64_t window_right, const Opt& alibi, double softcap) {
+  static const auto dense =
+      c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_fwd", "").typed<FwdFn>();
+  const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(),
+                            q.options().dtype(at::kFloat));
+  for (size_t b = 0; b + 1 < oq.size(); ++b) {
+    const int64_t q0 = oq[b], nq = oq[b + 1] - oq[b], k0 = ok[b], nk = ok[b + 1] - ok[b];
+    if (nq == 0 || nk == 0) continue;
+    auto [o, l] = dense.call(seq_view(q, q0, nq), seq_view(k, k0, nk), seq_view(v, k0, nk), scale, window_left,
+                             window_right, slopes_of(alibi, static_cast<int64_t>(b)), Opt(), 64, Opt(), softcap);
+    out.narrow(0, q0, nq).copy_(o.select(0, 0).transpose(0, 1));
+    lse.narrow(1, q0, nq).copy_(l.select(0, 0));
+  }
+  return {out, lse};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
+    double scale, int64_t window_left, int64_t window_right, const Opt& alibi, double softcap) {
+  static const auto dense =
+      c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_bwd", "").typed<BwdFn>();
+  const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  for (size_t b = 0; b + 1 < oq.size(); ++b) {
+    const int64_t q0 = oq[b], nq = oq[b + 1] - oq[b], k0 = ok[b], nk = ok[b + 1] - ok[b];
+    if (nq == 0 || nk == 0) continue;
+    auto [gq, gk, gv] = dense.call(seq_view(grad_out, q0, nq), seq_view(q, q0, nq), seq_view(k, k0, nk),
+                                   seq_view(v, k0, nk), seq_view(out, q0, nq), lse.narrow(1, q0, nq).unsqueeze(0),
+                                   scale, window_left, window_right, slopes_of(alibi, static_cast<int64_t>(b)),
+                                   Opt(), 64, Opt(), softcap);
+    dq.narrow(0, q0, nq).copy_(gq.select(0, 0).transpose(0, 1));
+    dk.narrow(0, k0, nk).copy_(gk.select(0, 0).transpose(0, 1));
+    dv.narrow(0, k0, nk).copy_(gv.select(0, 0).transpose(0, 1));
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace varlen
+}  // namespace truthgpt

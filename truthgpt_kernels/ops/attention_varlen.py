@@ -1,0 +1,130 @@
+"""tk.attention_varlen: attention over packed variable-length sequences (flash-attn's
+`flash_attn_varlen_func` layout), as the autograd-aware op truthgpt::attention_varlen
+(backward: truthgpt::attention_varlen_backward).
+
+q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence b owns rows cu_seqlens_q[b] ..
+cu_seqlens_q[b + 1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of k and v, and gets exactly
+tk.attention's semantics on them (bottom-right causal alignment per sequence, GQA, ALiBi,
+window, softcap; a sequence without keys gives zero rows). No padding and no mask across
+sequences exist. The lengths are read inside the op (never traced), so torch.compile sees one
+opaque op whatever the lengths."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..validation import (check_attention_options, check_head_dim, check_int, check_same_dtype,
+                          check_tensor)
+
+
+def _check_lengths(name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str):
+    """Reads cu (a host sync on GPUs): 0 first, non-decreasing, last = total, no length above
+    max_seqlen. Runs inside the op, before its kernel."""
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {c[0]}")
+    lengths = [b - a for a, b in zip(c, c[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{name} must be non-decreasing, got {c[i]} then {c[i + 1]} at {i}")
+    if c[-1] != total:
+        raise ValueError(f"{name} must end at the packed tensor's length {total}, got {c[-1]}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in "
+                         f"{name} ({max(lengths)})")
+
+
+@torch.library.custom_op("truthgpt::attention_varlen", mutates_args=())
+def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                        max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+                        window_right: int, alibi_slopes: Optional[Tensor], softcap: float,
+                        backend: str) -> Tuple[Tensor, Tensor]:
+    """Returns (out (Tq, Hq, D) like q, lse float32 (Hq, Tq)); arguments as normalised by
+    `attention_varlen` below (causal folded into window_right)."""
+    _check_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    _check_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    return backends.kernel("attention_varlen", backend, "fwd")(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+        window_right, alibi_slopes, softcap)
+
+
+@attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+      window_right, alibi_slopes, softcap, backend):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("truthgpt::attention_varlen_backward", mutates_args=())
+def attention_varlen_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                 lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                 max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                                 window_left: int, window_right: int,
+                                 alibi_slopes: Optional[Tensor], softcap: float,
+                                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return backends.kernel("attention_varlen", backend, "bwd")(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        scale, window_left, window_right, alibi_slopes, softcap)
+
+
+@attention_varlen_backward_op.register_fake
+def _(grad_out, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k = inputs[:5]
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
+    ctx.args = inputs[5:]  # max_q, max_k, scale, window_left, window_right, alibi, softcap, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = attention_varlen_backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                              *ctx.args)
+    return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
+
+
+attention_varlen_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _unit_rows(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     scale: Optional[float] = None, window=None,
+                     alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                     return_lse: bool = False, backend: Optional[str] = None):
+    """Attention over packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D),
+    cu_seqlens_q / cu_seqlens_k int32 (B + 1,) cumulative lengths (0 first, total last),
+    max_seqlen_q / max_seqlen_k at least the longest length. Per sequence the semantics of
+    tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq)). Returns out
+    (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q) when return_lse."""
+    Tq, Hq, D = check_tensor("q", q, ndim=3).shape
+    check_tensor("k", k, ndim=3, device=q.device)
+    check_tensor("v", v, ndim=3, device=q.device, shape=tuple(k.shape))
+    check_same_dtype("q", q, k=k, v=v)
+    Tk, Hkv, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"k and v must have the head dim of q ({D}), got {Dk}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) (GQA/MQA)")
+    check_head_dim("q", D)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=q.device)
+    n = cu_seqlens_q.shape[0]
+    if n < 2:
+        raise ValueError(f"cu_seqlens_q must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens_q.shape)}")
+    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=q.device, shape=(n,))
+    check_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    check_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    scale, softcap, (left, right), alibi_slopes = check_attention_options(
+        D, n - 1, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
+        alibi_slopes=alibi_slopes)
+    name = backends.select("attention_varlen", backend, q)
+    out, lse = attention_varlen_op(_unit_rows(q), _unit_rows(k), _unit_rows(v), cu_seqlens_q,
+                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                                   alibi_slopes, softcap, name)
+    return (out, lse) if return_lse else out
