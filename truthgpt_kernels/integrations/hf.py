@@ -56,6 +56,7 @@ from packaging.version import Version
 
 from .. import logs as _logs
 from .. import ops
+from ..modules.packing import Packed
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2",
              "mixtral", "qwen2_moe", "qwen3_moe")
@@ -160,6 +161,54 @@ def _dead_rows(out, dead, module, query, key, value, kwargs, causal, window):
     return out.index_put((rows_b, order[real]), part[real].to(out.dtype))
 
 
+def _documents(query, key, attention_mask, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when this call holds packed documents, else
+    None. Two spellings: flash-attn's keyword arguments cu_seq_lens_q/k and max_length_q/k
+    (one row, e.g. DataCollatorWithFlattening with return_flash_attn_kwargs=True), trusted as
+    transformers' flash path trusts them; or position_ids that restart inside a row together
+    with the 4-D mask transformers builds for packed rows (no cache, no padding mask: Sq ==
+    Sk), checked to separate the documents. Where transformers' sdpa path does not treat the
+    rows as packed (a padding mask, a cache: its mask lets a document see the one before),
+    neither does this, so the patched model keeps the replaced function's results."""
+    B, Sq, Sk = query.shape[0], query.shape[2], key.shape[2]
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None and B == 1:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        cu_k = cu_q if cu_k is None else cu_k
+        if int(cu_q[-1]) != Sq or int(cu_k[-1]) != Sk:
+            return None
+        max_q = kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max())
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    pos = kwargs.get("position_ids")
+    if pos is None or attention_mask is None or attention_mask.dim() != 4 or Sq != Sk \
+            or pos.shape[-1] != Sq:
+        return None
+    pos = pos.expand(B, Sq)
+    if not bool((pos[:, 1:] != pos[:, :-1] + 1).any()):
+        return None
+    packed = Packed.from_position_ids(pos)
+    starts = packed.cu_seqlens[:-1].long()
+    starts = starts[starts % Sq != 0]  # documents that start inside a row
+    b, i = starts // Sq, starts % Sq
+    mask = attention_mask[..., -Sk:]
+    if bool(_visible(mask[b % mask.shape[0], 0, i, i - 1]).any()):
+        return None
+    return packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen
+
+
+def _varlen(query, key, value, docs, causal, scaling, window, softcap):
+    """Packed documents through tk.attention_varlen: (B, Sq, Hq, D) as transformers expects."""
+    B, Hq, Sq, D = query.shape
+    Hkv, Sk = key.shape[1], key.shape[2]
+
+    def rows(t, H, S):
+        return t.transpose(1, 2).reshape(B * S, H, D)  # (B * S, H, D)
+    out = ops.attention_varlen(rows(query, Hq, Sq), rows(key, Hkv, Sk), rows(value, Hkv, Sk), *docs,
+                               causal=causal, scale=scaling, window=window, softcap=softcap or 0.0)
+    return out.view(B, Sq, Hq, D)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers attention-function signature: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D);
@@ -173,6 +222,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         return _run("eager", module, query, key, value, attention_mask, causal=causal,
                     window=window, **fn_kwargs)
+    docs = _documents(query, key, attention_mask, kwargs) if dropout == 0.0 else None
+    if docs is not None:
+        return _varlen(query, key, value, docs, causal, scaling, window, softcap), None
     key_mask = None
     vis = None
     servable = dropout == 0.0
