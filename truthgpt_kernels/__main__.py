@@ -83,7 +83,8 @@ def cmd_train(args):
               f"d_model {config.d_model}, {config.n_layers} layers; data: {args.data or 'reversal task'}")
     try:
         _, result = train(config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          data=args.data, n_digits=args.digits, seed=args.seed, device=device,
+                          data=args.data, pack=not args.no_pack, n_digits=args.digits, seed=args.seed,
+                          device=device,
                           autocast=args.autocast, out=args.out or (None if args.resume else "checkpoints/run"),
                           progress=not args.no_progress, parallel=args.parallel,
                           grad_accum=args.grad_accum, eval_every=args.eval_every,
@@ -180,6 +181,9 @@ def main(argv=None):
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=5e-3)
     train.add_argument("--data", help="text file (byte-level tokens); default: reversal task")
+    train.add_argument("--no-pack", action="store_true",
+                       help="--data: plain windows that attend across documents (default: documents, "
+                       "separated by blank lines, packed into rows without attention across them)")
     train.add_argument("--digits", type=int, default=4, help="reversal task: digits per example")
     train.add_argument("--out", help="run directory: checkpoint, metrics.jsonl, trace "
                        "(default: checkpoints/run, or the --resume directory)")

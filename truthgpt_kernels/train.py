@@ -73,12 +73,13 @@ class ReverseTask:
         return torch.cat([digits + ord("0"), eq, digits.flip(1) + ord("0"), dot], dim=1)
 
     def batch(self, batch_size: int, generator: torch.Generator,
-              held_out: bool = False) -> Tuple[Tensor, Tensor]:
-        """tokens (B, 2n + 1) and targets (B, 2n + 1): the next byte after '=', else ignored."""
+              held_out: bool = False) -> Tuple[Tensor, Tensor, dict]:
+        """tokens (B, 2n + 1) and targets (B, 2n + 1): the next byte after '=', else ignored;
+        no extra forward arguments."""
         seq = self.encode(self._digits(batch_size, generator, held_out))
         tokens, targets = seq[:, :-1], seq[:, 1:].clone()
         targets[:, : self.n] = IGNORE
-        return tokens, targets
+        return tokens, targets, {}
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, n_examples: int = 256, seed: int = 1234) -> Dict[str, float]:
@@ -95,32 +96,49 @@ class ReverseTask:
 
 
 class TextData:
-    """Random windows of a text file as byte tokens (next-byte prediction)."""
+    """Random windows of a text file as byte tokens (next-byte prediction). Documents are
+    separated by blank lines ("\n\n"). With `pack` (the default) each window is a packed row:
+    the documents in it attend only within themselves (position_ids restart at each document
+    and at the window start; Transformer.forward runs them through tk.attention_varlen) and a
+    document's last byte predicts nothing; without it, windows attend across documents."""
     name = "text"
 
-    def __init__(self, path: str, seq_len: int):
+    def __init__(self, path: str, seq_len: int, pack: bool = True):
         with open(path, "rb") as fh:
             data = fh.read()
         if len(data) < seq_len + 2:
             raise ValueError(f"{path}: {len(data)} bytes is too short for seq_len {seq_len}")
         self.data = torch.tensor(list(data), dtype=torch.int64)
-        self.seq_len = seq_len
+        self.seq_len, self.pack = seq_len, pack
         n_val = max(seq_len + 2, len(data) // 20)
         self.split = len(data) - n_val  # the last 5% is held out
+        nl = self.data == 10
+        starts = torch.zeros(len(data), dtype=torch.bool)
+        starts[0] = True
+        starts[2:] = nl[:-2] & nl[1:-1]  # a document starts after a blank line
+        self.doc_start = torch.cummax(torch.where(starts, torch.arange(len(data)), 0), 0).values
+        self.starts = starts
 
     def batch(self, batch_size: int, generator: torch.Generator, held_out: bool = False):
+        """(tokens, targets, forward keyword arguments: position_ids when packing)."""
         lo, hi = (self.split, len(self.data)) if held_out else (0, self.split)
         start = torch.randint(lo, hi - self.seq_len - 1, (batch_size,), generator=generator)
         idx = start[:, None] + torch.arange(self.seq_len + 1)
         seq = self.data[idx]
-        return seq[:, :-1], seq[:, 1:]
+        tokens, targets = seq[:, :-1], seq[:, 1:].clone()
+        if not self.pack:
+            return tokens, targets, {}
+        targets[self.starts[idx[:, 1:]]] = IGNORE  # the next byte opens another document
+        pos = idx[:, :-1] - torch.maximum(self.doc_start[idx[:, :-1]], start[:, None])
+        return tokens, targets, {"position_ids": pos}
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, n_examples: int = 32, seed: int = 1234) -> Dict[str, float]:
         g = torch.Generator().manual_seed(seed)
-        tokens, targets = self.batch(n_examples, g, held_out=True)
+        tokens, targets, kw = self.batch(n_examples, g, held_out=True)
         device = next(model.parameters()).device
-        _, loss = model(tokens.to(device), targets.to(device), return_logits=False)
+        _, loss = model(tokens.to(device), targets.to(device), return_logits=False,
+                        **{k: v.to(device) for k, v in kw.items()})
         return {"held_out_loss": loss.item()}
 
 
@@ -302,7 +320,8 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
           model: Optional[Transformer] = None, parallel: str = "ddp", grad_accum: int = 1,
           eval_every: int = 0, save_every: int = 0, resume: Optional[str] = None,
           tensorboard: bool = False, profile: int = 0, gemm_gflops: Optional[float] = None,
-          callback: Optional[Callable[[dict], None]] = None) -> Tuple[Transformer, TrainResult]:
+          callback: Optional[Callable[[dict], None]] = None,
+          pack: bool = True) -> Tuple[Transformer, TrainResult]:
     """Trains a model on the synthetic reversal task (or the text file `data`); returns the
     model and a TrainResult (loss per step, tokens/s, held-out evaluation, checkpoint path,
     per-step metrics).
@@ -317,7 +336,8 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
     `resume` (a run directory) continues that run from its checkpoint: the arguments and config
     must match the checkpoint's, and the losses equal an uninterrupted run's bit for bit.
     `grad_accum` splits each batch into that many micro-batches (one optimizer step).
-    `callback(record)` is called after each step.
+    `callback(record)` is called after each step. `pack` (text data): documents (separated by
+    blank lines) packed into full rows without attention across them; False: plain windows.
 
     Under torch.distributed (e.g. launched by torchrun; the process group must be initialised)
     every rank draws the same global batch of `batch_size` and trains on its slice, with
@@ -340,7 +360,7 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
     if tensorboard:
         _check_tensorboard()
     if data is not None:
-        task = TextData(data, seq_len or min(config.max_seq_len, 256))
+        task = TextData(data, seq_len or min(config.max_seq_len, 256), pack=pack)
     else:
         task = ReverseTask(n_digits)
     if task.seq_len > config.max_seq_len:
@@ -356,7 +376,8 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
         raise ValueError("resume and save_every are not supported with parallel='fsdp' (sharded "
                          "optimizer state); use ddp")
     signature = {"config": config.to_dict(), "task": task.name, "n_digits": n_digits if data is None else None,
-                 "data": os.path.abspath(data) if data else None, "seq_len": task.seq_len, "steps": steps,
+                 "data": os.path.abspath(data) if data else None, "pack": pack if data else None,
+                 "seq_len": task.seq_len, "steps": steps,
                  "batch_size": batch_size, "lr": lr, "seed": seed, "weight_decay": weight_decay,
                  "grad_accum": grad_accum, "autocast": autocast, "world_size": world}
     state = None
@@ -412,9 +433,10 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
             t_step = time.perf_counter()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            tokens, targets = task.batch(batch_size, gen)  # the global batch, the same on every rank
+            tokens, targets, extra = task.batch(batch_size, gen)  # the global batch, the same on every rank
             local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
             tokens, targets = tokens[local].to(device), targets[local].to(device)
+            extra = {k: v[local].to(device) for k, v in extra.items()}  # position_ids of packed rows
             step_lr = lr_at(step, steps, lr, warmup)
             for group in opt.param_groups:
                 group["lr"] = step_lr
@@ -425,7 +447,8 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
                 sync = m == grad_accum - 1 or world == 1 or parallel != "ddp"
                 with (contextlib.nullcontext() if sync else step_model.no_sync()):
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                        _, loss = step_model(tokens[sl], targets[sl], return_logits=False)
+                        _, loss = step_model(tokens[sl], targets[sl], return_logits=False,
+                                             **{k: v[sl] for k, v in extra.items()})
                     (loss / grad_accum if grad_accum > 1 else loss).backward()  # DDP / FSDP average over ranks
                 loss = loss.detach()
                 loss_sum = loss if loss_sum is None else loss_sum + loss
