@@ -125,10 +125,19 @@ def _tile_scores(qk, i2, j2, m0, n0, pos_off, Sq, Sk, scale, softcap, slope, wl,
 
 
 @triton.jit
-def _seq(CU, b):
-    """(first row int64, length int32) of sequence b of a packed (varlen) batch."""
-    start = tl.load(CU + b)
-    return start.to(tl.int64), tl.load(CU + b + 1) - start
+def _seq(CU_Q, CU_K, b):
+    """(first query row int64, Sq int32, first key row int64, Sk int32) of sequence b of a
+    packed (varlen) batch."""
+    q0 = tl.load(CU_Q + b)
+    k0 = tl.load(CU_K + b)
+    return q0.to(tl.int64), tl.load(CU_Q + b + 1) - q0, k0.to(tl.int64), tl.load(CU_K + b + 1) - k0
+
+
+@triton.jit
+def _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q0, k0, sqs, sks, svs, sds):
+    """The backward's pointers moved to a sequence's first rows: q, k, v, dO by their row
+    strides, the (Hq, Tq) row statistics by q0."""
+    return Q + q0 * sqs, K + k0 * sks, V + k0 * svs, DO + q0 * sds, LSE + q0, DELTA + q0, ONE + q0
 
 
 @triton.jit
@@ -182,8 +191,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
     hk = h // G
     m0 = pid_m * BLOCK_M
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0)
-        q_start, Sq = _seq(CU_Q, b)
-        k_start, Sk = _seq(CU_K, b)
+        q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if m0 >= Sq:
             return
         Q = Q + q_start * sqs
@@ -309,17 +317,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
     n0l = pid_n * BLOCK_N
     n0 = n0l.to(tl.int32)
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
-        q_start, Sq = _seq(CU_Q, b)
-        k_start, Sk = _seq(CU_K, b)
+        q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if n0l >= Sk:
             return
-        Q = Q + q_start * sqs
-        DO = DO + q_start * sds
-        K = K + k_start * sks
-        V = V + k_start * svs
-        LSE = LSE + q_start
-        DELTA = DELTA + q_start
-        ONE = ONE + q_start
+        Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
+                                                     sqs, sks, svs, sds)
     pos_off = Sk - Sq
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
@@ -415,17 +417,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     hk = h // G
     m0 = pid_m * BLOCK_M
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
-        q_start, Sq = _seq(CU_Q, b)
-        k_start, Sk = _seq(CU_K, b)
+        q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if m0 >= Sq:
             return
-        Q = Q + q_start * sqs
-        DO = DO + q_start * sds
-        K = K + k_start * sks
-        V = V + k_start * svs
-        LSE = LSE + q_start
-        DELTA = DELTA + q_start
-        ONE = ONE + q_start
+        Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
+                                                     sqs, sks, svs, sds)
     pos_off = Sk - Sq
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
