@@ -182,7 +182,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-              VARLEN: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              VARLEN: tl.constexpr,
+              PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest (last, under causal) query tiles first
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
