@@ -287,21 +287,23 @@ from triton.compiler import ASTSource
 from truthgpt_kernels.triton import attention as A
 
 arch = int(sys.argv[1])
-FLAGS = ("HAS_ALIBI", "HAS_SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "HAS_LIST", "HAS_KMASK")
+FLAGS = ("HAS_ALIBI", "HAS_SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "HAS_LIST", "HAS_KMASK", "VARLEN")
 TENSORS = {"LSE": "fp32", "DELTA": "fp32", "SLOPES": "fp32", "BMASK": "u8", "KMASK": "u8",
-           "LIST": "i32", "CNT": "i32", "ONE": "i8"}
+           "LIST": "i32", "CNT": "i32", "ONE": "i8", "CU_Q": "i32", "CU_K": "i32"}
 out = []
 for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
     for dt, D, on, tiles in (("bf16", 128, ("HAS_RIGHT",), A._TABLE[arch][kind][128][0]),
                              ("fp16", 80, FLAGS, A._LIST_TILES["fwd" if kind == "fwd" else "bwd"][128]
                               + A._LIST_WARPS[0]),
-                             ("fp32", 32, ("HAS_LEFT", "HAS_RIGHT", "HAS_ALIBI"), (64, 32, 4, 2))):
+                             ("fp32", 32, ("HAS_LEFT", "HAS_RIGHT", "HAS_ALIBI"), (64, 32, 4, 2)),
+                             ("bf16", 64, ("HAS_LEFT", "HAS_RIGHT", "HAS_ALIBI", "HAS_SOFTCAP", "VARLEN"),
+                              A._TABLE[arch][kind][64][0])):
         bm, bn, warps, stages = tiles
         consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
                       PREC="tf32x3" if dt == "fp32" else "tf32", DOT_T=getattr(tl, {"bf16": "bfloat16",
                       "fp16": "float16", "fp32": "float32"}[dt]), **{f: f in on for f in FLAGS})
         if "HAS_ONE" in fn.arg_names:  # the backward's one-key-row path (issue #19)
-            consts["HAS_ONE"] = dt != "bf16"
+            consts["HAS_ONE"] = dt != "bf16" or "VARLEN" in on  # varlen: always
         sig = {}
         for name in fn.arg_names:
             if name in consts:
@@ -320,7 +322,7 @@ print(json.dumps(out))
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_gpus(arch):
     """Without a GPU the interpreter checks semantics but not the GPU lowering: compile the
-    kernels (a dense bf16 config, every feature in fp16 with the tile-list shapes, fp32) to
+    kernels (a dense bf16 config, every feature in fp16 with the tile-list shapes, fp32, varlen) to
     cubin for sm_80 and sm_90 in a subprocess without TRITON_INTERPRET, and check they use
     tensor cores and fit the shared memory."""
     import json

@@ -12,6 +12,11 @@ Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
   written by exactly one program: no atomics, deterministic.
 - `_attn_bwd_dq`: one program per (query tile, batch * query head), like the forward.
 
+VARLEN (constexpr; triton/attention_varlen.py launches it): packed rows, batch strides 0; the
+program of sequence b reads its first rows and lengths from CU_Q / CU_K, returns when its tile
+starts past the sequence, and writes out/dq/dk/dv in the packed (T, H, D) layout and the row
+statistics as (Hq, Tq). The dense path compiles without any of it.
+
 Which tiles a program visits:
 - without a block mask, the window (causal is window_right = 0) gives a contiguous range of
   tiles, computed in the kernel;
@@ -120,6 +125,22 @@ def _tile_scores(qk, i2, j2, m0, n0, pos_off, Sq, Sk, scale, softcap, slope, wl,
 
 
 @triton.jit
+def _seq(CU_Q, CU_K, b):
+    """(first query row int64, Sq int32, first key row int64, Sk int32) of sequence b of a
+    packed (varlen) batch."""
+    q0 = tl.load(CU_Q + b)
+    k0 = tl.load(CU_K + b)
+    return q0.to(tl.int64), tl.load(CU_Q + b + 1) - q0, k0.to(tl.int64), tl.load(CU_K + b + 1) - k0
+
+
+@triton.jit
+def _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q0, k0, sqs, sks, svs, sds):
+    """The backward's pointers moved to a sequence's first rows: q, k, v, dO by their row
+    strides, the (Hq, Tq) row statistics by q0."""
+    return Q + q0 * sqs, K + k0 * sks, V + k0 * svs, DO + q0 * sds, LSE + q0, DELTA + q0, ONE + q0
+
+
+@triton.jit
 def _kv_tiles(m0, pos_off, Sq, Sk, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """(first key tile, count) visible from query tile m0 under the window (no block mask)."""
@@ -153,14 +174,15 @@ def _q_tiles(n0, pos_off, Sq, Sk, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 # casts are no-ops.
 
 # ============================================================================ forward
-@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
-def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ"])
+def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
               sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
               sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
-              Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY,
+              Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
+              VARLEN: tl.constexpr,
               PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest (last, under causal) query tiles first
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
@@ -169,6 +191,13 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
     pid_bh = b * Hq + h
     hk = h // G
     m0 = pid_m * BLOCK_M
+    if VARLEN:  # sequence b of the packed rows (the batch strides are 0)
+        q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
+        if m0 >= Sq:
+            return
+        Q = Q + q_start * sqs
+        K = K + k_start * sks
+        V = V + k_start * svs
     pos_off = Sk - Sq
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
@@ -232,16 +261,24 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT,
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row = pid_bh * Sq + offs_m
-    tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=mmask[:, None] & dmask[None, :])
-    tl.store(LSE + row, lse, mask=mmask)
+    if VARLEN:  # out (Tq, Hq, D) contiguous, lse (Hq, Tq)
+        row = q_start + offs_m
+        tl.store(O + row[:, None] * (Hq * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+        tl.store(LSE + h * TQ + row, lse, mask=mmask)
+    else:
+        row = pid_bh * Sq + offs_m
+        tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=mmask[:, None] & dmask[None, :])
+        tl.store(LSE + row, lse, mask=mmask)
 
 
 # ============================================================================ backward
 @triton.jit(do_not_specialize=["Sq"])
 def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    VARLEN: tl.constexpr = False):
+    """VARLEN: all the packed rows as one sequence (B = 1, Sq = Tq), O (Tq, Hq, D) contiguous."""
     pid_m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -252,22 +289,26 @@ def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
     offs_m = m0.to(tl.int32) + ar_m
     msk = (offs_m < Sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row = pid_bh * Sq + offs_m
-    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    if VARLEN:
+        o = tl.load(O + offs_m[:, None].to(tl.int64) * (Hq * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+                    mask=msk, other=0.0).to(tl.float32)
+    else:
+        o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
                  mask=msk, other=0.0).to(tl.float32)
     tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, LIST, CNT,
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ"])
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
                    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    sdb, sdh, sds, sdd,
                    sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
-                   Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY,
+                   Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-                   HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                   VARLEN: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Works on transposed tiles (keys x queries): dV = P^T dO, dK = scale dS^T Q."""
     pid_n = tl.program_id(0).to(tl.int64)
@@ -276,6 +317,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
     pid_bk = b * (Hq // G) + hk
     n0l = pid_n * BLOCK_N
     n0 = n0l.to(tl.int32)
+    if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
+        q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
+        if n0l >= Sk:
+            return
+        Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
+                                                     sqs, sks, svs, sds)
     pos_off = Sk - Sq
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
@@ -297,7 +344,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
         h = hk * G + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
-        stat = (b * Hq + h) * Sq
+        if VARLEN:
+            stat = h * TQ
+        else:
+            stat = (b * Hq + h) * Sq
         bm_ptr = BMASK + b * sbmb + h * sbmh
         slope = 0.0
         if HAS_ALIBI:
@@ -340,21 +390,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
             dk += tl.dot(ds.to(Q.dtype.element_ty).to(DOT_T), q, input_precision=PREC)
-    o_ptrs = (pid_bk * Sk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    if VARLEN:  # dk, dv (Tk, Hkv, D) contiguous
+        o_ptrs = ((k_start + offs_n)[:, None] * ((Hq // G) * HEAD_DIM) + hk * HEAD_DIM
+                  + offs_d[None, :])
+    else:
+        o_ptrs = (pid_bk * Sk + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + o_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_msk)
     tl.store(DV + o_ptrs, dv.to(DV.dtype.element_ty), mask=kv_msk)
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY"])
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, CNT,
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ"])
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  sdb, sdh, sds, sdd,
                  sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
-                 Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY,
+                 Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-                 HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                 VARLEN: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited."""
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
@@ -363,6 +417,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     pid_bh = b * Hq + h
     hk = h // G
     m0 = pid_m * BLOCK_M
+    if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
+        q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
+        if m0 >= Sq:
+            return
+        Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
+                                                     sqs, sks, svs, sds)
     pos_off = Sk - Sq
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
@@ -375,7 +435,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
                 mask=q_msk, other=0.0).to(DOT_T)
     do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
                  mask=q_msk, other=0.0).to(DOT_T)
-    stat = pid_bh * Sq
+    if VARLEN:
+        stat = h * TQ
+    else:
+        stat = pid_bh * Sq
     lse = tl.load(LSE + stat + offs_m, mask=mmask, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + stat + offs_m, mask=mmask, other=0.0)[:, None]
@@ -426,9 +489,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_T), k, input_precision=PREC)
-    row = pid_bh * Sq + offs_m
-    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_msk)
+    if VARLEN:  # dq (Tq, Hq, D) contiguous
+        row = q_start + offs_m
+        tl.store(DQ + row[:, None] * (Hq * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_msk)
+    else:
+        row = pid_bh * Sq + offs_m
+        tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=q_msk)
 
 
 # ============================================================================ configurations
@@ -481,7 +549,7 @@ _TABLE = {
 _LIST_TILES = {"fwd": {64: (128, 64), 128: (64, 64), 256: (64, 32)},
                "bwd": {64: (64, 32), 128: (32, 64), 256: (32, 32)}}
 _LIST_WARPS = [(8, 2), (8, 3), (4, 2)]
-_KEY = ["HEAD_DIM", "SQ_KEY", "SK_KEY", "HAS_LEFT", "HAS_RIGHT"]
+_KEY = ["HEAD_DIM", "SQ_KEY", "SK_KEY", "HAS_LEFT", "HAS_RIGHT", "VARLEN"]
 
 
 def _dclass(block_d: int) -> int:
@@ -686,6 +754,7 @@ def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_ma
              HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
              HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=wl >= 0,
              HAS_RIGHT=wr >= 0, HAS_LIST=block_mask is not None, HAS_KMASK=key_mask is not None,
+             VARLEN=False, CU_Q=q, CU_K=q, TQ=0,
              PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
              DOT_T=tl.float32 if q.dtype == torch.bfloat16 and triton_interpreted() else _TL[q.dtype])
     if alibi_slopes is not None:
