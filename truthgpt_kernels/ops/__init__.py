@@ -1,6 +1,7 @@
 """The public functional ops, each a torch.library op in namespace `truthgpt`."""
 from .attention import alibi_slopes, attention
 from .attention_varlen import attention_varlen
+from .attention_with_kvcache import attention_with_kvcache
 from .linear_cross_entropy import linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
@@ -8,5 +9,6 @@ from .rms_norm import rms_norm
 from .rotary import apply_rotary, apply_rotary_qk, rotary_cos_sin
 from .swiglu import swiglu
 
-__all__ = ["attention", "attention_varlen", "alibi_slopes", "apply_rotary", "apply_rotary_qk", "rotary_cos_sin",
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
+           "apply_rotary_qk", "rotary_cos_sin",
            "swiglu", "rms_norm", "geglu", "layer_norm", "linear_cross_entropy"]

@@ -458,3 +458,54 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
                               window_right, slopes, None, 64, None, softcap)
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- KV cache
+def kvcache_token_slots(n: int, start, block_table: Optional[Tensor], b: int, page_size: int):
+    """(pages, slots) int64 of tokens start .. start + n - 1 of sequence b: in a paged cache
+    token t sits at page block_table[b, t // page_size], slot t % page_size; a contiguous cache
+    is one "page" per sequence (page b)."""
+    t = torch.arange(n, device=block_table.device if block_table is not None else None) + start
+    if block_table is None:
+        return torch.full_like(t, b), t
+    return block_table[b, t // page_size].long(), t % page_size
+
+
+def kvcache_gather(cache: Tensor, block_table: Optional[Tensor], b: int, n: int) -> Tensor:
+    """The first n tokens of sequence b as (1, Hkv, n, D)."""
+    if block_table is None:  # (B, Hkv, S_max, D)
+        return cache[b:b + 1, :, :n]
+    pages, slots = kvcache_token_slots(n, 0, block_table, b, cache.shape[1])
+    return cache[pages, slots].permute(1, 0, 2)[None]  # (n, Hkv, D) -> (1, Hkv, n, D)
+
+
+def kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new):
+    """Writes k_new/v_new (B, Hkv, S_new, D) in place at positions cache_seqlens[b] ..."""
+    if k_new is None:
+        return
+    S_new = k_new.shape[2]
+    for b in range(k_new.shape[0]):
+        start = int(cache_seqlens[b])
+        if block_table is None:
+            k_cache[b, :, start:start + S_new] = k_new[b]
+            v_cache[b, :, start:start + S_new] = v_new[b]
+        else:
+            pages, slots = kvcache_token_slots(S_new, start, block_table, b, k_cache.shape[1])
+            k_cache[pages, slots] = k_new[b].transpose(0, 1)
+            v_cache[pages, slots] = v_new[b].transpose(0, 1)
+
+
+def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                               scale, window_left, window_right, alibi_slopes, softcap):
+    """Appends k_new/v_new to the cache (in place), then per sequence b attends q[b] to its
+    first cache_seqlens[b] + S_new keys with the dense reference (bottom-right alignment)."""
+    kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+    S_new = 0 if k_new is None else k_new.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b in range(q.shape[0]):
+        n = int(cache_seqlens[b]) + S_new
+        k, v = kvcache_gather(k_cache, block_table, b, n), kvcache_gather(v_cache, block_table, b, n)
+        out[b] = attention(q[b:b + 1], k, v, scale=scale, window=(window_left, window_right),
+                           alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
+                           softcap=softcap)[0]
+    return out
