@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import sparse
-from ..ops import attention, attention_varlen
+from ..ops import attention, attention_varlen, attention_with_kvcache
 from .embeddings import AlibiSlopes, RotaryEmbedding
 from .packing import Packed
+from .paged import PagedKVCache
 
 POSITIONS = ("rope", "alibi", "none")
 LAYOUTS = {"local": sparse.local_layout, "local_global": sparse.local_global_layout,
@@ -173,6 +174,8 @@ class Attention(nn.Module):
             raise ValueError(f"Attention expects x of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
         if context is not None:
             return self._cross(x, context, cache, key_mask)
+        if isinstance(cache, PagedKVCache):
+            return self._paged(x, cache, packed)
         if packed is not None:
             return self._packed(x, packed, cache, key_mask)
         B, S, _ = x.shape
@@ -196,24 +199,55 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, S, Hq * D)           # (B, S, Hq * D)
         return self.dropout(self.out(y))
 
+    def _rows(self, x: Tensor, position_ids: Tensor):
+        """q (B, S, Hq, D), k, v (B, S, Hkv, D) of x, rotated at position_ids (B, S)."""
+        B, S, _ = x.shape
+        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, S, Hq, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)
+        if self.rotary is not None:
+            q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), position_ids=position_ids)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)       # (B, S, H, D)
+        return q, k, v
+
+    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, packed: Packed) -> Tensor:
+        """Packed documents (B, S, H, D) -> (B, S, Hq * D), each attending within itself."""
+        B, S, Hq, D = q.shape
+        n = packed.max_seqlen
+        y = attention_varlen(q.reshape(B * S, Hq, D), k.flatten(0, 1), v.flatten(0, 1),
+                             packed.cu_seqlens, packed.cu_seqlens, n, n, causal=self.causal,
+                             window=self.window, softcap=self.softcap, backend=self.backend,
+                             alibi_slopes=self.alibi() if self.alibi is not None else None)  # (B*S, Hq, D)
+        return y.view(B, S, Hq * D)
+
     def _packed(self, x: Tensor, packed: Packed, cache: Optional[KVCache],
                 key_mask: Optional[Tensor]) -> Tensor:
         if cache is not None or key_mask is not None or self.sparsity:
             raise ValueError("packed documents run without a KV cache, key_mask or block-sparse "
                              "layout (each document is its own sequence)")
-        B, S, _ = x.shape
-        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, S, Hq, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D)
-        if self.rotary is not None:                           # positions within each document
-            q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), position_ids=packed.position_ids)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)       # (B, S, H, D)
-        n = packed.max_seqlen
-        y = attention_varlen(q.reshape(B * S, Hq, D), k.reshape(B * S, Hkv, D), v.reshape(B * S, Hkv, D),
-                             packed.cu_seqlens, packed.cu_seqlens, n, n, causal=self.causal,
-                             window=self.window, softcap=self.softcap, backend=self.backend,
-                             alibi_slopes=self.alibi() if self.alibi is not None else None)  # (B*S, Hq, D)
-        return self.dropout(self.out(y.view(B, S, Hq * D)))
+        q, k, v = self._rows(x, packed.position_ids)          # positions within each document
+        return self.dropout(self.out(self._varlen(q, k, v, packed)))
+
+    def _paged(self, x: Tensor, cache: PagedKVCache, packed: Optional[Packed]) -> Tensor:
+        """Prefill (packed prompts (1, T, d), written into empty caches) or one decoding step
+        (x (B, 1, d): token b at position cache.seqlens[b], appended in place)."""
+        if self.sparsity or not self.causal:
+            raise ValueError("a paged KV cache serves causal attention without block sparsity")
+        if packed is not None:
+            q, k, v = self._rows(x, packed.position_ids)
+            cu = packed.cu_seqlens.long()
+            seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=x.device), cu[1:] - cu[:-1],
+                                          output_size=x.shape[1])
+            cache.write(seq, packed.position_ids.flatten(), k[0], v[0])
+            return self.dropout(self.out(self._varlen(q, k, v, packed)))
+        B = x.shape[0]
+        q, k, v = self._rows(x, cache.seqlens.long()[:, None])  # (B, 1, H, D)
+        y = attention_with_kvcache(q.transpose(1, 2), cache.k, cache.v, cache_seqlens=cache.seqlens,
+                                   block_table=cache.block_table, k_new=k.transpose(1, 2),
+                                   v_new=v.transpose(1, 2), causal=True, window=self.window,
+                                   softcap=self.softcap, backend=self.backend,
+                                   alibi_slopes=self.alibi() if self.alibi is not None else None)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(B, 1, -1)))  # (B, 1, d)
 
     def _cross(self, x: Tensor, context: Tensor, cache: Optional[KVCache],
                key_mask: Optional[Tensor]) -> Tensor:

@@ -23,6 +23,7 @@ from .embeddings import LearnedPositionalEmbedding, SinusoidalPositionalEmbeddin
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .norm import LayerNorm, RMSNorm, make_norm
 from .packing import Packed
+from .paged import make_paged_caches
 
 
 class TransformerBlock(nn.Module):
@@ -182,8 +183,10 @@ class Transformer(nn.Module):
                      position_ids: Optional[Tensor] = None) -> Tensor:
         x = self.embed(tokens)                                   # (B, S, d)
         if self.pos_embed is not None:
-            table = self.pos_embed(tokens.shape[1], offset)      # (S, d)
-            x = x + (table if position_ids is None else table[position_ids]).to(x.dtype)
+            if position_ids is None:
+                x = x + self.pos_embed(tokens.shape[1], offset).to(x.dtype)   # (S, d)
+            else:
+                x = x + self.pos_embed(self.config.max_seq_len)[position_ids].to(x.dtype)
         return self.drop(x)
 
     def _run(self, layer, x, **kwargs):
@@ -319,14 +322,23 @@ class Transformer(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  encoder_tokens: Optional[Tensor] = None,
-                 encoder_key_mask: Optional[Tensor] = None) -> Tensor:
+                 encoder_key_mask: Optional[Tensor] = None, page_size: int = 64):
         """Continues tokens (B, S) by max_new_tokens with the KV cache; returns (B, S + n).
         temperature 0 is greedy; top_k / top_p (nucleus) restrict sampling. After eos_id a
-        sequence keeps emitting eos_id; generation stops when every sequence has."""
+        sequence keeps emitting eos_id; generation stops when every sequence has.
+
+        tokens may also be a list of 1-D prompts of different lengths (decoder models): they
+        are decoded together with a paged KV cache (page_size tokens a page; prompts prefilled
+        as packed documents, no padding), each stopping on its own at eos_id; returns the list
+        of prompt + generated tokens, each ending at its eos_id or after max_new_tokens."""
         if self.config.model_type == "encoder":
             raise ValueError("generate() needs a decoder or encoder_decoder model; this is an encoder")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(tokens, (list, tuple)):
+            return self._generate_ragged(list(tokens), max_new_tokens, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, eos_id=eos_id, generator=generator,
+                                         page_size=page_size)
         self._check_tokens("tokens", tokens)
         B, S = tokens.shape
         if S + max_new_tokens > self.config.max_seq_len:
@@ -355,6 +367,67 @@ class Transformer(nn.Module):
                     break
                 logits = self(nxt, cache=cache)[:, -1]
             return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+
+    def _generate_ragged(self, prompts: List[Tensor], max_new_tokens: int, *, temperature, top_k,
+                         top_p, eos_id, generator, page_size) -> List[Tensor]:
+        if self.config.model_type != "decoder":
+            raise ValueError("generate() with a list of prompts needs a decoder model")
+        if not prompts:
+            raise ValueError("tokens: the list of prompts is empty")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, Tensor) or p.dim() != 1:
+                raise ValueError(f"tokens[{i}] must be a 1-D tensor of token ids (one prompt), got "
+                                 f"{tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__}")
+            self._check_tokens(f"tokens[{i}]", p[None])
+            if p.shape[0] + max_new_tokens > self.config.max_seq_len:
+                raise ValueError(f"tokens[{i}]: prompt ({p.shape[0]}) + max_new_tokens ({max_new_tokens}) "
+                                 f"exceeds max_seq_len {self.config.max_seq_len}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens == 0:
+            return list(prompts)
+        dev = prompts[0].device
+        lengths = [p.shape[0] for p in prompts]
+        B = len(prompts)
+        attn = self.layers[0].attn
+        was_training = self.training
+        self.eval()
+        try:
+            caches = make_paged_caches(len(self.layers), [n + max_new_tokens for n in lengths],
+                                       attn.n_kv_heads, attn.head_dim, page_size=page_size, device=dev,
+                                       dtype=self.embed.weight.dtype)
+            seqlens = caches[0].seqlens
+            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+            packed = Packed.from_cu_seqlens(cu, 1, int(cu[-1]))
+            tokens = torch.cat(prompts)[None]                                 # (1, T)
+            x = self.embed_tokens(tokens, 0, packed.position_ids)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cache=caches[i], packed=packed)
+            logits = self.lm_head(self.norm(x))[0, cu[1:].long() - 1]         # (B, vocab)
+            seqlens.copy_(cu[1:] - cu[:-1])
+            out = [[] for _ in range(B)]
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            for step in range(max_new_tokens):
+                nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator)                              # (B, 1)
+                if eos_id is not None:
+                    nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
+                for b in (~done).nonzero().flatten().tolist():
+                    out[b].append(nxt[b])
+                if eos_id is not None:
+                    done |= nxt[:, 0] == eos_id
+                if step == max_new_tokens - 1 or bool(done.all()):
+                    break
+                x = self.embed_tokens(nxt, 0, seqlens.long()[:, None])        # (B, 1, d)
+                for i, layer in enumerate(self.layers):
+                    x = layer(x, cache=caches[i])
+                seqlens += 1
+                logits = self.lm_head(self.norm(x))[:, -1]
+            return [torch.cat([p, torch.cat(o).to(p.dtype)]) if o else p for p, o in zip(prompts, out)]
         finally:
             self.train(was_training)
 
