@@ -211,6 +211,29 @@ def cases(device, quick):
                "torch sdpa": lambda x: _decode(x["plain"])(x)},
         extra={"tokens_per_call": B * N, "unit": "tokens", "preset": preset},
     ))
+
+    # mixed-length batch: 8 prompts decoded together (paged KV cache) vs one after another
+    lengths, N = ((4, 16, 7, 12, 9, 5, 14, 10), 8) if quick else ((16, 128, 57, 96, 33, 112, 75, 20), 64)
+
+    def setup_ragged():
+        x = setup_decode()
+        g = torch.Generator().manual_seed(1)
+        x["prompts"] = [torch.randint(0, x["ours"].config.vocab_size, (n,), generator=g).to(device)
+                        for n in lengths]
+        x["new"] = N
+        return x
+
+    out.append(Case(
+        op="model", name=f"generate {preset} {len(lengths)} prompts of {min(lengths)}..{max(lengths)} "
+                         f"+{N} tokens each", setup=setup_ragged,
+        impls={"truthgpt batched (paged cache)": lambda x: x["ours"].generate(x["prompts"], x["new"], temperature=0),
+               "ours one after another": lambda x: [x["ours"].generate(p[None], x["new"], temperature=0)
+                                                    for p in x["prompts"]],
+               "torch sdpa one after another": lambda x: [x["plain"].generate(p[None], x["new"])
+                                                          for p in x["prompts"]]},
+        extra={"tokens_per_call": len(lengths) * N, "unit": "tokens", "preset": preset,
+               "target": ">= 2x one after another"},
+    ))
     return out
 
 
