@@ -7,12 +7,7 @@ from truthgpt_kernels.config import TransformerConfig
 from truthgpt_kernels.modules import Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(vocab, lengths=(3, 11, 1, 7), seed=0):

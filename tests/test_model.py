@@ -20,14 +20,7 @@ FAMILIES = ("attention", "rotary", "swiglu", "rms_norm")
 GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (OpenMP threads spin against each other on a shared,
-    loaded machine, making these tests 10-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):
