@@ -17,6 +17,10 @@
 //   layer_norm: mean, rstd of x.shape[:-1], float32 (float64 for float64 x); weight and bias
 //     have x's dtype or float32; dweight / dbias are empty tensors when weight / bias is None.
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
+//   attention_with_kvcache: cache (B,Hkv,S_max,D), or paged (num_pages,page_size,Hkv,D) with
+//     block_table int32 (B,max_pages); cache_seqlens int32 (B,); k_new/v_new (B,Hkv,S_new,D) are
+//     written into k_cache/v_cache (mutated) at cache_seqlens first; window as attention with
+//     i' = i + L_b - Sq, L_b = cache_seqlens[b] + S_new. Returns out (B,Hq,Sq,D).
 #include <torch/library.h>
 
 TORCH_LIBRARY(truthgpt, m) {
@@ -39,6 +43,9 @@ TORCH_LIBRARY(truthgpt, m) {
         "float scale, int window_left, int window_right, Tensor? alibi_slopes, "
         "Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_with_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_seqlens, Tensor? block_table, Tensor? k_new, Tensor? v_new, float scale, "
+        "int window_left, int window_right, Tensor? alibi_slopes, float softcap) -> Tensor");
   m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "
