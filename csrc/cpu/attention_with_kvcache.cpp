@@ -57,10 +57,13 @@ struct Args {
   void* out;                   // (B, Hq, Sq, D) contiguous
 };
 
-// Query positions [i0, i1) of kv head h of sequence b against keys [k0, k1); part >= 0: a
-// chunk of a split range, whose partial result goes to slot `part` of the partial buffers.
+// Query positions [i0, i1) of kv heads [h, h + nh) of sequence b against keys [k0, k1);
+// part >= 0: a chunk of a split range, whose partial result goes to slot `part` of the
+// partial buffers. Row r of an item: query head h * G + r / (i1 - i0), query i0 + r % (i1 - i0).
+// Decoding puts all kv heads in one item, so a paged cache's page (slots x heads) is read
+// front to back rather than one 4 KiB-strided head row at a time.
 struct Item {
-  int64_t b, h, i0, i1, k0, k1, part;
+  int64_t b, h, nh, i0, i1, k0, k1, part;
 };
 
 // Head dim padded for the per-row buffers, and the scratch elements one thread needs:
@@ -120,7 +123,7 @@ void merge_parts(const kvc::Args& a, const std::vector<kvc::Item>& items,
     for (int64_t g = g0; g < g1; ++g) {
       const kvc::Item& first = items[splits[g].first];
       const int64_t n_parts = splits[g].second;
-      const int64_t nq = first.i1 - first.i0, rows = nq * a.G;
+      const int64_t nq = first.i1 - first.i0, rows = nq * a.G * first.nh;
       for (int64_t r = 0; r < rows; ++r) {
         A M = -std::numeric_limits<A>::infinity();
         for (int64_t c = 0; c < n_parts; ++c) {
@@ -230,7 +233,7 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
   // work items: (b, h, query block) groups, each one key range or several chunks of it
   const int64_t G = a.G, qb = std::max<int64_t>(1, kvc::kQueryRows / G);
   struct Group {
-    int64_t b, h, i0, i1, k0, k1;
+    int64_t b, h, nh, i0, i1, k0, k1;
   };
   std::vector<Group> groups;
   int64_t total_keys = 0;
@@ -241,7 +244,8 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
       const int64_t k0 = window_left >= 0 ? std::max<int64_t>(0, p0 - window_left) : 0;
       int64_t k1 = window_right >= 0 ? std::min(lens[b], p1 + window_right + 1) : lens[b];
       k1 = std::max(k1, k0);
-      for (int64_t h = 0; h < Hkv; ++h) groups.push_back({b, h, i0, i1, k0, k1});
+      const int64_t nh = std::max<int64_t>(1, std::min(Hkv, kvc::kQueryRows / (G * (i1 - i0))));
+      for (int64_t h = 0; h < Hkv; h += nh) groups.push_back({b, h, std::min(nh, Hkv - h), i0, i1, k0, k1});
       total_keys += (k1 - k0) * Hkv;
     }
   }
@@ -257,21 +261,21 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
   for (const Group& g : groups) {
     const int64_t n = g.k1 - g.k0, pieces = n > chunk ? (n + chunk - 1) / chunk : 1;
     if (pieces == 1) {
-      items.push_back({g.b, g.h, g.i0, g.i1, g.k0, g.k1, -1});
+      items.push_back({g.b, g.h, g.nh, g.i0, g.i1, g.k0, g.k1, -1});
       continue;
     }
     splits.emplace_back(static_cast<int64_t>(items.size()), pieces);
     for (int64_t c = 0; c < pieces; ++c) {
       const int64_t c0 = g.k0 + n * c / pieces, c1 = g.k0 + n * (c + 1) / pieces;
-      items.push_back({g.b, g.h, g.i0, g.i1, c0, c1, parts++});
+      items.push_back({g.b, g.h, g.nh, g.i0, g.i1, c0, c1, parts++});
     }
   }
   // longest first, taken from a shared counter (ties keep their order: deterministic)
   std::vector<int64_t> order(items.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return (items[x].k1 - items[x].k0) * (items[x].i1 - items[x].i0) >
-           (items[y].k1 - items[y].k0) * (items[y].i1 - items[y].i0);
+    return (items[x].k1 - items[x].k0) * (items[x].i1 - items[x].i0) * items[x].nh >
+           (items[y].k1 - items[y].k0) * (items[y].i1 - items[y].i0) * items[y].nh;
   });
 
   const Isa isa = active_isa();
@@ -303,12 +307,22 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("attention_with_kvcache_fwd", &att
 #else  // ========================================== kernel section (once per instruction set)
 
 // Dot products of R query rows (stride dp) with n keys (stride ks): s[r * kKeyBlock + j].
+// Prefetches key rows a few ahead and the value rows of the same keys (in a paged cache a
+// head's rows are page-size-strided: no hardware prefetcher follows them).
 template <int R, class T, class A>
-inline void kvcache_scores(const A* qr, int64_t dp, const T* k, int64_t ks, int64_t n, int64_t D, A* s) {
+inline void kvcache_scores(const A* qr, int64_t dp, const T* k, int64_t ks, const T* v, int64_t n, int64_t D,
+                           A* s) {
   using V = VecFor<T>;
   constexpr int64_t W = V::W;
+  constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t j = 0; j < n; ++j) {
     const T* kj = k + j * ks;
+    if (v != nullptr) {
+      for (int64_t d = 0; d < D; d += kLine) {
+        if (j + 4 < n) prefetch(kj + 4 * ks + d);
+        prefetch(v + j * ks + d);
+      }
+    }
     V acc[R];
     for (int r = 0; r < R; ++r) acc[r] = V::zero();
     for (int64_t d = 0; d < D; d += W) {
@@ -327,7 +341,8 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
   constexpr int64_t W = V::W;
   constexpr int64_t KB = kvc::kKeyBlock;
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  const int64_t D = a.D, dp = kvc::padded_dim(D), G = a.G, nq = it.i1 - it.i0, rows = nq * G;
+  const int64_t D = a.D, dp = kvc::padded_dim(D), G = a.G, nq = it.i1 - it.i0, hrows = nq * G;
+  const int64_t rows = hrows * it.nh;
   const int64_t L = a.lens[it.b];
   A* qbuf = scratch;                        // rows x dp, scaled queries
   A* acc = qbuf + kvc::kQueryRows * dp;     // rows x dp
@@ -351,11 +366,15 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
     const int64_t slot = k0 % a.page_size;
     const int64_t n = std::min({KB, a.page_size - slot, it.k1 - k0});
     const int64_t page = a.block_table == nullptr ? it.b : a.block_table[it.b * a.max_pages + k0 / a.page_size];
-    const T* kp = kc + page * a.k_page + slot * a.k_slot + it.h * a.k_head;
-    const T* vp = vc + page * a.v_page + slot * a.v_slot + it.h * a.v_head;
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) kvcache_scores<4>(qbuf + r * dp, dp, kp, a.k_slot, n, D, s + r * KB);
-    for (; r < rows; ++r) kvcache_scores<1>(qbuf + r * dp, dp, kp, a.k_slot, n, D, s + r * KB);
+    for (int64_t hh = 0; hh < it.nh; ++hh) {  // (the heads of one slot are adjacent in a page)
+      const T* kp = kc + page * a.k_page + slot * a.k_slot + (it.h + hh) * a.k_head;
+      const T* vp = a.k_slot == a.v_slot ? vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head : nullptr;
+      const int64_t r1 = (hh + 1) * hrows;
+      for (r = hh * hrows; r + 4 <= r1; r += 4, vp = nullptr)
+        kvcache_scores<4>(qbuf + r * dp, dp, kp, a.k_slot, vp, n, D, s + r * KB);
+      for (; r < r1; ++r, vp = nullptr) kvcache_scores<1>(qbuf + r * dp, dp, kp, a.k_slot, vp, n, D, s + r * KB);
+    }
     // per row: softcap, ALiBi, window mask, then the online-softmax step
     for (r = 0; r < rows; ++r) {
       A* sr = s + r * KB;
@@ -397,14 +416,19 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
       }
       m[r] = m_new;
     }
-    // acc += P V, each value row loaded once for all rows
-    for (int64_t j = 0; j < n; ++j) {
-      const T* vj = vp + j * a.v_slot;
-      for (int64_t d = 0; d < D; d += W) {
-        const V vv = V::load(vj + d, D - d);
-        for (r = 0; r < rows; ++r) {
-          A* ar = acc + r * dp + d;
-          V::fma(V::set1(s[r * KB + j]), vv, V::load(ar, D - d)).store(ar, D - d);
+    // acc += P V: per kv head, tiles of up to 4 rows x W columns held in registers over the keys
+    for (int64_t hh = 0; hh < it.nh; ++hh) {
+      const T* vp = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;
+      for (int64_t r0 = hh * hrows; r0 < (hh + 1) * hrows; r0 += 4) {
+        const int64_t R = std::min<int64_t>(4, (hh + 1) * hrows - r0);
+        for (int64_t d = 0; d < D; d += W) {
+          V t[4];
+          for (int64_t i = 0; i < R; ++i) t[i] = V::load(acc + (r0 + i) * dp + d, D - d);
+          for (int64_t j = 0; j < n; ++j) {
+            const V vv = V::load(vp + j * a.v_slot + d, D - d);
+            for (int64_t i = 0; i < R; ++i) t[i] = V::fma(V::set1(s[(r0 + i) * KB + j]), vv, t[i]);
+          }
+          for (int64_t i = 0; i < R; ++i) t[i].store(acc + (r0 + i) * dp + d, D - d);
         }
       }
     }
