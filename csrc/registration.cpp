@@ -20,6 +20,10 @@
 //     non-decreasing, last = total), per-sequence semantics of attention; alibi_slopes float32
 //     (B,Hq); lse float32 (Hq,Tq).
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
+//   attention_with_kvcache: cache (B,Hkv,S_max,D), or paged (num_pages,page_size,Hkv,D) with
+//     block_table int32 (B,max_pages); cache_seqlens int32 (B,); k_new/v_new (B,Hkv,S_new,D) are
+//     written into k_cache/v_cache (mutated) at cache_seqlens first; window as attention with
+//     i' = i + L_b - Sq, L_b = cache_seqlens[b] + S_new. Returns out (B,Hq,Sq,D).
 #include <torch/library.h>
 
 TORCH_LIBRARY(truthgpt, m) {
@@ -48,6 +52,9 @@ TORCH_LIBRARY(truthgpt, m) {
   m.def("attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
         "int window_left, int window_right, Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_with_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_seqlens, Tensor? block_table, Tensor? k_new, Tensor? v_new, float scale, "
+        "int window_left, int window_right, Tensor? alibi_slopes, float softcap) -> Tensor");
   m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "

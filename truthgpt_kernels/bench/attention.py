@@ -11,6 +11,9 @@ CPU rows (issue #3, fp32 unless said; B1 H8 D64 unless said):
   fwd+bwd causal S1024          <= 1.0x SDPA fwd+bwd
   decode Sq1 Sk4096 Hq32 Hkv8 D128   <= 1.0x SDPA(enable_gqa=True)
   bf16 forward S2048            >= 1.5x faster than our fp32 forward
+  paged decode, 16 sequences 512..8192, page 64, Hq32 Hkv8 D128: tk.attention_with_kvcache
+                                paged >= 0.9x its contiguous-cache speed; vs tk.attention
+                                and SDPA over the padded cache with a key mask
 plus the machine's fp32 GEMM rate (torch.mm) as the ceiling for GFLOP/s.
 Peak memory of forward + backward at S8192 (<= 1/8 of eager attention) is measured in
 subprocesses: `python -m truthgpt_kernels.bench.attention --memory`.
@@ -198,6 +201,8 @@ def cpu_cases(quick: bool):
         flops=_flops(1, 32, 1, Sk_dec, 128), bytes=2 * 8 * Sk_dec * 128 * 4,
         extra={"target": "<= 1.0x SDPA"}))
 
+    out.append(_paged_decode_case(quick))
+
     def bf16_setup():
         x = dense_setup(S, torch.bfloat16)
         x.update({f"{n}32": x[n].float() for n in "qkv"})
@@ -219,6 +224,50 @@ def cpu_cases(quick: bool):
         op="attention", name=f"fp32 GEMM ceiling: torch.mm {n}^3", setup=mm_setup,
         impls={"torch.mm": lambda x: torch.mm(x["a"], x["b"])}, flops=2.0 * n ** 3))
     return out
+
+
+def _paged_decode_case(quick: bool):
+    """Paged decode (tk.attention_with_kvcache): 16 sequences of lengths 512..8192 (quick:
+    64..1024) in pages of 64 in a random order, Hq 32 / Hkv 8, D 128, fp32. Against the same
+    kernel on a contiguous cache (target: paged >= 0.9x its speed), and against tk.attention
+    and SDPA over the contiguous cache padded to the longest sequence with a key mask."""
+    B, Hq, Hkv, D, ps = 16, 32, 8, 128, 64
+    lo, hi = (64, 1024) if quick else (512, 8192)
+    lens = torch.linspace(lo, hi, B).round().to(torch.int32)
+    lens = lens[torch.randperm(B, generator=torch.Generator().manual_seed(0))]
+
+    def setup():
+        q = torch.randn(B, Hq, 1, D)
+        kc, vc = torch.randn(B, Hkv, hi, D), torch.randn(B, Hkv, hi, D)
+        per_seq = [-(-int(n) // ps) for n in lens]
+        perm = torch.randperm(sum(per_seq), generator=torch.Generator().manual_seed(1))
+        bt = torch.zeros(B, max(per_seq), dtype=torch.int32)
+        kp, vp = torch.empty(len(perm), ps, Hkv, D), torch.empty(len(perm), ps, Hkv, D)
+        used = 0
+        for b, n in enumerate(per_seq):
+            pages = perm[used:used + n]
+            used += n
+            bt[b, :n] = pages.to(torch.int32)
+            for cache, dense in ((kp, kc), (vp, vc)):  # tokens t of sequence b, page by page
+                cache[pages] = dense[b, :, :n * ps].reshape(Hkv, n, ps, D).permute(1, 2, 0, 3)
+        mask = torch.arange(hi)[None, :] < lens[:, None]
+        return {"q": q, "kc": kc, "vc": vc, "kp": kp, "vp": vp, "bt": bt, "lens": lens,
+                "mask": mask, "mask4": mask[:, None, None, :]}
+
+    total = int(lens.sum())
+    return Case(
+        op="attention", name=f"paged decode B{B} lengths {lo}..{hi} page {ps} Hq{Hq} Hkv{Hkv} D{D} fp32",
+        setup=setup,
+        impls={"truthgpt paged": lambda x: tk.attention_with_kvcache(
+                   x["q"], x["kp"], x["vp"], cache_seqlens=x["lens"], block_table=x["bt"], backend="cpu"),
+               "truthgpt contiguous cache": lambda x: tk.attention_with_kvcache(
+                   x["q"], x["kc"], x["vc"], cache_seqlens=x["lens"], backend="cpu"),
+               "truthgpt attention key_mask": lambda x: tk.attention(
+                   x["q"], x["kc"], x["vc"], key_mask=x["mask"], backend="cpu"),
+               "SDPA bool mask enable_gqa": lambda x: F.scaled_dot_product_attention(
+                   x["q"], x["kc"], x["vc"], attn_mask=x["mask4"], enable_gqa=True)},
+        flops=4.0 * Hq * total * D, bytes=2.0 * Hkv * total * D * 4,
+        extra={"target": "paged >= 0.9x the contiguous-cache speed"}, peak_memory=False)
 
 
 def cases(device, quick):

@@ -1,0 +1,458 @@
+// Attention against a KV cache on the CPU (decoding and chunked prefill), contiguous or paged:
+// truthgpt::attention_with_kvcache_fwd. Semantics: truthgpt_kernels/ops/attention_with_kvcache.py.
+//
+// One kernel serves both layouts: a contiguous cache (B, Hkv, S_max, D) is addressed as one
+// "page" of S_max tokens per sequence (page b), a paged cache (num_pages, page_size, Hkv, D)
+// through block_table; keys are read as (page, slot, head) strides, so neither layout copies.
+//   1. append: k_new/v_new rows are copied into their (page, slot) of the cache, in place;
+//   2. work items (sequence b, kv head h, block of query positions, range of keys): each
+//      item loads its queries (all G query heads of h: one pass over the keys serves the
+//      group), walks its keys page by page in blocks of up to kKeyBlock with an online
+//      softmax (float accumulation; double for double inputs; bf16/fp16 read and widened),
+//      dot products and P V through the per-instruction-set vectors of cpu/vec_utils.h;
+//   3. when there are few (sequence, head) pairs for the threads (B * Hkv < 2 threads), long
+//      key ranges are split into chunks whose partial (max, sum, acc) are merged afterwards in
+//      chunk order: deterministic for a given thread count.
+// Items are taken longest first from a shared counter (caches of mixed lengths balance).
+// Rows with no visible key give 0; NaN scores give NaN rows. 64-bit index arithmetic.
+#ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "cpu/tensor_utils.h"
+
+namespace truthgpt {
+namespace cpu {
+namespace kvc {
+
+constexpr int64_t kKeyBlock = 64;    // keys scored per online-softmax step
+constexpr int64_t kQueryRows = 64;   // query rows (positions x group heads) per item, at most
+constexpr int64_t kMinChunk = 256;   // shortest key chunk worth a split
+
+// Element strides; q, the cache rows and out have unit stride in the head dim.
+struct Args {
+  const void* q;
+  int64_t q_b, q_h, q_s;
+  const void* k;
+  const void* v;
+  int64_t k_page, k_slot, k_head, v_page, v_slot, v_head;
+  const int32_t* block_table;  // (B, max_pages) contiguous, or null: page b, page_size S_max
+  int64_t max_pages, page_size;
+  const int64_t* lens;         // keys per sequence after the append
+  int64_t Hq, Sq, D, G;
+  double scale, softcap;
+  int64_t left, right;         // window, -1 = unbounded
+  const float* slopes;         // ALiBi (B, Hq) with strides, or null
+  int64_t sl_b, sl_h;
+  void* out;                   // (B, Hq, Sq, D) contiguous
+};
+
+// Query positions [i0, i1) of kv heads [h, h + nh) of sequence b against keys [k0, k1);
+// part >= 0: a chunk of a split range, whose partial result goes to slot `part` of the
+// partial buffers. Row r of an item: query head h * G + r / (i1 - i0), query i0 + r % (i1 - i0).
+// Decoding puts all kv heads in one item, so a paged cache's page (slots x heads) is read
+// front to back rather than one 4 KiB-strided head row at a time.
+struct Item {
+  int64_t b, h, nh, i0, i1, k0, k1, part;
+};
+
+// Head dim padded for the per-row buffers, and the scratch elements one thread needs:
+// queries, accumulators, scores, row state.
+inline int64_t padded_dim(int64_t D) { return (D + 15) / 16 * 16; }
+inline int64_t scratch_size(int64_t D) {
+  return 2 * kQueryRows * padded_dim(D) + kQueryRows * kKeyBlock + 2 * kQueryRows;
+}
+
+}  // namespace kvc
+}  // namespace cpu
+}  // namespace truthgpt
+
+#define TRUTHGPT_KERNELS_FILE "cpu/attention_with_kvcache.cpp"
+#include "cpu/foreach_isa.h"
+
+namespace truthgpt {
+namespace {
+
+using namespace cpu;
+
+int64_t key_page(const kvc::Args& a, int64_t b, int64_t t) {
+  return a.block_table == nullptr ? b : a.block_table[b * a.max_pages + t / a.page_size];
+}
+
+// Copies the S_new new rows of every (sequence, kv head) into their cache slots.
+void append(const kvc::Args& a, at::Tensor& cache, const at::Tensor& fresh, const std::vector<int64_t>& start,
+            int64_t page_stride, int64_t slot_stride, int64_t head_stride) {
+  const int64_t B = fresh.size(0), H = fresh.size(1), S = fresh.size(2), D = fresh.size(3);
+  const auto src = fresh.stride(-1) == 1 ? fresh : fresh.contiguous();
+  const int64_t es = src.element_size();
+  const char* sp = static_cast<const char*>(src.const_data_ptr());
+  char* cp = static_cast<char*>(cache.mutable_data_ptr());
+  at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / H, h = w % H;
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t t = start[b] + s;
+        const int64_t off = key_page(a, b, t) * page_stride + (t % a.page_size) * slot_stride + h * head_stride;
+        std::memcpy(cp + off * es, sp + (b * src.stride(0) + h * src.stride(1) + s * src.stride(2)) * es,
+                    static_cast<size_t>(D * es));
+      }
+    }
+  });
+}
+
+// out rows of split ranges: the partial (max, sum, acc) of chunks merged in chunk order.
+template <class T>
+void merge_parts(const kvc::Args& a, const std::vector<kvc::Item>& items,
+                 const std::vector<std::pair<int64_t, int64_t>>& splits, const acc_t<T>* pm,
+                 const acc_t<T>* pl, const acc_t<T>* pacc) {
+  using A = acc_t<T>;
+  const int64_t D = a.D;
+  T* out = static_cast<T*>(a.out);
+  at::parallel_for(0, static_cast<int64_t>(splits.size()), 1, [&](int64_t g0, int64_t g1) {
+    std::vector<A> acc(static_cast<size_t>(D));
+    for (int64_t g = g0; g < g1; ++g) {
+      const kvc::Item& first = items[splits[g].first];
+      const int64_t n_parts = splits[g].second;
+      const int64_t nq = first.i1 - first.i0, rows = nq * a.G * first.nh;
+      for (int64_t r = 0; r < rows; ++r) {
+        A M = -std::numeric_limits<A>::infinity();
+        for (int64_t c = 0; c < n_parts; ++c) {
+          const A m = pm[(first.part + c) * kvc::kQueryRows + r];
+          M = (m != m || M != M) ? std::numeric_limits<A>::quiet_NaN() : std::max(M, m);
+        }
+        A l = 0;
+        std::fill(acc.begin(), acc.end(), A(0));
+        if (M != -std::numeric_limits<A>::infinity()) {
+          for (int64_t c = 0; c < n_parts; ++c) {
+            const int64_t slot = (first.part + c) * kvc::kQueryRows + r;
+            if (pm[slot] == -std::numeric_limits<A>::infinity()) continue;
+            const A w = std::exp(pm[slot] - M);
+            l += pl[slot] * w;
+            for (int64_t d = 0; d < D; ++d) acc[d] += pacc[slot * D + d] * w;
+          }
+        }
+        const int64_t hq = first.h * a.G + r / nq, i = first.i0 + r % nq;
+        T* o = out + ((first.b * a.Hq + hq) * a.Sq + i) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = from_acc<T>(l == A(0) ? A(0) : acc[d] / l);
+      }
+    }
+  });
+}
+
+at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                                      const at::Tensor& cache_seqlens,
+                                      const c10::optional<at::Tensor>& block_table,
+                                      const c10::optional<at::Tensor>& k_new,
+                                      const c10::optional<at::Tensor>& v_new, double scale,
+                                      int64_t window_left, int64_t window_right,
+                                      const c10::optional<at::Tensor>& alibi_slopes, double softcap) {
+  const char* op = "attention_with_kvcache_fwd";
+  TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
+              ": q must be (B, Hq, Sq, D) and k_cache/v_cache 4-D of one shape");
+  TORCH_CHECK(k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(), op,
+              ": q, k_cache and v_cache must have one dtype");
+  const bool paged = block_table.has_value();
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Sq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = paged ? k_cache.size(2) : k_cache.size(1);
+  const int64_t page_size = paged ? k_cache.size(1) : k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv >= 1 && Hq % Hkv == 0 && (paged || k_cache.size(0) == B), op,
+              ": cache shape does not match q");
+  TORCH_CHECK(D <= 1 || (k_cache.stride(3) == 1 && v_cache.stride(3) == 1), op,
+              ": k_cache and v_cache need a unit stride in the head dim");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.numel() == B, op,
+              ": cache_seqlens must be int32 (B,)");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), op, ": k_new and v_new go together");
+  const int64_t S_new = k_new.has_value() ? k_new->size(2) : 0;
+  if (k_new.has_value()) {
+    TORCH_CHECK(k_new->dim() == 4 && k_new->size(0) == B && k_new->size(1) == Hkv && k_new->size(3) == D &&
+                    v_new->sizes() == k_new->sizes() && k_new->scalar_type() == q_in.scalar_type() &&
+                    v_new->scalar_type() == q_in.scalar_type(),
+                op, ": k_new/v_new must be (B, Hkv, S_new, D) in q's dtype");
+  }
+  at::Tensor bt;
+  if (paged) {
+    TORCH_CHECK(block_table->scalar_type() == at::kInt && block_table->dim() == 2 && block_table->size(0) == B,
+                op, ": block_table must be int32 (B, max_pages)");
+    bt = block_table->contiguous();
+  }
+  const int64_t max_pages = paged ? bt.size(1) : 1;
+  const int64_t capacity = paged ? max_pages * page_size : page_size;
+  const auto seq = cache_seqlens.to(at::kLong).contiguous();
+  std::vector<int64_t> start(seq.const_data_ptr<int64_t>(), seq.const_data_ptr<int64_t>() + B), lens(B);
+  for (int64_t b = 0; b < B; ++b) {  // (validated in Python; re-checked here: memory safety)
+    lens[b] = start[b] + S_new;
+    TORCH_CHECK(start[b] >= 0 && lens[b] <= capacity, op, ": cache_seqlens[", b, "] out of range");
+    for (int64_t p = 0; paged && p * page_size < lens[b]; ++p) {
+      const int32_t pg = bt.const_data_ptr<int32_t>()[b * max_pages + p];
+      TORCH_CHECK(pg >= 0 && pg < k_cache.size(0), op, ": block_table[", b, ", ", p, "] out of range");
+    }
+  }
+
+  const auto q = q_in.stride(3) == 1 || D <= 1 ? q_in : q_in.contiguous();
+  auto out = new_output(q.sizes(), q.scalar_type());
+  kvc::Args a{};
+  a.q = q.const_data_ptr();
+  a.q_b = q.stride(0), a.q_h = q.stride(1), a.q_s = q.stride(2);
+  // (page, slot, head) strides; contiguous: the sequence is the page
+  const int64_t kp = k_cache.stride(0), vp = v_cache.stride(0);
+  a.k_page = kp, a.v_page = vp;
+  a.k_slot = paged ? k_cache.stride(1) : k_cache.stride(2);
+  a.v_slot = paged ? v_cache.stride(1) : v_cache.stride(2);
+  a.k_head = paged ? k_cache.stride(2) : k_cache.stride(1);
+  a.v_head = paged ? v_cache.stride(2) : v_cache.stride(1);
+  a.block_table = paged ? bt.const_data_ptr<int32_t>() : nullptr;
+  a.max_pages = max_pages, a.page_size = page_size;
+  a.lens = lens.data();
+  a.Hq = Hq, a.Sq = Sq, a.D = D, a.G = Hq / Hkv;
+  a.scale = scale, a.softcap = softcap, a.left = window_left, a.right = window_right;
+  at::Tensor sl;
+  if (alibi_slopes.has_value()) {
+    sl = alibi_slopes->to(at::kFloat).expand({B, Hq});
+    a.slopes = sl.const_data_ptr<float>(), a.sl_b = sl.stride(0), a.sl_h = sl.stride(1);
+  }
+  a.out = out.mutable_data_ptr();
+
+  if (S_new > 0) {
+    append(a, k_cache, *k_new, start, a.k_page, a.k_slot, a.k_head);
+    append(a, v_cache, *v_new, start, a.v_page, a.v_slot, a.v_head);
+  }
+  a.k = k_cache.const_data_ptr();
+  a.v = v_cache.const_data_ptr();
+  if (out.numel() == 0) return out;
+
+  // work items: (b, h, query block) groups, each one key range or several chunks of it
+  const int64_t G = a.G, qb = std::max<int64_t>(1, kvc::kQueryRows / G);
+  struct Group {
+    int64_t b, h, nh, i0, i1, k0, k1;
+  };
+  std::vector<Group> groups;
+  int64_t total_keys = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i0 = 0; i0 < Sq; i0 += qb) {
+      const int64_t i1 = std::min(Sq, i0 + qb);
+      const int64_t p0 = lens[b] - Sq + i0, p1 = lens[b] - Sq + i1 - 1;  // positions
+      const int64_t k0 = window_left >= 0 ? std::max<int64_t>(0, p0 - window_left) : 0;
+      int64_t k1 = window_right >= 0 ? std::min(lens[b], p1 + window_right + 1) : lens[b];
+      k1 = std::max(k1, k0);
+      const int64_t nh = std::max<int64_t>(1, std::min(Hkv, kvc::kQueryRows / (G * (i1 - i0))));
+      for (int64_t h = 0; h < Hkv; h += nh) groups.push_back({b, h, std::min(nh, Hkv - h), i0, i1, k0, k1});
+      total_keys += (k1 - k0) * Hkv;
+    }
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  int64_t chunk = std::numeric_limits<int64_t>::max();
+  if (threads > 1 && n_groups < 2 * threads) {
+    chunk = std::max(kvc::kMinChunk, (total_keys + 4 * threads - 1) / (4 * threads));
+  }
+  std::vector<kvc::Item> items;
+  std::vector<std::pair<int64_t, int64_t>> splits;  // (first item, chunks) of each split range
+  int64_t parts = 0;
+  for (const Group& g : groups) {
+    const int64_t n = g.k1 - g.k0, pieces = n > chunk ? (n + chunk - 1) / chunk : 1;
+    if (pieces == 1) {
+      items.push_back({g.b, g.h, g.nh, g.i0, g.i1, g.k0, g.k1, -1});
+      continue;
+    }
+    splits.emplace_back(static_cast<int64_t>(items.size()), pieces);
+    for (int64_t c = 0; c < pieces; ++c) {
+      const int64_t c0 = g.k0 + n * c / pieces, c1 = g.k0 + n * (c + 1) / pieces;
+      items.push_back({g.b, g.h, g.nh, g.i0, g.i1, c0, c1, parts++});
+    }
+  }
+  // longest first, taken from a shared counter (ties keep their order: deterministic)
+  std::vector<int64_t> order(items.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return (items[x].k1 - items[x].k0) * (items[x].i1 - items[x].i0) * items[x].nh >
+           (items[y].k1 - items[y].k0) * (items[y].i1 - items[y].i0) * items[y].nh;
+  });
+
+  const Isa isa = active_isa();
+  dispatch_kernel_types(q.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const auto fn = TRUTHGPT_ISA_FN(isa, kvcache_items<T>);
+    std::vector<A> pm(static_cast<size_t>(parts * kvc::kQueryRows)), pl(pm.size());
+    std::vector<A> pacc(static_cast<size_t>(parts * kvc::kQueryRows * D));
+    std::atomic<int64_t> next{0};
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
+      std::vector<A> scratch(static_cast<size_t>(kvc::scratch_size(D)));
+      for (int64_t i; (i = next.fetch_add(1)) < n_items;) {
+        fn(a, items[order[i]], scratch.data(), pm.data(), pl.data(), pacc.data());
+      }
+    });
+    if (parts > 0) merge_parts<T>(a, items, splits, pm.data(), pl.data(), pacc.data());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("attention_with_kvcache_fwd", &attention_with_kvcache_fwd); }
+
+}  // namespace truthgpt
+
+#else  // ========================================== kernel section (once per instruction set)
+
+// Dot products of R query rows (stride dp) with n keys (stride ks): s[r * kKeyBlock + j].
+// Prefetches key rows a few ahead and the value rows of the same keys (in a paged cache a
+// head's rows are page-size-strided: no hardware prefetcher follows them).
+template <int R, class T, class A>
+inline void kvcache_scores(const A* qr, int64_t dp, const T* k, int64_t ks, const T* v, int64_t n, int64_t D,
+                           A* s) {
+  using V = VecFor<T>;
+  constexpr int64_t W = V::W;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kj = k + j * ks;
+    if (v != nullptr) {
+      for (int64_t d = 0; d < D; d += kLine) {
+        if (j + 4 < n) prefetch(kj + 4 * ks + d);
+        prefetch(v + j * ks + d);
+      }
+    }
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = V::zero();
+    for (int64_t d = 0; d < D; d += W) {
+      const V kv = V::load(kj + d, D - d);
+      for (int r = 0; r < R; ++r) acc[r] = V::fma(V::load(qr + r * dp + d, D - d), kv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) s[r * kvc::kKeyBlock + j] = acc[r].hsum();
+  }
+}
+
+template <class T>
+void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, acc_t<T>* pm, acc_t<T>* pl,
+                   acc_t<T>* pacc) {
+  using A = acc_t<T>;
+  using V = VecFor<T>;
+  constexpr int64_t W = V::W;
+  constexpr int64_t KB = kvc::kKeyBlock;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t D = a.D, dp = kvc::padded_dim(D), G = a.G, nq = it.i1 - it.i0, hrows = nq * G;
+  const int64_t rows = hrows * it.nh;
+  const int64_t L = a.lens[it.b];
+  A* qbuf = scratch;                        // rows x dp, scaled queries
+  A* acc = qbuf + kvc::kQueryRows * dp;     // rows x dp
+  A* s = acc + kvc::kQueryRows * dp;        // rows x KB scores, then probabilities
+  A* m = s + kvc::kQueryRows * KB;
+  A* l = m + kvc::kQueryRows;
+  // row r: query head h * G + r / nq, query i0 + r % nq at position L - Sq + i
+  const T* q = static_cast<const T*>(a.q);
+  const V vscale = V::set1(static_cast<A>(a.scale));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + it.b * a.q_b + (it.h * G + r / nq) * a.q_h + (it.i0 + r % nq) * a.q_s;
+    for (int64_t d = 0; d < D; d += W) (V::load(qr + d, D - d) * vscale).store(qbuf + r * dp + d, D - d);
+    for (int64_t d = 0; d < D; ++d) acc[r * dp + d] = A(0);
+    m[r] = kNegInf;
+    l[r] = A(0);
+  }
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
+  const A softcap = static_cast<A>(a.softcap);
+  for (int64_t k0 = it.k0; k0 < it.k1;) {
+    const int64_t slot = k0 % a.page_size;
+    const int64_t n = std::min({KB, a.page_size - slot, it.k1 - k0});
+    const int64_t page = a.block_table == nullptr ? it.b : a.block_table[it.b * a.max_pages + k0 / a.page_size];
+    int64_t r = 0;
+    for (int64_t hh = 0; hh < it.nh; ++hh) {  // (the heads of one slot are adjacent in a page)
+      const T* kp = kc + page * a.k_page + slot * a.k_slot + (it.h + hh) * a.k_head;
+      const T* vp = a.k_slot == a.v_slot ? vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head : nullptr;
+      const int64_t r1 = (hh + 1) * hrows;
+      for (r = hh * hrows; r + 4 <= r1; r += 4, vp = nullptr)
+        kvcache_scores<4>(qbuf + r * dp, dp, kp, a.k_slot, vp, n, D, s + r * KB);
+      for (; r < r1; ++r, vp = nullptr) kvcache_scores<1>(qbuf + r * dp, dp, kp, a.k_slot, vp, n, D, s + r * KB);
+    }
+    // per row: softcap, ALiBi, window mask, then the online-softmax step
+    for (r = 0; r < rows; ++r) {
+      A* sr = s + r * KB;
+      const int64_t pos = L - a.Sq + it.i0 + r % nq;
+      const A slope = a.slopes == nullptr ? A(0)
+                                          : static_cast<A>(a.slopes[it.b * a.sl_b + (it.h * G + r / nq) * a.sl_h]);
+      A mx = kNegInf;
+      bool nan = false;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = k0 + j;
+        A x = sr[j];
+        if (softcap > 0) x = softcap * std::tanh(x / softcap);
+        if (a.slopes != nullptr) x -= slope * static_cast<A>(pos > t ? pos - t : t - pos);
+        const bool vis = (a.left < 0 || t >= pos - a.left) && (a.right < 0 || t <= pos + a.right);
+        x = vis ? x : kNegInf;
+        sr[j] = x;
+        nan |= x != x;
+        mx = x > mx ? x : mx;
+      }
+      const A m_new = nan || m[r] != m[r] ? std::numeric_limits<A>::quiet_NaN() : std::max(m[r], mx);
+      if (m_new == kNegInf) {  // nothing visible yet: p = 0 for this block
+        for (int64_t j = 0; j < n; ++j) sr[j] = A(0);
+        continue;
+      }
+      const A alpha = std::exp(m[r] - m_new);
+      const V vm = V::set1(m_new);
+      for (int64_t j = 0; j < n; j += W) V::exp(V::load(sr + j, n - j) - vm).store(sr + j, n - j);
+      A sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = k0 + j;
+        const bool vis = (a.left < 0 || t >= pos - a.left) && (a.right < 0 || t <= pos + a.right);
+        sr[j] = vis ? sr[j] : A(0);  // (the polynomial exp of -inf is tiny, not 0)
+        sum += sr[j];
+      }
+      l[r] = l[r] * alpha + sum;
+      if (alpha != A(1)) {
+        const V va = V::set1(alpha);
+        for (int64_t d = 0; d < D; d += W) (V::load(acc + r * dp + d, D - d) * va).store(acc + r * dp + d, D - d);
+      }
+      m[r] = m_new;
+    }
+    // acc += P V: per kv head, tiles of up to 4 rows x W columns held in registers over the keys
+    for (int64_t hh = 0; hh < it.nh; ++hh) {
+      const T* vp = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;
+      for (int64_t r0 = hh * hrows; r0 < (hh + 1) * hrows; r0 += 4) {
+        const int64_t R = std::min<int64_t>(4, (hh + 1) * hrows - r0);
+        for (int64_t d = 0; d < D; d += W) {
+          V t[4];
+          for (int64_t i = 0; i < R; ++i) t[i] = V::load(acc + (r0 + i) * dp + d, D - d);
+          for (int64_t j = 0; j < n; ++j) {
+            const V vv = V::load(vp + j * a.v_slot + d, D - d);
+            for (int64_t i = 0; i < R; ++i) t[i] = V::fma(V::set1(s[(r0 + i) * KB + j]), vv, t[i]);
+          }
+          for (int64_t i = 0; i < R; ++i) t[i].store(acc + (r0 + i) * dp + d, D - d);
+        }
+      }
+    }
+    k0 += n;
+  }
+  if (it.part >= 0) {  // a chunk of a split range: keep (max, sum, acc) for the merge
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t sl = it.part * kvc::kQueryRows + r;
+      pm[sl] = m[r];
+      pl[sl] = l[r];
+      for (int64_t d = 0; d < D; ++d) pacc[sl * D + d] = acc[r * dp + d];
+    }
+    return;
+  }
+  T* out = static_cast<T*>(a.out);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + ((it.b * a.Hq + it.h * G + r / nq) * a.Sq + it.i0 + r % nq) * D;
+    if (l[r] == A(0)) {
+      for (int64_t d = 0; d < D; ++d) o[d] = from_acc<T>(A(0));
+      continue;
+    }
+    const V inv = V::set1(A(1) / l[r]);
+    for (int64_t d = 0; d < D; d += W) (V::load(acc + r * dp + d, D - d) * inv).store(o + d, D - d);
+  }
+}
+
+#endif  // TRUTHGPT_KERNEL_SECTION
