@@ -317,6 +317,31 @@ def test_torch_compile_fullgraph(backend):
     _compiled_matches_eager(backend, "aot_eager")
 
 
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_torch_compile_under_bf16_autocast_matches_eager(fused_loss):
+    """Issue #14: the compiled model under bf16 autocast (fake kernels and dtype rules of every
+    op, fullgraph) gives eager's loss and gradients within bf16 tolerance, fused loss or not."""
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    x = tokens()
+
+    def step(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = m(x, x, return_logits=not fused_loss)
+        loss.backward()
+        g = grads(model)
+        model.zero_grad()
+        return loss, g
+
+    loss, g = step(model)
+    torch._dynamo.reset()
+    loss_c, g_c = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert loss.dtype == loss_c.dtype == torch.float32
+    torch.testing.assert_close(loss_c, loss, rtol=2e-2, atol=2e-2)
+    for n in g:
+        torch.testing.assert_close(g_c[n], g[n], rtol=5e-2, atol=5e-3, msg=n)
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor():
     """The same with inductor (~80 s of C++ compilation on a loaded 2-core machine)."""
