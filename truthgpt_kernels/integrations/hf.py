@@ -3,15 +3,19 @@ SUPPORTED family (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text, Qwen3, Phi-3, OL
 Qwen2-MoE, Qwen3-MoE; and the language model of a vision-language model whose text_config is
 one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `revert(model)` undoes it:
 
-- attention: a "truthgpt" function in transformers' attention registry (with the boolean
-  sdpa-style mask), selected on this model. The 4-D mask is decomposed into causal +
-  sliding window + key padding mask and checked; a mask that is not of that form (e.g. a
-  static cache prefill), dropout in training, or `output_attentions=True` runs the function
-  that the patch replaced (the model's own eager function for attention weights), so results
-  stay exact. Query rows that see no key at all (left padding) get what the replaced
-  function gives them: the mean of V for eager (its additive mask turns into a uniform
-  softmax), zeros for sdpa with current torch; it is computed by running that function on
-  those rows only.
+- attention: a "truthgpt" function in transformers' attention registry, selected on this
+  model, with a "truthgpt" mask function (`padding_mask`): for the patterns tk.attention
+  serves exactly (causal, sliding-window causal, bidirectional, each with optional padding)
+  it returns, as transformers' flash-attention mask does, None without padding or the 2-D
+  (batch, keys) boolean padding mask, so no (S x S) mask is built; any other pattern
+  (packed sequences' block-diagonal mask, image-token or chunked overlays, transformers 4.x
+  calls) gets transformers' 4-D sdpa mask, which the attention function decomposes into
+  causal + sliding window + key padding mask and checks. A 4-D mask not of that form,
+  dropout in training, or `output_attentions=True` runs the function that the patch
+  replaced (the model's own eager function for attention weights), so results stay exact.
+  Query rows that see no key at all (left padding) get what the replaced function gives
+  them: the mean of V for eager (its additive mask turns into a uniform softmax), zeros for
+  sdpa with current torch; it is computed by running that function on those rows only.
 - `model.set_attn_implementation("eager" | "sdpa" | ...)` after the patch runs exactly that
   function; "truthgpt" selects ours again.
 - rotary: the attention modules' forward applies `tk.apply_rotary_qk` (partial rotary, as
@@ -209,15 +213,138 @@ def _varlen(query, key, value, docs, causal, scaling, window, softcap):
     return out.view(B, Sq, Hq, D)
 
 
+# --- the "truthgpt" mask function: a 2-D padding mask where tk.attention serves the pattern -----
+
+# attribute of the 2-D mask padding_mask returns: (causal, sliding_window) of the pattern it stands for
+_PATTERN = "_truthgpt_mask_pattern"
+
+
+def _cells(fn):
+    """{free variable: value} of a closure ({} for anything else)."""
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not closure or len(closure) != len(code.co_freevars):
+        return {}
+    try:
+        return dict(zip(code.co_freevars, (c.cell_contents for c in closure)))
+    except ValueError:  # an empty cell
+        return {}
+
+
+def _mask_pattern(mask_function, local_size):
+    """(causal, sliding_window) of a transformers mask function whose pattern tk.attention serves
+    exactly, identified by object: causal_mask_function (create_causal_mask), the
+    and_masks(sliding_window_overlay(w), causal_mask_function) of
+    sliding_window_causal_mask_function(w) with local_size == w (create_sliding_window_causal_mask),
+    bidirectional_mask_function (create_bidirectional_mask). Anything else (packed sequences'
+    remapped and block-diagonal masks, or_masks / and_masks overlays, chunked attention, a
+    function of another version's making): None."""
+    from transformers import masking_utils as mu
+    if mask_function is mu.causal_mask_function:
+        return (True, None) if local_size is None else None
+    if mask_function is mu.bidirectional_mask_function:
+        return (False, None) if local_size is None else None
+    if getattr(mask_function, "__code__", None) is not mu.and_masks(mu.causal_mask_function).__code__:
+        return None
+    parts = _cells(mask_function).get("mask_functions")
+    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function):
+        return None
+    overlay = parts[0]
+    if getattr(overlay, "__code__", None) is not mu.sliding_window_overlay(1).__code__:
+        return None
+    w = _cells(overlay).get("sliding_window")
+    if type(w) is int and w > 0 and w == local_size:
+        return True, w
+    return None
+
+
+def padding_mask(*args, **kwargs):
+    """transformers' AttentionMaskInterface entry for "truthgpt". For a pattern _mask_pattern
+    identifies: None where no key is masked (the attention function then uses the module's own
+    causal / sliding window, as transformers' flash-attention path does), else the (batch, L)
+    boolean padding mask of the keys the attention will see, L <= kv_length, tagged with the
+    pattern. L < kv_length only for a static cache, whose slots past L are not filled yet: the
+    attention function keeps the first L keys. The queries are the last q_length of those L
+    positions (bottom-right alignment), checked here. Other patterns, a mask that does not
+    cover exactly the tokens up to the last query, calls of transformers 4.x (cache_position
+    instead of q_length) and compilation: transformers' 4-D sdpa_mask, unchanged."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    if args or "q_length" not in kwargs or kwargs.get("use_vmap") or torch.compiler.is_compiling():
+        return sdpa_mask(*args, **kwargs)
+    pattern = _mask_pattern(kwargs.get("mask_function", causal_mask_function), kwargs.get("local_size"))
+    mask = kwargs.get("attention_mask")
+    if pattern is None or (mask is not None and (mask.dim() != 2 or mask.dtype != torch.bool)):
+        return sdpa_mask(**kwargs)
+    q_length, kv_length = kwargs["q_length"], kwargs["kv_length"]
+    q_offset, kv_offset = int(kwargs.get("q_offset", 0)), int(kwargs.get("kv_offset", 0))
+    causal = pattern[0]
+    # tokens the mask covers: [0, end); the keys are positions [kv_offset, end)
+    end = mask.shape[-1] if mask is not None else q_offset + q_length if causal else kv_offset + kv_length
+    length = end - kv_offset
+    if (causal and end != q_offset + q_length) or not 0 < length <= kv_length:
+        return sdpa_mask(**kwargs)
+    if mask is None:
+        if length == kv_length:
+            return None
+        mask = torch.ones(kwargs["batch_size"], length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    else:
+        mask = mask[:, kv_offset:end]  # a new tensor object: the tag stays off the caller's mask
+        if length == kv_length and bool(mask.all()):
+            return None
+    setattr(mask, _PATTERN, pattern)
+    return mask
+
+
+def _window(sliding_window):
+    return (sliding_window - 1, -1) if sliding_window else None
+
+
+def _dead_queries(key_mask, Sq, causal, window):
+    """(B, Sq) bool: the query rows that see no key, for queries bottom-right aligned on the
+    key_mask (B, L) keys, from its prefix counts (no Sq x L mask)."""
+    B, L = key_mask.shape
+    counts = torch.nn.functional.pad(key_mask.to(torch.int32).cumsum(1), (1, 0))  # (B, L + 1)
+    i = torch.arange(Sq, device=key_mask.device) + (L - Sq)  # query positions among the keys
+    hi = i + 1 if causal else torch.full_like(i, L)
+    lo = torch.zeros_like(i)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            lo = i - left
+        if right >= 0:
+            hi = torch.minimum(hi, i + right + 1)
+    hi = hi.clamp(0, L)
+    lo = torch.minimum(lo.clamp(0, L), hi)
+    seen = counts[:, hi] - counts[:, lo]  # (B, Sq): visible keys per query
+    return seen == 0
+
+
+def _fallback_mask(key_mask, B, Sq, Sk, causal, window, device):
+    """The 4-D boolean mask (B or 1, 1, Sq, Sk) a 2-D key_mask (B, L <= Sk) or None stands for,
+    for the replaced function (dropout, attention weights): keys past L hidden."""
+    from ..ops.reference import attention_visibility
+    L = Sk if key_mask is None else key_mask.shape[1]
+    vis = attention_visibility(B if key_mask is not None else 1, 1, Sq, L, causal=causal,
+                               window=window, key_mask=key_mask, device=device)
+    return torch.nn.functional.pad(vis, (0, Sk - L), value=False)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers attention-function signature: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D);
-    returns (out (B, Sq, Hq, D), attention weights or None)."""
+    returns (out (B, Sq, Hq, D), attention weights or None). attention_mask: None or a 2-D
+    padding mask from padding_mask (the module's pattern, or the one the mask is tagged with),
+    or a 4-D boolean / additive mask (checked, see the module docstring)."""
     Sq, Sk = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    window = (sliding_window - 1, -1) if sliding_window else None
+    window = _window(sliding_window)
     fn_kwargs = dict(dropout=dropout, scaling=scaling, sliding_window=sliding_window,
                      softcap=softcap, is_causal=is_causal, **kwargs)
+    if attention_mask is None or attention_mask.dim() == 2:
+        pattern = None if attention_mask is None else getattr(attention_mask, _PATTERN, None)
+        if pattern is not None:
+            causal, window = pattern[0], _window(pattern[1])
+        return _padding_attention(module, query, key, value, attention_mask, causal, window,
+                                  scaling, softcap, fn_kwargs)
     if kwargs.get("output_attentions", False):  # only the eager function returns weights
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         return _run("eager", module, query, key, value, attention_mask, causal=causal,
@@ -228,7 +355,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     key_mask = None
     vis = None
     servable = dropout == 0.0
-    if servable and attention_mask is not None:
+    if servable:
         vis = _visible(attention_mask)
         if attention_mask.dtype != torch.bool and not torch.all(vis | (attention_mask <= torch.finfo(attention_mask.dtype).min / 2)):
             servable = False  # an additive bias, not a mask
@@ -246,18 +373,53 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     out = ops.attention(query, key, value, causal=causal, scale=scaling, window=window,
                         key_mask=key_mask, softcap=softcap or 0.0)
     out = out.transpose(1, 2).contiguous()
-    if vis is not None:
-        dead = ~vis[:, 0].any(dim=-1)  # (B, Sq)
-        if dead.any():
+    dead = ~vis[:, 0].any(dim=-1)  # (B, Sq)
+    if dead.any():
+        out = _dead_rows(out, dead, module, query, key, value, fn_kwargs, causal, window)
+    return out, None
+
+
+def _padding_attention(module, query, key, value, key_mask, causal, window, scaling, softcap,
+                       fn_kwargs):
+    """attention_forward for no mask or a 2-D padding mask (B, L): tk.attention with key_mask,
+    on the first L keys (a static cache's slots past L are unfilled; keeping them out puts the
+    bottom-right causal alignment on the last filled one). Packed documents, dropout and
+    attention weights as in the 4-D path; the replaced function then gets the equivalent 4-D
+    mask (the only (S x S) mask built on this path)."""
+    B, Sq, Sk = query.shape[0], query.shape[2], key.shape[2]
+    kwargs = {k: v for k, v in fn_kwargs.items()
+              if k not in ("dropout", "scaling", "sliding_window", "softcap", "is_causal")}
+    dropout = fn_kwargs["dropout"]
+    if key_mask is not None and key_mask.shape[1] > Sk:  # not from padding_mask: its last Sk keys
+        key_mask = key_mask[:, -Sk:]
+    if kwargs.get("output_attentions", False) or dropout != 0.0:
+        kind = "eager" if kwargs.get("output_attentions", False) else _replaced(module)
+        _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
+        mask = None
+        # as transformers' sdpa mask: None only where sdpa's is_causal gives the pattern
+        if key_mask is not None or (window is not None and Sk - 1 > window[0]) or (Sq != Sk and Sq != 1):
+            mask = _fallback_mask(key_mask, B, Sq, Sk, causal, window, query.device)
+        return _run(kind, module, query, key, value, mask, causal=causal, window=window, **fn_kwargs)
+    if key_mask is None:
+        docs = _documents(query, key, None, kwargs)
+        if docs is not None:
+            return _varlen(query, key, value, docs, causal, scaling, window, softcap), None
+    L = Sk if key_mask is None else key_mask.shape[1]
+    out = ops.attention(query, key[:, :, :L], value[:, :, :L], causal=causal, scale=scaling,
+                        window=window, key_mask=key_mask, softcap=softcap or 0.0)
+    out = out.transpose(1, 2).contiguous()
+    if key_mask is not None:
+        dead = _dead_queries(key_mask, Sq, causal, window)
+        if dead.any():  # the replaced function on all Sk keys, as the unpatched model
             out = _dead_rows(out, dead, module, query, key, value, fn_kwargs, causal, window)
     return out, None
 
 
 def _register():
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, padding_mask)
 
 
 def _unregister():
