@@ -37,8 +37,9 @@
 //    against O(Sq Sk D) work), outputs rounded back; so every float32 path serves it.
 //  - Threads: at::parallel_for over the thread count; each thread takes work items (heaviest
 //    first) from a shared counter. Accumulation is fp32 (fp64 for fp64 inputs).
-//  - Knobs for tests and tuning (environment): TRUTHGPT_CPU_ATTN=mkl|avx512|portable|noavx512 (GEMM and
-//    row path; noavx512 simulates a CPU without it), TRUTHGPT_ATTN_BWD=single|split, TRUTHGPT_ATTN_BQ / _BK (tile sizes),
+//  - Knobs for tests and tuning (environment): TRUTHGPT_CPU_ATTN=mkl|avx512|avx2|portable|
+//    noavx512|noavx2 (GEMM and row path; noavx512 / noavx2 simulate a CPU without them; see
+//    choose_isa), TRUTHGPT_ATTN_BWD=single|split, TRUTHGPT_ATTN_BQ / _BK (tile sizes),
 //    TRUTHGPT_ATTN_SPLITK (forward key splits).
 //
 // Parts: attention_common.h (shared declarations), attention_gemm.h, attention_rows.h,
@@ -64,7 +65,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
                         at::Tensor& out, at::Tensor& lse, const Isa& isa) {
   using Acc = acc_t<T>;
   const Gemm<T> gemm{isa.gemm};
-  const Rows<Acc, T> rows{isa.avx512_rows};
+  const Rows<Acc, T> rows{isa.rows};
   const Cfg<Acc> cf = make_cfg<Acc>(P);
   const Acc qk_alpha = static_cast<Acc>(P.scale * (cf.softcap ? 1.0 : kLog2e));
   const T* qp = q.const_data_ptr<T>();
@@ -385,7 +386,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   BwdCtx<T> c{};
   c.P = &P;
   c.gemm = Gemm<T>{isa.gemm};
-  c.rows = Rows<Acc, T>{isa.avx512_rows};
+  c.rows = Rows<Acc, T>{isa.rows};
   c.cf = make_cfg<Acc>(P);
   c.qk_alpha = static_cast<Acc>(P.scale * (c.cf.softcap ? 1.0 : kLog2e));
   c.scale = static_cast<Acc>(P.scale);
@@ -516,7 +517,9 @@ std::string isa_path() {
   std::string gemm = isa.gemm == GemmImpl::Mkl      ? (bf ? "MKL bf16 tile GEMMs" : "MKL tile GEMMs")
                      : isa.gemm == GemmImpl::Avx512 ? (bf ? "AVX512-BF16 tile GEMMs" : "AVX-512 tile GEMMs")
                                                     : "portable tile GEMMs";
-  return gemm + (isa.avx512_rows ? " + AVX-512 rows" : " + portable rows");
+  return gemm + (isa.rows == RowsImpl::Avx512 ? " + AVX-512 rows"
+                 : isa.rows == RowsImpl::Avx2 ? " + AVX2 rows"
+                                               : " + portable rows");
 }
 
 }  // namespace

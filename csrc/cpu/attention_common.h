@@ -5,6 +5,7 @@
 //   attention_gemm.h      tile GEMMs and their runtime dispatch (MKL symbols, AVX-512 and
 //                         AVX512-BF16 micro-kernels, portable)
 //   attention_rows.h      row transforms (softcap, ALiBi, masks) and the online softmax
+//   attention_rows_avx2.h the same rows on AVX2+FMA, and the row-path dispatch (`Rows`)
 //   attention_schedule.h  the work-item schedule: tiles, visible key runs, work order, setup
 //   attention.cpp         the forward and backward drivers and the op registration
 #pragma once
@@ -35,6 +36,7 @@
 #include <immintrin.h>
 #define TK_X86 1
 #define TK_UNROLL _Pragma("GCC unroll 16")
+#define TK_AVX2 __attribute__((target("avx2,fma")))
 #define TK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define TK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
 #else

@@ -65,21 +65,37 @@ bool cpu_has_avx512bf16() {
 #endif
 }
 
+bool cpu_has_avx2() {
+#if TK_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 enum class GemmImpl { Mkl, Avx512, Portable };
+enum class RowsImpl { Portable, Avx2, Avx512 };  // score transform / softmax loops
 
 struct Isa {
   GemmImpl gemm;
-  bool avx512_rows;  // AVX-512 score/softmax loops
+  RowsImpl rows;
 };
 
-// TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | portable | noavx512 (as on a CPU without
-// AVX-512: MKL GEMMs if present, portable loops otherwise). A path the machine cannot run
-// falls back to the next one (mkl -> avx512 -> portable).
+// TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | avx2 | portable | noavx512 | noavx2.
+//   auto, mkl: MKL GEMMs if present; the widest rows the CPU has (AVX-512 > AVX2 > portable).
+//   avx512: our AVX-512 GEMMs and rows.
+//   avx2, noavx512: as on a CPU with AVX2+FMA but no AVX-512: MKL GEMMs, AVX2 rows.
+//   noavx2: as on a CPU with neither: MKL GEMMs, portable rows.
+//   portable: portable GEMMs and rows.
+// A path the machine cannot run falls back to the next one (GEMMs: mkl -> avx512 -> portable;
+// rows: avx512 -> avx2 -> portable). fp64 always runs portable rows.
 template <typename T>
 Isa choose_isa() {
   const char* env = std::getenv("TRUTHGPT_CPU_ATTN");
   std::string want = env ? env : "auto";
-  const bool avx = cpu_has_avx512() && want != "noavx512";
+  const bool no512 = want == "noavx512" || want == "avx2" || want == "noavx2";
+  const bool avx = cpu_has_avx512() && !no512;
   bool have_mkl = false;
   bool have_avx_gemm = false;
   if (std::is_same<T, float>::value) {
@@ -89,11 +105,17 @@ Isa choose_isa() {
     have_mkl = mkl().dgemm != nullptr;
   } else {
     have_mkl = mkl().bgemm != nullptr;
-    have_avx_gemm = cpu_has_avx512bf16();
+    have_avx_gemm = cpu_has_avx512bf16() && !no512;
   }
-  Isa isa{GemmImpl::Portable, false};
+  Isa isa{GemmImpl::Portable, RowsImpl::Portable};
   if (want == "portable") return isa;
-  isa.avx512_rows = avx && !std::is_same<T, double>::value;
+  if (!std::is_same<T, double>::value) {
+    if (avx) {
+      isa.rows = RowsImpl::Avx512;
+    } else if (cpu_has_avx2() && want != "noavx2") {
+      isa.rows = RowsImpl::Avx2;
+    }
+  }
   if (want != "avx512" && have_mkl) {
     isa.gemm = GemmImpl::Mkl;
   } else if (have_avx_gemm) {

@@ -1,7 +1,8 @@
 // CPU attention, part 2 of 4: the row kernels. Score transforms (softcap, ALiBi from the
 // slope, masks), the online softmax in log2 units (NaN-propagating row max) and the backward's
-// dP/dS rows, each portable and AVX-512 (own exp2 polynomial); `Rows<Acc, PT>` picks the
-// variant at run time. Included by attention.cpp only.
+// dP/dS rows, portable and AVX-512 (own exp2 polynomial). The AVX2 variant, the row drivers
+// the vector paths share and `Rows<Acc, PT>` (picks a path at run time) are in
+// attention_rows_avx2.h.
 #pragma once
 #include "cpu/attention_gemm.h"
 
@@ -463,70 +464,6 @@ fused_fn pick_fused_t(int key) {
 // is rescaled: probabilities then stay <= 2^8, and most pieces need a single pass.
 constexpr float kLazyRescale = 8.f;
 
-template <typename PT>
-TK_AVX512 void fwd_rows_avx512(const RowsArgs<float, PT>& a) {
-  const Cfg<float>& cf = *a.cf;
-  constexpr bool kBf16 = std::is_same<PT, bf16>::value;
-  const prep_avx_fn prep = pick_prep_avx512(a.partial, cf.alibi, cf.softcap);
-  const int key = (a.partial ? 4 : 0) | (cf.alibi ? 2 : 0) | (cf.softcap ? 1 : 0);
-  fused_fn fused;
-  if constexpr (kBf16) {
-    fused = cpu_has_avx512bf16() ? pick_fused_t<2>(key) : pick_fused_t<1>(key);
-  } else {
-    fused = pick_fused_t<0>(key);
-  }
-  auto full_pass = [&](float* s, PT* p, float mx) {  // s already transformed
-    return kBf16 ? exp_row_avx512(s, a.n, mx, nullptr, reinterpret_cast<uint16_t*>(p))
-                 : exp_row_avx512(s, a.n, mx, reinterpret_cast<float*>(p), nullptr);
-  };
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float* s = a.S + r * a.ldS;
-    PT* p = a.P + r * a.ldP;
-    const float m_old = a.m[r];
-    if (m_old == kNegInf) {  // first visible keys of this row: exact max, two passes
-      const float mx = prep(s, a.n, a.j0, a.ri[r], cf, nullptr);
-      if (mx == kNegInf) {
-        std::memset(static_cast<void*>(p), 0, sizeof(PT) * (a.n + (a.n & 1)));
-        continue;
-      }
-      a.l[r] = full_pass(s, p, mx);
-      a.m[r] = mx;
-      continue;
-    }
-    float mx;
-    const float sum = fused(s, a.n, a.j0, a.ri[r], cf, m_old, p, &mx);
-    if (mx <= m_old + kLazyRescale) {
-      a.l[r] += sum;
-      continue;
-    }
-    prep(s, a.n, a.j0, a.ri[r], cf, nullptr);  // the max grew a lot: redo against it
-    const float alpha = std::exp2(m_old - mx);
-    a.l[r] = a.l[r] * alpha + full_pass(s, p, mx);
-    a.m[r] = mx;
-    scale_row_avx512(a.acc + r * a.ldacc, a.D, alpha);
-  }
-}
-
-template <typename PT>
-TK_AVX512 void bwd_p_rows_avx512(const RowsArgs<float, PT>& a) {
-  const Cfg<float>& cf = *a.cf;
-  const prep_avx_fn prep = pick_prep_avx512(a.partial, cf.alibi, cf.softcap);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float* s = a.S + r * a.ldS;
-    uint16_t* pl = a.P ? reinterpret_cast<uint16_t*>(a.P + r * a.ldP) : nullptr;
-    float* g = a.G ? a.G + r * a.ldS : nullptr;
-    const float lse2 = a.ri[r].lse2;
-    if (lse2 == kNegInf) {
-      std::memset(s, 0, sizeof(float) * a.n);
-      if (g) std::memset(g, 0, sizeof(float) * a.n);
-      if (pl) std::memset(pl, 0, sizeof(uint16_t) * (a.n + (a.n & 1)));
-      continue;
-    }
-    prep(s, a.n, a.j0, a.ri[r], cf, g);
-    exp_row_avx512(s, a.n, lse2, s, pl);
-  }
-}
-
 // fp32 row -> bf16 (round to nearest even), zero pad to an even length.
 TK_AVX512BF16 void convert_row_bf16_native(const float* x, int64_t n, uint16_t* o) {
   for (int64_t c = 0; c < n; c += 32)
@@ -565,35 +502,6 @@ TK_AVX512 void bwd_ds_rows_avx512(const RowsArgs<float, PT>& a) {
   }
 }
 #endif  // TK_X86
-
-template <typename Acc, typename PT>
-struct Rows {
-  bool avx512;
-  void fwd(const RowsArgs<Acc, PT>& a) const {
-#if TK_X86
-    if constexpr (std::is_same<Acc, float>::value) {
-      if (avx512) return fwd_rows_avx512<PT>(a);
-    }
-#endif
-    fwd_rows_portable<Acc, PT>(a);
-  }
-  void bwd_p(const RowsArgs<Acc, PT>& a) const {
-#if TK_X86
-    if constexpr (std::is_same<Acc, float>::value) {
-      if (avx512) return bwd_p_rows_avx512<PT>(a);
-    }
-#endif
-    bwd_p_rows_portable<Acc, PT>(a);
-  }
-  void bwd_ds(const RowsArgs<Acc, PT>& a) const {
-#if TK_X86
-    if constexpr (std::is_same<Acc, float>::value) {
-      if (avx512) return bwd_ds_rows_avx512<PT>(a);
-    }
-#endif
-    bwd_ds_rows_portable<Acc, PT>(a);
-  }
-};
 
 }  // namespace
 }  // namespace truthgpt

@@ -3,7 +3,7 @@
 // mask), per-piece column masks, the heaviest-first work order and the thread loop
 // (`run_items`), and the setup shared by forward and backward. Included by attention.cpp only.
 #pragma once
-#include "cpu/attention_rows.h"
+#include "cpu/attention_rows_avx2.h"
 
 namespace truthgpt {
 namespace {  // internal to the CPU attention kernel (one translation unit: attention.cpp)

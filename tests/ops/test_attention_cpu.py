@@ -31,10 +31,19 @@ def _cpu_flags():
 
 FLAGS = _cpu_flags()
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= FLAGS
-# (TRUTHGPT_CPU_ATTN, TRUTHGPT_ATTN_BWD): every GEMM path with both backward schedules
-# noavx512: what a CPU without AVX-512 runs (MKL GEMMs, portable score/softmax loops)
+HAS_AVX2 = {"avx2", "fma"} <= FLAGS
+# (TRUTHGPT_CPU_ATTN, TRUTHGPT_ATTN_BWD): every GEMM and row path with both backward schedules
+# avx2 / noavx512: what a CPU with AVX2 but no AVX-512 runs (MKL GEMMs, AVX2 score/softmax
+# loops); noavx2: a CPU with neither (MKL GEMMs, portable loops)
 PATHS = [("auto", "single"), ("auto", "split"), ("avx512", "single"), ("avx512", "split"),
-         ("portable", "single"), ("portable", "split"), ("noavx512", "single")]
+         ("avx2", "single"), ("avx2", "split"), ("portable", "single"), ("portable", "split"),
+         ("noavx512", "single"), ("noavx2", "single")]
+NEEDS = {"avx512": HAS_AVX512, "avx2": HAS_AVX2}
+
+
+def _skip_missing(path):
+    if not NEEDS.get(path, True):
+        pytest.skip(f"this CPU has no {path} (the path falls back)")
 
 
 def check(B, Hq, Hkv, Sq, Sk, D, opts, dtypes=(f32, bf16, f16), kw_override=None, inputs=None):
@@ -72,23 +81,21 @@ PATH_CASES = ["everything", "decode", "gqa4_causal", "mqa8", "bigbird_layout", "
 @pytest.mark.parametrize("path,bwd", PATHS, ids=[f"{p}-{b}" for p, b in PATHS])
 @pytest.mark.parametrize("case", PATH_CASES)
 def test_every_kernel_path(monkeypatch, path, bwd, case):
-    if path == "avx512" and not HAS_AVX512:
-        pytest.skip("this CPU has no AVX-512 (the path falls back to portable)")
+    _skip_missing(path)
     monkeypatch.setenv("TRUTHGPT_CPU_ATTN", path)
     monkeypatch.setenv("TRUTHGPT_ATTN_BWD", bwd)
     B, Hq, Hkv, Sq, Sk, D, opts = CASES[case]
     check(B, Hq, Hkv, Sq, Sk, D, opts)
 
 
-@pytest.mark.parametrize("path", ["auto", "avx512", "portable", "noavx512"])
+@pytest.mark.parametrize("path", ["auto", "avx512", "avx2", "portable", "noavx512", "noavx2"])
 @pytest.mark.parametrize("bq,bk", [(16, 16), (8, 48), (32, 32)])
 @pytest.mark.parametrize("case", ["everything", "causal_sq_lt_sk", "window_16_16", "strided_layout",
                                   "key_mask", "decode"])
 def test_tiny_tiles(monkeypatch, path, bq, bk, case):
     """Forced small tiles: many pieces per query row (online-softmax rescaling), partial pieces
     on every mask edge, many key blocks in the two-pass backward."""
-    if path == "avx512" and not HAS_AVX512:
-        pytest.skip("no AVX-512")
+    _skip_missing(path)
     monkeypatch.setenv("TRUTHGPT_CPU_ATTN", path)
     monkeypatch.setenv("TRUTHGPT_ATTN_BQ", str(bq))
     monkeypatch.setenv("TRUTHGPT_ATTN_BK", str(bk))
@@ -118,12 +125,25 @@ def test_head_dims(D):
     check(1, 4, 2, 37, 70, D, {"causal": True, "alibi": "heads"})
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
 @pytest.mark.parametrize("D", [3, 65])
-def test_odd_head_dims_own_kernels(monkeypatch, D):
-    if not HAS_AVX512:
-        pytest.skip("no AVX-512")
-    monkeypatch.setenv("TRUTHGPT_CPU_ATTN", "avx512")
+def test_odd_head_dims_own_kernels(monkeypatch, path, D):
+    _skip_missing(path)
+    monkeypatch.setenv("TRUTHGPT_CPU_ATTN", path)
     check(1, 2, 1, 29, 41, D, {"key_mask": "random", "softcap": 4.0})
+
+
+@pytest.mark.parametrize("path,rows", [("avx2", "AVX2 rows"), ("noavx512", "AVX2 rows"),
+                                       ("noavx2", "portable rows"), ("portable", "portable rows")])
+def test_row_path_knob(monkeypatch, path, rows):
+    """TRUTHGPT_CPU_ATTN selects the row path the tests above mean to check (so they cannot
+    silently run another one); fp64 always runs the portable rows."""
+    if rows == "AVX2 rows":
+        _skip_missing("avx2")
+    monkeypatch.setenv("TRUTHGPT_CPU_ATTN", path)
+    for dtype in (f32, bf16, f16):
+        assert rows in torch.ops.truthgpt_info.cpu_path("attention", dtype)
+    assert "portable rows" in torch.ops.truthgpt_info.cpu_path("attention", torch.float64)
 
 
 @pytest.mark.parametrize("case", [

@@ -12,13 +12,14 @@ import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
 from ..helpers import backend_params, device_for
+from .test_attention_cpu import HAS_AVX2
 
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BACKENDS = [p for p in backend_params("attention") if p.values[0] != "cuda"]
 CPU_SIDE = [p for p in BACKENDS if p.values[0] in ("cpu", "reference")]
-# CPU kernel paths (TRUTHGPT_CPU_ATTN, TRUTHGPT_ATTN_BWD); avx512 falls back where absent
-CPU_PATHS = [("auto", "single"), ("auto", "split"), ("portable", "single"), ("portable", "split"),
-             ("noavx512", "single")]
+# CPU kernel paths (TRUTHGPT_CPU_ATTN, TRUTHGPT_ATTN_BWD); avx512 / avx2 fall back where absent
+CPU_PATHS = [("auto", "single"), ("auto", "split"), ("avx2", "single"), ("avx2", "split"),
+             ("portable", "single"), ("portable", "split"), ("noavx512", "single"), ("noavx2", "single")]
 
 
 def _dtypes(backend):
@@ -72,11 +73,15 @@ def _triton_runs(case, which, pos, value, Sq):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("case,which,pos", _nan_params())
+@pytest.mark.parametrize("rows", ["auto", "avx2", "noavx2"])  # CPU row paths (TRUTHGPT_CPU_ATTN)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_inputs_propagate(monkeypatch, backend, case, which, pos, value):
+def test_non_finite_inputs_propagate(monkeypatch, backend, rows, case, which, pos, value):
     B, Hq, Hkv, Sq, Sk, D, opts, split = NAN_CASES[case]
+    if rows != "auto" and (backend != "cpu" or (rows == "avx2" and not HAS_AVX2)):
+        pytest.skip("row paths of the CPU kernel (avx2: where the CPU has it)")
     if backend == "triton" and not _triton_runs(case, which, pos, value, Sq):
         pytest.skip("interpreter time: Triton gets the tile-inner/edge positions of the short cases")
+    monkeypatch.setenv("TRUTHGPT_CPU_ATTN", rows)
     if split:
         monkeypatch.setenv("TRUTHGPT_ATTN_SPLITK", str(split))
         monkeypatch.setenv("TRUTHGPT_ATTN_BK", "32")
