@@ -438,22 +438,25 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
                              ? page : a.block_table[it.b * a.max_pages + pg + 1];
       kpn = kc + pn * a.k_page + (k0n % a.page_size) * a.k_slot + it.h * a.k_head;
     }
+    // fn(head hh, rows [r, r1) of the head, keys [j0, j1)) over the tiles in memory order
     const int64_t n_tiles = (n + tile - 1) / tile;
     const int64_t outer = slot_major ? n_tiles : it.nh, inner = slot_major ? it.nh : n_tiles;
-    for (int64_t o = 0; o < outer; ++o) {
-      for (int64_t i = 0; i < inner; ++i) {
-        const int64_t hh = slot_major ? i : o, jt = slot_major ? o : i;
-        const int64_t j0 = jt * tile, j1 = std::min(n, j0 + tile);
-        const T* kh = kc + page * a.k_page + slot * a.k_slot + (it.h + hh) * a.k_head;
-        int64_t r = hh * hrows;
-        const int64_t r1 = r + hrows;
-        const T* pf = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;  // this tile's values
-        for (; r + 4 <= r1; r += 4, pf = nullptr)
-          kvcache_scores<4>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
-        for (; r < r1; ++r, pf = nullptr)
-          kvcache_scores<1>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
+    auto for_tiles = [&](auto&& fn) {
+      for (int64_t o = 0; o < outer; ++o) {
+        for (int64_t i = 0; i < inner; ++i) {
+          const int64_t hh = slot_major ? i : o, j0 = (slot_major ? o : i) * tile;
+          fn(hh, hh * hrows, (hh + 1) * hrows, j0, std::min(n, j0 + tile));
+        }
       }
-    }
+    };
+    for_tiles([&](int64_t hh, int64_t r, int64_t r1, int64_t j0, int64_t j1) {
+      const T* kh = kc + page * a.k_page + slot * a.k_slot + (it.h + hh) * a.k_head;
+      const T* pf = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;  // this tile's values
+      for (; r + 4 <= r1; r += 4, pf = nullptr)
+        kvcache_scores<4>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
+      for (; r < r1; ++r, pf = nullptr)
+        kvcache_scores<1>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
+    });
     // per row: softcap, ALiBi, window mask, then the online-softmax step
     for (int64_t r = 0; r < rows; ++r) {
       A* sr = s + r * KB;
@@ -496,22 +499,16 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
       m[r] = m_new;
     }
     // acc += P V, in the same order
-    for (int64_t o = 0; o < outer; ++o) {
-      for (int64_t i = 0; i < inner; ++i) {
-        const int64_t hh = slot_major ? i : o, jt = slot_major ? o : i;
-        const int64_t j0 = jt * tile, j1 = std::min(n, j0 + tile);
-        const T* vh = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;
-        int64_t r = hh * hrows;
-        const int64_t r1 = r + hrows;
-        const T* pf = kpn != nullptr ? kpn + hh * a.k_head : nullptr;  // next block's keys
-        for (; r + 4 <= r1; r += 4, pf = nullptr)
-          kvcache_pv<4>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
-        for (; r + 2 <= r1; r += 2, pf = nullptr)
-          kvcache_pv<2>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
-        for (; r < r1; ++r, pf = nullptr)
-          kvcache_pv<1>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
-      }
-    }
+    for_tiles([&](int64_t hh, int64_t r, int64_t r1, int64_t j0, int64_t j1) {
+      const T* vh = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;
+      const T* pf = kpn != nullptr ? kpn + hh * a.k_head : nullptr;  // next block's keys
+      for (; r + 4 <= r1; r += 4, pf = nullptr)
+        kvcache_pv<4>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
+      for (; r + 2 <= r1; r += 2, pf = nullptr)
+        kvcache_pv<2>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
+      for (; r < r1; ++r, pf = nullptr)
+        kvcache_pv<1>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
+    });
     k0 += n;
   }
   if (it.part >= 0) {  // a chunk of a split range: keep (max, sum, acc) for the merge
