@@ -5,11 +5,14 @@
 // "page" of S_max tokens per sequence (page b), a paged cache (num_pages, page_size, Hkv, D)
 // through block_table; keys are read as (page, slot, head) strides, so neither layout copies.
 //   1. append: k_new/v_new rows are copied into their (page, slot) of the cache, in place;
-//   2. work items (sequence b, kv head h, block of query positions, range of keys): each
-//      item loads its queries (all G query heads of h: one pass over the keys serves the
-//      group), walks its keys page by page in blocks of up to kKeyBlock with an online
-//      softmax (float accumulation; double for double inputs; bf16/fp16 read and widened),
-//      dot products and P V through the per-instruction-set vectors of cpu/vec_utils.h;
+//   2. work items (sequence b, kv heads [h, h + nh), block of query positions, range of keys):
+//      each item loads its queries (all G query heads of each kv head: one pass over the keys
+//      serves the group), walks its keys page by page in blocks of up to kKeyBlock with an
+//      online softmax (float accumulation; double for double inputs; bf16/fp16 read and
+//      widened), scores then P V of a block in the order of the cache's memory (paged: a few
+//      slots across all heads at a time; contiguous: one head at a time), with software
+//      prefetch of the values and of the next block's keys, through the per-instruction-set
+//      vectors of cpu/vec_utils.h;
 //   3. when there are few (sequence, head) pairs for the threads (B * Hkv < 2 threads), long
 //      key ranges are split into chunks whose partial (max, sum, acc) are merged afterwards in
 //      chunk order: deterministic for a given thread count.
@@ -38,6 +41,8 @@ namespace kvc {
 constexpr int64_t kKeyBlock = 64;    // keys scored per online-softmax step
 constexpr int64_t kQueryRows = 64;   // query rows (positions x group heads) per item, at most
 constexpr int64_t kMinChunk = 256;   // shortest key chunk worth a split
+constexpr int64_t kSlotTile = 4;     // keys per tile when a page holds the heads of a slot side by side
+constexpr int64_t kKeyAhead = 4;     // keys ahead of the scores whose rows are prefetched
 
 // Element strides; q, the cache rows and out have unit stride in the head dim.
 struct Args {
@@ -306,30 +311,79 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("attention_with_kvcache_fwd", &att
 
 #else  // ========================================== kernel section (once per instruction set)
 
-// Dot products of R query rows (stride dp) with n keys (stride ks): s[r * kKeyBlock + j].
-// Prefetches key rows a few ahead and the value rows of the same keys (in a paged cache a
-// head's rows are page-size-strided: no hardware prefetcher follows them).
+// Prefetches rows [j0, j1) of D elements at p + j * ps.
+template <class T>
+inline void prefetch_rows(const T* p, int64_t ps, int64_t j0, int64_t j1, int64_t D) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t d = 0; d < D; d += kLine) prefetch(p + j * ps + d);
+}
+
+// Scores of R query rows (qr, row stride dp; all of one kv head) against the keys [j0, j1) at
+// k + j * ks, two keys at a time (2R accumulators, each key vector loaded once per two keys):
+// s[r * kKeyBlock + j]. pf (or null): per key j < pn, the row pf + j * ps (its value) and the
+// key kKeyAhead ahead are prefetched.
 template <int R, class T, class A>
-inline void kvcache_scores(const A* qr, int64_t dp, const T* k, int64_t ks, const T* v, int64_t n, int64_t D,
-                           A* s) {
+inline void kvcache_scores(const A* qr, int64_t dp, const T* k, int64_t ks, int64_t j0, int64_t j1, int64_t D,
+                           A* s, const T* pf, int64_t ps, int64_t pn) {
   using V = VecFor<T>;
   constexpr int64_t W = V::W;
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* kj = k + j * ks;
-    if (v != nullptr) {
-      for (int64_t d = 0; d < D; d += kLine) {
-        if (j + 4 < n) prefetch(kj + 4 * ks + d);
-        prefetch(v + j * ks + d);
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) {
+    const T* ka = k + j * ks;
+    const T* kb = ka + ks;
+    if (pf != nullptr) {
+      prefetch_rows(pf, ps, j, std::min(j + 2, pn), D);
+      prefetch_rows(k, ks, j + kvc::kKeyAhead, std::min(j + kvc::kKeyAhead + 2, pn), D);
+    }
+    V x[R], y[R];
+    for (int r = 0; r < R; ++r) x[r] = y[r] = V::zero();
+    for (int64_t d = 0; d < D; d += W) {
+      const V u = V::load(ka + d, D - d), w = V::load(kb + d, D - d);
+      for (int r = 0; r < R; ++r) {
+        const V qv = V::load(qr + r * dp + d, D - d);
+        x[r] = V::fma(qv, u, x[r]);
+        y[r] = V::fma(qv, w, y[r]);
       }
     }
-    V acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = V::zero();
-    for (int64_t d = 0; d < D; d += W) {
-      const V kv = V::load(kj + d, D - d);
-      for (int r = 0; r < R; ++r) acc[r] = V::fma(V::load(qr + r * dp + d, D - d), kv, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      s[r * kvc::kKeyBlock + j] = x[r].hsum();
+      s[r * kvc::kKeyBlock + j + 1] = y[r].hsum();
     }
-    for (int r = 0; r < R; ++r) s[r * kvc::kKeyBlock + j] = acc[r].hsum();
+  }
+  if (j < j1) {
+    const T* ka = k + j * ks;
+    if (pf != nullptr) prefetch_rows(pf, ps, j, std::min(j + 1, pn), D);
+    V x[R];
+    for (int r = 0; r < R; ++r) x[r] = V::zero();
+    for (int64_t d = 0; d < D; d += W) {
+      const V u = V::load(ka + d, D - d);
+      for (int r = 0; r < R; ++r) x[r] = V::fma(V::load(qr + r * dp + d, D - d), u, x[r]);
+    }
+    for (int r = 0; r < R; ++r) s[r * kvc::kKeyBlock + j] = x[r].hsum();
+  }
+}
+
+// acc rows (stride dp) += p rows (stride kKeyBlock) times the values [j0, j1) at v + j * vs:
+// R rows x W columns held in registers over the keys, in key order (deterministic). pf (or
+// null): the rows pf + j * ps, j < pn, are prefetched a cache line per column step.
+template <int R, class T, class A>
+inline void kvcache_pv(A* acc, int64_t dp, const A* p, const T* v, int64_t vs, int64_t j0, int64_t j1, int64_t D,
+                       const T* pf, int64_t ps, int64_t pn) {
+  using V = VecFor<T>;
+  constexpr int64_t W = V::W;
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t pj1 = pf != nullptr ? std::min(j1, pn) : j0;
+  for (int64_t d = 0; d < D; d += W) {
+    if (d % kLine == 0)
+      for (int64_t j = j0; j < pj1; ++j) prefetch(pf + j * ps + d);
+    V t[R];
+    for (int i = 0; i < R; ++i) t[i] = V::load(acc + i * dp + d, D - d);
+    for (int64_t j = j0; j < j1; ++j) {
+      const V vv = V::load(v + j * vs + d, D - d);
+      for (int i = 0; i < R; ++i) t[i] = V::fma(V::set1(p[i * kvc::kKeyBlock + j]), vv, t[i]);
+    }
+    for (int i = 0; i < R; ++i) t[i].store(acc + i * dp + d, D - d);
   }
 }
 
@@ -362,21 +416,49 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
   const T* kc = static_cast<const T*>(a.k);
   const T* vc = static_cast<const T*>(a.v);
   const A softcap = static_cast<A>(a.softcap);
+  // Keys are walked in the order of the cache's memory, in tiles of keys x one head: a paged
+  // cache holds the heads of one slot side by side (slot-major: tiles of kSlotTile keys, each
+  // across all heads, so a page is read front to back), a contiguous cache the keys of one head
+  // (head-major: each head across the whole block). The scores prefetch their tile's values
+  // and the keys kKeyAhead ahead, P V the next block's keys, a few rows per tile step (a burst
+  // of prefetches would overflow the miss buffers).
+  const bool slot_major = a.k_slot > a.k_head;
+  const int64_t tile = slot_major ? kvc::kSlotTile : KB;
   for (int64_t k0 = it.k0; k0 < it.k1;) {
     const int64_t slot = k0 % a.page_size;
     const int64_t n = std::min({KB, a.page_size - slot, it.k1 - k0});
-    const int64_t page = a.block_table == nullptr ? it.b : a.block_table[it.b * a.max_pages + k0 / a.page_size];
-    int64_t r = 0;
-    for (int64_t hh = 0; hh < it.nh; ++hh) {  // (the heads of one slot are adjacent in a page)
-      const T* kp = kc + page * a.k_page + slot * a.k_slot + (it.h + hh) * a.k_head;
-      const T* vp = a.k_slot == a.v_slot ? vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head : nullptr;
-      const int64_t r1 = (hh + 1) * hrows;
-      for (r = hh * hrows; r + 4 <= r1; r += 4, vp = nullptr)
-        kvcache_scores<4>(qbuf + r * dp, dp, kp, a.k_slot, vp, n, D, s + r * KB);
-      for (; r < r1; ++r, vp = nullptr) kvcache_scores<1>(qbuf + r * dp, dp, kp, a.k_slot, vp, n, D, s + r * KB);
+    const int64_t pg = k0 / a.page_size;
+    const int64_t page = a.block_table == nullptr ? it.b : a.block_table[it.b * a.max_pages + pg];
+    // the next block: its keys are prefetched while this block's values are multiplied
+    const int64_t k0n = k0 + n;
+    const int64_t nn = std::min({KB, a.page_size - k0n % a.page_size, it.k1 - k0n});
+    const T* kpn = nullptr;
+    if (nn > 0) {
+      const int64_t pn = k0n % a.page_size != 0 || a.block_table == nullptr
+                             ? page : a.block_table[it.b * a.max_pages + pg + 1];
+      kpn = kc + pn * a.k_page + (k0n % a.page_size) * a.k_slot + it.h * a.k_head;
     }
+    // fn(head hh, rows [r, r1) of the head, keys [j0, j1)) over the tiles in memory order
+    const int64_t n_tiles = (n + tile - 1) / tile;
+    const int64_t outer = slot_major ? n_tiles : it.nh, inner = slot_major ? it.nh : n_tiles;
+    auto for_tiles = [&](auto&& fn) {
+      for (int64_t o = 0; o < outer; ++o) {
+        for (int64_t i = 0; i < inner; ++i) {
+          const int64_t hh = slot_major ? i : o, j0 = (slot_major ? o : i) * tile;
+          fn(hh, hh * hrows, (hh + 1) * hrows, j0, std::min(n, j0 + tile));
+        }
+      }
+    };
+    for_tiles([&](int64_t hh, int64_t r, int64_t r1, int64_t j0, int64_t j1) {
+      const T* kh = kc + page * a.k_page + slot * a.k_slot + (it.h + hh) * a.k_head;
+      const T* pf = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;  // this tile's values
+      for (; r + 4 <= r1; r += 4, pf = nullptr)
+        kvcache_scores<4>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
+      for (; r < r1; ++r, pf = nullptr)
+        kvcache_scores<1>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
+    });
     // per row: softcap, ALiBi, window mask, then the online-softmax step
-    for (r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
       A* sr = s + r * KB;
       const int64_t pos = L - a.Sq + it.i0 + r % nq;
       const A slope = a.slopes == nullptr ? A(0)
@@ -416,22 +498,17 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
       }
       m[r] = m_new;
     }
-    // acc += P V: per kv head, tiles of up to 4 rows x W columns held in registers over the keys
-    for (int64_t hh = 0; hh < it.nh; ++hh) {
-      const T* vp = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;
-      for (int64_t r0 = hh * hrows; r0 < (hh + 1) * hrows; r0 += 4) {
-        const int64_t R = std::min<int64_t>(4, (hh + 1) * hrows - r0);
-        for (int64_t d = 0; d < D; d += W) {
-          V t[4];
-          for (int64_t i = 0; i < R; ++i) t[i] = V::load(acc + (r0 + i) * dp + d, D - d);
-          for (int64_t j = 0; j < n; ++j) {
-            const V vv = V::load(vp + j * a.v_slot + d, D - d);
-            for (int64_t i = 0; i < R; ++i) t[i] = V::fma(V::set1(s[(r0 + i) * KB + j]), vv, t[i]);
-          }
-          for (int64_t i = 0; i < R; ++i) t[i].store(acc + (r0 + i) * dp + d, D - d);
-        }
-      }
-    }
+    // acc += P V, in the same order
+    for_tiles([&](int64_t hh, int64_t r, int64_t r1, int64_t j0, int64_t j1) {
+      const T* vh = vc + page * a.v_page + slot * a.v_slot + (it.h + hh) * a.v_head;
+      const T* pf = kpn != nullptr ? kpn + hh * a.k_head : nullptr;  // next block's keys
+      for (; r + 4 <= r1; r += 4, pf = nullptr)
+        kvcache_pv<4>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
+      for (; r + 2 <= r1; r += 2, pf = nullptr)
+        kvcache_pv<2>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
+      for (; r < r1; ++r, pf = nullptr)
+        kvcache_pv<1>(acc + r * dp, dp, s + r * KB, vh, a.v_slot, j0, j1, D, pf, a.k_slot, nn);
+    });
     k0 += n;
   }
   if (it.part >= 0) {  // a chunk of a split range: keep (max, sum, acc) for the merge
