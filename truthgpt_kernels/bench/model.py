@@ -151,9 +151,13 @@ def _models(preset: str, device: str, **overrides):
 
 
 def _train_step(model, opt):
+    """One optimizer step; ours through the fused LM head + loss (return_logits=False, what a
+    training loop that needs only the loss passes), plain PyTorch through logits + F.cross_entropy."""
+    fused = {} if isinstance(model, PlainTransformer) else {"return_logits": False}
+
     def run(x):
         opt.zero_grad(set_to_none=True)
-        _, loss = model(x["tokens"], x["targets"])
+        _, loss = model(x["tokens"], x["targets"], **fused)
         loss.backward()
         opt.step()
         return loss
