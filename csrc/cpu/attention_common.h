@@ -47,6 +47,28 @@ namespace truthgpt {
 namespace {  // internal to the CPU attention kernel (one translation unit: attention.cpp)
 
 using bf16 = c10::BFloat16;
+
+// The flags a row kernel is instantiated for: partial tile (column mask), ALiBi, softcap.
+template <bool M, bool A, bool S>
+struct RowFlags {
+  static constexpr bool mask = M, alibi = A, softcap = S;
+};
+
+// The one switch over the 8 RowFlags: `pick(RowFlags<...>{})` returns that instantiation of a
+// row kernel family (every family's pick_* goes through here).
+template <typename Pick>
+auto pick_row_kernel(bool mask, bool alibi, bool softcap, Pick pick) {
+  switch ((mask ? 4 : 0) | (alibi ? 2 : 0) | (softcap ? 1 : 0)) {
+    case 0: return pick(RowFlags<false, false, false>{});
+    case 1: return pick(RowFlags<false, false, true>{});
+    case 2: return pick(RowFlags<false, true, false>{});
+    case 3: return pick(RowFlags<false, true, true>{});
+    case 4: return pick(RowFlags<true, false, false>{});
+    case 5: return pick(RowFlags<true, false, true>{});
+    case 6: return pick(RowFlags<true, true, false>{});
+    default: return pick(RowFlags<true, true, true>{});
+  }
+}
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 

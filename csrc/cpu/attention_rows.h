@@ -85,17 +85,10 @@ using prep_fn = Acc (*)(Acc*, int64_t, int64_t, const RowInfo<Acc>&, const Cfg<A
 
 template <typename Acc>
 prep_fn<Acc> pick_prep_portable(bool mask, bool alibi, bool softcap) {
-  const int key = (mask ? 4 : 0) | (alibi ? 2 : 0) | (softcap ? 1 : 0);
-  switch (key) {
-    case 0: return prep_row_portable<Acc, false, false, false>;
-    case 1: return prep_row_portable<Acc, false, false, true>;
-    case 2: return prep_row_portable<Acc, false, true, false>;
-    case 3: return prep_row_portable<Acc, false, true, true>;
-    case 4: return prep_row_portable<Acc, true, false, false>;
-    case 5: return prep_row_portable<Acc, true, false, true>;
-    case 6: return prep_row_portable<Acc, true, true, false>;
-    default: return prep_row_portable<Acc, true, true, true>;
-  }
+  return pick_row_kernel(mask, alibi, softcap, [](auto f) -> prep_fn<Acc> {
+    using F = decltype(f);
+    return prep_row_portable<Acc, F::mask, F::alibi, F::softcap>;
+  });
 }
 
 template <typename PT, typename Acc>
@@ -292,17 +285,10 @@ TK_AVX512 float prep_row_avx512(float* s, int64_t n, int64_t j0, const RowInfo<f
 using prep_avx_fn = float (*)(float*, int64_t, int64_t, const RowInfo<float>&, const Cfg<float>&, float*);
 
 TK_AVX512 prep_avx_fn pick_prep_avx512(bool mask, bool alibi, bool softcap) {
-  const int key = (mask ? 4 : 0) | (alibi ? 2 : 0) | (softcap ? 1 : 0);
-  switch (key) {
-    case 0: return prep_row_avx512<false, false, false>;
-    case 1: return prep_row_avx512<false, false, true>;
-    case 2: return prep_row_avx512<false, true, false>;
-    case 3: return prep_row_avx512<false, true, true>;
-    case 4: return prep_row_avx512<true, false, false>;
-    case 5: return prep_row_avx512<true, false, true>;
-    case 6: return prep_row_avx512<true, true, false>;
-    default: return prep_row_avx512<true, true, true>;
-  }
+  return pick_row_kernel(mask, alibi, softcap, [](auto f) -> prep_avx_fn {
+    using F = decltype(f);
+    return prep_row_avx512<F::mask, F::alibi, F::softcap>;
+  });
 }
 
 // p = exp2(s - m) over a row: written as fp32 (in place allowed) and/or bf16; returns the sum.
@@ -443,21 +429,12 @@ using fused_fn = float (*)(const float*, int64_t, int64_t, const RowInfo<float>&
 
 template <int VARIANT>  // 0 fp32 output, 1 bf16 (integer rounding), 2 bf16 (AVX512-BF16)
 fused_fn pick_fused_t(int key) {
-#define TK_PICK(M, A, S)                                                \
-  if constexpr (VARIANT == 0) return fused_row_f32<M, A, S>;            \
-  else if constexpr (VARIANT == 1) return fused_row_bf16_plain<M, A, S>; \
-  else return fused_row_bf16_native<M, A, S>;
-  switch (key) {
-    case 0: { TK_PICK(false, false, false) }
-    case 1: { TK_PICK(false, false, true) }
-    case 2: { TK_PICK(false, true, false) }
-    case 3: { TK_PICK(false, true, true) }
-    case 4: { TK_PICK(true, false, false) }
-    case 5: { TK_PICK(true, false, true) }
-    case 6: { TK_PICK(true, true, false) }
-    default: { TK_PICK(true, true, true) }
-  }
-#undef TK_PICK
+  return pick_row_kernel(key & 4, key & 2, key & 1, [](auto f) -> fused_fn {
+    using F = decltype(f);
+    if constexpr (VARIANT == 0) return fused_row_f32<F::mask, F::alibi, F::softcap>;
+    else if constexpr (VARIANT == 1) return fused_row_bf16_plain<F::mask, F::alibi, F::softcap>;
+    else return fused_row_bf16_native<F::mask, F::alibi, F::softcap>;
+  });
 }
 
 // A new row max may exceed the running reference by this much (log2 units) before the row

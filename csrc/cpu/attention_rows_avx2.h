@@ -153,17 +153,10 @@ TK_AVX2 float prep_row_avx2(float* s, int64_t n, int64_t j0, const RowInfo<float
 }
 
 TK_AVX2 prep_avx_fn pick_prep_avx2(bool mask, bool alibi, bool softcap) {
-  const int key = (mask ? 4 : 0) | (alibi ? 2 : 0) | (softcap ? 1 : 0);
-  switch (key) {
-    case 0: return prep_row_avx2<false, false, false>;
-    case 1: return prep_row_avx2<false, false, true>;
-    case 2: return prep_row_avx2<false, true, false>;
-    case 3: return prep_row_avx2<false, true, true>;
-    case 4: return prep_row_avx2<true, false, false>;
-    case 5: return prep_row_avx2<true, false, true>;
-    case 6: return prep_row_avx2<true, true, false>;
-    default: return prep_row_avx2<true, true, true>;
-  }
+  return pick_row_kernel(mask, alibi, softcap, [](auto f) -> prep_avx_fn {
+    using F = decltype(f);
+    return prep_row_avx2<F::mask, F::alibi, F::softcap>;
+  });
 }
 
 // 8 probabilities of columns [c, c + 8), `left` valid, to fp32 (pf) and/or bf16 (pb).
@@ -242,17 +235,10 @@ using fused8_fn = float (*)(const float*, int64_t, int64_t, const RowInfo<float>
                             uint16_t*, float*);
 
 TK_AVX2 fused8_fn pick_fused_avx2(bool mask, bool alibi, bool softcap) {
-  const int key = (mask ? 4 : 0) | (alibi ? 2 : 0) | (softcap ? 1 : 0);
-  switch (key) {
-    case 0: return fused_row_avx2<false, false, false>;
-    case 1: return fused_row_avx2<false, false, true>;
-    case 2: return fused_row_avx2<false, true, false>;
-    case 3: return fused_row_avx2<false, true, true>;
-    case 4: return fused_row_avx2<true, false, false>;
-    case 5: return fused_row_avx2<true, false, true>;
-    case 6: return fused_row_avx2<true, true, false>;
-    default: return fused_row_avx2<true, true, true>;
-  }
+  return pick_row_kernel(mask, alibi, softcap, [](auto f) -> fused8_fn {
+    using F = decltype(f);
+    return fused_row_avx2<F::mask, F::alibi, F::softcap>;
+  });
 }
 
 TK_AVX2 void scale_row_avx2(float* o, int64_t D, float alpha) {
