@@ -168,6 +168,21 @@ def _q_tiles(n0, pos_off, Sq, Sk, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     return lo // BLOCK_M, n
 
 
+@triton.jit
+def _q_tile(Q, b, h, m0, sqb, sqh, sqs, sqd, Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_M: tl.constexpr, DOT_T: tl.constexpr):
+    """Query rows [m0, m0 + BLOCK_M) of (batch b, head h) as DOT_T, zero past Sq and HEAD_DIM,
+    with the row / column offsets and masks the kernels go on using."""
+    ar_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    offs_m = m0.to(tl.int32) + ar_m
+    mmask = offs_m < Sq
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
+                mask=mmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+    return q, ar_m, offs_m, mmask, offs_d, dmask
+
+
 # Every kernel below takes DOT_T, the operand type of its tl.dot calls: the input dtype, except
 # under the CPU interpreter with bfloat16 inputs (its tl.dot multiplies bfloat16 as raw integers),
 # where the operands, already rounded to bfloat16, are widened to float32. On GPUs the `.to(DOT_T)`
@@ -199,15 +214,9 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
         K = K + k_start * sks
         V = V + k_start * svs
     pos_off = Sk - Sq
-    ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    offs_m = m0.to(tl.int32) + ar_m
-    mmask = offs_m < Sq
-
-    q = tl.load(Q + b * sqb + h * sqh + m0 * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=mmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+    q, ar_m, offs_m, mmask, offs_d, dmask = _q_tile(Q, b, h, m0, sqb, sqh, sqs, sqd, Sq, HEAD_DIM,
+                                                    BLOCK_D, BLOCK_M, DOT_T)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     km_ptr = KMASK + b * skmb
@@ -424,15 +433,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
         Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
                                                      sqs, sks, svs, sds)
     pos_off = Sk - Sq
-    ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    offs_m = m0.to(tl.int32) + ar_m
-    mmask = offs_m < Sq
+    q, ar_m, offs_m, mmask, offs_d, dmask = _q_tile(Q, b, h, m0, sqb, sqh, sqs, sqd, Sq, HEAD_DIM,
+                                                    BLOCK_D, BLOCK_M, DOT_T)
     q_msk = mmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + m0 * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=q_msk, other=0.0).to(DOT_T)
     do = tl.load(DO + b * sdb + h * sdh + m0 * sds + ar_m[:, None] * sds + offs_d[None, :] * sdd,
                  mask=q_msk, other=0.0).to(DOT_T)
     if VARLEN:

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreted
 from ..ops.reference import kvcache_append
-from .attention import _DTYPES, _TL, _max_nan, _nullctx, _tile_scores
+from .attention import _DTYPES, _TL, _max_nan, _nullctx, _q_tile, _tile_scores
 
 INTERPRET_TILES = (16, 32)
 
@@ -33,14 +33,9 @@ def _kvcache_fwd(Q, K, V, O, LENS, BT, SLOPES,
     Sk = tl.load(LENS + b)  # keys of this sequence, after the append
     pos_off = Sk - Sq
     m0 = pid_m * BLOCK_M
-    ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    offs_m = m0.to(tl.int32) + ar_m
-    mmask = offs_m < Sq
-    q = tl.load(Q + b * sqb + h * sqh + m0 * sqs + ar_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=mmask[:, None] & dmask[None, :], other=0.0).to(DOT_T)
+    q, ar_m, offs_m, mmask, offs_d, dmask = _q_tile(Q, b, h, m0, sqb, sqh, sqs, sqd, Sq, HEAD_DIM,
+                                                    BLOCK_D, BLOCK_M, DOT_T)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * sab + h * sah)
