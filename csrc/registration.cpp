@@ -8,6 +8,13 @@
 //     key j visible for query i iff  i'-window_left <= j <= i'+window_right  (-1 = unbounded),
 //     i' = i + Sk - Sq. alibi_slopes float32 (B,Hq); block_mask bool (B,Hq,ceil(Sq/bs),ceil(Sk/bs));
 //     key_mask bool (B,Sk); all may be broadcast views (stride 0). lse float32 (B,Hq,Sq).
+//     rel_bias float32 (float64 for float64 q) (Hq, Sq+Sk-1), contiguous: the relative-position bias by distance,
+//     score(i,j) += rel_bias[h, j - i + Sq - 1] (after softcap, like ALiBi; T5 buckets are
+//     gathered into it in Python); the backward's 4th output is its gradient (sum over the
+//     batch; an empty tensor when rel_bias is None). dropout_p in [0,1): P is multiplied by
+//     keep/(1-p) before P V (lse is of the undropped P); keep(b,h,i,j) = philox_word(seed, e)
+//     >= floor(p 2^32), e = ((b Hq + h) Sq + i) Sk + j (csrc/common/philox.h); dropout_seed
+//     int64 0-dim CPU tensor (None only when dropout_p == 0).
 //   rotary: position_ids int64 (B,S) (may be a broadcast view); cos/sin (P, R/2).
 //   rms_norm: rstd float32 of x.shape[:-1]; dweight is an empty tensor when weight is None.
 //   linear_cross_entropy: x (N,d), weight (V,d), bias (V,), target int64 (N,). Returns per-row
@@ -41,11 +48,12 @@ TORCH_LIBRARY(truthgpt, m) {
         "bool interleaved) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, "
         "int window_right, Tensor? alibi_slopes, Tensor? block_mask, int block_size, "
-        "Tensor? key_mask, float softcap) -> (Tensor, Tensor)");
+        "Tensor? key_mask, float softcap, Tensor? rel_bias, float dropout_p, "
+        "Tensor? dropout_seed) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale, int window_left, int window_right, Tensor? alibi_slopes, "
-        "Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? block_mask, int block_size, Tensor? key_mask, float softcap, Tensor? rel_bias, "
+        "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
         "Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor)");

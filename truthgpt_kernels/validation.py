@@ -98,6 +98,26 @@ def check_attention_options(D: int, B: int, Hq: int, device, *, scale, softcap, 
     return scale, softcap, check_window(bool(causal), window), alibi_slopes
 
 
+def check_rel_bias(rel_bias: Tensor, rel_buckets, Hq: int, device, causal: bool) -> Tuple[bool, int, int]:
+    """A T5 bias table float32 (Hq, num_buckets) and its bucketing (bidirectional, num_buckets,
+    max_distance), default (not causal, num_buckets, 128); returns the bucketing."""
+    check_tensor("rel_bias", rel_bias, ndim=2, dtypes=(torch.float32, torch.float64), device=device)
+    if rel_bias.shape[0] != Hq:
+        raise ValueError(f"rel_bias must have shape ({Hq}, num_buckets) (one row per query head), "
+                         f"got {tuple(rel_bias.shape)}")
+    if rel_buckets is None:
+        rel_buckets = (not causal, rel_bias.shape[1], 128)
+    if not isinstance(rel_buckets, (tuple, list)) or len(rel_buckets) != 3:
+        raise ValueError(f"rel_buckets must be (bidirectional, num_buckets, max_distance), got {rel_buckets!r}")
+    bidirectional, nb, max_distance = bool(rel_buckets[0]), rel_buckets[1], rel_buckets[2]
+    nb = check_int("rel_buckets[1] (num_buckets)", nb, minimum=2 if not bidirectional else 4)
+    if nb != rel_bias.shape[1]:
+        raise ValueError(f"rel_bias has {rel_bias.shape[1]} buckets but rel_buckets says {nb}")
+    max_exact = (nb // 2 if bidirectional else nb) // 2
+    max_distance = check_int("rel_buckets[2] (max_distance)", max_distance, minimum=max_exact + 1)
+    return bidirectional, nb, max_distance
+
+
 def check_class_targets(target: Tensor, num_classes: int, ignore_index: int):
     """Every target is a class in [0, num_classes) or ignore_index. Reads the values (a device
     sync on GPUs), so kernels call it inside their op, where torch.compile does not trace."""

@@ -20,7 +20,7 @@ namespace kvcache {
 using Opt = c10::optional<at::Tensor>;
 using DenseFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                     int64_t, int64_t, const Opt&, const Opt&, int64_t, const Opt&,
-                                                    double);
+                                                    double, const Opt&, double, const Opt&);
 
 inline std::vector<int64_t> host_ints(const at::Tensor& t) {
   const at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
@@ -71,7 +71,7 @@ inline at::Tensor fwd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_ca
     }
     const Opt slopes = alibi.has_value() ? Opt(alibi->narrow(0, b, 1)) : Opt();
     auto [o, lse] = dense.call(q.narrow(0, b, 1), k, v, scale, window_left, window_right, slopes, Opt(), 64, Opt(),
-                               softcap);
+                               softcap, Opt(), 0.0, Opt());
     out.narrow(0, b, 1).copy_(o);
   }
   return out;

@@ -24,11 +24,10 @@ namespace varlen {
 using Opt = c10::optional<at::Tensor>;
 using FwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  int64_t, int64_t, const Opt&, const Opt&, int64_t, const Opt&,
-                                                 double);
-using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                             double, int64_t, int64_t, const Opt&, const Opt&,
-                                                             int64_t, const Opt&, double);
+                                                 double, const Opt&, double, const Opt&);
+using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    double, int64_t, int64_t, const Opt&, const Opt&, int64_t, const Opt&, double, const Opt&, double, const Opt&);
 
 // Cumulative lengths on the host (one copy; a device sync for CUDA tensors).
 inline std::vector<int64_t> host_offsets(const at::Tensor& cu) {
@@ -60,7 +59,8 @@ inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Ten
     const int64_t q0 = oq[b], nq = oq[b + 1] - oq[b], k0 = ok[b], nk = ok[b + 1] - ok[b];
     if (nq == 0 || nk == 0) continue;
     auto [o, l] = dense.call(seq_view(q, q0, nq), seq_view(k, k0, nk), seq_view(v, k0, nk), scale, window_left,
-                             window_right, slopes_of(alibi, static_cast<int64_t>(b)), Opt(), 64, Opt(), softcap);
+                             window_right, slopes_of(alibi, static_cast<int64_t>(b)), Opt(), 64, Opt(), softcap,
+                             Opt(), 0.0, Opt());
     out.narrow(0, q0, nq).copy_(o.select(0, 0).transpose(0, 1));
     lse.narrow(1, q0, nq).copy_(l.select(0, 0));
   }
@@ -80,10 +80,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   for (size_t b = 0; b + 1 < oq.size(); ++b) {
     const int64_t q0 = oq[b], nq = oq[b + 1] - oq[b], k0 = ok[b], nk = ok[b + 1] - ok[b];
     if (nq == 0 || nk == 0) continue;
-    auto [gq, gk, gv] = dense.call(seq_view(grad_out, q0, nq), seq_view(q, q0, nq), seq_view(k, k0, nk),
+    auto [gq, gk, gv, unused] = dense.call(seq_view(grad_out, q0, nq), seq_view(q, q0, nq), seq_view(k, k0, nk),
                                    seq_view(v, k0, nk), seq_view(out, q0, nq), lse.narrow(1, q0, nq).unsqueeze(0),
                                    scale, window_left, window_right, slopes_of(alibi, static_cast<int64_t>(b)),
-                                   Opt(), 64, Opt(), softcap);
+                                   Opt(), 64, Opt(), softcap, Opt(), 0.0, Opt());
     dq.narrow(0, q0, nq).copy_(gq.select(0, 0).transpose(0, 1));
     dk.narrow(0, k0, nk).copy_(gk.select(0, 0).transpose(0, 1));
     dv.narrow(0, k0, nk).copy_(gv.select(0, 0).transpose(0, 1));

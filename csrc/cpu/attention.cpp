@@ -209,10 +209,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
                                                  double scale, int64_t window_left, int64_t window_right,
                                                  const c10::optional<at::Tensor>& alibi_slopes,
                                                  const c10::optional<at::Tensor>& block_mask, int64_t block_size,
-                                                 const c10::optional<at::Tensor>& key_mask, double softcap) {
+                                                 const c10::optional<at::Tensor>& key_mask, double softcap,
+                                                 const c10::optional<at::Tensor>& rel_bias, double dropout_p,
+                                                 const c10::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
               "attention: q, k, v must share a dtype");
   TORCH_CHECK(k_.sizes() == v_.sizes(), "attention: k and v must have the same shape");
+  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
+              "attention (cpu): rel_bias and dropout are not implemented in this kernel yet");
+  (void)dropout_seed;
   Problem P;
   at::Tensor bm_keep, km_keep;
   const at::Tensor q = rows_unit(q_), k = rows_unit(k_), v = rows_unit(v_);
@@ -464,13 +469,18 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale, int64_t window_left, int64_t window_right,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& block_mask, int64_t block_size,
-    const c10::optional<at::Tensor>& key_mask, double softcap) {
+    const c10::optional<at::Tensor>& key_mask, double softcap, const c10::optional<at::Tensor>& rel_bias,
+    double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
               "attention: q, k, v must share a dtype");
+  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
+              "attention (cpu): rel_bias and dropout are not implemented in this kernel yet");
+  (void)dropout_seed;
+  at::Tensor drel = at::empty({0}, q_.options().dtype(at::kFloat));
   Problem P;
   at::Tensor bm_keep, km_keep;
   const at::Tensor q = rows_unit(q_), k = rows_unit(k_), v = rows_unit(v_);
@@ -485,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, drel};
   }
   // (no torch ops with intra-op threads in here: on a busy machine each one costs milliseconds)
   const at::Tensor lse = lse_.scalar_type() == at::kFloat && lse_.is_contiguous() ? lse_ : lse_.to(at::kFloat).contiguous();
@@ -507,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     }
     default: TORCH_CHECK(false, "attention (cpu): dtype ", q.scalar_type(), " is not supported (float32, bfloat16, float16, float64)");
   }
-  return {dq, dk, dv};
+  return {dq, dk, dv, drel};
 }
 
 template <typename T>

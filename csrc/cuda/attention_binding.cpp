@@ -128,8 +128,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       double scale, int64_t window_left, int64_t window_right,
                                                       const std::optional<at::Tensor>& alibi_slopes,
                                                       const std::optional<at::Tensor>& block_mask, int64_t block_size,
-                                                      const std::optional<at::Tensor>& key_mask, double softcap) {
+                                                      const std::optional<at::Tensor>& key_mask, double softcap,
+                                                      const std::optional<at::Tensor>& rel_bias, double dropout_p,
+                                                      const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q.is_cuda(), "truthgpt cuda attention: q must be a CUDA tensor, got ", q.device(), kOtherBackends);
+  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
+              "truthgpt cuda attention: rel_bias and dropout are not implemented in this kernel yet");
+  (void)dropout_seed;
   const c10::cuda::CUDAGuard guard(q.device());
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
@@ -142,12 +147,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& block_mask, int64_t block_size,
-    const std::optional<at::Tensor>& key_mask, double softcap) {
+    const std::optional<at::Tensor>& key_mask, double softcap, const std::optional<at::Tensor>& rel_bias,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q.is_cuda(), "truthgpt cuda attention: q must be a CUDA tensor, got ", q.device(), kOtherBackends);
+  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
+              "truthgpt cuda attention: rel_bias and dropout are not implemented in this kernel yet");
+  (void)dropout_seed;
   const c10::cuda::CUDAGuard guard(q.device());
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
@@ -176,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   check_launch(attention_bwd(p, c10::cuda::getCurrentCUDAStream()), "attention_bwd");
-  return {dq, dk, dv};
+  return {dq, dk, dv, at::empty({0}, q.options().dtype(at::kFloat))};
 }
 
 }  // namespace

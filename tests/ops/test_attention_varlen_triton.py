@@ -80,7 +80,7 @@ def _expected(q, k, v, do, cu_q, cu_k, scale, wl, wr, slopes, softcap):
         qkv = (_sdpa(q, sq), _sdpa(k, sk), _sdpa(v, sk))
         o, lse = reference.attention_fwd(*qkv, scale, wl, wr, sl, None, 64, None, softcap)
         grads = reference.attention_bwd(_sdpa(do, sq), *qkv, o, lse, scale, wl, wr, sl, None, 64,
-                                        None, softcap)
+                                        None, softcap)[:3]
         for acc, t in zip(res, (_packed(o), lse[0]) + tuple(_packed(g) for g in grads)):
             acc.append(t)
     return [torch.cat(r, dim=1 if i == 1 else 0) for i, r in enumerate(res)]

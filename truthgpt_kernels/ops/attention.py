@@ -1,5 +1,6 @@
-"""tk.attention: flash / causal / GQA / ALiBi / windowed / block-sparse attention, as the
-autograd-aware op truthgpt::attention (backward: truthgpt::attention_backward)."""
+"""tk.attention: flash / causal / GQA / ALiBi / windowed / block-sparse attention, with T5
+relative position bias and dropout, as the autograd-aware op truthgpt::attention (backward:
+truthgpt::attention_backward)."""
 import math
 from typing import Optional, Tuple
 
@@ -7,25 +8,28 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import check_attention_options, check_head_dim, check_int, check_same_dtype, check_tensor
+from ..validation import (check_attention_options, check_float, check_head_dim, check_int, check_rel_bias,
+                          check_same_dtype, check_tensor)
 from .reference import alibi_slopes  # noqa: F401  (re-exported as tk.alibi_slopes)
+from .reference import rel_bias_by_distance
 
 
 @torch.library.custom_op("truthgpt::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, window_left: int,
                  window_right: int, alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor],
                  block_size: int, key_mask: Optional[Tensor], softcap: float,
+                 rel_bias: Optional[Tensor], dropout_p: float, dropout_seed: Optional[Tensor],
                  backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (out (B,Hq,Sq,D) like q, lse float32 (B,Hq,Sq)). Arguments as normalised by
-    `attention` below (causal folded into window_right)."""
+    `attention` below (causal folded into window_right; rel_bias by distance (Hq, Sq+Sk-1))."""
     return backends.kernel("attention", backend, "fwd")(
         q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
-        key_mask, softcap)
+        key_mask, softcap, rel_bias, dropout_p, dropout_seed)
 
 
 @attention_op.register_fake
 def _(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask,
-      softcap, backend):
+      softcap, rel_bias, dropout_p, dropout_seed, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -34,28 +38,39 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                           lse: Tensor, scale: float, window_left: int, window_right: int,
                           alibi_slopes: Optional[Tensor], block_mask: Optional[Tensor],
                           block_size: int, key_mask: Optional[Tensor], softcap: float,
-                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                          rel_bias: Optional[Tensor], dropout_p: float,
+                          dropout_seed: Optional[Tensor],
+                          backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d rel_bias) (the last empty when rel_bias is None)."""
     return backends.kernel("attention", backend, "bwd")(
         grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes, block_mask,
-        block_size, key_mask, softcap)
+        block_size, key_mask, softcap, rel_bias, dropout_p, dropout_seed)
 
 
 @attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, *args):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes, block_mask,
+      block_size, key_mask, softcap, rel_bias, *args):
+    drel = rel_bias.new_empty(rel_bias.shape) if rel_bias is not None else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drel
+
+
+_REL = 11  # position of rel_bias in attention_op's inputs
 
 
 def _setup(ctx, inputs, output):
     q, k, v = inputs[:3]
     ctx.save_for_backward(q, k, v, *output)
-    ctx.args = inputs[3:]  # scale, window_left, window_right, alibi, block_mask, block_size, key_mask, softcap, backend
+    ctx.args = inputs[3:]  # scale .. softcap, rel_bias, dropout_p, dropout_seed, backend
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(grad_out, q, k, v, out, lse, *ctx.args)
-    return (dq, dk, dv) + (None,) * len(ctx.args)
+    dq, dk, dv, drel = attention_backward_op(grad_out, q, k, v, out, lse, *ctx.args)
+    grads = [dq, dk, dv] + [None] * len(ctx.args)
+    if ctx.args[_REL - 3] is not None:
+        grads[_REL] = drel
+    return tuple(grads)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup)
@@ -65,10 +80,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
               window=None, block_mask: Optional[Tensor] = None, block_size: int = 64,
               key_mask: Optional[Tensor] = None, softcap: float = 0.0,
+              rel_bias: Optional[Tensor] = None, rel_buckets: Optional[Tuple[bool, int, int]] = None,
+              dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
               return_lse: bool = False, backend: Optional[str] = None):
     """Attention over q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), SDPA layout, any strides.
     Semantics: ../shared/DESIGN.md (bottom-right causal alignment, masks combine with AND,
-    rows with no visible key give zeros). Returns out, or (out, lse) with return_lse."""
+    rows with no visible key give zeros). Returns out, or (out, lse) with return_lse.
+
+    rel_bias: T5 relative position bias, float32 (Hq, num_buckets), added to the score of
+    (i, j) at bucket(j - i') with rel_buckets = (bidirectional, num_buckets, max_distance)
+    (default (not causal, rel_bias.shape[1], 128), T5's decoder / encoder choice); it gets a
+    gradient. dropout_p: attention dropout (applied whenever > 0, as in SDPA and flash-attn;
+    modules pass 0 in eval), mask from Philox with `dropout_seed` (default: drawn from torch's
+    CPU generator, so torch.manual_seed makes it reproducible); the backward regenerates it."""
     B, Hq, Sq, D = check_tensor("q", q, ndim=4).shape
     check_tensor("k", k, ndim=4, device=q.device)
     check_tensor("v", v, ndim=4, device=q.device, shape=tuple(k.shape))
@@ -95,7 +119,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         block_mask = block_mask.expand(B, Hq, nq, nk)
     if key_mask is not None:
         check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=q.device, shape=(B, Sk))
+    rel_vec = None
+    if rel_bias is not None:
+        bidirectional, nb, max_distance = check_rel_bias(rel_bias, rel_buckets, Hq, q.device, causal)
+        rel_vec = rel_bias_by_distance(rel_bias, Sq, Sk, bidirectional, nb, max_distance).to(
+            torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    dropout_p = check_float("dropout_p", dropout_p, minimum=0.0)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    seed = None
+    if dropout_p > 0:
+        seed = (torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_seed is None else
+                torch.tensor(check_int("dropout_seed", dropout_seed, minimum=0), dtype=torch.int64))
     name = backends.select("attention", backend, q)
     out, lse = backends.call(attention_op, "attention", "fwd", name, q, k, v, scale, left, right,
-                             alibi_slopes, block_mask, block_size, key_mask, softcap)
+                             alibi_slopes, block_mask, block_size, key_mask, softcap, rel_vec,
+                             dropout_p, seed)
     return (out, lse) if return_lse else out

@@ -66,10 +66,99 @@ def attention_visibility(B, Hq, Sq, Sk, *, causal=False, window=None, block_mask
     return vis
 
 
+def t5_relative_bucket(relative_position: Tensor, bidirectional: bool = True, num_buckets: int = 32,
+                       max_distance: int = 128) -> Tensor:
+    """T5's bucket of a relative position (memory position - query position), as Mesh
+    TensorFlow and transformers' T5Attention._relative_position_bucket compute it: exact
+    buckets for small distances, log-spaced ones up to max_distance, the last bucket beyond;
+    bidirectional splits the buckets between keys after and before the query."""
+    rel = relative_position.long()
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = num_buckets // 2
+    # (log in float32, as transformers does, so the buckets match it exactly)
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+def rel_bias_by_distance(rel_bias: Tensor, Sq: int, Sk: int, bidirectional: bool, num_buckets: int,
+                         max_distance: int) -> Tensor:
+    """The kernels' form of a T5 bias table: (Hq, Sq + Sk - 1) float32 with entry
+    [h, j - i + Sq - 1] = rel_bias[h, bucket(j - i')], i' = i + Sk - Sq (bottom-right aligned
+    like causal). A gather through a one-hot matrix, so its gradient (the kernels return the
+    gradient by distance) folds back into the buckets by a deterministic matmul."""
+    dist = torch.arange(Sq + Sk - 1, device=rel_bias.device) - (Sk - 1)  # j - i'
+    bucket = t5_relative_bucket(dist, bidirectional, num_buckets, max_distance)
+    onehot = torch.nn.functional.one_hot(bucket, num_buckets).to(rel_bias.dtype)  # (L, nb)
+    return rel_bias @ onehot.T
+
+
+# Philox4x32-10 in int64 tensor arithmetic: the stream of csrc/common/philox.h, bit for bit.
+_M32 = 0xFFFFFFFF
+
+
+def philox_words(seed: int, counter: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four 32-bit output words (as int64 tensors) of Philox4x32-10 for 64-bit counters
+    `counter` (int64 tensor; c0 = low half, c1 = high half, c2 = c3 = 0) and key `seed`."""
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        pa, pb = c0 * 0xD2511F53, c2 * 0xCD9E8D57  # (products wrap in int64; the bits are right)
+        c0, c1, c2, c3 = (((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1,
+                          pa & _M32)
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    return min(int(math.floor(p * 4294967296.0)), _M32)
+
+
+def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device=None) -> Tensor:
+    """bool (B, Hq, Sq, Sk): which attention probabilities dropout with probability p and
+    this seed keeps; element e (row-major index) keeps iff word e & 3 of Philox(e >> 2, seed)
+    is >= floor(p 2^32). The mask every backend's kernel draws (csrc/common/philox.h)."""
+    e = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    words = torch.stack(philox_words(int(seed), e >> 2), -1)  # (n, 4)
+    w = words.gather(1, (e & 3)[:, None]).squeeze(1)
+    return (w >= dropout_threshold(p)).reshape(tuple(shape))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, alibi_slopes=None,
               window=None, block_mask=None, block_size=64, key_mask=None, softcap=0.0,
-              return_lse=False):
-    """softmax(scale * q k^T [softcapped] - slope * |i' - j|, masked) v, per DESIGN.md."""
+              rel_bias=None, rel_buckets=None, dropout_p=0.0, dropout_seed=None,
+              dropout_mask=None, return_lse=False):
+    """softmax(scale * q k^T [softcapped] - slope * |i' - j| + rel_bias[h, bucket(j - i')],
+    masked) [dropped out] v, per DESIGN.md. rel_bias (Hq, num_buckets) with rel_buckets =
+    (bidirectional, num_buckets, max_distance) (default: (not causal, rel_bias.shape[1], 128));
+    dropout multiplies P by keep / (1 - dropout_p) after the softmax (lse is of the undropped
+    P); keep is `dropout_mask` if given, else the Philox mask of `dropout_seed`."""
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    rel_vec = keep = None
+    if rel_bias is not None:
+        bidirectional, nb, max_distance = rel_buckets or (not causal, rel_bias.shape[1], 128)
+        rel_vec = rel_bias_by_distance(rel_bias.to(_acc(q.dtype)), Sq, Sk, bidirectional, nb, max_distance)
+    if dropout_p > 0:
+        keep = dropout_mask if dropout_mask is not None else dropout_keep_mask(
+            dropout_seed, (B, Hq, Sq, Sk), dropout_p, q.device)
+    return _attention(q, k, v, causal=causal, scale=scale, alibi_slopes=alibi_slopes, window=window,
+                      block_mask=block_mask, block_size=block_size, key_mask=key_mask,
+                      softcap=softcap, rel_vec=rel_vec, keep=keep, dropout_p=dropout_p,
+                      return_lse=return_lse)
+
+
+def _attention(q, k, v, *, causal, scale, alibi_slopes, window, block_mask, block_size, key_mask,
+               softcap, rel_vec, keep, dropout_p, return_lse):
+    """attention() with the bias by distance (see rel_bias_by_distance) and the keep mask."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     acc = _acc(q.dtype)
@@ -86,6 +175,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, alib
         pos_i = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
         pos_j = torch.arange(Sk, device=q.device)[None, :]
         s = s - slopes * (pos_i - pos_j).abs().to(acc)
+    if rel_vec is not None:
+        s = s + _bias_matrix(rel_vec.to(acc), Sq, Sk)
     vis = attention_visibility(B, Hq, Sq, Sk, causal=causal, window=window,
                                block_mask=block_mask, block_size=block_size,
                                key_mask=key_mask, device=q.device)
@@ -94,12 +185,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, alib
     # rows with no visible key: lse = -inf, output 0, zero gradients (never NaN)
     lse = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
     p = torch.exp(s - lse)  # exactly 0 where masked
+    if keep is not None:
+        p = torch.where(keep, p / (1 - dropout_p), 0.0)
     out = torch.where(any_visible, p @ vf, 0.0).to(q.dtype)  # (0 even if a masked v is NaN)
     lse = torch.where(any_visible, lse, float("-inf")).squeeze(-1).to(torch.float32)
     return (out, lse) if return_lse else out
 
 
-# ----------------------------------------------------------------------------- rotary
+def _bias_matrix(rel_vec: Tensor, Sq: int, Sk: int) -> Tensor:
+    """(Hq, Sq, Sk) with [h, i, j] = rel_vec[h, j - i + Sq - 1]."""
+    idx = torch.arange(Sk, device=rel_vec.device)[None, :] - torch.arange(Sq, device=rel_vec.device)[:, None]
+    return rel_vec[:, idx + Sq - 1]
+
+
+def _bias_matrix_grad(ds: Tensor, Sq: int, Sk: int) -> Tensor:
+    """Adjoint of _bias_matrix: (B, Hq, Sq, Sk) -> (Hq, Sq + Sk - 1), the sum of each diagonal
+    over the batch and the rows, in a fixed order (a skewed view: no scatter, no atomics)."""
+    x = ds.sum(0)  # (Hq, Sq, Sk)
+    Hq, L = x.shape[0], Sq + Sk - 1
+    y = x.new_zeros(Hq, Sq, L)
+    y.as_strided((Hq, Sq, Sk), (Sq * L, L - 1, 1), storage_offset=Sq - 1).copy_(x)
+    return y.sum(1)
+
+
 def rotary_cos_sin(seq_len: int, rotary_dim: int, *, base=10000.0, scaling=None, device=None,
                    dtype=torch.float32) -> Tuple[Tensor, Tensor]:
     """cos/sin (seq_len, rotary_dim // 2) of angle pos * inv_freq, inv_freq = base^(-2i/R).
@@ -174,20 +282,30 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> T
 # ============================================================= the "reference" backend kernels
 # Same signatures as the kernel ops of csrc/registration.cpp. Outputs are contiguous.
 
+def _keep_mask(q, Sk, dropout_p, dropout_seed):
+    if dropout_p <= 0:
+        return None
+    B, Hq, Sq, _ = q.shape
+    return dropout_keep_mask(int(dropout_seed), (B, Hq, Sq, Sk), dropout_p, q.device)
+
+
 def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask,
-                  block_size, key_mask, softcap):
-    out, lse = attention(q, k, v, scale=scale, window=(window_left, window_right),
-                         alibi_slopes=alibi_slopes, block_mask=block_mask,
-                         block_size=block_size, key_mask=key_mask, softcap=softcap,
-                         return_lse=True)
+                  block_size, key_mask, softcap, rel_bias=None, dropout_p=0.0, dropout_seed=None):
+    out, lse = _attention(q, k, v, causal=False, scale=scale, window=(window_left, window_right),
+                          alibi_slopes=alibi_slopes, block_mask=block_mask,
+                          block_size=block_size, key_mask=key_mask, softcap=softcap,
+                          rel_vec=rel_bias, keep=_keep_mask(q, k.shape[2], dropout_p, dropout_seed),
+                          dropout_p=dropout_p, return_lse=True)
     return out.contiguous(), lse.contiguous()
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes,
-                  block_mask, block_size, key_mask, softcap):
-    """The flash-attention backward written densely: dV = P^T dO, dS = P (dP - delta) with
-    dP = dO V^T, through softcap, dQ = scale dS K, dK = scale dS^T Q; GQA gradients summed
-    over the query heads sharing a kv head.
+                  block_mask, block_size, key_mask, softcap, rel_bias=None, dropout_p=0.0,
+                  dropout_seed=None):
+    """The flash-attention backward written densely: dV = P_drop^T dO, dS = P (dP - delta) with
+    dP = (dO V^T) keep / (1 - p), through softcap, dQ = scale dS K, dK = scale dS^T Q; GQA
+    gradients summed over the query heads sharing a kv head; the bias-by-distance gradient is
+    dS summed along each diagonal (and over the batch).
 
     P is recomputed here in the accumulation precision (the saved lse is float32: in float64
     it would leave P off by a rounding). delta = rowsum(P * dP), from the very dP values the
@@ -208,6 +326,8 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
         pos_i = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
         pos_j = torch.arange(Sk, device=q.device)[None, :]
         s = s - alibi_slopes.to(acc).reshape(-1, Hq, 1, 1) * (pos_i - pos_j).abs().to(acc)
+    if rel_bias is not None:
+        s = s + _bias_matrix(rel_bias.to(acc), Sq, Sk)
     vis = attention_visibility(B, Hq, Sq, Sk, window=(window_left, window_right),
                                block_mask=block_mask, block_size=block_size,
                                key_mask=key_mask, device=q.device).expand(B, Hq, Sq, Sk)
@@ -215,10 +335,17 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     any_visible = vis.any(-1, keepdim=True)
     lse_acc = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
     p = torch.where(vis, torch.exp(s - lse_acc), 0.0)
-    dv = p.transpose(-1, -2) @ do
     dp = do @ vr.transpose(-1, -2)
+    keep = _keep_mask(q, Sk, dropout_p, dropout_seed)
+    if keep is not None:
+        dv = torch.where(keep, p / (1 - dropout_p), 0.0).transpose(-1, -2) @ do
+        dp = torch.where(keep, dp / (1 - dropout_p), 0.0)
+    else:
+        dv = p.transpose(-1, -2) @ do
     delta = torch.where(vis, p * dp, 0.0).sum(-1, keepdim=True)
     ds = torch.where(vis, p * (dp - delta), 0.0)
+    drel = (_bias_matrix_grad(ds, Sq, Sk).to(rel_bias.dtype) if rel_bias is not None
+            else q.new_empty(0, dtype=torch.float32))
     if softcap > 0:
         ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
     dq = scale * (ds @ kr)
@@ -226,7 +353,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     if g > 1:
         dk = dk.reshape(B, Hkv, g, Sk, D).sum(2)
         dv = dv.reshape(B, Hkv, g, Sk, D).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drel
 
 
 def rotary_fwd(x, cos, sin, position_ids, interleaved):
@@ -456,7 +583,7 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
             g = attention_bwd(_seq(grad_out, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
                               _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0), scale, window_left,
                               window_right, slopes, None, 64, None, softcap)
-            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g)
+            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g[:3])
     return dq, dk, dv
 
 

@@ -803,9 +803,15 @@ def _launch(tuned, raw, grid_dim0, heads, batch, a, tiles):
         tuned[False][lambda meta: (grid_dim0(meta["BLOCK_M"], meta["BLOCK_N"]), heads, batch)](**a)
 
 
+def _check_extras(rel_bias, dropout_p):
+    if rel_bias is not None or dropout_p > 0:
+        raise NotImplementedError("triton attention: rel_bias and dropout are not implemented in this kernel yet")
+
+
 def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
-                  key_mask, softcap):
+                  key_mask, softcap, rel_bias=None, dropout_p=0.0, dropout_seed=None):
     _check(q, k)
+    _check_extras(rel_bias, dropout_p)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
@@ -827,15 +833,18 @@ def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes,
-                  block_mask, block_size, key_mask, softcap):
+                  block_mask, block_size, key_mask, softcap, rel_bias=None, dropout_p=0.0,
+                  dropout_seed=None):
     _check(q, k)
+    _check_extras(rel_bias, dropout_p)
+    drel = torch.empty(0, dtype=torch.float32, device=q.device)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Sk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Sk, D), dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or Sk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), drel
     out = out.contiguous()
     lse = lse.contiguous()
     a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
@@ -862,7 +871,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
         _set_lists(a, lst_k, cnt_k)
         _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B,
                 dict(a, DQ=dq), tiles)
-    return dq, dk, dv
+    return dq, dk, dv, drel
 
 
 def _one_key_rows(B, Hq, Sq, Sk, wl, wr, block_mask, block_size, key_mask, device):

@@ -1,0 +1,140 @@
+"""tk.attention(dropout_p=...): Philox dropout in the attention kernels. The Philox stream
+against Random123's known answer; the keep rate and the 1/(1-p) scaling; every backend against
+the float64 reference given the same keep mask (forward, and the backward regenerating it);
+same seed same result; bad input."""
+import math
+
+import pytest
+import torch
+
+import truthgpt_kernels as tk
+from truthgpt_kernels import backends
+from truthgpt_kernels.ops import reference
+
+from ..helpers import assert_close, backend_params, device_for, leaf
+from .test_attention import ATOL
+
+# backends whose kernels take this option so far (the others skip until theirs do)
+IMPLEMENTED = ("reference",)
+BACKENDS = [p if p.values[0] in IMPLEMENTED else pytest.param(
+    *p.values, marks=list(p.marks) + [pytest.mark.skip(reason="not in this backend's kernel yet")], id=p.id)
+    for p in backend_params("attention")]
+f32, bf16 = torch.float32, torch.bfloat16
+DTYPES = {"reference": [f32], "cpu": [f32, bf16],
+          "triton": [f32] if backends.triton_interpreted() else [f32, bf16], "cuda": [f32, bf16]}
+
+# name: (B, Hq, Hkv, Sq, Sk, D, p, options)
+CASES = {
+    "dense": (2, 4, 4, 33, 33, 32, 0.1, {}),
+    "causal_gqa": (1, 4, 2, 50, 50, 32, 0.3, {"causal": True}),
+    "sq_lt_sk_alibi": (2, 2, 1, 7, 61, 16, 0.5, {"causal": True, "alibi": True}),
+    "window_softcap_keymask": (1, 2, 2, 40, 40, 64, 0.2, {"window": (5, 5), "softcap": 4.0, "key_mask": True}),
+    "rel_bias": (1, 2, 2, 24, 24, 16, 0.25, {"causal": True, "rel": True}),
+}
+
+
+def test_philox_known_answer():
+    """Random123's kat_vectors for philox4x32_10: counter 0, key 0 and counter/key all ones
+    (the latter needs c2, c3 != 0, so only the first is in our c2 = c3 = 0 stream)."""
+    words = reference.philox_words(0, torch.tensor([0]))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate(p):
+    n = 4 * 8 * 64 * 64
+    keep = reference.dropout_keep_mask(1234, (4, 8, 64, 64), p)
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    other = reference.dropout_keep_mask(1235, (4, 8, 64, 64), p)
+    assert not torch.equal(keep, other)
+
+
+def make_inputs(case, device, seed=0):
+    B, Hq, Hkv, Sq, Sk, D, p, o = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+               for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    kw = {"causal": o.get("causal", False), "window": o.get("window"), "softcap": o.get("softcap", 0.0),
+          "dropout_p": p, "dropout_seed": 42 + seed}
+    if o.get("alibi"):
+        kw["alibi_slopes"] = tk.alibi_slopes(Hq, device=device)
+    if o.get("key_mask"):
+        km = torch.rand(B, Sk, generator=g) > 0.3
+        km[:, 0] = True
+        kw["key_mask"] = km.to(device)
+    if o.get("rel"):
+        kw["rel_bias"] = torch.randn(Hq, 16, generator=g).to(device)
+    return [t.to(device) for t in (q, k, v)], kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaling_uniform_attention(backend):
+    """q = 0: P is uniform over the keys, v = 1: each output is (kept keys / Sk) / (1 - p),
+    whose mean over many rows is 1."""
+    device = device_for(backend)
+    B, H, S, D, p = 2, 4, 128, 16, 0.2
+    q = torch.zeros(B, H, S, D, device=device)
+    v = torch.ones(B, H, S, D, device=device)
+    out = tk.attention(q, q, v, dropout_p=p, dropout_seed=7, backend=backend)
+    keep = reference.dropout_keep_mask(7, (B, H, S, S), p, device)
+    want = keep.float().mean(-1, keepdim=True).expand(B, H, S, D) / (1 - p)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert abs(out.mean().item() - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_matches_reference_with_mask(backend, case):
+    device = device_for(backend)
+    (q64, k64, v64), kw = make_inputs(case, device)
+    B, Hq, _, Sq, Sk, _, p, _ = CASES[case]
+    keep = reference.dropout_keep_mask(kw["dropout_seed"], (B, Hq, Sq, Sk), p, device)
+    rel64 = kw.pop("rel_bias", None)
+    ref_kw = {n: x for n, x in kw.items() if n != "dropout_seed"}
+    for dtype in DTYPES[backend]:
+        ins64 = [leaf(t) for t in (q64, k64, v64)]
+        r64 = None if rel64 is None else leaf(rel64.double())
+        out64 = reference.attention(*ins64, dropout_mask=keep, rel_bias=r64, **ref_kw)
+        do = torch.randn_like(out64)
+        out64.backward(do)
+        ins = [leaf(t, dtype) for t in (q64, k64, v64)]
+        r = None if rel64 is None else leaf(rel64)
+        out = tk.attention(*ins, backend=backend, rel_bias=r, **kw)
+        out.backward(do.to(dtype))
+        base_ins = [leaf(t, dtype) for t in (q64, k64, v64)]
+        rb = None if rel64 is None else leaf(rel64)
+        base = reference.attention(*base_ins, dropout_mask=keep, rel_bias=rb, **ref_kw)
+        base.backward(do.to(dtype))
+        atol = 8 * ATOL[dtype]
+        assert_close("out", out, out64.detach(), base.detach(), atol=atol)
+        for name, a, ref, b in zip(("dq", "dk", "dv"), ins, ins64, base_ins):
+            assert_close(name, a.grad, ref.grad, b.grad, atol=atol)
+        if r is not None:
+            tol = (1e-4 if dtype == f32 else 5e-2) * max(1.0, r64.grad.abs().max().item())
+            torch.testing.assert_close(r.grad.double(), r64.grad, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_result(backend):
+    device = device_for(backend)
+    (q, k, v), kw = make_inputs("causal_gqa", device)
+    q, k, v = q.float(), k.float(), v.float()
+    a = tk.attention(q, k, v, backend=backend, **kw)
+    b = tk.attention(q, k, v, backend=backend, **kw)
+    c = tk.attention(q, k, v, backend=backend, **dict(kw, dropout_seed=kw["dropout_seed"] + 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(3)  # no seed given: drawn from torch's generator
+    d = tk.attention(q, k, v, backend=backend, **dict(kw, dropout_seed=None))
+    torch.manual_seed(3)
+    e = tk.attention(q, k, v, backend=backend, **dict(kw, dropout_seed=None))
+    assert torch.equal(d, e)
+
+
+def test_dropout_bad_input():
+    q = torch.randn(1, 2, 8, 16)
+    for p in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout_p"):
+            tk.attention(q, q, q, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout_seed"):
+        tk.attention(q, q, q, dropout_p=0.1, dropout_seed=-1)

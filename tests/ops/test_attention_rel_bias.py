@@ -1,0 +1,137 @@
+"""tk.attention(rel_bias=...): T5 relative position bias in the attention kernels, every
+backend against the float64 reference (values, lse, dq/dk/dv and the bias table's gradient),
+T5's bucket function as transformers writes it, SDPA with the materialised bias, determinism
+of the bias gradient, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import truthgpt_kernels as tk
+from truthgpt_kernels import backends
+from truthgpt_kernels.ops import reference
+
+from ..helpers import assert_close, backend_params, device_for, leaf
+from .test_attention import ATOL
+
+# backends whose kernels take this option so far (the others skip until theirs do)
+IMPLEMENTED = ("reference",)
+BACKENDS = [p if p.values[0] in IMPLEMENTED else pytest.param(
+    *p.values, marks=list(p.marks) + [pytest.mark.skip(reason="not in this backend's kernel yet")], id=p.id)
+    for p in backend_params("attention")]
+f32, bf16 = torch.float32, torch.bfloat16
+DTYPES = {"reference": [f32], "cpu": [f32, bf16],
+          "triton": [f32] if backends.triton_interpreted() else [f32, bf16], "cuda": [f32, bf16]}
+
+# name: (B, Hq, Hkv, Sq, Sk, D, options); rel: (bidirectional, num_buckets, max_distance)
+CASES = {
+    "encoder": (2, 4, 4, 37, 37, 32, {"rel": (True, 32, 16)}),
+    "decoder_causal": (2, 4, 2, 45, 45, 32, {"causal": True, "rel": (False, 32, 20)}),
+    "cross_sq_lt_sk": (1, 2, 2, 9, 70, 16, {"rel": (True, 8, 40)}),
+    "decode_row": (2, 4, 1, 1, 50, 64, {"causal": True, "rel": (False, 16, 32)}),
+    "sq_gt_sk_window_alibi_softcap": (1, 4, 2, 40, 23, 32, {"causal": True, "rel": (False, 12, 30),
+                                                             "window": (6, -1), "alibi": True,
+                                                             "softcap": 5.0}),
+    "key_mask_blocks": (2, 2, 2, 30, 41, 16, {"rel": (True, 16, 64), "key_mask": True, "blocks": True}),
+}
+
+
+def make_inputs(case, device, seed=0):
+    B, Hq, Hkv, Sq, Sk, D, o = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+               for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    rel = torch.randn(Hq, o["rel"][1], generator=g, dtype=torch.float64) * 2
+    kw = {"causal": o.get("causal", False), "window": o.get("window"), "softcap": o.get("softcap", 0.0),
+          "rel_buckets": o["rel"]}
+    if o.get("alibi"):
+        kw["alibi_slopes"] = tk.alibi_slopes(Hq, device=device)
+    if o.get("key_mask"):
+        km = torch.rand(B, Sk, generator=g) > 0.3
+        km[:, 0] = True
+        kw["key_mask"] = km.to(device)
+    if o.get("blocks"):
+        kw["block_size"] = 8
+        kw["block_mask"] = (torch.rand(B, Hq, -(-Sq // 8), -(-Sk // 8), generator=g) > 0.3).to(device)
+    return [t.to(device) for t in (q, k, v, rel)], kw
+
+
+def test_t5_bucket_matches_transformers():
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    rel = torch.arange(-300, 301)[None, :]
+    for bidirectional in (True, False):
+        for nb, md in ((32, 128), (16, 64), (8, 9), (12, 30)):
+            ours = reference.t5_relative_bucket(rel, bidirectional, nb, md)
+            theirs = t5.T5Attention._relative_position_bucket(rel, bidirectional=bidirectional,
+                                                              num_buckets=nb, max_distance=md)
+            assert torch.equal(ours, theirs), (bidirectional, nb, md)
+
+
+def test_reference_matches_materialised_bias_sdpa():
+    """The reference's bias is T5's: position_bias[h, i, j] = table[bucket(j - i), h] added to
+    unscaled scores (T5 uses scale 1)."""
+    (q, k, v, rel), _ = make_inputs("encoder", "cpu")
+    Sq, Sk = q.shape[2], k.shape[2]
+    bucket = reference.t5_relative_bucket(torch.arange(Sk)[None, :] - torch.arange(Sq)[:, None], True, 32, 16)
+    bias = rel[:, bucket]  # (Hq, Sq, Sk)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    got = reference.attention(q, k, v, scale=1.0, rel_bias=rel, rel_buckets=(True, 32, 16))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rel_bias_matches_reference(backend, case):
+    device = device_for(backend)
+    (q64, k64, v64, rel64), kw = make_inputs(case, device)
+    for dtype in DTYPES[backend]:
+        ins64 = [leaf(t) for t in (q64, k64, v64, rel64)]
+        out64, lse64 = reference.attention(*ins64[:3], rel_bias=ins64[3], return_lse=True, **kw)
+        do = torch.randn_like(out64)
+        out64.backward(do)
+        ins = [leaf(t, dtype) for t in (q64, k64, v64)] + [leaf(rel64, f32)]
+        out, lse = tk.attention(*ins[:3], rel_bias=ins[3], return_lse=True, backend=backend, **kw)
+        out.backward(do.to(dtype))
+        base_ins = [leaf(t, dtype) for t in (q64, k64, v64)] + [leaf(rel64, f32)]
+        base = reference.attention(*base_ins[:3], rel_bias=base_ins[3], **kw)
+        base.backward(do.to(dtype))
+        atol = 8 * ATOL[dtype]
+        assert_close("out", out, out64.detach(), base.detach(), atol=atol)
+        fin = torch.isfinite(lse64)
+        torch.testing.assert_close(lse[fin].double(), lse64.detach()[fin].double(), rtol=1e-4 if dtype == f32 else 2e-2,
+                                   atol=1e-4 if dtype == f32 else 5e-2)
+        for name, a, r, b in zip(("dq", "dk", "dv"), ins, ins64, base_ins):
+            assert_close(name, a.grad, r.grad, b.grad, atol=atol)
+        # the table's gradient sums many dS terms: scale the tolerance by the sum's size
+        drel_tol = (1e-4 if dtype == f32 else 5e-2) * max(1.0, ins64[3].grad.abs().max().item())
+        assert ins[3].grad.dtype == f32
+        torch.testing.assert_close(ins[3].grad.double(), ins64[3].grad, rtol=0, atol=drel_tol + 2 * (
+            base_ins[3].grad.double() - ins64[3].grad).abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rel_bias_grad_is_deterministic(backend):
+    device = device_for(backend)
+    (q, k, v, rel), kw = make_inputs("decoder_causal", device)
+    grads = []
+    for _ in range(2):
+        r = leaf(rel, f32)
+        out = tk.attention(q.float(), k.float(), v.float(), rel_bias=r, backend=backend, **kw)
+        out.sum().backward()
+        grads.append(r.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_rel_bias_bad_input():
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="rel_bias must have shape"):
+        tk.attention(q, q, q, rel_bias=torch.zeros(3, 32))
+    with pytest.raises(TypeError, match="rel_bias"):
+        tk.attention(q, q, q, rel_bias=torch.zeros(4, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="rel_bias"):
+        tk.attention(q, q, q, rel_bias=torch.zeros(4, 32, 1))
+    with pytest.raises(ValueError, match="buckets"):
+        tk.attention(q, q, q, rel_bias=torch.zeros(4, 32), rel_buckets=(True, 16, 128))
+    with pytest.raises(ValueError, match="max_distance"):
+        tk.attention(q, q, q, rel_bias=torch.zeros(4, 32), rel_buckets=(True, 32, 4))
+    with pytest.raises(ValueError, match="rel_buckets"):
+        tk.attention(q, q, q, rel_bias=torch.zeros(4, 32), rel_buckets=(True, 32))
