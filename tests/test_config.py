@@ -167,7 +167,7 @@ ERRORS = [
     (dict(d_model=1024, n_heads=2), "n_heads", "exceeds 256"),
     (dict(model_type="decoder_only"), "model_type", "allowed: decoder, encoder, encoder_decoder"),
     (dict(attention="flash"), "attention", "allowed: full, sliding_window, sparse"),
-    (dict(position="rotary"), "position", "allowed: rope, alibi, sinusoidal, learned, none"),
+    (dict(position="rotary"), "position", "allowed: rope, alibi, relative, sinusoidal, learned, none"),
     (dict(ffn="swishglu"), "ffn", "did you mean 'swiglu'"),
     (dict(norm="rms"), "norm", "allowed: rmsnorm, layernorm"),
     (dict(dtype="fp32"), "dtype", "allowed: float32"),

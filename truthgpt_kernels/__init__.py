@@ -21,11 +21,12 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slo
 # Modules and the configurable transformer (pure Python on the ops above; cheap to import).
 from .config import ConfigError, TransformerConfig  # noqa: E402
 from .modules import (Attention, GeGLU, KVCache, LayerNorm, MoE, MLP, MultiheadAttention,  # noqa: E402
-                      RMSNorm, RotaryEmbedding, SwiGLU, Transformer, TransformerBlock)
+                      RelativePositionBias, RMSNorm, RotaryEmbedding, SwiGLU, Transformer,
+                      TransformerBlock)
 from .modules import FusedLinearCrossEntropyLoss  # noqa: E402
 from .patch import replace_modules  # noqa: E402
 from .explain import explain  # noqa: E402
 
-__all__ += ["TransformerConfig", "ConfigError", "Attention", "KVCache", "RotaryEmbedding",
+__all__ += ["TransformerConfig", "ConfigError", "Attention", "KVCache", "RotaryEmbedding", "RelativePositionBias",
             "SwiGLU", "GeGLU", "MLP", "MoE", "RMSNorm", "LayerNorm", "TransformerBlock", "Transformer",
             "MultiheadAttention", "replace_modules", "explain", "FusedLinearCrossEntropyLoss"]

@@ -98,7 +98,7 @@ def backend_chosen(family: str, requested: str, device_type: str, dtype, chosen:
 
 # Messages of the fallback warnings at the call sites (one-line calls there).
 MULTIHEAD_FALLBACK = ("MultiheadAttention runs torch's implementation, not tk.attention, for calls "
-                      "with need_weights=True, add_zero_attn, dropout in training, or a mask that is "
+                      "with need_weights=True, add_zero_attn, or a mask that is "
                       "neither key padding nor causal (this call: need_weights=%s, mask servable=%s); "
                       "pass need_weights=False to use the fused kernels")
 HF_SDPA_FALLBACK = ("the truthgpt attention function fell back to the implementation it replaced "

@@ -6,6 +6,9 @@ CPU rows (issue #3, fp32 unless said; B1 H8 D64 unless said):
   causal S2048                  <= 1.0x SDPA(is_causal=True)
   ALiBi causal S2048            >= 3x faster than SDPA with the equivalent float bias mask;
                                 <= 1.15x our plain causal
+  T5 relative bias causal S2048 (issue #16) <= 1.2x our plain causal; >= 3x faster than SDPA
+                                with the materialised bias (and compiled FlexAttention's score_mod)
+  dropout 0.1 fwd+bwd causal S1024 (issue #16) <= 1.3x our fwd+bwd without dropout
   window (256, 0) S8192         >= 10x faster than SDPA with the equivalent bool mask
   bigbird ~10% density S4096    <= 1.5 x density x our dense time (same shape)
   fwd+bwd causal S1024          <= 1.0x SDPA fwd+bwd
@@ -141,6 +144,9 @@ def cpu_cases(quick: bool):
         flops=_flops(B, H, S, S, D, _causal_pairs(S, S)),
         extra={"target": ">= 3x faster than SDPA float bias; <= 1.15x our causal"}))
 
+    out += _rel_bias_cases(B, H, S, D, dense_setup)
+    out.append(_dropout_case(B, H, S_fb, D))
+
     def window_setup():
         x = dense_setup(S_win)
         x["mask"] = _window_mask(S_win, S_win, 256, 0)
@@ -224,6 +230,98 @@ def cpu_cases(quick: bool):
         op="attention", name=f"fp32 GEMM ceiling: torch.mm {n}^3", setup=mm_setup,
         impls={"torch.mm": lambda x: torch.mm(x["a"], x["b"])}, flops=2.0 * n ** 3))
     return out
+
+
+def _t5_bias(table, Sq, Sk, buckets):
+    """The materialised (1, H, Sq, Sk) T5 bias (causal: -inf above the diagonal)."""
+    from truthgpt_kernels.ops import reference
+    vec = reference.rel_bias_by_distance(table, Sq, Sk, *buckets)
+    bias = reference._bias_matrix(vec, Sq, Sk)[None]
+    return bias.masked_fill(~reference.attention_visibility(1, 1, Sq, Sk, causal=True), float("-inf"))
+
+
+def _flex_t5(table, buckets, S):
+    """Compiled FlexAttention with T5's bias as a score_mod (forward; None where it cannot run)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    from truthgpt_kernels.ops import reference
+    bucket = reference.t5_relative_bucket(torch.arange(-(S - 1), S), *buckets)  # by j - i + S - 1
+
+    def score_mod(score, b, h, qi, ki):
+        return score + table[h, bucket[ki - qi + S - 1]]
+
+    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cpu")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda x: compiled(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
+
+
+def _rel_bias_cases(B, H, S, D, dense_setup):
+    buckets = (False, 32, 128)
+    table = torch.randn(H, 32, generator=torch.Generator().manual_seed(0))
+
+    def setup():
+        x = dense_setup()
+        x["rel"] = table
+        x["bias"] = _t5_bias(table, S, S, buckets)
+        return x
+
+    impls = {"truthgpt": lambda x: tk.attention(x["q"], x["k"], x["v"], causal=True, rel_bias=x["rel"],
+                                                rel_buckets=buckets, backend="cpu"),
+             "truthgpt causal no bias": lambda x: tk.attention(x["q"], x["k"], x["v"], causal=True, backend="cpu"),
+             "SDPA float bias": lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=x["bias"])}
+    flex = _flex_t5(table, buckets, S)
+    if flex is not None:
+        impls["FlexAttention compiled score_mod"] = flex
+    fwd = Case(op="attention", name=f"fwd T5 relative bias causal B{B} H{H} S{S} D{D} fp32", setup=setup,
+               impls=impls, flops=_flops(B, H, S, S, D, _causal_pairs(S, S)),
+               extra={"target": "<= 1.2x our causal; >= 3x faster than SDPA float bias"})
+    S2 = S // 2
+
+    def fb_setup():
+        q, k, v = _qkv(B, H, H, S2, S2, D, torch.float32, "cpu", grad=True)
+        return {"q": q, "k": k, "v": v, "do": torch.randn(B, H, S2, D),
+                "rel": table.clone().requires_grad_(True)}
+
+    def sdpa_bias(x):
+        bias = x["rel"][:, _bucket_index(S2, buckets)][None].masked_fill(torch.ones(S2, S2, dtype=torch.bool).triu(1),
+                                                                        float("-inf"))
+        return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=bias)
+
+    fb = Case(op="attention", name=f"fwd+bwd T5 relative bias causal B{B} H{H} S{S2} D{D} fp32", setup=fb_setup,
+              impls={"truthgpt": fwd_bwd(lambda x: tk.attention(x["q"], x["k"], x["v"], causal=True, rel_bias=x["rel"],
+                                                               rel_buckets=buckets, backend="cpu"),
+                                         ("q", "k", "v", "rel"), grad="do"),
+                     "truthgpt causal no bias": _fwd_bwd(lambda x: tk.attention(x["q"], x["k"], x["v"], causal=True,
+                                                                               backend="cpu")),
+                     "SDPA float bias (learned table)": fwd_bwd(sdpa_bias, ("q", "k", "v", "rel"), grad="do")},
+              flops=_flops(B, H, S2, S2, D, _causal_pairs(S2, S2), bwd=True),
+              extra={"target": "<= 1.2x our causal (fwd+bwd)"})
+    return [fwd, fb]
+
+
+def _bucket_index(S, buckets):
+    """(S, S) long: T5's bucket of j - i."""
+    from truthgpt_kernels.ops import reference
+    return reference.t5_relative_bucket(torch.arange(S)[None, :] - torch.arange(S)[:, None], *buckets)
+
+
+def _dropout_case(B, H, S, D):
+    def setup():
+        q, k, v = _qkv(B, H, H, S, S, D, torch.float32, "cpu", grad=True)
+        return {"q": q, "k": k, "v": v, "do": torch.randn(B, H, S, D)}
+
+    return Case(
+        op="attention", name=f"fwd+bwd dropout 0.1 causal B{B} H{H} S{S} D{D} fp32", setup=setup,
+        impls={"truthgpt": _fwd_bwd(lambda x: tk.attention(x["q"], x["k"], x["v"], causal=True, dropout_p=0.1,
+                                                           backend="cpu")),
+               "truthgpt no dropout": _fwd_bwd(lambda x: tk.attention(x["q"], x["k"], x["v"], causal=True,
+                                                                      backend="cpu")),
+               "SDPA dropout": _fwd_bwd(lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True,
+                                                                                dropout_p=0.1))},
+        flops=_flops(B, H, S, S, D, _causal_pairs(S, S), bwd=True),
+        extra={"target": "<= 1.3x our fwd+bwd without dropout"})
 
 
 def _paged_decode_case(quick: bool):

@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple, Union
 
 MODEL_TYPES = ("decoder", "encoder", "encoder_decoder")
 ATTENTION_KINDS = ("full", "sliding_window", "sparse")
-POSITION_KINDS = ("rope", "alibi", "sinusoidal", "learned", "none")
+POSITION_KINDS = ("rope", "alibi", "relative", "sinusoidal", "learned", "none")
 FFN_KINDS = ("swiglu", "geglu", "mlp", "moe")
 NORM_KINDS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -175,7 +175,8 @@ def problems(cfg) -> List[Tuple[str, str]]:
             bad.add(name)
 
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len",
-                 "ffn_multiple_of", "n_experts", "experts_top_k"):
+                 "ffn_multiple_of", "n_experts", "experts_top_k", "relative_buckets",
+                 "relative_max_distance"):
         positive(name)
     for name in ("n_encoder_layers", "n_kv_heads", "d_ff", "rotary_dim"):
         positive(name, allow_none=True)
@@ -209,8 +210,17 @@ def problems(cfg) -> List[Tuple[str, str]]:
     if ok("experts_top_k", "n_experts") and cfg.experts_top_k > cfg.n_experts:
         out.append(("experts_top_k", f"experts_top_k ({cfg.experts_top_k}) exceeds "
                                      f"n_experts ({cfg.n_experts})"))
-    if ok("dropout") and not 0.0 <= cfg.dropout < 1.0:
-        out.append(("dropout", f"must lie in [0, 1), got {cfg.dropout}"))
+    for name in ("dropout", "attn_dropout"):
+        if ok(name) and not 0.0 <= getattr(cfg, name) < 1.0:
+            out.append((name, f"must lie in [0, 1), got {getattr(cfg, name)}"))
+    if cfg.position == "relative" and ok("relative_buckets", "relative_max_distance"):
+        if cfg.relative_buckets < 4 or cfg.relative_buckets % 2:
+            out.append(("relative_buckets", f"must be an even number >= 4 (half the buckets per "
+                                            f"direction in encoders), got {cfg.relative_buckets}"))
+        elif cfg.relative_max_distance <= cfg.relative_buckets // 2:
+            out.append(("relative_max_distance", f"must exceed relative_buckets / 2 "
+                                                 f"({cfg.relative_buckets // 2}), got "
+                                                 f"{cfg.relative_max_distance}"))
     if ok("norm_eps") and not 0.0 < cfg.norm_eps < 1.0:
         out.append(("norm_eps", f"must lie in (0, 1), got {cfg.norm_eps}"))
     for name in ("softcap", "moe_aux_loss_weight"):

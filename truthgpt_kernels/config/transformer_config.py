@@ -36,7 +36,9 @@ class TransformerConfig:
     use_flash_attention: bool = True         # False: the dense PyTorch reference (for debugging)
     softcap: float = 0.0
     # positions
-    position: str = "rope"                   # rope | alibi | sinusoidal | learned | none
+    position: str = "rope"                   # rope | alibi | relative (T5 bias) | sinusoidal | learned | none
+    relative_buckets: int = 32               # relative: T5's num_buckets ...
+    relative_max_distance: int = 128         # ... and max_distance (bidirectional in encoders)
     rope_base: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None  # {"type": "linear"|"ntk"|"llama3", "factor": f, ...}
     rotary_dim: Optional[int] = None         # partial rotary; None = head_dim
@@ -49,7 +51,8 @@ class TransformerConfig:
     # norms, regularisation, init
     norm: str = "rmsnorm"                    # rmsnorm | layernorm (with bias); both fused ops
     norm_eps: float = 1e-5
-    dropout: float = 0.0
+    dropout: float = 0.0                     # embeddings, residual branches
+    attn_dropout: float = 0.0                # attention probabilities, in the kernel (Philox)
     bias: bool = False
     tie_embeddings: bool = True
     init_std: float = 0.02

@@ -1,6 +1,6 @@
 """nn.Modules on the truthgpt_kernels ops, and the configurable Transformer."""
 from .attention import Attention, CacheFullError, KVCache
-from .embeddings import (AlibiSlopes, LearnedPositionalEmbedding, RotaryEmbedding,
+from .embeddings import (AlibiSlopes, LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
                          SinusoidalPositionalEmbedding, sinusoidal_table)
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .loss import FusedLinearCrossEntropyLoss
@@ -8,7 +8,7 @@ from .multihead import MultiheadAttention
 from .norm import LayerNorm, RMSNorm, make_norm
 from .transformer import ModelCache, Transformer, TransformerBlock, sample
 
-__all__ = ["Attention", "KVCache", "CacheFullError", "RotaryEmbedding", "AlibiSlopes",
+__all__ = ["Attention", "KVCache", "CacheFullError", "RotaryEmbedding", "AlibiSlopes", "RelativePositionBias",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "sinusoidal_table",
            "SwiGLU", "GeGLU", "MLP", "MoE", "RMSNorm", "LayerNorm", "make_norm", "TransformerBlock",
            "Transformer", "ModelCache", "sample", "MultiheadAttention", "FusedLinearCrossEntropyLoss"]

@@ -11,7 +11,7 @@ from .embeddings import AlibiSlopes, RotaryEmbedding
 from .packing import Packed
 from .paged import PagedKVCache
 
-POSITIONS = ("rope", "alibi", "none")
+POSITIONS = ("rope", "alibi", "relative", "none")
 LAYOUTS = {"local": sparse.local_layout, "local_global": sparse.local_global_layout,
            "bigbird": sparse.bigbird_layout, "strided": sparse.strided_layout}
 
@@ -66,7 +66,11 @@ class Attention(nn.Module):
     forward(x (B, S, d_model), *, context=None, cache=None, key_mask=None) -> (B, S, d_model)
 
     - one fused projection `qkv` (rows: Hq*D query, Hkv*D key, Hkv*D value features) and `out`;
-    - position: "rope" (rotary on q and k), "alibi" (linear biases in the kernel) or "none";
+    - position: "rope" (rotary on q and k), "alibi" (linear biases in the kernel), "relative"
+      (T5's bucketed bias in the kernel: forward takes `position_bias=`, what a
+      RelativePositionBias shared by the stack returns) or "none";
+    - dropout: on the output projection (residual dropout); attn_dropout: on the attention
+      probabilities, inside the kernel (Philox, regenerated in the backward), training only;
     - window: W (the W previous tokens, and W following ones when not causal) or (left, right);
     - sparsity: {"layout": "local" | "local_global" | "bigbird" | "strided", "block_size": 64,
       **layout parameters} (truthgpt_kernels.sparse), built once for max_seq_len and sliced;
@@ -82,9 +86,9 @@ class Attention(nn.Module):
                  causal: bool = True, position: str = "rope",
                  window: Optional[Union[int, Tuple[int, int]]] = None,
                  sparsity: Optional[dict] = None, bias: bool = False, dropout: float = 0.0,
-                 rope_base: float = 10000.0, rope_scaling: Optional[dict] = None,
+                 attn_dropout: float = 0.0, rope_base: float = 10000.0, rope_scaling: Optional[dict] = None,
                  rotary_dim: Optional[int] = None, max_seq_len: int = 2048, softcap: float = 0.0,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 scale: Optional[float] = None, backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -96,6 +100,7 @@ class Attention(nn.Module):
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.head_dim = d_model // n_heads
         self.causal, self.position, self.softcap = causal, position, softcap
+        self.scale = scale  # None: 1/sqrt(head_dim); T5 uses 1.0
         self.backend = backend
         self.window = self._window(window, causal)
         self.sparsity = self._sparsity(sparsity)
@@ -104,6 +109,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * D, bias=bias, device=device, dtype=dtype)
         self.out = nn.Linear(n_heads * D, d_model, bias=bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
+        if not 0.0 <= attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout must lie in [0, 1), got {attn_dropout}")
+        self.attn_dropout = float(attn_dropout)
         self.rotary = RotaryEmbedding(D, rotary_dim=rotary_dim, base=rope_base, scaling=rope_scaling,
                                       max_seq_len=max_seq_len, backend=backend,
                                       device=device) if position == "rope" else None
@@ -167,11 +175,19 @@ class Attention(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *, context: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, key_mask: Optional[Tensor] = None,
-                packed: Optional[Packed] = None) -> Tensor:
+                packed: Optional[Packed] = None, position_bias=None) -> Tensor:
         """x (B, S, d_model). packed: documents packed into the rows (modules/packing.py),
-        each attending only within itself, positions restarting per document."""
+        each attending only within itself, positions restarting per document. position_bias:
+        (table, buckets) from a RelativePositionBias, for position="relative"."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Attention expects x of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
+        if (position_bias is not None) != (self.position == "relative" and context is None):
+            raise ValueError("position_bias (from a RelativePositionBias) is what self-attention with "
+                             "position='relative' takes, and only it")
+        if position_bias is not None and (packed is not None or isinstance(cache, PagedKVCache)):
+            raise ValueError("position='relative' runs on tk.attention: packed batches and paged "
+                             "caches (attention_varlen / attention_with_kvcache) do not take a "
+                             "relative bias yet")
         if context is not None:
             return self._cross(x, context, cache, key_mask)
         if isinstance(cache, PagedKVCache):
@@ -191,13 +207,19 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)                         # (B, Hkv, offset + S, D)
         Sk = k.shape[2]
         block_mask = self._block_mask(S, Sk, x.device) if self.sparsity else None
+        rel_bias, rel_buckets = position_bias if position_bias is not None else (None, None)
         y = attention(q, k, v, causal=self.causal, window=self.window,
                       alibi_slopes=self.alibi() if self.alibi is not None else None,
                       block_mask=block_mask,
                       block_size=self.sparsity["block_size"] if self.sparsity else 64,
-                      key_mask=key_mask, softcap=self.softcap, backend=self.backend)  # (B, Hq, S, D)
+                      key_mask=key_mask, softcap=self.softcap, scale=self.scale, rel_bias=rel_bias,
+                      rel_buckets=rel_buckets, dropout_p=self._attn_dropout_p(),
+                      backend=self.backend)                    # (B, Hq, S, D)
         y = y.transpose(1, 2).reshape(B, S, Hq * D)           # (B, S, Hq * D)
         return self.dropout(self.out(y))
+
+    def _attn_dropout_p(self) -> float:
+        return self.attn_dropout if self.training else 0.0
 
     def _rows(self, x: Tensor, position_ids: Tensor):
         """q (B, S, Hq, D), k, v (B, S, Hkv, D) of x, rotated at position_ids (B, S)."""
@@ -216,7 +238,7 @@ class Attention(nn.Module):
         n = packed.max_seqlen
         y = attention_varlen(q.reshape(B * S, Hq, D), k.flatten(0, 1), v.flatten(0, 1),
                              packed.cu_seqlens, packed.cu_seqlens, n, n, causal=self.causal,
-                             window=self.window, softcap=self.softcap, backend=self.backend,
+                             window=self.window, softcap=self.softcap, scale=self.scale, backend=self.backend,
                              alibi_slopes=self.alibi() if self.alibi is not None else None)  # (B*S, Hq, D)
         return y.view(B, S, Hq * D)
 
@@ -225,6 +247,10 @@ class Attention(nn.Module):
         if cache is not None or key_mask is not None or self.sparsity:
             raise ValueError("packed documents run without a KV cache, key_mask or block-sparse "
                              "layout (each document is its own sequence)")
+        if self._attn_dropout_p() > 0:
+            raise ValueError("attn_dropout in training runs on tk.attention; packed documents "
+                             "(tk.attention_varlen) do not take it yet: pass padded rows or set "
+                             "attn_dropout=0")
         q, k, v = self._rows(x, packed.position_ids)          # positions within each document
         return self.dropout(self.out(self._varlen(q, k, v, packed)))
 
@@ -245,7 +271,7 @@ class Attention(nn.Module):
         y = attention_with_kvcache(q.transpose(1, 2), cache.k, cache.v, cache_seqlens=cache.seqlens,
                                    block_table=cache.block_table, k_new=k.transpose(1, 2),
                                    v_new=v.transpose(1, 2), causal=True, window=self.window,
-                                   softcap=self.softcap, backend=self.backend,
+                                   softcap=self.softcap, scale=self.scale, backend=self.backend,
                                    alibi_slopes=self.alibi() if self.alibi is not None else None)
         return self.dropout(self.out(y.transpose(1, 2).reshape(B, 1, -1)))  # (B, 1, d)
 
@@ -266,7 +292,8 @@ class Attention(nn.Module):
             k, v = kv.view(B, Sc, 2 * Hkv, D).transpose(1, 2).split([Hkv, Hkv], dim=1)  # (B, Hkv, Sc, D)
             if cache is not None:
                 k, v = cache.update(k, v)
-        y = attention(q, k, v, key_mask=key_mask, softcap=self.softcap, backend=self.backend)
+        y = attention(q, k, v, key_mask=key_mask, softcap=self.softcap, scale=self.scale,
+                      dropout_p=self._attn_dropout_p(), backend=self.backend)
         y = y.transpose(1, 2).reshape(B, S, Hq * D)           # (B, S, Hq * D)
         return self.dropout(self.out(y))
 

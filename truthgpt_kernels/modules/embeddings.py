@@ -1,5 +1,5 @@
-"""Positions: RotaryEmbedding (cached cos/sin, scaling, partial rotary), ALiBi slopes, and
-absolute sinusoidal / learned position embeddings."""
+"""Positions: RotaryEmbedding (cached cos/sin, scaling, partial rotary), ALiBi slopes, T5's
+relative position bias, and absolute sinusoidal / learned position embeddings."""
 import math
 from typing import Optional, Tuple
 
@@ -136,3 +136,32 @@ class LearnedPositionalEmbedding(nn.Embedding):
         if offset + seq_len > self.num_embeddings:
             raise ValueError(f"positions up to {offset + seq_len} exceed max_seq_len {self.num_embeddings}")
         return self.weight[offset:offset + seq_len]
+
+
+class RelativePositionBias(nn.Module):
+    """T5's relative position bias (Raffel et al. 2020): one learned scalar per (bucket, head),
+    added in the attention kernel to the score of (i, j) at T5's bucket of j - i (exact buckets
+    near, log-spaced ones up to max_distance, one beyond).
+
+    Holds `relative_attention_bias`, an nn.Embedding(num_buckets, n_heads) as in transformers'
+    T5Attention, so T5 weights load unchanged. One per attention stack (T5 computes it in the
+    first layer and shares it): forward() returns (table (n_heads, num_buckets), buckets), what
+    tk.attention takes as rel_bias= and rel_buckets=. bidirectional: True for an encoder, False
+    for a causal decoder (T5's choice)."""
+
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128, *,
+                 bidirectional: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.n_heads, self.num_buckets, self.max_distance = n_heads, num_buckets, max_distance
+        self.bidirectional = bool(bidirectional)
+        self.relative_attention_bias = nn.Embedding(num_buckets, n_heads, device=device, dtype=dtype)
+
+    def forward(self) -> Tuple[Tensor, Tuple[bool, int, int]]:
+        table = self.relative_attention_bias.weight.t()        # (n_heads, num_buckets)
+        if table.dtype not in (torch.float32, torch.float64):  # the kernels add it in float32
+            table = table.float()
+        return table, (self.bidirectional, self.num_buckets, self.max_distance)
+
+    def extra_repr(self) -> str:
+        return (f"n_heads={self.n_heads}, num_buckets={self.num_buckets}, "
+                f"max_distance={self.max_distance}, bidirectional={self.bidirectional}")

@@ -4,9 +4,11 @@ It *is* a torch.nn.MultiheadAttention (a subclass): the same constructor, parame
 state_dict keys, forward signature, return values and argument errors, so weights load unchanged
 and isinstance checks hold. The fast path (tk.attention) serves need_weights=False with no mask,
 a boolean or 0/-inf float key_padding_mask, a causal attn_mask (from the is_causal hint, or
-recognised from its pattern in eager mode; square only) and add_bias_kv. Anything else —
-need_weights=True, arbitrary float or boolean attn_mask, add_zero_attn, attention dropout while
-training — takes the slower exact path (torch's own implementation). Under torch.compile the
+recognised from its pattern in eager mode; square only), add_bias_kv and attention dropout
+while training (in the kernel: Philox from a seed drawn from torch's generator, the mask
+regenerated in the backward; so the dropped positions differ from torch's own, the
+distribution is the same). Anything else — need_weights=True, arbitrary float or boolean
+attn_mask, add_zero_attn — takes the slower exact path (torch's own implementation). Under torch.compile the
 choice uses only dtypes, shapes and flags (a float key_padding_mask, or an attn_mask without the
 is_causal hint, takes the exact path), so fullgraph compiles. Nested-tensor inputs (what
 nn.TransformerEncoder passes on its padding fast path) are padded around the same paths.
@@ -184,7 +186,6 @@ class MultiheadAttention(nn.MultiheadAttention):
                               "`attn_mask` must be the causal mask, e.g. nn.Transformer."
                               "generate_square_subsequent_mask(L)")
         fast = (servable and not need_weights and not self.add_zero_attn
-                and not (self.training and self.dropout > 0)
                 and not (causal and self.bias_k is not None))
         if not fast:
             _logs.warn_once("multihead-fallback", _logs.MULTIHEAD_FALLBACK, need_weights, servable, logger="modules")
@@ -252,7 +253,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         q = q.view(B, L, H, D).transpose(1, 2)   # (B, H, L, D)
         k = k.view(B, -1, H, D).transpose(1, 2)  # (B, H, S, D)
         v = v.view(B, -1, H, D).transpose(1, 2)
-        out = attention(q, k, v, causal=causal, key_mask=key_mask, backend=self.backend)
+        out = attention(q, k, v, causal=causal, key_mask=key_mask,
+                        dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
         if not batched:
             return out[0]

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import TransformerConfig
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from .attention import Attention, KVCache
-from .embeddings import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
+from .embeddings import LearnedPositionalEmbedding, RelativePositionBias, SinusoidalPositionalEmbedding
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .norm import LayerNorm, RMSNorm, make_norm
 from .packing import Packed
@@ -35,12 +35,13 @@ class TransformerBlock(nn.Module):
         c = config
         dt = c.torch_dtype
         norm = dict(backend=c.op_backend, device=device, dtype=dt)
-        attn = dict(bias=c.bias, dropout=c.dropout, max_seq_len=c.max_seq_len, softcap=c.softcap,
+        attn = dict(bias=c.bias, dropout=c.dropout, attn_dropout=c.attn_dropout,
+                    max_seq_len=c.max_seq_len, softcap=c.softcap,
                     backend=c.attention_backend, device=device, dtype=dt)
         window = tuple(c.window) if isinstance(c.window, list) else c.window
         self.attn_norm = make_norm(c.norm, c.d_model, c.norm_eps, **norm)
         self.attn = Attention(c.d_model, c.n_heads, c.kv_heads, causal=causal,
-                              position=c.position if c.position in ("rope", "alibi") else "none",
+                              position=c.position if c.position in ("rope", "alibi", "relative") else "none",
                               window=window, sparsity=c.sparsity, rope_base=c.rope_base,
                               rope_scaling=c.rope_scaling, rotary_dim=c.rotary_dim, **attn)
         if cross_attention:
@@ -65,8 +66,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, *, context: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, cross_cache: Optional[KVCache] = None,
                 key_mask: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
-                packed: Optional[Packed] = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask, packed=packed)  # (B, S, d)
+                packed: Optional[Packed] = None, position_bias=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask, packed=packed,
+                          position_bias=position_bias)           # (B, S, d)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context=context, cache=cross_cache,
                                     key_mask=context_mask)
@@ -116,6 +118,12 @@ class Transformer(nn.Module):
         else:
             self.pos_embed = None
         self.drop = nn.Dropout(c.dropout)
+        # T5: one relative bias per stack, shared by its layers (encoders bidirectional)
+        rel = dict(num_buckets=c.relative_buckets, max_distance=c.relative_max_distance, device=device)
+        self.rel_pos = (RelativePositionBias(c.n_heads, bidirectional=not c.causal, **rel)
+                        if c.position == "relative" else None)
+        self.encoder_rel_pos = (RelativePositionBias(c.n_heads, bidirectional=True, **rel)
+                                if c.position == "relative" and c.model_type == "encoder_decoder" else None)
         if c.model_type == "encoder_decoder":
             self.encoder = nn.ModuleList(TransformerBlock(c, causal=False, device=device)
                                          for _ in range(c.encoder_layers))
@@ -201,8 +209,9 @@ class Transformer(nn.Module):
             raise ValueError(f"encode() needs an encoder_decoder model, this is a {self.config.model_type}")
         self._check_tokens("encoder_tokens", tokens)
         x = self.embed_tokens(tokens)
+        bias = {} if self.encoder_rel_pos is None else {"position_bias": self.encoder_rel_pos()}
         for layer in self.encoder:
-            x = self._run(layer, x, key_mask=key_mask)
+            x = self._run(layer, x, key_mask=key_mask, **bias)
         return self.encoder_norm(x)
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *,
@@ -247,9 +256,10 @@ class Transformer(nn.Module):
 
         packed = self._packed(tokens, position_ids, cu_seqlens, cache, key_mask)
         x = self.embed_tokens(tokens, offset, None if packed is None else packed.position_ids)  # (B, S, d)
+        bias = {} if self.rel_pos is None else {"position_bias": self.rel_pos()}
         for i, layer in enumerate(self.layers):
             x = self._run(layer, x, context=context, key_mask=key_mask, context_mask=context_mask,
-                          **({} if packed is None else {"packed": packed}),
+                          **({} if packed is None else {"packed": packed}), **bias,
                           cache=cache.layers[i] if cache is not None else None,
                           cross_cache=cache.cross[i] if cache is not None and cache.cross else None)
         h = self.norm(x)                                         # (B, S, d)
@@ -375,6 +385,9 @@ class Transformer(nn.Module):
                          top_p, eos_id, generator, page_size) -> List[Tensor]:
         if self.config.model_type != "decoder":
             raise ValueError("generate() with a list of prompts needs a decoder model")
+        if self.rel_pos is not None:
+            raise ValueError("generate() with a list of prompts runs on paged caches, which do not "
+                             "take position='relative' yet: pass one (B, S) batch of prompts")
         if not prompts:
             raise ValueError("tokens: the list of prompts is empty")
         for i, p in enumerate(prompts):
