@@ -37,11 +37,6 @@ DTYPES = {
 AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
-# Options of an op family that a backend's kernels do not take yet: "auto" passes over that
-# backend for calls that use them, and asking for it by name raises BackendError.
-MISSING_OPTIONS = {("cuda", "attention"): ("rel_bias", "dropout")}
-
-
 class BackendError(RuntimeError):
     """A backend was asked for that is unknown, unavailable, or cannot run this call."""
 
@@ -148,41 +143,34 @@ def requested(backend: Optional[str] = None) -> str:
     return check_name(backend or _selected.get() or os.environ.get(ENV_VAR) or "auto")
 
 
-def select(family: str, backend: Optional[str], x: torch.Tensor, options: Tuple[str, ...] = ()) -> str:
+def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
     """Resolves the backend for one call of op family `family` on tensors like `x`; raises
     BackendError naming what is missing when the requested backend cannot serve it. Under
     torch.compile the choice is made once, at trace time, and baked into the graph."""
-    return _select(family, backend, x.device.type, x.dtype, options)
+    return _select(family, backend, x.device.type, x.dtype)
 
 
 @torch.compiler.assume_constant_result
-def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.dtype,
-            options: Tuple[str, ...] = ()) -> str:
-    return _resolve(family, requested(backend), device_type, dtype, triton_interpreted(), options)
+def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.dtype) -> str:
+    return _resolve(family, requested(backend), device_type, dtype, triton_interpreted())
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve(family: str, name: str, device_type: str, dtype: torch.dtype, interpreted: bool,
-             options: Tuple[str, ...] = ()) -> str:
+def _resolve(family: str, name: str, device_type: str, dtype: torch.dtype, interpreted: bool) -> str:
     """Cached: what is built and visible does not change within a process (failures, which
     raise, are not cached). A cache miss is the one place that logs the choice (INFO, once per
     distinct key), so a call whose choice is cached pays nothing for logging."""
-    chosen, skipped = decide(family, name, device_type, dtype, options)
+    chosen, skipped = decide(family, name, device_type, dtype)
     from . import logs
     logs.backend_chosen(family, name, device_type, dtype, chosen, skipped)
     return chosen
 
 
-def decide(family: str, name: str, device_type: str, dtype: torch.dtype,
-           options: Tuple[str, ...] = ()) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+def decide(family: str, name: str, device_type: str, dtype: torch.dtype) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
     """(backend, ((candidate, why "auto" skipped it), ...)) for op family `family` asked for
-    backend `name` on `device_type` tensors of `dtype`, for a call using `options` (names in
-    MISSING_OPTIONS); raises BackendError when `name` cannot serve the call. Uncached and
-    silent (tk.explain uses it too)."""
+    backend `name` on `device_type` tensors of `dtype`; raises BackendError when `name` cannot
+    serve the call. Uncached and silent (tk.explain uses it too)."""
     device = torch.device(device_type)
-
-    def lacks(cand):
-        return [o for o in options if o in MISSING_OPTIONS.get((cand, family), ())]
     if name == "auto":
         skipped = []
         for cand in AUTO_ORDER.get(device.type, ()):
@@ -191,8 +179,6 @@ def decide(family: str, name: str, device_type: str, dtype: torch.dtype,
                 why = f"has no {family} kernel"
             if not why and dtype not in DTYPES[cand]:
                 why = f"does not take {str(dtype).replace('torch.', '')}"
-            if not why and lacks(cand):
-                why = f"its {family} kernel has no {', '.join(lacks(cand))}"
             if not why:
                 return cand, tuple(skipped)
             skipped.append((cand, why))
@@ -211,11 +197,6 @@ def decide(family: str, name: str, device_type: str, dtype: torch.dtype,
         takes = [str(d).replace("torch.", "") for d in DTYPES[name]]
         others = [b for b in BACKENDS if dtype in DTYPES[b] and b != name]
         raise BackendError(f"backend {name!r} takes {takes}, got {dtype}; backends that take it: {others}")
-    if lacks(name):
-        others = [b for b in BACKENDS if not unavailable_reason(b) and implements(family, b)
-                  and not set(options) & set(MISSING_OPTIONS.get((b, family), ()))]
-        raise BackendError(f"backend {name!r}: its {family} kernel has no {', '.join(lacks(name))} "
-                           f"yet; backends with it here: {others}")
     return name, ()
 
 

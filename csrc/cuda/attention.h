@@ -38,6 +38,8 @@ struct AttentionParams {
   // (as the dQ kernel's product computes it, then as the dK/dV kernel's; attention_kernel.cuh)
   void *dq, *dk, *dv;
   float* delta;
+  // with prob.rel: the bias gradient (Hq, Sq + Sk - 1) float32 (sum over the batch); else null
+  float* drel;
 };
 
 // 0 when the head dim has no kernel (the binding checks before calling).

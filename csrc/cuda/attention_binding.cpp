@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "binding_utils.h"
+#include "common/attention_extras.h"
 
 namespace truthgpt::cuda {
 namespace {
@@ -48,7 +49,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& alibi_slopes,
                             const std::optional<at::Tensor>& block_mask, int64_t block_size,
                             const std::optional<at::Tensor>& key_mask, double softcap,
-                            std::vector<at::Tensor>& keep) {
+                            const std::optional<at::Tensor>& rel_bias, double dropout_p,
+                            const std::optional<at::Tensor>& dropout_seed, std::vector<at::Tensor>& keep) {
   TORCH_CHECK(q.is_cuda(), "truthgpt cuda attention: q must be a CUDA tensor, got ", q.device(), kOtherBackends);
   TORCH_CHECK(q.dim() == 4, "truthgpt cuda attention: q must have 4 dimensions, got ", q.sizes());
   const auto dt = q.scalar_type();
@@ -115,6 +117,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
     pr.key_mask = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
     pr.km_sb = m.stride(0), pr.km_ss = m.stride(1);
   }
+  attn::set_rel_and_dropout(pr, q.device(), rel_bias, dropout_p, dropout_seed);
 
   keep = {unit_inner(q), unit_inner(k), unit_inner(v)};
   p.q = bhsd(keep[0]);
@@ -132,13 +135,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& rel_bias, double dropout_p,
                                                       const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q.is_cuda(), "truthgpt cuda attention: q must be a CUDA tensor, got ", q.device(), kOtherBackends);
-  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
-              "truthgpt cuda attention: rel_bias and dropout are not implemented in this kernel yet");
-  (void)dropout_seed;
   const c10::cuda::CUDAGuard guard(q.device());
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
-                                  key_mask, softcap, keep);
+                                  key_mask, softcap, rel_bias, dropout_p, dropout_seed, keep);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -154,13 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& key_mask, double softcap, const std::optional<at::Tensor>& rel_bias,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q.is_cuda(), "truthgpt cuda attention: q must be a CUDA tensor, got ", q.device(), kOtherBackends);
-  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
-              "truthgpt cuda attention: rel_bias and dropout are not implemented in this kernel yet");
-  (void)dropout_seed;
   const c10::cuda::CUDAGuard guard(q.device());
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
-                                  key_mask, softcap, keep);
+                                  key_mask, softcap, rel_bias, dropout_p, dropout_seed, keep);
   check_operand("grad_out", grad_out, q);
   check_operand("out", out, q);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
@@ -184,8 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  auto drel = at::empty({rel_bias.has_value() ? q.size(1) * (q.size(2) + k.size(2) - 1) : 0},
+                        q.options().dtype(at::kFloat));
+  p.drel = rel_bias.has_value() ? drel.data_ptr<float>() : nullptr;
   check_launch(attention_bwd(p, c10::cuda::getCurrentCUDAStream()), "attention_bwd");
-  return {dq, dk, dv, at::empty({0}, q.options().dtype(at::kFloat))};
+  return {dq, dk, dv, rel_bias.has_value() ? drel.view({q.size(1), q.size(2) + k.size(2) - 1}) : drel};
 }
 
 }  // namespace

@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(FwdShape<T, D>::NTH)
         const int r = e >> 1, jl = cc.col;  // r = cc.row / 8: compile-time
         const int64_t j = k0 + jl;
         float tc;
-        const float v = score(pr, s[nt][e], slope, row[r] + off, j, &tc);
+        const float v = score(pr, s[nt][e], slope, row[r] + off, j, &tc) + rel_bias_at(pr, h, row[r], j);
         const bool vis = !masked || elem_visible(pr, row[r], j, colok[jl] != 0, bm);
         s[nt][e] = vis ? v : kNegInf;
         mt[r] = max_nan(mt[r], s[nt][e]);
@@ -316,7 +316,8 @@ __global__ void __launch_bounds__(FwdShape<T, D>::NTH)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         s[nt][e] = online_prob(s[nt][e], m[e >> 1]);
-        l[e >> 1] += s[nt][e];
+        l[e >> 1] += s[nt][e];  // (the softmax sum: of the undropped P)
+        if (pr.dropout) s[nt][e] *= dropout_factor(pr, b, h, row[e >> 1], k0 + acc_coord(lane, nt, e).col);
       }
     gemm_rn<T, NTD, BC / 16>(o, s, Vs, LD);
   }
@@ -472,11 +473,12 @@ __global__ void __launch_bounds__(DkdvShape<T, D>::NTH)
             const int r = e >> 1, il = cc.col;  // r = cc.row / 8: compile-time
             const int64_t i = q0 + il;
             float tc;
-            const float sc = score(pr, pt[nt][e], slope, i + off, key[r], &tc);
+            const float sc = score(pr, pt[nt][e], slope, i + off, key[r], &tc) + rel_bias_at(pr, h, i, key[r]);
             const bool vis = !masked || elem_visible(pr, i, key[r], kok[r], bm);
             const float pv = backward_prob(sc, lse_s[il], vis);
-            pt[nt][e] = pv;
-            dpt[nt][e] = backward_dscore(pr, pv, dpt[nt][e], dl_s[il], tc);
+            const float z = dropout_factor(pr, b, h, i, key[r]);  // 1 without dropout
+            pt[nt][e] = pv * z;                                   // dV += P_dropped^T dO
+            dpt[nt][e] = backward_dscore(pr, pv, dpt[nt][e] * z, dl_s[il], tc);
           }
         gemm_rn<T, NTS, BR / 16>(dv, pt, dOs + d0, LD);  // dV += P^T dO
         gemm_rn<T, NTS, BR / 16>(dk, dpt, Qs + d0, LD);  // dK += dS^T Q
@@ -585,10 +587,10 @@ __global__ void __launch_bounds__(DqShape<T, D>::NTH)
         const int r = e >> 1, jl = cc.col;  // r = cc.row / 8: compile-time
         const int64_t j = k0 + jl;
         float tc;
-        const float sc = score(pr, s[nt][e], slope, row[r] + off, j, &tc);
+        const float sc = score(pr, s[nt][e], slope, row[r] + off, j, &tc) + rel_bias_at(pr, h, row[r], j);
         const bool vis = !masked || elem_visible(pr, row[r], j, colok[jl] != 0, bm);
         const float pv = backward_prob(sc, lse_r[r], vis);
-        dp[nt][e] = backward_dscore(pr, pv, dp[nt][e], dl_r[r], tc);
+        dp[nt][e] = backward_dscore(pr, pv, dp[nt][e] * dropout_factor(pr, b, h, row[r], j), dl_r[r], tc);
       }
     gemm_rn<T, NTS, BC / 16>(dq, dp, Ks + d0, LD);  // dQ += dS K
   }
@@ -606,6 +608,46 @@ __global__ void __launch_bounds__(DqShape<T, D>::NTH)
         if (c < Dr) dqrow[c] = from_float<T>(pr.scale * dq[nd][2 * r + e]);
       }
   }
+}
+
+// ---------------------------------------------------------------------------- d rel_bias
+// drel[h, t] = sum over b and i of dS[b, h, i, j = i + t - (Sq - 1)] (the gradient of the
+// post-softcap score, before the softcap derivative): one thread per (h, t), every term
+// recomputed from q, k, v, dO, lse and delta in a fixed order (deterministic, no atomics).
+// O(B Sq D) work per thread, without tensor cores: correct first (TODO: fold into the dQ
+// kernel's tiles).
+template <typename T>
+__global__ void __launch_bounds__(256) attention_drel_kernel(const __grid_constant__ AttentionParams p) {
+  const Problem& pr = p.prob;
+  const int64_t L = pr.Sq + pr.Sk - 1;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= pr.Hq * L) return;
+  const int64_t h = idx / L, t = idx % L, hk = kv_head(h, pr.Hq, pr.Hkv), off = query_offset(pr);
+  const int64_t i_lo = imax(0, pr.Sq - 1 - t), i_hi = imin(pr.Sq, pr.Sq - 1 - t + pr.Sk);
+  float acc = 0.f;
+  for (int64_t b = 0; b < pr.B; ++b) {
+    const float slope = alibi_slope(pr, b, h);
+    const uint8_t* bm = block_mask_bh(pr, b, h);
+    for (int64_t i = i_lo; i < i_hi; ++i) {
+      const int64_t j = i + t - (pr.Sq - 1);
+      if (!elem_visible(pr, i, j, key_visible(pr, b, j), bm)) continue;
+      const float lse = p.lse_in[offset_bhs(b, h, i, p.lse_sb, p.lse_sh, p.lse_ss)];
+      const T* qr = static_cast<const T*>(p.q.ptr) + offset_bhs(b, h, i, p.q.sb, p.q.sh, p.q.ss);
+      const T* kr = static_cast<const T*>(p.k.ptr) + offset_bhs(b, hk, j, p.k.sb, p.k.sh, p.k.ss);
+      const T* vr = static_cast<const T*>(p.v.ptr) + offset_bhs(b, hk, j, p.v.sb, p.v.sh, p.v.ss);
+      const T* dor = static_cast<const T*>(p.dout.ptr) + offset_bhs(b, h, i, p.dout.sb, p.dout.sh, p.dout.ss);
+      float raw = 0.f, dp = 0.f;
+      for (int64_t d = 0; d < pr.D; ++d) {
+        raw = fmaf(to_float(qr[d]), to_float(kr[d]), raw);
+        dp = fmaf(to_float(dor[d]), to_float(vr[d]), dp);
+      }
+      float tc;
+      const float sc = score(pr, raw, slope, i + off, j, &tc) + rel_bias_at(pr, h, i, j);
+      const float pv = backward_prob(sc, lse, true);
+      acc += pv * (dp * dropout_factor(pr, b, h, i, j) - p.delta[(b * pr.Hq + h) * pr.Sq + i]);
+    }
+  }
+  p.drel[idx] = acc;
 }
 
 // ---------------------------------------------------------------------------- launchers
@@ -639,8 +681,9 @@ cudaError_t launch_bwd(const AttentionParams& p, cudaStream_t stream) {
   err = launch(attention_dkdv_kernel<T, D>, pr.B * pr.Hkv * ceil_div(pr.Sk, A::BC) * A::NS, A::NTH,
                            A::smem, p, stream);
   if (err != cudaSuccess) return err;
-  return launch(attention_dq_kernel<T, D>, pr.B * pr.Hq * ceil_div(pr.Sq, Q::BR) * Q::NS, Q::NTH, Q::smem, p,
-                stream);
+  err = launch(attention_dq_kernel<T, D>, pr.B * pr.Hq * ceil_div(pr.Sq, Q::BR) * Q::NS, Q::NTH, Q::smem, p, stream);
+  if (err != cudaSuccess || p.drel == nullptr) return err;
+  return launch(attention_drel_kernel<T>, ceil_div(pr.Hq * (pr.Sq + pr.Sk - 1), 256), 256, 0, p, stream);
 }
 
 }  // namespace attn_kernels

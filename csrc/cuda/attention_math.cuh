@@ -7,12 +7,15 @@
 // i' = i + Sk - Sq; key j is visible for query i iff
 //   i' - window_left <= j <= i' + window_right   (-1 = unbounded; causal folded into right)
 //   && block_mask[b, h, i / block_size, j / block_size] && key_mask[b, j].
-// Score: s = scale * q.k; if softcap > 0: s = softcap * tanh(s / softcap); s -= slope*|i'-j|.
+// Score: s = scale * q.k; if softcap > 0: s = softcap * tanh(s / softcap); s -= slope*|i'-j|;
+// s += rel[h, j - i + Sq - 1] (T5 bias by distance). Dropout multiplies P by keep_scale or 0
+// (csrc/common/philox.h) after the softmax statistics, before P V.
 #pragma once
 #include <cmath>
 #include <cstdint>
 
 #include "common/host_device.h"
+#include "common/philox.h"
 
 namespace truthgpt::attn {
 
@@ -30,6 +33,12 @@ struct Problem {
   int64_t block_size;
   const uint8_t* key_mask;              // (B, Sk) or null
   int64_t km_sb, km_ss;
+  const float* rel;                     // (Hq, Sq + Sk - 1) float32 bias by distance, or null
+  int64_t rel_sh;
+  bool dropout;                         // dropout on: keep iff Philox word >= drop_threshold
+  uint32_t drop_threshold;
+  float keep_scale;                     // 1 / (1 - p)
+  uint64_t seed;
 };
 
 constexpr float kNegInf = -INFINITY;
@@ -189,6 +198,20 @@ TG_HD float score(const Problem& p, float dot, float slope, int64_t i_abs, int64
     s -= slope * static_cast<float>(dist);
   }
   return s;
+}
+
+// The relative-position bias of (i, j): rel[h, j - i + Sq - 1] (0 without one, and for the
+// zero-filled rows / columns of a tile past Sq / Sk). Added to score()'s result.
+TG_HD float rel_bias_at(const Problem& p, int64_t h, int64_t i, int64_t j) {
+  return (p.rel == nullptr || i >= p.Sq || j >= p.Sk) ? 0.f : p.rel[h * p.rel_sh + (j - i + p.Sq - 1)];
+}
+
+// Dropout's factor on P at (b, h, i, j): keep_scale where kept, 0 where dropped, 1 without
+// dropout (or past Sq / Sk, where P is 0 anyway). Element e = ((b Hq + h) Sq + i) Sk + j.
+TG_HD float dropout_factor(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  if (!p.dropout || i >= p.Sq || j >= p.Sk) return 1.f;
+  const uint64_t e = static_cast<uint64_t>(((b * p.Hq + h) * p.Sq + i) * p.Sk + j);
+  return philox::word(p.seed, e) >= p.drop_threshold ? p.keep_scale : 0.f;
 }
 
 // d score / d (scale * dot): 1, or 1 - tanh^2 with softcap.

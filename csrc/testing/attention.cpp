@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/attention_extras.h"
 #include "cuda/attention_math.cuh"
 
 namespace truthgpt::testing {
@@ -43,7 +44,9 @@ void check_f32(const char* name, const at::Tensor& t) {
 // Same fields and checks as csrc/cuda/attention_binding.cpp make_params.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, double scale, int64_t wl, int64_t wr,
                      const std::optional<at::Tensor>& alibi, const std::optional<at::Tensor>& block_mask,
-                     int64_t block_size, const std::optional<at::Tensor>& key_mask, double softcap) {
+                     int64_t block_size, const std::optional<at::Tensor>& key_mask, double softcap,
+                     const std::optional<at::Tensor>& rel_bias = std::nullopt, double dropout_p = 0.0,
+                     const std::optional<at::Tensor>& dropout_seed = std::nullopt) {
   Problem p{};
   p.B = q.size(0), p.Hq = q.size(1), p.Sq = q.size(2), p.D = q.size(3);
   p.Hkv = k.size(1), p.Sk = k.size(2);
@@ -70,6 +73,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, double scale, int
     p.key_mask = reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>());
     p.km_sb = key_mask->stride(0), p.km_ss = key_mask->stride(1);
   }
+  set_rel_and_dropout(p, q.device(), rel_bias, dropout_p, dropout_seed);
   return p;
 }
 
@@ -85,14 +89,16 @@ std::tuple<at::Tensor, at::Tensor> host_fwd(const at::Tensor& q_, const at::Tens
                                             double scale, int64_t wl, int64_t wr,
                                             const std::optional<at::Tensor>& alibi,
                                             const std::optional<at::Tensor>& block_mask, int64_t block_size,
-                                            const std::optional<at::Tensor>& key_mask, double softcap, int64_t br,
-                                            int64_t bc) {
+                                            const std::optional<at::Tensor>& key_mask, double softcap,
+                                            const std::optional<at::Tensor>& rel_bias, double dropout_p,
+                                            const std::optional<at::Tensor>& dropout_seed, int64_t br, int64_t bc) {
   check_f32("q", q_);
   check_f32("k", k_);
   check_f32("v", v_);
   TORCH_CHECK(br >= 1 && bc >= 1, "attention_host: tile sizes must be >= 1");
   const at::Tensor q = unit_inner(q_), k = unit_inner(k_), v = unit_inner(v_);
-  const Problem p = make_problem(q, k, scale, wl, wr, alibi, block_mask, block_size, key_mask, softcap);
+  const Problem p = make_problem(q, k, scale, wl, wr, alibi, block_mask, block_size, key_mask, softcap, rel_bias,
+                                 dropout_p, dropout_seed);
   const Bhsd Q = bhsd(q), K = bhsd(k), V = bhsd(v);
   const int64_t D = p.D, off = query_offset(p), n_qt = ceil_div(p.Sq, br);
   auto out = at::zeros({p.B, p.Hq, p.Sq, D}, q.options());
@@ -130,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> host_fwd(const at::Tensor& q_, const at::Tens
           const int64_t j = k0 + jl;
           const float raw = j < k1 ? dot(Q.row(b, h, i), K.row(b, hk, j), D) : 0.f;  // zero-filled tile
           float tc;
-          const float val = score(p, raw, slope, i + off, j, &tc);
+          const float val = score(p, raw, slope, i + off, j, &tc) + rel_bias_at(p, h, i, j);
           const bool vis = !masked || elem_visible(p, i, j, colok[jl] != 0, bm);
           s[jl] = vis ? val : kNegInf;
           mt = max_nan(mt, s[jl]);
@@ -141,8 +147,9 @@ std::tuple<at::Tensor, at::Tensor> host_fwd(const at::Tensor& q_, const at::Tens
         l[r] *= alpha;
         for (int64_t d = 0; d < D; ++d) o[r * D + d] *= alpha;
         for (int64_t jl = 0; jl < bc; ++jl) {
-          const float pj = online_prob(s[jl], m[r]);
+          float pj = online_prob(s[jl], m[r]);
           l[r] += pj;
+          if (p.dropout) pj *= dropout_factor(p, b, h, i, k0 + jl);
           if (k0 + jl < k1) {
             const float* vr = V.row(b, hk, k0 + jl);
             for (int64_t d = 0; d < D; ++d) o[r * D + d] = std::fma(pj, vr[d], o[r * D + d]);
@@ -165,11 +172,12 @@ std::tuple<at::Tensor, at::Tensor> host_fwd(const at::Tensor& q_, const at::Tens
 // of bc keys), looping over the group's query heads and their query tiles of br) and
 // attention_dq_kernel (a block per (b, h, query tile of br), key tiles of bc). The head-dim
 // slices of the GPU kernels only split columns and are not emulated.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> host_bwd(
     const at::Tensor& do_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& o_,
     const at::Tensor& lse_, double scale, int64_t wl, int64_t wr, const std::optional<at::Tensor>& alibi,
     const std::optional<at::Tensor>& block_mask, int64_t block_size, const std::optional<at::Tensor>& key_mask,
-    double softcap, int64_t br, int64_t bc) {
+    double softcap, const std::optional<at::Tensor>& rel_bias, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, int64_t br, int64_t bc) {
   check_f32("grad_out", do_);
   check_f32("q", q_);
   check_f32("k", k_);
@@ -179,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
   TORCH_CHECK(br >= 1 && bc >= 1, "attention_host: tile sizes must be >= 1");
   const at::Tensor q = unit_inner(q_), k = unit_inner(k_), v = unit_inner(v_), dout = unit_inner(do_),
                    out = unit_inner(o_);
-  const Problem p = make_problem(q, k, scale, wl, wr, alibi, block_mask, block_size, key_mask, softcap);
+  const Problem p = make_problem(q, k, scale, wl, wr, alibi, block_mask, block_size, key_mask, softcap, rel_bias,
+                                 dropout_p, dropout_seed);
   const Bhsd Q = bhsd(q), K = bhsd(k), V = bhsd(v), dO = bhsd(dout), O = bhsd(out);
   const float* lse = lse_.data_ptr<float>();
   const int64_t lsb = lse_.stride(0), lsh = lse_.stride(1), lss = lse_.stride(2);
@@ -237,13 +246,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
               const float raw = in ? dot(K.row(b, hk, j), Q.row(b, h, i), D) : 0.f;
               const float dp = in ? dot(V.row(b, hk, j), dO.row(b, h, i), D) : 0.f;
               float tc;
-              const float sc = score(p, raw, slope, i + off, j, &tc);
+              const float sc = score(p, raw, slope, i + off, j, &tc) + rel_bias_at(p, h, i, j);
               const bool vis = !masked || elem_visible(p, i, j, kok[jl] != 0, bm);
               const float pv = backward_prob(sc, lse_i, vis);
-              const float ds = backward_dscore(p, pv, dp, dl_i, tc);
+              const float z = dropout_factor(p, b, h, i, j);
+              const float ds = backward_dscore(p, pv, dp * z, dl_i, tc);
               if (!in) continue;  // zero-filled rows of the GPU tile: pv = ds = 0
               for (int64_t d = 0; d < D; ++d) {
-                dv[jl * D + d] = std::fma(pv, dO.row(b, h, i)[d], dv[jl * D + d]);
+                dv[jl * D + d] = std::fma(pv * z, dO.row(b, h, i)[d], dv[jl * D + d]);
                 dk[jl * D + d] = std::fma(ds, Q.row(b, h, i)[d], dk[jl * D + d]);
               }
             }
@@ -292,10 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
           const float dp = in ? dot(dO.row(b, h, i), V.row(b, hk, j), D) : 0.f;
           const float raw = in ? dot(Q.row(b, h, i), K.row(b, hk, j), D) : 0.f;
           float tc;
-          const float sc = score(p, raw, slope, i + off, j, &tc);
+          const float sc = score(p, raw, slope, i + off, j, &tc) + rel_bias_at(p, h, i, j);
           const bool vis = !masked || elem_visible(p, i, j, colok[jl] != 0, bm);
           const float pv = backward_prob(sc, lse_i, vis);
-          const float ds = backward_dscore(p, pv, dp, dl_i, tc);
+          const float ds = backward_dscore(p, pv, dp * dropout_factor(p, b, h, i, j), dl_i, tc);
           if (!in) continue;  // zero-filled key rows
           for (int64_t d = 0; d < D; ++d)
             dq[(i - q0) * D + d] = std::fma(ds, K.row(b, hk, j)[d], dq[(i - q0) * D + d]);
@@ -307,7 +317,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> host_bwd(
       for (int64_t d = 0; d < D; ++d) dQ[row * D + d] = p.scale * dq[(i - q0) * D + d];
     }
   }
-  return {dq_t, dk_t, dv_t};
+
+  // d rel_bias: attention_drel_kernel, one "thread" per (h, t)
+  const int64_t L = p.Sq + p.Sk - 1;
+  auto drel_t = at::zeros({p.rel != nullptr ? p.Hq : 0, L}, q.options());
+  float* dR = drel_t.data_ptr<float>();
+  for (int64_t idx = 0; idx < drel_t.numel(); ++idx) {
+    const int64_t h = idx / L, t = idx % L, hk = kv_head(h, p.Hq, p.Hkv);
+    const int64_t i_lo = imax(0, p.Sq - 1 - t), i_hi = imin(p.Sq, p.Sq - 1 - t + p.Sk);
+    float acc = 0.f;
+    for (int64_t b = 0; b < p.B; ++b) {
+      const float slope = alibi_slope(p, b, h);
+      const uint8_t* bm = block_mask_bh(p, b, h);
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const int64_t j = i + t - (p.Sq - 1);
+        if (!elem_visible(p, i, j, key_visible(p, b, j), bm)) continue;
+        float raw = 0.f, dp = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          raw = std::fma(Q.row(b, h, i)[d], K.row(b, hk, j)[d], raw);
+          dp = std::fma(dO.row(b, h, i)[d], V.row(b, hk, j)[d], dp);
+        }
+        float tc;
+        const float sc = score(p, raw, slope, i + off, j, &tc) + rel_bias_at(p, h, i, j);
+        const float pv = backward_prob(sc, lse[b * lsb + h * lsh + i * lss], true);
+        acc += pv * (dp * dropout_factor(p, b, h, i, j) - delta_q[(b * p.Hq + h) * p.Sq + i]);
+      }
+    }
+    dR[idx] = acc;
+  }
+  return {dq_t, dk_t, dv_t, drel_t};
 }
 
 // ------------------------------------------------------------------------------- tile lists
@@ -452,10 +490,11 @@ std::tuple<at::Tensor, at::Tensor> tile_configs() {
 TORCH_LIBRARY_FRAGMENT(truthgpt_test, m) {
   m.def("attention_host_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
         "Tensor? alibi_slopes, Tensor? block_mask, int block_size, Tensor? key_mask, float softcap, "
-        "int block_q, int block_k) -> (Tensor, Tensor)");
+        "Tensor? rel_bias, float dropout_p, Tensor? dropout_seed, int block_q, int block_k) -> (Tensor, Tensor)");
   m.def("attention_host_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale, int window_left, int window_right, Tensor? alibi_slopes, Tensor? block_mask, "
-        "int block_size, Tensor? key_mask, float softcap, int block_q, int block_k) -> (Tensor, Tensor, Tensor)");
+        "int block_size, Tensor? key_mask, float softcap, Tensor? rel_bias, float dropout_p, "
+        "Tensor? dropout_seed, int block_q, int block_k) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_gather_tiles(Tensor x, int rows, int cols, int vec) -> Tensor");
   // no tensor inputs: registered as catch-all (CompositeImplicitAutograd) kernels
   m.def("attention_tile_map(Tensor? block_mask, int seq_q, int seq_k, int window_left, int window_right, "

@@ -136,15 +136,3 @@ def test_rel_bias_bad_input():
     with pytest.raises(ValueError, match="rel_buckets"):
         tk.attention(q, q, q, rel_bias=torch.zeros(4, 32), rel_buckets=(True, 32))
 
-
-def test_auto_passes_over_backends_without_the_option(monkeypatch):
-    """The CUDA C++ kernel has no rel_bias / dropout yet: "auto" takes Triton for such calls,
-    asking for "cuda" by name says so."""
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name: "")
-    monkeypatch.setattr(backends, "implements", lambda family, name: True)
-    chosen, skipped = backends.decide("attention", "auto", "cuda", torch.float16, ("rel_bias",))
-    assert chosen == "triton" and skipped[0][0] == "cuda" and "rel_bias" in skipped[0][1]
-    assert backends.decide("attention", "auto", "cuda", torch.float16, ("dropout",))[0] == "triton"
-    assert backends.decide("attention", "auto", "cuda", torch.float16)[0] == "cuda"
-    with pytest.raises(backends.BackendError, match="rel_bias"):
-        backends.decide("attention", "cuda", "cuda", torch.float16, ("rel_bias",))

@@ -113,7 +113,7 @@ def ref_call(q, k, v, kw, scale):
 
 def kernel_args(kw, scale):
     return (scale, kw["window"][0], kw["window"][1], kw["alibi_slopes"], kw["block_mask"], kw["block_size"],
-            kw["key_mask"], kw["softcap"])
+            kw["key_mask"], kw["softcap"], kw.get("rel"), kw.get("dropout_p", 0.0), kw.get("seed"))
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
@@ -140,7 +140,7 @@ def test_host_kernel_matches_reference(case, tiles):
     torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty].double(), rtol=1e-5, atol=1e-5)
 
     do = do64.float()
-    dq, dk, dv = T.attention_host_bwd(do, q, k, v, out, lse, *kernel_args(kw, scale), *tiles)
+    dq, dk, dv, _ = T.attention_host_bwd(do, q, k, v, out, lse, *kernel_args(kw, scale), *tiles)
     base = reference.attention_bwd(do, q, k, v, base_out, base_lse, *kernel_args(kw, scale))
     for name, ours, ref, b in zip(("dq", "dk", "dv"), (dq, dk, dv), ins64, base):
         assert ours.is_contiguous()
@@ -354,7 +354,7 @@ def test_host_kernel_one_key_rows_get_exact_zero_dq(opts, tiles):
     q, k, v = (t.float().contiguous() for t in (q64, k64, v64))
     out, lse = T.attention_host_fwd(q, k, v, *kernel_args(kw, D ** -0.5), *tiles)
     do = torch.randn(B, Hq, Sq, D, generator=gen)
-    dq, dk, dv = T.attention_host_bwd(do, q, k, v, out, lse, *kernel_args(kw, D ** -0.5), *tiles)
+    dq, dk, dv, _ = T.attention_host_bwd(do, q, k, v, out, lse, *kernel_args(kw, D ** -0.5), *tiles)
     vis = reference.attention_visibility(B, Hq, Sq, Sk, window=kw["window"], key_mask=kw["key_mask"])
     vis = vis.expand(B, Hq, Sq, Sk)
     one = vis.sum(-1) == 1
@@ -364,3 +364,32 @@ def test_host_kernel_one_key_rows_get_exact_zero_dq(opts, tiles):
     if only_one.any():
         assert dk[only_one].abs().max().item() == 0
     assert dv.abs().max() > 0
+
+
+@pytest.mark.parametrize("tiles", [(16, 16), (64, 32)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window": (5, 3), "alibi": "heads", "softcap": 3.0},
+                                  {"key_mask": "random"}], ids=["causal", "window_alibi_softcap", "key_mask"])
+def test_host_kernel_rel_bias_and_dropout(opts, tiles):
+    """The CUDA kernels' T5 bias by distance and Philox dropout (forward, dQ / dK / dV and the
+    bias-gradient kernel) against the float64 reference given the same keep mask."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, Sq, Sk, D, p = 2, 4, 2, 19, 27, 16, 0.3
+    (q64, k64, v64), kw = make(B, Hq, Hkv, Sq, Sk, D, opts, gen)
+    rel64 = torch.randn(Hq, Sq + Sk - 1, generator=gen, dtype=torch.float64)
+    kw.update(rel=rel64.float(), dropout_p=p, seed=torch.tensor(1234))
+    keep = reference.dropout_keep_mask(1234, (B, Hq, Sq, Sk), p)
+    scale = D ** -0.5
+    do64 = torch.randn(B, Hq, Sq, D, generator=gen, dtype=torch.float64)
+    ins64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64, rel64)]
+    ref_out, ref_lse = reference._attention(
+        *ins64[:3], causal=False, scale=scale, alibi_slopes=kw["alibi_slopes"], window=kw["window"],
+        block_mask=kw["block_mask"], block_size=kw["block_size"], key_mask=kw["key_mask"], softcap=kw["softcap"],
+        rel_vec=ins64[3], keep=keep, dropout_p=p, return_lse=True)
+    ref_out.backward(do64)
+    q, k, v = (t.float() for t in (q64, k64, v64))
+    out, lse = T.attention_host_fwd(q, k, v, *kernel_args(kw, scale), *tiles)
+    # float32 kernels on O(1) values: a fixed tolerance (the mask must match exactly for it)
+    torch.testing.assert_close(out.double(), ref_out.detach(), rtol=1e-4, atol=1e-5)
+    grads = T.attention_host_bwd(do64.float(), q, k, v, out, lse, *kernel_args(kw, scale), *tiles)
+    for name, ours, ref in zip(("dq", "dk", "dv", "drel"), grads, ins64):
+        torch.testing.assert_close(ours.double(), ref.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

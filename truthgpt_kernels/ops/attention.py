@@ -131,8 +131,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if dropout_p > 0:
         seed = (torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_seed is None else
                 torch.tensor(check_int("dropout_seed", dropout_seed, minimum=0), dtype=torch.int64))
-    options = (("rel_bias",) if rel_vec is not None else ()) + (("dropout",) if dropout_p > 0 else ())
-    name = backends.select("attention", backend, q, options)
+    name = backends.select("attention", backend, q)
     out, lse = backends.call(attention_op, "attention", "fwd", name, q, k, v, scale, left, right,
                              alibi_slopes, block_mask, block_size, key_mask, softcap, rel_vec,
                              dropout_p, seed)
