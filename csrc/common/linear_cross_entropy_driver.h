@@ -8,6 +8,7 @@
 //   rows(L, r0, nc)                  per row: loss, z-loss term, and with grad_scale
 //                                    L <- grad_scale_r * d loss_r / d logits (in place)
 //   dx_c = L W,  dW += L^T x_c,  db += sum_r L    (chunks in order: deterministic)
+// (a low-precision dW takes kDwPasses passes, a slice of V each, to bound its accumulator)
 // Accumulation: float32 (float64 for float64 inputs). With `upcast` (the CPU, whose
 // bfloat16/float16 GEMMs are several times slower than float32 ones), low-precision x and W
 // are converted to float32 a block at a time and every GEMM runs in float32; otherwise (CUDA)
@@ -27,6 +28,8 @@ namespace lce {
 constexpr int64_t kChunkBytes = int64_t(64) << 20;
 // With upcast: W is converted to float32 in blocks of about this many bytes.
 constexpr int64_t kBlockBytes = int64_t(16) << 20;
+// Passes over the chunks that accumulate a low-precision dW, a slice of V each (see run()).
+constexpr int64_t kDwPasses = 2;
 
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -83,11 +86,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   zrows = at::empty({N}, aopt);
   const bool grad = grad_scale.has_value();
   const bool dwb = grad && need_dweight;
+  // Low-precision dW: the float32 accumulator of all V rows would be twice the size of dW
+  // itself, and both exist when it is converted. So dW is accumulated in kDwPasses passes over
+  // the chunks, each for a slice of V (the logits and the row kernel run again per pass; dx
+  // and the loss come from the first): the accumulator is then dW's size / kDwPasses * 2.
+  const int64_t passes = dwb && low ? std::min<int64_t>(kDwPasses, std::max<int64_t>(V, 1)) : 1;
   at::Tensor dx = grad ? at::empty({N, d}, x.options()) : x.new_empty({0});
-  at::Tensor dw_acc = dwb ? at::zeros({V, d}, aopt) : x.new_empty({0});
+  at::Tensor dw = dwb ? at::empty({V, d}, w.options()) : x.new_empty({0});
   at::Tensor db_acc = dwb && bias.has_value() ? at::zeros({V}, aopt) : x.new_empty({0});
   if (N == 0) {
-    auto dw = dwb ? dw_acc.to(w.scalar_type()) : dw_acc;
+    if (dwb) dw.zero_();
     auto db = db_acc.numel() ? db_acc.to(bias->scalar_type()) : db_acc;
     return {loss, zrows, dx, dw, db};
   }
@@ -99,41 +107,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
     auto b = w.narrow(0, v0, std::min(vb, V - v0));
     return conv ? b.to(acc) : b;
   };
-  for (int64_t r0 = 0; r0 < N; r0 += nc_max) {
-    const int64_t nc = std::min(nc_max, N - r0);
-    at::Tensor L = Lbuf.narrow(0, 0, nc);
-    at::Tensor xc = x.narrow(0, r0, nc);
-    if (conv) xc = xc.to(acc);
-    for (int64_t v0 = 0; v0 < V; v0 += vb) {
-      auto wb = wblock(v0);
-      at::Tensor Lv = L.narrow(1, v0, wb.size(0));
-      at::mm_out(Lv, xc, wb.t());
-    }
-    rows(L, r0, nc);
-    if (!grad) continue;
-    at::Tensor dxc = dx.narrow(0, r0, nc);
-    if (conv) {
-      at::Tensor acc_dx = at::zeros({nc, d}, aopt);
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const int64_t p0 = V * pass / passes, p1 = V * (pass + 1) / passes;  // this pass's dW rows
+    at::Tensor dw_acc = !dwb ? at::Tensor() : low ? at::zeros({p1 - p0, d}, aopt) : dw.zero_();
+    for (int64_t r0 = 0; r0 < N; r0 += nc_max) {
+      const int64_t nc = std::min(nc_max, N - r0);
+      at::Tensor L = Lbuf.narrow(0, 0, nc);
+      at::Tensor xc = x.narrow(0, r0, nc);
+      if (conv) xc = xc.to(acc);
       for (int64_t v0 = 0; v0 < V; v0 += vb) {
         auto wb = wblock(v0);
-        acc_dx.addmm_(L.narrow(1, v0, wb.size(0)), wb);
+        at::Tensor Lv = L.narrow(1, v0, wb.size(0));
+        at::mm_out(Lv, xc, wb.t());
       }
-      dxc.copy_(acc_dx);
-    } else {
-      at::mm_out(dxc, L, w);
-    }
-    if (dwb) {
-      if (ldt == acc) {
-        dw_acc.addmm_(L.t(), xc);
-      } else {  // GEMM in the inputs' dtype (float32 inside), the sum over chunks in float32
-        dw_acc.add_(at::mm(L.t(), xc));
+      rows(L, r0, nc);
+      if (!grad) continue;
+      if (pass == 0) {
+        at::Tensor dxc = dx.narrow(0, r0, nc);
+        if (conv) {
+          at::Tensor acc_dx = at::zeros({nc, d}, aopt);
+          for (int64_t v0 = 0; v0 < V; v0 += vb) {
+            auto wb = wblock(v0);
+            acc_dx.addmm_(L.narrow(1, v0, wb.size(0)), wb);
+          }
+          dxc.copy_(acc_dx);
+        } else {
+          at::mm_out(dxc, L, w);
+        }
+        if (db_acc.numel()) db_acc.add_(L.sum(0, false, acc));
       }
-      if (db_acc.numel()) db_acc.add_(L.sum(0, false, acc));
+      if (dwb) {
+        at::Tensor Lp = L.narrow(1, p0, p1 - p0);
+        if (ldt == acc) {
+          dw_acc.addmm_(Lp.t(), xc);
+        } else {  // GEMM in the inputs' dtype (float32 inside), the sum over chunks in float32
+          dw_acc.add_(at::mm(Lp.t(), xc));
+        }
+      }
     }
+    if (dwb && low) dw.narrow(0, p0, p1 - p0).copy_(dw_acc);
   }
-  Lbuf = at::Tensor();  // freed before dW is converted: the peak is dW in both dtypes
-  at::Tensor dw = dwb ? (w.scalar_type() == acc ? dw_acc : dw_acc.to(w.scalar_type())) : dw_acc;
-  dw_acc = at::Tensor();
   at::Tensor db = db_acc.numel() ? db_acc.to(bias->scalar_type()) : db_acc;
   return {loss, zrows, dx, dw, db};
 }
