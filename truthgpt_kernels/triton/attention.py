@@ -885,11 +885,17 @@ def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_ma
         a.update(KMASK=q, skmb=0, skms=0)
     a.update(REL=rel_bias if rel_bias is not None else q, HAS_REL=rel_bias is not None,
              HAS_DROPOUT=dropout_p > 0, seed_lo=0, seed_hi=0, dthresh=0, dscale=1.0)
-    if dropout_p > 0:
+    if dropout_p > 0:  # 32-bit words passed as int32 (one specialisation), read back as uint32
         seed = int(dropout_seed)
-        a.update(seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
-                 dthresh=dropout_threshold(dropout_p), dscale=1.0 / (1.0 - dropout_p))
+        a.update(seed_lo=_i32(seed), seed_hi=_i32(seed >> 32), dthresh=_i32(dropout_threshold(dropout_p)),
+                 dscale=1.0 / (1.0 - dropout_p))
     return a
+
+
+def _i32(x: int) -> int:
+    """The low 32 bits of x as a signed int32 value (the kernels cast it back to uint32)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
 def _set_lists(a, lst, cnt):
