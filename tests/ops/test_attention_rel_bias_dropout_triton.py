@@ -21,10 +21,14 @@ if not any(m.name == "skip" for m in TRITON.marks):
     from truthgpt_kernels.triton import attention as tattn
 
     @triton.jit
-    def _keep_tile(OUT, row0, Sk, seed_lo, seed_hi, dthresh, BM: tl.constexpr, BN: tl.constexpr):
+    def _keep_tile(OUT, row0, n0, Sk, seed_lo, seed_hi, dthresh, BM: tl.constexpr, BN: tl.constexpr,
+                   FOUR: tl.constexpr):
         i = tl.arange(0, BM)[:, None]
         j = tl.arange(0, BN)[None, :]
-        keep = tattn._dropout_keep(row0, i, j, Sk, seed_lo, seed_hi, dthresh)
+        if FOUR:
+            keep = tattn._dropout_keep4(row0, tl.arange(0, BM), n0, Sk, seed_lo, seed_hi, dthresh, BM, BN)
+        else:
+            keep = tattn._dropout_keep(row0, i, n0 + j, Sk, seed_lo, seed_hi, dthresh)
         tl.store(OUT + i * BN + j, keep.to(tl.int8))
 
 
@@ -71,16 +75,19 @@ def _assert_matches(ours, ref):
 
 
 @pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
-@pytest.mark.parametrize("case", ["window_alibi_softcap_gqa", "blocks_keymask_sq_gt_sk"])
+@pytest.mark.parametrize("case", ["window_alibi_softcap_gqa", "blocks_keymask_sq_gt_sk",
+                                  "keys_multiple_of_4_causal_gqa"])
 def test_every_option_with_rel_bias_and_dropout(case, tiles, monkeypatch):
     monkeypatch.setitem(tattn.INTERPRET_TILES, "fwd", tiles)
     monkeypatch.setitem(tattn.INTERPRET_TILES, "bwd", tiles)
     if case == "window_alibi_softcap_gqa":
         qkv, opts = _kernel_args(2, 4, 2, 45, 39, 16, window=(9, 4), alibi=True, softcap=3.0, p=0.3,
                                  seed=2 ** 40 + 77)
-    else:
+    elif case == "blocks_keymask_sq_gt_sk":
         qkv, opts = _kernel_args(1, 2, 1, 50, 21, 16, block_size=8, key_mask=True, p=0.2, seed=9,
                                  gen_seed=1)
+    else:  # four keys per Philox call
+        qkv, opts = _kernel_args(2, 4, 1, 27, 44, 16, window=(-1, 0), p=0.4, seed=2 ** 33 + 1, gen_seed=2)
     ours, ref = _run(qkv, opts)
     _assert_matches(ours, ref)
 
@@ -113,16 +120,19 @@ def test_relaunched_dq_kernel_gives_the_same_bias_gradient(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("four", [False, True])
 @pytest.mark.parametrize("seed", [0, 0xFFFFFFFF, 2 ** 62 - 3])
 @pytest.mark.parametrize("p", [0.1, 0.9])
-def test_philox_counters_past_2_32(seed, p):
+def test_philox_counters_past_2_32(seed, p, four):
     """The keep mask of a tile far into the stream (counter high word != 0), for seeds with
-    high bits and thresholds past 2^31 (the int32-passed words read back as uint32)."""
-    row0, Sk = 2 ** 36 // 32 + 5, 32
-    out = torch.zeros(16, Sk, dtype=torch.int8)
+    high bits and thresholds past 2^31 (the int32-passed words read back as uint32); per
+    element, and four keys per Philox call (Sk % 4 == 0)."""
+    row0, n0, Sk, BN = 2 ** 36 // 64 + 5, 32, 64, 32
+    out = torch.zeros(16, BN, dtype=torch.int8)
     th = reference.dropout_threshold(p)
-    _keep_tile[(1,)](out, row0, Sk, tattn._i32(seed), tattn._i32(seed >> 32), tattn._i32(th), BM=16, BN=Sk)
-    e = ((row0 + torch.arange(16)[:, None]) * Sk + torch.arange(Sk)[None, :]).flatten()
+    _keep_tile[(1,)](out, row0, n0, Sk, tattn._i32(seed), tattn._i32(seed >> 32), tattn._i32(th), BM=16,
+                     BN=BN, FOUR=four)
+    e = ((row0 + torch.arange(16)[:, None]) * Sk + n0 + torch.arange(BN)[None, :]).flatten()
     words = torch.stack(reference.philox_words(seed, e >> 2), -1).gather(1, (e & 3)[:, None]).squeeze(1)
     assert torch.equal(out.bool().flatten(), words >= th)
 
@@ -145,7 +155,8 @@ for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._att
         bm, bn = A._LIST_TILES["fwd" if kind == "fwd" else "bwd"][A._dclass(max(16, D))]
         warps, stages = A._LIST_WARPS[0]
         consts = dict(HEAD_DIM=D, BLOCK_D=max(16, D), BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
-                      HAS_REL=True, HAS_DROPOUT=True, PREC="tf32x3" if dt == "fp32" else "tf32",
+                      HAS_REL=True, HAS_DROPOUT=True, DROP4=dt != "bf16",
+                      PREC="tf32x3" if dt == "fp32" else "tf32",
                       DOT_T=getattr(tl, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt]),
                       **{f: f in on for f in FLAGS})
         if "HAS_ONE" in fn.arg_names:

@@ -302,7 +302,7 @@ for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._att
         consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
                       PREC="tf32x3" if dt == "fp32" else "tf32", DOT_T=getattr(tl, {"bf16": "bfloat16",
                       "fp16": "float16", "fp32": "float32"}[dt]), **{f: f in on for f in FLAGS},
-                      HAS_REL=False, HAS_DROPOUT=False)  # (compiled on in test_attention_rel_bias_dropout_triton)
+                      HAS_REL=False, HAS_DROPOUT=False, DROP4=False)  # (compiled on in test_attention_rel_bias_dropout_triton)
         if "HAS_ONE" in fn.arg_names:  # the backward's one-key-row path (issue #19)
             consts["HAS_ONE"] = dt != "bf16" or "VARLEN" in on  # varlen: always
         sig = {}

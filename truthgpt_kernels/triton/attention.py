@@ -1,5 +1,6 @@
 """Flash attention (FlashAttention-2 structure) in Triton: forward and backward with causal /
-sliding window, GQA/MQA, ALiBi, softcap, key padding mask and block-sparse masks.
+sliding window, GQA/MQA, ALiBi, softcap, key padding mask, block-sparse masks, a relative-position
+bias by distance (T5) and Philox dropout (dense mode only; varlen compiles without them).
 
 Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
 - `_attn_fwd`: one program per (query tile, batch * query head); online softmax over the
@@ -11,6 +12,16 @@ Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
   sharing that kv head (GQA) and over their visible query tiles. Every dK/dV element is
   written by exactly one program: no atomics, deterministic.
 - `_attn_bwd_dq`: one program per (query tile, batch * query head), like the forward.
+
+HAS_REL: score(i, j) += rel[h, j - i + Sq - 1] after softcap (the kernels add it to the masked
+log2 scores: -inf stays -inf). Its gradient, the diagonal sums of dS (before the softcap
+derivative) over the batch, comes from the dQ kernel without atomics: each program sums its
+tiles' diagonals (dS through a scratch tile read back skewed) into a private row, and the
+launcher adds the rows in a fixed order (`_rel_grad`); its tiles are fixed (warps tuned) so the
+launcher can size the rows. HAS_DROPOUT: P Z / (1 - p) enters P V, dV and dP (the normaliser,
+lse and delta = rowsum(dO O) are of the undropped P); Z from Philox4x32-10 written out in
+`_philox4` (csrc/common/philox.h's stream, bit for bit), one call per element, or per four keys
+when Sk % 4 == 0 (DROP4).
 
 VARLEN (constexpr; triton/attention_varlen.py launches it): packed rows, batch strides 0; the
 program of sequence b reads its first rows and lengths from CU_Q / CU_K, returns when its tile
@@ -135,15 +146,13 @@ def _rel_scores(s, rel_ptr, i2, j2, Sq, Sk):
 
 
 @triton.jit
-def _philox_word(e, seed_lo, seed_hi):
-    """Word (e & 3) of Philox4x32-10 for counter e >> 2 (c0 = low half, c1 = high half,
-    c2 = c3 = 0) and key (seed_lo, seed_hi): the stream of csrc/common/philox.h, bit for bit.
-    e: int64 tensor (>= 0); uint32 result."""
+def _philox4(ctr, seed_lo, seed_hi):
+    """The four uint32 words of Philox4x32-10 for counters ctr (int64 tensor >= 0; c0 = low
+    half, c1 = high half, c2 = c3 = 0) and key (seed_lo, seed_hi): csrc/common/philox.h."""
     ROUND_A: tl.constexpr = 0xD2511F53
     ROUND_B: tl.constexpr = 0xCD9E8D57
     WEYL_A: tl.constexpr = 0x9E3779B9
     WEYL_B: tl.constexpr = 0xBB67AE85
-    ctr = e >> 2
     c0 = (ctr & 0xFFFFFFFF).to(tl.uint32)
     c1 = (ctr >> 32).to(tl.uint32)
     c2 = c0 * 0
@@ -159,17 +168,33 @@ def _philox_word(e, seed_lo, seed_hi):
         c2 = n2
         k0 = tl.add(k0, WEYL_A, sanitize_overflow=False)
         k1 = tl.add(k1, WEYL_B, sanitize_overflow=False)
-    w = e & 3
-    return tl.where(w == 0, c0, tl.where(w == 1, c1, tl.where(w == 2, c2, c3)))
+    return c0, c1, c2, c3
 
 
 @triton.jit
 def _dropout_keep(row0, i2, j2, Sk, seed_lo, seed_hi, dthresh):
     """Bool tile: dropout keeps element (i2, j2) of the (Sq, Sk) score matrix whose first row
     is row0 = (b Hq + h) Sq of the flattened (B, Hq, Sq, Sk): element e = (row0 + i) Sk + j
-    is kept iff its Philox word is >= dthresh (ops/reference.py: dropout_keep_mask)."""
+    is kept iff word e & 3 of Philox(e >> 2) is >= dthresh (ops/reference.py:
+    dropout_keep_mask). One Philox call per element; i2, j2 broadcast, either orientation."""
     e = (row0 + i2.to(tl.int64)) * Sk + j2.to(tl.int64)
-    return _philox_word(e, seed_lo, seed_hi) >= dthresh.to(tl.uint32)
+    c0, c1, c2, c3 = _philox4(e >> 2, seed_lo, seed_hi)
+    w = e & 3
+    return tl.where(w == 0, c0, tl.where(w == 1, c1, tl.where(w == 2, c2, c3))) >= dthresh.to(tl.uint32)
+
+
+@triton.jit
+def _dropout_keep4(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """_dropout_keep of the (BLOCK_M, BLOCK_N) tile of queries offs_m and keys n0.., queries
+    x keys, when Sk % 4 == 0 (n0 is a multiple of BLOCK_N, so of 4): then keys 4c..4c+3 of a
+    row share one Philox call and take its words in order, a quarter of the calls."""
+    c = tl.arange(0, BLOCK_N // 4)
+    ctr = ((row0 + offs_m.to(tl.int64))[:, None] * Sk + n0 + 4 * c[None, :]) >> 2
+    w0, w1, w2, w3 = _philox4(ctr, seed_lo, seed_hi)
+    # join(join(w0, w2), join(w1, w3))[i, c, k, a] = w_(2k + a): row-major, key 4c + 2k + a
+    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N))
+    return w >= dthresh.to(tl.uint32)
 
 
 @triton.jit
@@ -248,7 +273,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
               HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
               VARLEN: tl.constexpr, HAS_REL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DROP4: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest (last, under causal) query tiles first
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -317,8 +343,12 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # of the undropped P: lse and the normaliser
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(pid_bh * Sq, i2, offs_n[None, :], Sk, seed_lo, seed_hi,
-                                       dthresh), p * dscale, 0.0)
+            if DROP4:
+                keep = _dropout_keep4(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M,
+                                      BLOCK_N)
+            else:
+                keep = _dropout_keep(pid_bh * Sq, i2, offs_n[None, :], Sk, seed_lo, seed_hi, dthresh)
+            p = tl.where(keep, p * dscale, 0.0)
         p = p.to(V.dtype.element_ty).to(DOT_T)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
@@ -377,7 +407,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
                    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
                    VARLEN: tl.constexpr, HAS_REL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                   DROP4: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Works on transposed tiles (keys x queries): dV = P^T dO, dK = scale dS^T Q."""
     pid_n = tl.program_id(0).to(tl.int64)
@@ -456,8 +486,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
             p = tl.exp2(s - lse2[None, :])  # 0 where masked, in empty rows and past Sq
             dp = tl.dot(v, tl.trans(do), input_precision=PREC)
             if HAS_DROPOUT:  # dV = (P Z / (1 - p))^T dO, dP = (dO V^T) Z / (1 - p)
-                keep = _dropout_keep((b * Hq + h) * Sq, offs_m[None, :], j2, Sk, seed_lo, seed_hi,
-                                     dthresh)
+                if DROP4:
+                    keep = tl.trans(_dropout_keep4((b * Hq + h) * Sq, offs_m, n0, Sk, seed_lo, seed_hi,
+                                                   dthresh, BLOCK_M, BLOCK_N))
+                else:
+                    keep = _dropout_keep((b * Hq + h) * Sq, offs_m[None, :], j2, Sk, seed_lo, seed_hi,
+                                         dthresh)
                 dv += tl.dot(tl.where(keep, p * dscale, 0.0).to(DO.dtype.element_ty).to(DOT_T), do,
                              input_precision=PREC)
                 dp = tl.where(keep, dp * dscale, 0.0)
@@ -491,7 +525,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
                  VARLEN: tl.constexpr, HAS_REL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                 DROP4: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DREL=None, DSCR=None, sdrel=0, REL_W: tl.constexpr = 1):
     """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited.
@@ -584,8 +618,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if HAS_DROPOUT:  # dP = (dO V^T) Z / (1 - p)
-            dp = tl.where(_dropout_keep(pid_bh * Sq, i2, offs_n[None, :], Sk, seed_lo, seed_hi, dthresh),
-                          dp * dscale, 0.0)
+            if DROP4:
+                keep = _dropout_keep4(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M,
+                                      BLOCK_N)
+            else:
+                keep = _dropout_keep(pid_bh * Sq, i2, offs_n[None, :], Sk, seed_lo, seed_hi, dthresh)
+            dp = tl.where(keep, dp * dscale, 0.0)
         if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
             ds = p * (dp - tl.where(one, dp, delta))
         else:
@@ -884,7 +922,8 @@ def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_ma
     else:
         a.update(KMASK=q, skmb=0, skms=0)
     a.update(REL=rel_bias if rel_bias is not None else q, HAS_REL=rel_bias is not None,
-             HAS_DROPOUT=dropout_p > 0, seed_lo=0, seed_hi=0, dthresh=0, dscale=1.0)
+             HAS_DROPOUT=dropout_p > 0, DROP4=dropout_p > 0 and Sk % 4 == 0, seed_lo=0, seed_hi=0,
+             dthresh=0, dscale=1.0)
     if dropout_p > 0:  # 32-bit words passed as int32 (one specialisation), read back as uint32
         seed = int(dropout_seed)
         a.update(seed_lo=_i32(seed), seed_hi=_i32(seed >> 32), dthresh=_i32(dropout_threshold(dropout_p)),
