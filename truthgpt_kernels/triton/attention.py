@@ -198,6 +198,18 @@ def _dropout_keep4(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M: tl.
 
 
 @triton.jit
+def _dropout_tile(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DROP4: tl.constexpr):
+    """The keep tile of queries offs_m x keys n0.. (DROP4: Sk % 4 == 0, a quarter of the calls)."""
+    if DROP4:
+        keep = _dropout_keep4(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N)
+    else:
+        keep = _dropout_keep(row0, offs_m[:, None], n0 + tl.arange(0, BLOCK_N)[None, :], Sk, seed_lo,
+                             seed_hi, dthresh)
+    return keep
+
+
+@triton.jit
 def _seq(CU_Q, CU_K, b):
     """(first query row int64, Sq int32, first key row int64, Sk int32) of sequence b of a
     packed (varlen) batch."""
@@ -343,11 +355,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # of the undropped P: lse and the normaliser
         if HAS_DROPOUT:
-            if DROP4:
-                keep = _dropout_keep4(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M,
-                                      BLOCK_N)
-            else:
-                keep = _dropout_keep(pid_bh * Sq, i2, offs_n[None, :], Sk, seed_lo, seed_hi, dthresh)
+            keep = _dropout_tile(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
+                                 DROP4)
             p = tl.where(keep, p * dscale, 0.0)
         p = p.to(V.dtype.element_ty).to(DOT_T)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
@@ -618,11 +627,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if HAS_DROPOUT:  # dP = (dO V^T) Z / (1 - p)
-            if DROP4:
-                keep = _dropout_keep4(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M,
-                                      BLOCK_N)
-            else:
-                keep = _dropout_keep(pid_bh * Sq, i2, offs_n[None, :], Sk, seed_lo, seed_hi, dthresh)
+            keep = _dropout_tile(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
+                                 DROP4)
             dp = tl.where(keep, dp * dscale, 0.0)
         if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
             ds = p * (dp - tl.where(one, dp, delta))
