@@ -14,7 +14,7 @@ from ..helpers import assert_close, backend_params, device_for, leaf
 from .test_attention import ATOL
 
 # backends whose kernels take this option so far (the others skip until theirs do)
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = ("reference", "triton")
 BACKENDS = [p if p.values[0] in IMPLEMENTED else pytest.param(
     *p.values, marks=list(p.marks) + [pytest.mark.skip(reason="not in this backend's kernel yet")], id=p.id)
     for p in backend_params("attention")]

@@ -301,7 +301,8 @@ for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._att
         bm, bn, warps, stages = tiles
         consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
                       PREC="tf32x3" if dt == "fp32" else "tf32", DOT_T=getattr(tl, {"bf16": "bfloat16",
-                      "fp16": "float16", "fp32": "float32"}[dt]), **{f: f in on for f in FLAGS})
+                      "fp16": "float16", "fp32": "float32"}[dt]), **{f: f in on for f in FLAGS},
+                      HAS_REL=False, HAS_DROPOUT=False, DROP4=False)  # (compiled on in test_attention_rel_bias_dropout_triton)
         if "HAS_ONE" in fn.arg_names:  # the backward's one-key-row path (issue #19)
             consts["HAS_ONE"] = dt != "bf16" or "VARLEN" in on  # varlen: always
         sig = {}
@@ -325,6 +326,12 @@ def test_kernels_compile_for_gpus(arch):
     kernels (a dense bf16 config, every feature in fp16 with the tile-list shapes, fp32, varlen) to
     cubin for sm_80 and sm_90 in a subprocess without TRITON_INTERPRET, and check they use
     tensor cores and fit the shared memory."""
+    compile_offline_and_check(_COMPILE_SCRIPT, arch)
+
+
+def compile_offline_and_check(script, arch, timeout=600):
+    """Runs `script` (printing a JSON list of [kind, dtype, D, shared bytes, uses mma] as its
+    last line) for `arch` in a subprocess without TRITON_INTERPRET and checks every kernel."""
     import json
     import os
     import subprocess
@@ -333,8 +340,8 @@ def test_kernels_compile_for_gpus(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", script, str(arch)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=timeout)
     if r.returncode and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
         pytest.skip("no ptxas for offline compilation")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Flash attention (FlashAttention-2 structure) in Triton: forward and backward with causal /
-sliding window, GQA/MQA, ALiBi, softcap, key padding mask and block-sparse masks.
+sliding window, GQA/MQA, ALiBi, softcap, key padding mask, block-sparse masks, a relative-position
+bias by distance (T5) and Philox dropout (dense mode only; varlen compiles without them).
 
 Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
 - `_attn_fwd`: one program per (query tile, batch * query head); online softmax over the
@@ -11,6 +12,16 @@ Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
   sharing that kv head (GQA) and over their visible query tiles. Every dK/dV element is
   written by exactly one program: no atomics, deterministic.
 - `_attn_bwd_dq`: one program per (query tile, batch * query head), like the forward.
+
+HAS_REL: score(i, j) += rel[h, j - i + Sq - 1] after softcap (the kernels add it to the masked
+log2 scores: -inf stays -inf). Its gradient, the diagonal sums of dS (before the softcap
+derivative) over the batch, comes from the dQ kernel without atomics: each program sums its
+tiles' diagonals (dS through a scratch tile read back skewed) into a private row, and the
+launcher adds the rows in a fixed order (`_rel_grad`); its tiles are fixed (warps tuned) so the
+launcher can size the rows. HAS_DROPOUT: P Z / (1 - p) enters P V, dV and dP (the normaliser,
+lse and delta = rowsum(dO O) are of the undropped P); Z from Philox4x32-10 written out in
+`_philox4` (csrc/common/philox.h's stream, bit for bit), one call per element, or per four keys
+when Sk % 4 == 0 (DROP4).
 
 VARLEN (constexpr; triton/attention_varlen.py launches it): packed rows, batch strides 0; the
 program of sequence b reads its first rows and lengths from CU_Q / CU_K, returns when its tile
@@ -44,6 +55,7 @@ import triton
 import triton.language as tl
 
 from ..backends import BackendError, triton_interpreted
+from ..ops.reference import dropout_threshold
 
 
 # Tile sizes under TRITON_INTERPRET=1 (the CPU interpreter; no tuning there). Tests may change them.
@@ -125,6 +137,79 @@ def _tile_scores(qk, i2, j2, m0, n0, pos_off, Sq, Sk, scale, softcap, slope, wl,
 
 
 @triton.jit
+def _rel_scores(s, rel_ptr, i2, j2, Sq, Sk):
+    """s plus the relative-position bias by distance, rel[j - i + Sq - 1] (rel_ptr at the
+    head's row of the (Hq, Sq + Sk - 1) table), in log2 units. Added after _tile_scores, whose
+    masked scores are -inf and stay so; rows past Sq and keys past Sk read nothing."""
+    bias = tl.load(rel_ptr + (j2 - i2 + Sq - 1), mask=(i2 < Sq) & (j2 < Sk), other=0.0)
+    return s + bias * 1.4426950408889634
+
+
+@triton.jit
+def _philox4(ctr, seed_lo, seed_hi):
+    """The four uint32 words of Philox4x32-10 for counters ctr (int64 tensor >= 0; c0 = low
+    half, c1 = high half, c2 = c3 = 0) and key (seed_lo, seed_hi): csrc/common/philox.h."""
+    ROUND_A: tl.constexpr = 0xD2511F53
+    ROUND_B: tl.constexpr = 0xCD9E8D57
+    WEYL_A: tl.constexpr = 0x9E3779B9
+    WEYL_B: tl.constexpr = 0xBB67AE85
+    c0 = (ctr & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (ctr >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    for _ in tl.static_range(10):
+        n0 = tl.umulhi(c2, ROUND_B) ^ c1 ^ k0
+        n2 = tl.umulhi(c0, ROUND_A) ^ c3 ^ k1
+        c1 = tl.mul(c2, ROUND_B, sanitize_overflow=False)
+        c3 = tl.mul(c0, ROUND_A, sanitize_overflow=False)
+        c0 = n0
+        c2 = n2
+        k0 = tl.add(k0, WEYL_A, sanitize_overflow=False)
+        k1 = tl.add(k1, WEYL_B, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _dropout_keep(row0, i2, j2, Sk, seed_lo, seed_hi, dthresh):
+    """Bool tile: dropout keeps element (i2, j2) of the (Sq, Sk) score matrix whose first row
+    is row0 = (b Hq + h) Sq of the flattened (B, Hq, Sq, Sk): element e = (row0 + i) Sk + j
+    is kept iff word e & 3 of Philox(e >> 2) is >= dthresh (ops/reference.py:
+    dropout_keep_mask). One Philox call per element; i2, j2 broadcast, either orientation."""
+    e = (row0 + i2.to(tl.int64)) * Sk + j2.to(tl.int64)
+    c0, c1, c2, c3 = _philox4(e >> 2, seed_lo, seed_hi)
+    w = e & 3
+    return tl.where(w == 0, c0, tl.where(w == 1, c1, tl.where(w == 2, c2, c3))) >= dthresh.to(tl.uint32)
+
+
+@triton.jit
+def _dropout_keep4(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """_dropout_keep of the (BLOCK_M, BLOCK_N) tile of queries offs_m and keys n0.., queries
+    x keys, when Sk % 4 == 0 (n0 is a multiple of BLOCK_N, so of 4): then keys 4c..4c+3 of a
+    row share one Philox call and take its words in order, a quarter of the calls."""
+    c = tl.arange(0, BLOCK_N // 4)
+    ctr = ((row0 + offs_m.to(tl.int64))[:, None] * Sk + n0 + 4 * c[None, :]) >> 2
+    w0, w1, w2, w3 = _philox4(ctr, seed_lo, seed_hi)
+    # join(join(w0, w2), join(w1, w3))[i, c, k, a] = w_(2k + a): row-major, key 4c + 2k + a
+    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N))
+    return w >= dthresh.to(tl.uint32)
+
+
+@triton.jit
+def _dropout_tile(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DROP4: tl.constexpr):
+    """The keep tile of queries offs_m x keys n0.. (DROP4: Sk % 4 == 0, a quarter of the calls)."""
+    if DROP4:
+        keep = _dropout_keep4(row0, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N)
+    else:
+        keep = _dropout_keep(row0, offs_m[:, None], n0 + tl.arange(0, BLOCK_N)[None, :], Sk, seed_lo,
+                             seed_hi, dthresh)
+    return keep
+
+
+@triton.jit
 def _seq(CU_Q, CU_K, b):
     """(first query row int64, Sq int32, first key row int64, Sk int32) of sequence b of a
     packed (varlen) batch."""
@@ -189,16 +274,19 @@ def _q_tile(Q, b, h, m0, sqb, sqh, sqs, sqd, Sq, HEAD_DIM: tl.constexpr, BLOCK_D
 # casts are no-ops.
 
 # ============================================================================ forward
-@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ",
+                               "seed_lo", "seed_hi", "dthresh"])
 def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
               sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
               sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
               Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
+              REL, seed_lo, seed_hi, dthresh, dscale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-              VARLEN: tl.constexpr,
-              PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              VARLEN: tl.constexpr, HAS_REL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DROP4: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest (last, under causal) query tiles first
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -224,6 +312,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * sab + h * sah)
+    if HAS_REL:
+        rel_ptr = REL + h * (Sq + Sk - 1)
 
     if HAS_LIST:
         lst = LIST + b * slb + h * slh + pid_m * slt
@@ -257,11 +347,17 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
                             wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
                             BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                             HAS_KMASK, HAS_LIST)
+        if HAS_REL:
+            s = _rel_scores(s, rel_ptr, i2, offs_n[None, :], Sq, Sk)
         m_new = _max_nan(m_i, tl.reduce(s, 1, _max_nan))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf on empty rows
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # of the undropped P: lse and the normaliser
+        if HAS_DROPOUT:
+            keep = _dropout_tile(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
+                                 DROP4)
+            p = tl.where(keep, p * dscale, 0.0)
         p = p.to(V.dtype.element_ty).to(DOT_T)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m_i = m_new
@@ -308,16 +404,19 @@ def _attn_bwd_delta(O, DO, DELTA, sdb, sdh, sds, sdd, Hq, Sq,
     tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_m < Sq)
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ",
+                               "seed_lo", "seed_hi", "dthresh"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
                    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                    sdb, sdh, sds, sdd,
                    sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
                    Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
+                   REL, seed_lo, seed_hi, dthresh, dscale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-                   VARLEN: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                   VARLEN: tl.constexpr, HAS_REL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DROP4: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Works on transposed tiles (keys x queries): dV = P^T dO, dK = scale dS^T Q."""
     pid_n = tl.program_id(0).to(tl.int64)
@@ -361,6 +460,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * sab + h * sah)
+        if HAS_REL:
+            rel_ptr = REL + h * (Sq + Sk - 1)
         if HAS_LIST:
             lst = LIST + b * slb + h * slh + pid_n * slt
             n_iter = tl.load(CNT + b * scb + h * sch + pid_n)
@@ -389,9 +490,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
                                 slope, wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
                                 BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                                 HAS_KMASK, HAS_LIST)
+            if HAS_REL:
+                s = _rel_scores(s, rel_ptr, offs_m[None, :], j2, Sq, Sk)
             p = tl.exp2(s - lse2[None, :])  # 0 where masked, in empty rows and past Sq
-            dv += tl.dot(p.to(DO.dtype.element_ty).to(DOT_T), do, input_precision=PREC)
             dp = tl.dot(v, tl.trans(do), input_precision=PREC)
+            if HAS_DROPOUT:  # dV = (P Z / (1 - p))^T dO, dP = (dO V^T) Z / (1 - p)
+                if DROP4:
+                    keep = tl.trans(_dropout_keep4((b * Hq + h) * Sq, offs_m, n0, Sk, seed_lo, seed_hi,
+                                                   dthresh, BLOCK_M, BLOCK_N))
+                else:
+                    keep = _dropout_keep((b * Hq + h) * Sq, offs_m[None, :], j2, Sk, seed_lo, seed_hi,
+                                         dthresh)
+                dv += tl.dot(tl.where(keep, p * dscale, 0.0).to(DO.dtype.element_ty).to(DOT_T), do,
+                             input_precision=PREC)
+                dp = tl.where(keep, dp * dscale, 0.0)
+            else:
+                dv += tl.dot(p.to(DO.dtype.element_ty).to(DOT_T), do, input_precision=PREC)
             if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
                 one = tl.load(ONE + stat + offs_m, mask=mmask, other=0) != 0
                 delta = tl.where(one[None, :], dp, delta)
@@ -408,18 +522,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
     tl.store(DV + o_ptrs, dv.to(DV.dtype.element_ty), mask=kv_msk)
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "wl", "wr", "block_size", "SQ_KEY", "SK_KEY", "TQ",
+                               "seed_lo", "seed_hi", "dthresh"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                  sdb, sdh, sds, sdd,
                  sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
                  Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
+                 REL, seed_lo, seed_hi, dthresh, dscale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
-                 VARLEN: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited."""
+                 VARLEN: tl.constexpr, HAS_REL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 DROP4: tl.constexpr, HAS_ONE: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DREL=None, DSCR=None, sdrel=0, REL_W: tl.constexpr = 1):
+    """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited.
+
+    HAS_REL: the bias's gradient by distance. Each program owns row (pid_bh, pid_m) of DREL
+    (sdrel floats; entry d = j - (i - m0) + BLOCK_M - 1) and a BLOCK_M x BLOCK_N scratch tile
+    of DSCR. Per key tile: dS (before the softcap derivative) goes to the scratch, is read back
+    skewed (REL_W = next power of two >= BLOCK_M + BLOCK_N - 1 diagonals) and summed over the
+    rows, then added into the row at n0 (consecutive tiles overlap: barriers between). The
+    launcher sums the rows over the batch and the query tiles in a fixed order (no atomics)."""
     pid_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -455,6 +580,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * sab + h * sah)
+    if HAS_REL:
+        rel_ptr = REL + h * (Sq + Sk - 1)
+        prog = pid_bh * tl.num_programs(0) + pid_m
+        drel_row = DREL + prog * sdrel
+        scr = DSCR + prog * (BLOCK_M * BLOCK_N)
+        ar_w = tl.arange(0, REL_W)
+        w_msk = ar_w < BLOCK_M + BLOCK_N - 1
+        scr_tile = scr + ar_m[:, None] * BLOCK_N + ar_n[None, :]
+        skew_col = ar_w[None, :] - (BLOCK_M - 1) + ar_m[:, None]  # (BLOCK_M, REL_W): c = d - BM + 1 + r
+        skew_msk = (skew_col >= 0) & (skew_col < BLOCK_N)
+        for w0 in range(0, sdrel, REL_W):  # zero the row here: a relaunch (autotuning) repeats it
+            tl.store(drel_row + w0 + ar_w, tl.zeros([REL_W], dtype=tl.float32), mask=w0 + ar_w < sdrel)
+        tl.debug_barrier()
     if HAS_LIST:
         lst = LIST + b * slb + h * slh + pid_m * slt
         n_iter = tl.load(CNT + b * scb + h * sch + pid_m)
@@ -484,12 +622,25 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
                             wl, wr, km_ptr, skms, bm_ptr, sbmq, sbmk, block_size, partial,
                             BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
                             HAS_KMASK, HAS_LIST)
+        if HAS_REL:
+            s = _rel_scores(s, rel_ptr, i2, offs_n[None, :], Sq, Sk)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if HAS_DROPOUT:  # dP = (dO V^T) Z / (1 - p)
+            keep = _dropout_tile(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
+                                 DROP4)
+            dp = tl.where(keep, dp * dscale, 0.0)
         if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
             ds = p * (dp - tl.where(one, dp, delta))
         else:
             ds = p * (dp - delta)
+        if HAS_REL:  # diagonal sums of dS into this program's row (0 past Sq and Sk)
+            tl.store(scr_tile, ds)
+            tl.debug_barrier()
+            diag = tl.sum(tl.load(scr + ar_m[:, None] * BLOCK_N + skew_col, mask=skew_msk, other=0.0), 0)
+            dst = drel_row + n0l + ar_w
+            tl.store(dst, tl.load(dst, mask=w_msk, other=0.0) + diag, mask=w_msk)
+            tl.debug_barrier()
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_T), k, input_precision=PREC)
@@ -749,7 +900,8 @@ def _list_strides(lst, cnt):
     return z(lst, 0), z(lst, 1), lst.stride(2), z(cnt, 0), z(cnt, 1)
 
 
-def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_mask, softcap):
+def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_mask, softcap,
+               rel_bias=None, dropout_p=0.0, dropout_seed=None):
     """Kernel arguments shared by every attention kernel (everything but the tensors' own)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -775,7 +927,20 @@ def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_ma
         a.update(KMASK=km, skmb=km.stride(0), skms=km.stride(1))
     else:
         a.update(KMASK=q, skmb=0, skms=0)
+    a.update(REL=rel_bias if rel_bias is not None else q, HAS_REL=rel_bias is not None,
+             HAS_DROPOUT=dropout_p > 0, DROP4=dropout_p > 0 and Sk % 4 == 0, seed_lo=0, seed_hi=0,
+             dthresh=0, dscale=1.0)
+    if dropout_p > 0:  # 32-bit words passed as int32 (one specialisation), read back as uint32
+        seed = int(dropout_seed)
+        a.update(seed_lo=_i32(seed), seed_hi=_i32(seed >> 32), dthresh=_i32(dropout_threshold(dropout_p)),
+                 dscale=1.0 / (1.0 - dropout_p))
     return a
+
+
+def _i32(x: int) -> int:
+    """The low 32 bits of x as a signed int32 value (the kernels cast it back to uint32)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
 def _set_lists(a, lst, cnt):
@@ -791,27 +956,25 @@ def _strides(prefix, t):
 
 
 def _launch(tuned, raw, grid_dim0, heads, batch, a, tiles):
-    """Runs the kernel: under the interpreter or with a tile list, with the given tiles; else
-    through the autotuner, which also picks the tiles."""
+    """Runs the kernel: under the interpreter or when the caller fixes them (tile lists, the
+    bias gradient), with the given tiles; else through the autotuner, which also picks them."""
     if triton_interpreted():
         bm, bn = tiles
         raw[(grid_dim0(bm, bn), heads, batch)](**a, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
-    elif a["HAS_LIST"]:
+    elif tiles is not None:  # a tile list or the bias gradient's buffers: tiles fixed, warps tuned
         bm, bn = tiles
         tuned[True][(grid_dim0(bm, bn), heads, batch)](**a, BLOCK_M=bm, BLOCK_N=bn)
     else:
         tuned[False][lambda meta: (grid_dim0(meta["BLOCK_M"], meta["BLOCK_N"]), heads, batch)](**a)
 
 
-def _check_extras(rel_bias, dropout_p):
-    if rel_bias is not None or dropout_p > 0:
-        raise NotImplementedError("triton attention: rel_bias and dropout are not implemented in this kernel yet")
+def _rel_contig(rel_bias):
+    return None if rel_bias is None else rel_bias.to(torch.float32).contiguous()
 
 
 def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
                   key_mask, softcap, rel_bias=None, dropout_p=0.0, dropout_seed=None):
     _check(q, k)
-    _check_extras(rel_bias, dropout_p)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
@@ -819,7 +982,7 @@ def attention_fwd(q, k, v, scale, window_left, window_right, alibi_slopes, block
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
-                   key_mask, softcap)
+                   key_mask, softcap, _rel_contig(rel_bias), dropout_p, dropout_seed)
     tiles = _list_tiles("fwd", a["BLOCK_D"]) if (block_mask is not None or triton_interpreted()) else None
     lst = cnt = None
     if block_mask is not None:
@@ -836,10 +999,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
                   block_mask, block_size, key_mask, softcap, rel_bias=None, dropout_p=0.0,
                   dropout_seed=None):
     _check(q, k)
-    _check_extras(rel_bias, dropout_p)
-    drel = torch.empty(0, dtype=torch.float32, device=q.device)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    rel_bias = _rel_contig(rel_bias)
+    drel = (torch.empty(0, dtype=torch.float32, device=q.device) if rel_bias is None
+            else torch.zeros((Hq, Sq + Sk - 1), dtype=torch.float32, device=q.device))
     dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Sk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Sk, D), dtype=v.dtype, device=v.device)
@@ -848,7 +1012,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     out = out.contiguous()
     lse = lse.contiguous()
     a = _mask_args(q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
-                   key_mask, softcap)
+                   key_mask, softcap, rel_bias, dropout_p, dropout_seed)
     bd = a["BLOCK_D"]
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     one = _one_key_rows(B, Hq, Sq, Sk, window_left, window_right, block_mask, block_size, key_mask, q.device)
@@ -869,9 +1033,33 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
         _launch(_DKDV, _attn_bwd_dkdv, lambda bm, bn: triton.cdiv(Sk, bn), Hkv, B,
                 dict(a, DK=dk, DV=dv), tiles)
         _set_lists(a, lst_k, cnt_k)
-        _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B,
-                dict(a, DQ=dq), tiles)
+        dq_args = dict(a, DQ=dq)
+        if rel_bias is not None:  # per-program rows of the bias gradient: tiles fixed to size them
+            tiles = tiles or _list_tiles("bwd", bd)
+            bm, bn = tiles
+            nqt, nkt = triton.cdiv(Sq, bm), triton.cdiv(Sk, bn)
+            w = triton.next_power_of_2(bm + bn - 1)
+            row = (nkt - 1) * bn + w
+            part = torch.empty((B, Hq, nqt, row), dtype=torch.float32, device=q.device)
+            scratch = torch.empty((B * Hq * nqt, bm * bn), dtype=torch.float32, device=q.device)
+            dq_args.update(DREL=part, DSCR=scratch, sdrel=row, REL_W=w)
+        _launch(_DQ, _attn_bwd_dq, lambda bm, bn: triton.cdiv(Sq, bm), Hq, B, dq_args, tiles)
+        if rel_bias is not None:
+            drel = _rel_grad(part, Sq, Sk, bm)
     return dq, dk, dv, drel
+
+
+def _rel_grad(part, Sq, Sk, bm):
+    """The bias gradient (Hq, Sq + Sk - 1) from the dQ kernel's rows (B, Hq, nqt, row): entry d
+    of query tile t's row is diagonal d + Sq - (t + 1) bm. Summed over the batch, then over the
+    tiles through a skewed view (row t shifted by (nqt - 1 - t) bm): fixed order, no atomics."""
+    x = part.sum(0)  # (Hq, nqt, row)
+    Hq, nqt, row = x.shape
+    width = (nqt - 1) * bm + row
+    y = x.new_zeros(Hq, nqt, width)
+    y.as_strided((Hq, nqt, row), (nqt * width, width - bm, 1), (nqt - 1) * bm).copy_(x)
+    shift = nqt * bm - Sq
+    return y.sum(1)[:, shift:shift + Sq + Sk - 1].contiguous()
 
 
 def _one_key_rows(B, Hq, Sq, Sk, wl, wr, block_mask, block_size, key_mask, device):
