@@ -27,6 +27,12 @@
 //    of its query heads), or, with too few such items for the threads, dK/dV are computed per
 //    (batch, kv head, key block) and dQ per query tile in a second pass. Sums run in a fixed
 //    order; no atomics on data.
+//  - rel_bias (bias by distance) and dropout run as their own passes beside the row kernels
+//    (attention_extras.h), so the paths without them are unchanged: the bias is added to a
+//    piece's raw scores (log2 units; with softcap the cap is applied there first), dropout
+//    zeroes dropped probabilities (Philox keep bytes) before P V and, in the backward, in the
+//    P of dV and in dP, with 1 / (1 - p) folded into the normalisation / GEMM alphas. The bias
+//    gradient (dS summed along diagonals) goes to per-work-item buffers summed in a fixed order.
 //  - Tile GEMMs: MKL (sgemm / dgemm / gemm_bf16bf16f32, AMX on Sapphire Rapids) resolved at
 //    runtime from the libtorch_cpu already loaded (it exports MKL's symbols), else our
 //    AVX-512 micro-kernels (AVX512-BF16 dot products for bf16 where the CPU has them), else a
@@ -43,8 +49,8 @@
 //    TRUTHGPT_ATTN_SPLITK (forward key splits).
 //
 // Parts: attention_common.h (shared declarations), attention_gemm.h, attention_rows.h,
-// attention_schedule.h; this file holds the forward and backward drivers.
-#include "cpu/attention_schedule.h"
+// attention_schedule.h, attention_extras.h; this file holds the forward and backward drivers.
+#include "cpu/attention_extras.h"
 
 namespace truthgpt {
 namespace {
@@ -58,16 +64,19 @@ struct FwdState {
   std::vector<RowInfo<Acc>> ri;
   std::vector<Piece> pieces;
   std::vector<uint8_t> cmbuf, any_buf, all_buf;
+  std::vector<uint8_t> keep;     // dropout: keep bytes of a piece
+  std::vector<uint32_t> words;   // dropout: Philox words of a row
 };
 
 template <typename T>
 void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        at::Tensor& out, at::Tensor& lse, const Isa& isa) {
+                        at::Tensor& out, at::Tensor& lse, const Isa& isa, const Extras<acc_t<T>>& ex) {
   using Acc = acc_t<T>;
   const Gemm<T> gemm{isa.gemm};
   const Rows<Acc, T> rows{isa.rows};
-  const Cfg<Acc> cf = make_cfg<Acc>(P);
-  const Acc qk_alpha = static_cast<Acc>(P.scale * (cf.softcap ? 1.0 : kLog2e));
+  const Cfg<Acc> cf0 = make_cfg<Acc>(P);
+  const Cfg<Acc> cf = ex.rows_cfg(cf0);
+  const Acc qk_alpha = static_cast<Acc>(P.scale * (cf0.softcap ? 1.0 : kLog2e));
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
@@ -115,16 +124,22 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
     ra.D = D;
     ra.P = st.P.data();
     ra.ldP = ldS;
+    if (ex.dropout) st.keep.resize(R * ldS);
     // nearest keys first: with causal ALiBi the row max then comes with the first piece
     for (auto it = st.pieces.rbegin(); it != st.pieces.rend(); ++it) {
       const Piece& pc = *it;
       const int64_t n = pc.j1 - pc.j0;
       gemm(Op::NT, R, n, D, qk_alpha, A, lda, kbase + pc.j0 * ksS, ksS, Acc(0), st.S.data(), ldS);
+      if (ex.rel()) add_rel_bias<Acc>(P, t, ex, cf0, pc.j0, n, st.S.data(), ldS, nullptr);
       if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
       ra.n = n;
       ra.j0 = pc.j0;
       ra.partial = pc.partial;
       rows.fwd(ra);
+      if (ex.dropout) {  // (l keeps the undropped sum; 1 / (1 - p) is applied in finish)
+        dropout_keep<Acc>(P, t, ex, pc.j0, n, st.words, st.keep.data(), ldS);
+        drop_rows<T>(ra.P, ra.P, R, n, ldS, st.keep.data(), ldS);
+      }
       gemm(Op::NN, R, D, n, Acc(1), ra.P, ldS, vbase + pc.j0 * vsS, vsS, Acc(1), st.acc.data(), D);
     }
   };
@@ -137,7 +152,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
       const Acc* a = acc + r * D;
       float* lo = lp + (t.b * P.Hq + h) * P.Sq + i;
       if (l[r] != Acc(0)) {  // (NaN: a NaN reached the row; it propagates)
-        const Acc inv = Acc(1) / l[r];
+        const Acc inv = Acc(1) / l[r] * ex.inv_keep;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(a[d] * inv);
         *lo = static_cast<float>((static_cast<double>(m[r]) + std::log2(static_cast<double>(l[r]))) * kLn2);
       } else {
@@ -215,25 +230,28 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
               "attention: q, k, v must share a dtype");
   TORCH_CHECK(k_.sizes() == v_.sizes(), "attention: k and v must have the same shape");
-  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
-              "attention (cpu): rel_bias and dropout are not implemented in this kernel yet");
-  (void)dropout_seed;
   Problem P;
   at::Tensor bm_keep, km_keep;
   const at::Tensor q = rows_unit(q_), k = rows_unit(k_), v = rows_unit(v_);
   setup_problem(P, q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask, softcap,
                 bm_keep, km_keep);
   plan_tiles(P);
+  const ExtraArgs xa = extra_args(P, q.scalar_type(), rel_bias, dropout_p, dropout_seed);
   at::Tensor out = at::empty({P.B, P.Hq, P.Sq, P.D}, q.options());
   at::Tensor lse = at::empty({P.B, P.Hq, P.Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
+  auto run = [&](auto tag, const at::Tensor& qq, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& oo) {
+    using T = decltype(tag);
+    const Isa isa = choose_isa<T>();
+    attention_fwd_impl<T>(P, qq, kk, vv, oo, lse, isa, make_extras<acc_t<T>>(P, xa, isa));
+  };
   switch (q.scalar_type()) {
-    case at::kFloat: attention_fwd_impl<float>(P, q, k, v, out, lse, choose_isa<float>()); break;
-    case at::kDouble: attention_fwd_impl<double>(P, q, k, v, out, lse, choose_isa<double>()); break;
-    case at::kBFloat16: attention_fwd_impl<bf16>(P, q, k, v, out, lse, choose_isa<bf16>()); break;
+    case at::kFloat: run(float{}, q, k, v, out); break;
+    case at::kDouble: run(double{}, q, k, v, out); break;
+    case at::kBFloat16: run(bf16{}, q, k, v, out); break;
     case at::kHalf: {  // float16: the float32 kernel on widened operands (see the header)
       at::Tensor of = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-      attention_fwd_impl<float>(P, widen_half(q), widen_half(k), widen_half(v), of, lse, choose_isa<float>());
+      run(float{}, widen_half(q), widen_half(k), widen_half(v), of);
       out.copy_(of);
       break;
     }
@@ -252,6 +270,9 @@ struct BwdState {
   std::vector<int64_t> one_key;  // per tile row: its only visible key, or -1
   std::vector<Piece> pieces;
   std::vector<uint8_t> cmbuf, any_buf, all_buf;
+  std::vector<T> Pd;             // dropout: the dropped P of dV (fp32 / fp64)
+  std::vector<uint8_t> keep;     // dropout: keep bytes of a piece
+  std::vector<uint32_t> words;   // dropout: Philox words of a row
 };
 
 template <typename T>
@@ -260,7 +281,9 @@ struct BwdCtx {
   const Problem* P;
   Gemm<T> gemm;
   Rows<Acc, T> rows;
-  Cfg<Acc> cf;
+  Cfg<Acc> cf;       // the problem's score transform
+  Cfg<Acc> cf_rows;  // the row kernels' (no softcap when rel_bias applies it)
+  const Extras<Acc>* ex;
   Acc qk_alpha, scale;
   const T *q, *k, *v, *dout, *out;
   int64_t qsB, qsH, qsS, ksB, ksH, ksS, vsB, vsH, vsS, dsB, dsH, dsS, osB, osH, osS;
@@ -300,10 +323,11 @@ int64_t single_visible_key(const Problem& P, int64_t b, int64_t h, int64_t i) {
 }
 
 // Accumulates one tile's contributions over its pieces: dq (rows x D, if non-null), and
-// dk/dv rows [j - kofs] (if non-null).
+// dk/dv rows [j - kofs] (if non-null), and the rel_bias gradient (if non-null: the row of
+// head h at drel + (h - t.h0) * drel_ld).
 template <typename T>
 void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, int64_t L1, acc_t<T>* dq,
-              acc_t<T>* dk, acc_t<T>* dv, int64_t kofs) {
+              acc_t<T>* dk, acc_t<T>* dv, int64_t kofs, acc_t<T>* drel = nullptr, int64_t drel_ld = 0) {
   using Acc = acc_t<T>;
   constexpr bool kLowP = !std::is_same<T, Acc>::value;
   const Problem& P = *c.P;
@@ -341,7 +365,7 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
   RowsArgs<Acc, T> ra;
   ra.rows = R;
   ra.ri = st.ri.data();
-  ra.cf = &c.cf;
+  ra.cf = &c.cf_rows;
   ra.S = st.S.data();
   ra.ldS = ldS;
   ra.dP = st.dP.data();
@@ -351,22 +375,41 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
   ra.ldP = ldS;
   const T* Pm = kLowP ? reinterpret_cast<const T*>(st.Pl.data()) : reinterpret_cast<const T*>(st.S.data());
   const T* dSm = kLowP ? reinterpret_cast<const T*>(st.dSl.data()) : reinterpret_cast<const T*>(st.dP.data());
+  const Extras<Acc>& ex = *c.ex;
+  const T* Pdm = Pm;  // the P of dV: dropout zeroes the dropped entries (in Pl, or a copy of S)
+  if (ex.dropout) {
+    st.keep.resize(R * ldS);
+    if (!kLowP) {
+      st.Pd.resize(R * ldS);
+      Pdm = st.Pd.data();
+    }
+  }
   for (const Piece& pc : st.pieces) {
     const int64_t n = pc.j1 - pc.j0;
     const T* kp = kbase + pc.j0 * c.ksS;
     const T* vp = vbase + pc.j0 * c.vsS;
     c.gemm(Op::NT, R, n, D, c.qk_alpha, A, lda, kp, c.ksS, Acc(0), st.S.data(), ldS);
+    if (ex.rel()) add_rel_bias<Acc>(P, t, ex, c.cf, pc.j0, n, st.S.data(), ldS, c.cf.softcap ? st.G.data() : nullptr);
     if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
     ra.n = n;
     ra.j0 = pc.j0;
     ra.partial = pc.partial;
     c.rows.bwd_p(ra);
-    if (dv) c.gemm(Op::TN, n, D, R, Acc(1), Pm, ldS, dO, ldo, Acc(1), dv + (pc.j0 - kofs) * D, D);
-    c.gemm(Op::NT, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
+    if (ex.dropout) {  // dV += (P keep)^T dO / (1 - p); dP = (dO V^T) keep / (1 - p)
+      dropout_keep<Acc>(P, t, ex, pc.j0, n, st.words, st.keep.data(), ldS);
+      drop_rows<T>(Pm, const_cast<T*>(Pdm), R, n, ldS, st.keep.data(), ldS);
+      if (dv) c.gemm(Op::TN, n, D, R, ex.inv_keep, Pdm, ldS, dO, ldo, Acc(1), dv + (pc.j0 - kofs) * D, D);
+      c.gemm(Op::NT, R, n, D, ex.inv_keep, dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
+      drop_rows<Acc>(st.dP.data(), st.dP.data(), R, n, ldS, st.keep.data(), ldS);
+    } else {
+      if (dv) c.gemm(Op::TN, n, D, R, Acc(1), Pm, ldS, dO, ldo, Acc(1), dv + (pc.j0 - kofs) * D, D);
+      c.gemm(Op::NT, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
+    }
     for (int64_t r = 0; r < R; ++r) {  // a row's only key is in this piece: delta = dP there
       const int64_t j = st.one_key[r];
       if (j >= pc.j0 && j < pc.j1) st.ri[r].delta = st.dP[r * ldS + (j - pc.j0)];
     }
+    if (drel) acc_rel_bias_grad<Acc>(P, t, st.ri.data(), pc.j0, n, st.S.data(), st.dP.data(), ldS, drel, drel_ld);
     c.rows.bwd_ds(ra);
     if (dq) c.gemm(Op::NN, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D);
     if (dk) c.gemm(Op::TN, n, D, R, c.scale, dSm, ldS, A, lda, Acc(1), dk + (pc.j0 - kofs) * D, D);
@@ -386,13 +429,16 @@ void store_dq(const Problem& P, const Tile& t, const acc_t<T>* dq, T* out) {
 template <typename T>
 void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                        at::Tensor& dk, at::Tensor& dv, const Isa& isa) {
+                        at::Tensor& dk, at::Tensor& dv, const Isa& isa, const Extras<acc_t<T>>& ex,
+                        at::Tensor& drel) {
   using Acc = acc_t<T>;
   BwdCtx<T> c{};
   c.P = &P;
   c.gemm = Gemm<T>{isa.gemm};
   c.rows = Rows<Acc, T>{isa.rows};
   c.cf = make_cfg<Acc>(P);
+  c.cf_rows = ex.rows_cfg(c.cf);
+  c.ex = &ex;
   c.qk_alpha = static_cast<Acc>(P.scale * (c.cf.softcap ? 1.0 : kLog2e));
   c.scale = static_cast<Acc>(P.scale);
   c.q = q.const_data_ptr<T>();
@@ -416,6 +462,32 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   const int64_t n_single = P.B * P.Hkv;
   const bool single = bwd_single_pass(P);
 
+  // rel_bias gradient: each work item sums into its own rows of `part` ((B, Hq, nchunk, L):
+  // one chunk in the one-pass schedule; in the two-pass one the dQ pass does it, its items
+  // being (batch, kv head, head group, chunk of query tiles), the chunks a fixed round-robin
+  // of the tile order), then the rows are summed over chunks and the batch in a fixed order.
+  const int64_t L = ex.L;
+  const int64_t nqitems = P.B * P.Hkv * P.ngroups;
+  const int64_t nchunk =
+      ex.rel() && !single ? std::min<int64_t>(ntile, std::max<int64_t>(1, (64 + nqitems - 1) / nqitems)) : 1;
+  std::vector<Acc> part(ex.rel() ? P.B * P.Hq * nchunk * L : 0, Acc(0));
+  auto part_at = [&](const Tile& t, int64_t chunk) {
+    return ex.rel() ? part.data() + ((t.b * P.Hq + t.h0) * nchunk + chunk) * L : nullptr;
+  };
+  auto reduce_drel = [&]() {
+    if (!ex.rel()) return;
+    Acc* o = drel.data_ptr<Acc>();
+    for (int64_t h = 0; h < P.Hq; ++h) {
+      Acc* oh = o + h * L;
+      std::fill(oh, oh + L, Acc(0));
+      for (int64_t b = 0; b < P.B; ++b)
+        for (int64_t ch = 0; ch < nchunk; ++ch) {
+          const Acc* src = part.data() + ((b * P.Hq + h) * nchunk + ch) * L;
+          for (int64_t x = 0; x < L; ++x) oh[x] += src[x];
+        }
+    }
+  };
+
   auto write_kv = [&](int64_t b, int64_t kvh, int64_t j0, int64_t n, const Acc* dka, const Acc* dva) {
     T* ko = dkp + ((b * P.Hkv + kvh) * P.Sk + j0) * D;
     T* vo = dvp + ((b * P.Hkv + kvh) * P.Sk + j0) * D;
@@ -434,11 +506,12 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
         for (int64_t tt = 0; tt < ntile; ++tt) {
           const Tile t = P.tile(b, kvh, grp, tt);
           st.dq.assign(t.rows() * D, Acc(0));
-          bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), st.dk.data(), st.dv.data(), 0);
+          bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), st.dk.data(), st.dv.data(), 0, part_at(t, 0), L);
           store_dq<T>(P, t, st.dq.data(), dqp);
         }
       write_kv(b, kvh, 0, P.Sk, st.dk.data(), st.dv.data());
     });
+    reduce_drel();
     return;
   }
   const int64_t KB = P.BK;
@@ -457,16 +530,32 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
     write_kv(b, kvh, j0, j1 - j0, st.dk.data(), st.dv.data());
   });
   const std::vector<int64_t> order = tile_order(P);
-  run_items<BwdState<T>>(P.items_fwd(), [&](int64_t item, BwdState<T>& st) {
-    const int64_t tt = order[item % ntile];
-    int64_t rest = item / ntile;
+  auto dq_tile = [&](const Tile& t, BwdState<T>& st, Acc* dr) {
+    st.dq.assign(t.rows() * D, Acc(0));
+    bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), nullptr, nullptr, 0, dr, nchunk * L);
+    store_dq<T>(P, t, st.dq.data(), dqp);
+  };
+  if (!ex.rel()) {
+    run_items<BwdState<T>>(P.items_fwd(), [&](int64_t item, BwdState<T>& st) {
+      const int64_t tt = order[item % ntile];
+      int64_t rest = item / ntile;
+      const int64_t grp = rest % P.ngroups;
+      rest /= P.ngroups;
+      dq_tile(P.tile(rest / P.Hkv, rest % P.Hkv, grp, tt), st, nullptr);
+    });
+    return;
+  }
+  run_items<BwdState<T>>(nqitems * nchunk, [&](int64_t item, BwdState<T>& st) {
+    const int64_t ch = item % nchunk;
+    int64_t rest = item / nchunk;
     const int64_t grp = rest % P.ngroups;
     rest /= P.ngroups;
-    const Tile t = P.tile(rest / P.Hkv, rest % P.Hkv, grp, tt);
-    st.dq.assign(t.rows() * D, Acc(0));
-    bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), nullptr, nullptr, 0);
-    store_dq<T>(P, t, st.dq.data(), dqp);
+    for (int64_t x = ch; x < ntile; x += nchunk) {
+      const Tile t = P.tile(rest / P.Hkv, rest % P.Hkv, grp, order[x]);
+      dq_tile(t, st, part_at(t, ch));
+    }
   });
+  reduce_drel();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -477,10 +566,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     double dropout_p, const c10::optional<at::Tensor>& dropout_seed) {
   TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
               "attention: q, k, v must share a dtype");
-  TORCH_CHECK(!rel_bias.has_value() && dropout_p == 0.0,
-              "attention (cpu): rel_bias and dropout are not implemented in this kernel yet");
-  (void)dropout_seed;
-  at::Tensor drel = at::empty({0}, q_.options().dtype(at::kFloat));
   Problem P;
   at::Tensor bm_keep, km_keep;
   const at::Tensor q = rows_unit(q_), k = rows_unit(k_), v = rows_unit(v_);
@@ -488,6 +573,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   setup_problem(P, q, k, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask, softcap,
                 bm_keep, km_keep);
   plan_tiles(P);
+  const ExtraArgs xa = extra_args(P, q.scalar_type(), rel_bias, dropout_p, dropout_seed);
+  at::Tensor drel = xa.rel.defined() ? at::zeros({P.Hq, P.Sq + P.Sk - 1}, xa.rel.options())
+                                     : at::empty({0}, q_.options().dtype(at::kFloat));
   at::Tensor dq = at::empty({P.B, P.Hq, P.Sq, P.D}, q.options());
   at::Tensor dk = at::empty({P.B, P.Hkv, P.Sk, P.D}, k.options());
   at::Tensor dv = at::empty({P.B, P.Hkv, P.Sk, P.D}, v.options());
@@ -500,16 +588,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // (no torch ops with intra-op threads in here: on a busy machine each one costs milliseconds)
   const at::Tensor lse = lse_.scalar_type() == at::kFloat && lse_.is_contiguous() ? lse_ : lse_.to(at::kFloat).contiguous();
   const at::Tensor out = rows_unit(out_.to(q.scalar_type()));
+  auto run = [&](auto tag, const at::Tensor& ddo, const at::Tensor& qq, const at::Tensor& kk, const at::Tensor& vv,
+                 const at::Tensor& oo, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv) {
+    using T = decltype(tag);
+    const Isa isa = choose_isa<T>();
+    attention_bwd_impl<T>(P, ddo, qq, kk, vv, oo, lse, gq, gk, gv, isa, make_extras<acc_t<T>>(P, xa, isa), drel);
+  };
   switch (q.scalar_type()) {
-    case at::kFloat: attention_bwd_impl<float>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<float>()); break;
-    case at::kDouble: attention_bwd_impl<double>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<double>()); break;
-    case at::kBFloat16: attention_bwd_impl<bf16>(P, dout, q, k, v, out, lse, dq, dk, dv, choose_isa<bf16>()); break;
+    case at::kFloat: run(float{}, dout, q, k, v, out, dq, dk, dv); break;
+    case at::kDouble: run(double{}, dout, q, k, v, out, dq, dk, dv); break;
+    case at::kBFloat16: run(bf16{}, dout, q, k, v, out, dq, dk, dv); break;
     case at::kHalf: {
       at::Tensor dqf = at::empty(dq.sizes(), dq.options().dtype(at::kFloat));
       at::Tensor dkf = at::empty(dk.sizes(), dk.options().dtype(at::kFloat));
       at::Tensor dvf = at::empty(dv.sizes(), dv.options().dtype(at::kFloat));
-      attention_bwd_impl<float>(P, widen_half(dout), widen_half(q), widen_half(k), widen_half(v), widen_half(out),
-                                lse, dqf, dkf, dvf, choose_isa<float>());
+      run(float{}, widen_half(dout), widen_half(q), widen_half(k), widen_half(v), widen_half(out), dqf, dkf, dvf);
       dq.copy_(dqf);
       dk.copy_(dkf);
       dv.copy_(dvf);

@@ -7,6 +7,7 @@
 //   attention_rows.h      row transforms (softcap, ALiBi, masks) and the online softmax
 //   attention_rows_avx2.h the same rows on AVX2+FMA, and the row-path dispatch (`Rows`)
 //   attention_schedule.h  the work-item schedule: tiles, visible key runs, work order, setup
+//   attention_extras.h    rel_bias and Philox dropout, as passes beside the row kernels
 //   attention.cpp         the forward and backward drivers and the op registration
 #pragma once
 #include <ATen/ATen.h>

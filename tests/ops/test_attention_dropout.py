@@ -13,9 +13,10 @@ from truthgpt_kernels.ops import reference
 
 from ..helpers import assert_close, backend_params, device_for, leaf
 from .test_attention import ATOL
+from .test_attention_rel_bias import cpu_atol
 
 # backends whose kernels take this option so far (the others skip until theirs do)
-IMPLEMENTED = ("reference", "triton")
+IMPLEMENTED = ("reference", "triton", "cpu")
 BACKENDS = [p if p.values[0] in IMPLEMENTED else pytest.param(
     *p.values, marks=list(p.marks) + [pytest.mark.skip(reason="not in this backend's kernel yet")], id=p.id)
     for p in backend_params("attention")]
@@ -138,3 +139,60 @@ def test_dropout_bad_input():
             tk.attention(q, q, q, dropout_p=p)
     with pytest.raises(ValueError, match="dropout_seed"):
         tk.attention(q, q, q, dropout_p=0.1, dropout_seed=-1)
+
+
+# ---- the C++ CPU kernel's own paths (csrc/cpu/attention.cpp)
+
+@pytest.mark.parametrize("env", [{"TRUTHGPT_CPU_ATTN": "portable"}, {"TRUTHGPT_CPU_ATTN": "avx2"}, {},
+                                 {"TRUTHGPT_ATTN_SPLITK": "3", "TRUTHGPT_ATTN_BK": "16"}],
+                         ids=["portable", "avx2", "auto", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_mask_is_the_reference_mask(monkeypatch, env, dtype):
+    """q = 0 and v = identity: out[b, h, i, j] = keep[b, h, i, j] / (Sk (1 - p)), so the kept
+    set read back from the output must be the reference's Philox mask exactly (Sk = 37: rows
+    start at every offset within a Philox block)."""
+    if not backends.implements("attention", "cpu"):
+        pytest.skip("the C++ CPU attention kernel is not built")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    B, H, Sq, Sk, p = 2, 3, 5, 37, 0.4
+    q = torch.zeros(B, H, Sq, 40, dtype=dtype)
+    k = torch.zeros(B, H, Sk, 40, dtype=dtype)
+    v = torch.eye(Sk, 40, dtype=dtype).expand(B, H, Sk, 40).contiguous()
+    out = tk.attention(q, k, v, dropout_p=p, dropout_seed=99, backend="cpu")
+    keep = reference.dropout_keep_mask(99, (B, H, Sq, Sk), p)
+    assert torch.equal(out[..., :Sk] > 0, keep)
+    torch.testing.assert_close(out[..., :Sk].double(), keep.double() / (Sk * (1 - p)), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("env", [{"TRUTHGPT_CPU_ATTN": "portable", "TRUTHGPT_ATTN_BWD": "split"},
+                                 {"TRUTHGPT_CPU_ATTN": "avx2", "TRUTHGPT_ATTN_BWD": "single"},
+                                 {"TRUTHGPT_ATTN_BQ": "16", "TRUTHGPT_ATTN_BK": "32", "TRUTHGPT_ATTN_BWD": "split"}],
+                         ids=["portable-split", "avx2-single", "tiny-split"])
+@pytest.mark.parametrize("case", ["dense", "window_softcap_keymask"])
+def test_cpu_dropout_paths(monkeypatch, env, case):
+    """Dropout alone through the CPU kernel's row paths and backward schedules, float32 to
+    float64 (the combined rel_bias cases: test_attention_rel_bias.test_cpu_kernel_paths)."""
+    if not backends.implements("attention", "cpu"):
+        pytest.skip("the C++ CPU attention kernel is not built")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (q64, k64, v64), kw = make_inputs(case, "cpu")
+    B, Hq, _, Sq, Sk, _, p, _ = CASES[case]
+    keep = reference.dropout_keep_mask(kw["dropout_seed"], (B, Hq, Sq, Sk), p)
+    ref_kw = {n: x for n, x in kw.items() if n != "dropout_seed"}
+    ins64 = [leaf(t) for t in (q64, k64, v64)]
+    out64 = reference.attention(*ins64, dropout_mask=keep, **ref_kw)
+    do = torch.randn_like(out64)
+    out64.backward(do)
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        ins = [leaf(t, dtype) for t in (q64, k64, v64)]
+        out = tk.attention(*ins, backend="cpu", **kw)
+        out.backward(do.to(dtype))
+        base_ins = [leaf(t, dtype) for t in (q64, k64, v64)]
+        base = reference.attention(*base_ins, dropout_mask=keep, **ref_kw)
+        base.backward(do.to(dtype))
+        atol = cpu_atol(dtype)
+        assert_close("out", out, out64.detach(), base.detach(), atol=atol)
+        for name, a, ref, b in zip(("dq", "dk", "dv"), ins, ins64, base_ins):
+            assert_close(name, a.grad, ref.grad, b.grad, atol=atol)

@@ -14,7 +14,7 @@ from ..helpers import assert_close, backend_params, device_for, leaf
 from .test_attention import ATOL
 
 # backends whose kernels take this option so far (the others skip until theirs do)
-IMPLEMENTED = ("reference", "triton")
+IMPLEMENTED = ("reference", "triton", "cpu")
 BACKENDS = [p if p.values[0] in IMPLEMENTED else pytest.param(
     *p.values, marks=list(p.marks) + [pytest.mark.skip(reason="not in this backend's kernel yet")], id=p.id)
     for p in backend_params("attention")]
@@ -136,3 +136,107 @@ def test_rel_bias_bad_input():
     with pytest.raises(ValueError, match="rel_buckets"):
         tk.attention(q, q, q, rel_bias=torch.zeros(4, 32), rel_buckets=(True, 32))
 
+
+# ---- the C++ CPU kernel's own paths (csrc/cpu/attention.cpp), rel_bias with and without
+# dropout: row ISAs (TRUTHGPT_CPU_ATTN), both backward schedules (TRUTHGPT_ATTN_BWD; the
+# two-pass one sums the bias gradient in chunks of query tiles), tiny tiles (many pieces per
+# row, partial pieces), the split-key decode forward (TRUTHGPT_ATTN_SPLITK), float16/float64.
+def cpu_atol(dtype):
+    """8 x the shared grid's atol; float64: the backward recomputes P from the float32 lse the
+    forward saves (as every backend), so its gradients are good to ~1e-7, not float64's 1e-8."""
+    return 5e-6 if dtype == torch.float64 else 8 * ATOL[dtype]
+
+
+CPU_ENVS = {
+    "portable-single": {"TRUTHGPT_CPU_ATTN": "portable", "TRUTHGPT_ATTN_BWD": "single"},
+    "portable-split-tiny": {"TRUTHGPT_CPU_ATTN": "portable", "TRUTHGPT_ATTN_BWD": "split",
+                            "TRUTHGPT_ATTN_BQ": "16", "TRUTHGPT_ATTN_BK": "32"},
+    "avx2-split": {"TRUTHGPT_CPU_ATTN": "avx2", "TRUTHGPT_ATTN_BWD": "split"},
+    "auto-single-tiny": {"TRUTHGPT_ATTN_BWD": "single", "TRUTHGPT_ATTN_BQ": "8", "TRUTHGPT_ATTN_BK": "48"},
+    "auto-splitk": {"TRUTHGPT_ATTN_SPLITK": "3", "TRUTHGPT_ATTN_BK": "32", "TRUTHGPT_ATTN_BWD": "split"},
+}
+# (B, Hq, Hkv, Sq, Sk, D, options)
+CPU_SHAPES = {
+    "prefill_all_options": (2, 4, 2, 45, 61, 32, {"causal": True, "softcap": 5.0, "alibi": True,
+                                                   "key_mask": True, "blocks": True}),
+    "decode_gqa": (2, 8, 2, 2, 150, 16, {"causal": True}),
+    "cross_window": (1, 2, 1, 33, 20, 24, {"window": (7, 3)}),
+}
+
+
+def check_cpu_options(env, shape, monkeypatch, rel=True, dropout_p=0.0,
+                      dtypes=(f32, bf16, torch.float16, torch.float64)):
+    """tk.attention(backend="cpu") with rel_bias and/or dropout under `env`, against the float64
+    reference (given the Philox keep mask): out, dq, dk, dv, d rel_bias."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    B, Hq, Hkv, Sq, Sk, D, o = shape
+    g = torch.Generator().manual_seed(5)
+    q64, k64, v64 = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+                     for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    kw = {"causal": o.get("causal", False), "window": o.get("window"), "softcap": o.get("softcap", 0.0)}
+    if o.get("alibi"):
+        kw["alibi_slopes"] = tk.alibi_slopes(Hq)
+    if o.get("key_mask"):
+        km = torch.rand(B, Sk, generator=g) > 0.3
+        km[:, 0] = True
+        kw["key_mask"] = km
+    if o.get("blocks"):
+        kw["block_size"] = 8
+        kw["block_mask"] = torch.rand(B, Hq, -(-Sq // 8), -(-Sk // 8), generator=g) > 0.3
+    table = torch.randn(Hq, 16, generator=g, dtype=torch.float64) * 2 if rel else None
+    if rel:
+        kw["rel_buckets"] = (not kw["causal"], 16, 40)
+    seed = 1234
+    keep = reference.dropout_keep_mask(seed, (B, Hq, Sq, Sk), dropout_p) if dropout_p > 0 else None
+    ref_in = [leaf(t) for t in (q64, k64, v64)] + ([leaf(table)] if rel else [])
+    out64 = reference.attention(*ref_in[:3], rel_bias=ref_in[3] if rel else None, dropout_p=dropout_p,
+                                dropout_mask=keep, **kw)
+    do = torch.randn(out64.shape, generator=g, dtype=torch.float64)
+    out64.backward(do)
+    for dtype in dtypes:
+        tdt = torch.float64 if dtype == torch.float64 else f32
+        ins = [leaf(t, dtype) for t in (q64, k64, v64)] + ([leaf(table, tdt)] if rel else [])
+        out = tk.attention(*ins[:3], rel_bias=ins[3] if rel else None, dropout_p=dropout_p, dropout_seed=seed,
+                           backend="cpu", **kw)
+        out.backward(do.to(dtype))
+        base_in = [leaf(t, dtype) for t in (q64, k64, v64)] + ([leaf(table, tdt)] if rel else [])
+        base = reference.attention(*base_in[:3], rel_bias=base_in[3] if rel else None, dropout_p=dropout_p,
+                                   dropout_mask=keep, **kw)
+        base.backward(do.to(dtype))
+        atol = cpu_atol(dtype)
+        assert_close(f"out[{dtype}]", out, out64.detach(), base.detach(), atol=atol)
+        for name, a, r, b in zip(("dq", "dk", "dv"), ins, ref_in, base_in):
+            assert_close(f"{name}[{dtype}]", a.grad, r.grad, b.grad, atol=atol)
+        if rel:
+            assert ins[3].grad.dtype == tdt
+            tol = {f32: 1e-4, torch.float64: 5e-6}.get(dtype, 5e-2) * max(1.0, ref_in[3].grad.abs().max().item())
+            torch.testing.assert_close(ins[3].grad.double(), ref_in[3].grad, rtol=0, atol=tol + 2 * (
+                base_in[3].grad.double() - ref_in[3].grad).abs().max().item())
+
+
+@pytest.mark.parametrize("env", list(CPU_ENVS))
+@pytest.mark.parametrize("shape", list(CPU_SHAPES))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_cpu_kernel_paths(monkeypatch, env, shape, dropout_p):
+    if not backends.implements("attention", "cpu"):
+        pytest.skip("the C++ CPU attention kernel is not built")
+    check_cpu_options(CPU_ENVS[env], CPU_SHAPES[shape], monkeypatch, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("bwd", ["single", "split"])
+def test_cpu_rel_bias_grad_deterministic_schedules(monkeypatch, bwd):
+    """The bias gradient is summed in per-work-item buffers, reduced in a fixed order: bitwise
+    equal run to run in both backward schedules, with many tiles and chunks."""
+    if not backends.implements("attention", "cpu"):
+        pytest.skip("the C++ CPU attention kernel is not built")
+    monkeypatch.setenv("TRUTHGPT_ATTN_BWD", bwd)
+    monkeypatch.setenv("TRUTHGPT_ATTN_BQ", "16")
+    monkeypatch.setenv("TRUTHGPT_ATTN_BK", "32")
+    (q, k, v, rel), kw = make_inputs("decoder_causal", "cpu")
+    grads = []
+    for _ in range(3):
+        r = leaf(rel, f32)
+        tk.attention(q.float(), k.float(), v.float(), rel_bias=r, backend="cpu", **kw).sum().backward()
+        grads.append(r.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
