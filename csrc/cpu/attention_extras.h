@@ -21,7 +21,7 @@ struct Extras {
   std::vector<Acc> bias2;  // rel_bias * log2(e), (Hq, L); empty without rel_bias
   int64_t L = 0;           // Sq + Sk - 1 (0: no rel_bias)
   bool dropout = false;
-  bool simd = false;  // Philox through the AVX2 clone
+  bool simd = false;  // Philox on AVX2 (the row path is AVX2 or AVX-512)
   uint64_t seed = 0;
   uint32_t thr = 0;
   Acc inv_keep = 1;  // 1 / (1 - p)
@@ -120,53 +120,50 @@ void acc_rel_bias_grad(const Problem& P, const Tile& t, const RowInfo<Acc>* ri, 
   }
 }
 
-// Philox words of counters ctr0 .. ctr0 + nblk - 1 (4 per counter, in order) into out:
-// philox::block on 16 counters at a time, laid out so the compiler vectorises the rounds.
-__attribute__((always_inline)) inline void philox_words_body(uint64_t ctr0, int64_t nblk, uint64_t seed,
-                                                             uint32_t* out) {
-  constexpr int kW = 16;
-  for (int64_t b0 = 0; b0 < nblk; b0 += kW) {
-    uint32_t c0[kW], c1[kW], c2[kW], c3[kW];
-    for (int x = 0; x < kW; ++x) {
-      const uint64_t ctr = ctr0 + static_cast<uint64_t>(b0 + x);
-      c0[x] = static_cast<uint32_t>(ctr);
-      c1[x] = static_cast<uint32_t>(ctr >> 32);
-      c2[x] = 0;
-      c3[x] = 0;
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int rd = 0; rd < 10; ++rd) {
-      for (int x = 0; x < kW; ++x) {
-        const uint64_t pa = static_cast<uint64_t>(philox::kMulA) * c0[x];
-        const uint64_t pb = static_cast<uint64_t>(philox::kMulB) * c2[x];
-        const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[x] ^ k0;
-        const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[x] ^ k1;
-        c1[x] = static_cast<uint32_t>(pb);
-        c3[x] = static_cast<uint32_t>(pa);
-        c0[x] = n0;
-        c2[x] = n2;
-      }
-      k0 += philox::kWeylA;
-      k1 += philox::kWeylB;
-    }
-    const int m = static_cast<int>(std::min<int64_t>(kW, nblk - b0));
-    for (int x = 0; x < m; ++x) {
-      uint32_t* o = out + 4 * (b0 + x);
-      o[0] = c0[x];
-      o[1] = c1[x];
-      o[2] = c2[x];
-      o[3] = c3[x];
-    }
-  }
-}
-
+// Philox words of counters ctr0 .. ctr0 + nblk - 1 (4 per counter, in order) into out.
 void philox_words_plain(uint64_t ctr0, int64_t nblk, uint64_t seed, uint32_t* out) {
-  philox_words_body(ctr0, nblk, seed, out);
+  for (int64_t x = 0; x < nblk; ++x) philox::block(ctr0 + static_cast<uint64_t>(x), seed, out + 4 * x);
 }
 
 #if TK_X86
+// AVX2: 4 counters per vector, one per 64-bit lane (its 32-bit words in the low halves; the
+// high halves carry garbage that vpmuludq ignores and the final pack drops), two vectors at
+// a time for latency. Writes whole groups of 8 counters (out has room for them).
+TK_AVX2 inline void philox_round4(__m256i& a, __m256i& b, __m256i& c, __m256i& d, __m256i K0, __m256i K1) {
+  const __m256i pa = _mm256_mul_epu32(a, _mm256_set1_epi64x(philox::kMulA));
+  const __m256i pb = _mm256_mul_epu32(c, _mm256_set1_epi64x(philox::kMulB));
+  a = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), b), K0);
+  c = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), d), K1);
+  b = pb;
+  d = pa;
+}
+
+TK_AVX2 inline void philox_store4(uint32_t* o, __m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i x01 = _mm256_blend_epi32(a, _mm256_slli_epi64(b, 32), 0xAA);  // a0 b0 a1 b1 | a2 b2 a3 b3
+  const __m256i x23 = _mm256_blend_epi32(c, _mm256_slli_epi64(d, 32), 0xAA);
+  const __m256i lo = _mm256_unpacklo_epi64(x01, x23), hi = _mm256_unpackhi_epi64(x01, x23);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(lo, hi, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
 TK_AVX2 void philox_words_avx2(uint64_t ctr0, int64_t nblk, uint64_t seed, uint32_t* out) {
-  philox_words_body(ctr0, nblk, seed, out);
+  for (int64_t b0 = 0; b0 < nblk; b0 += 8) {
+    const __m256i v0 = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(ctr0 + static_cast<uint64_t>(b0))),
+                                        _mm256_setr_epi64x(0, 1, 2, 3));
+    const __m256i v1 = _mm256_add_epi64(v0, _mm256_set1_epi64x(4));
+    __m256i a0 = v0, b0v = _mm256_srli_epi64(v0, 32), c0 = _mm256_setzero_si256(), d0 = c0;
+    __m256i a1 = v1, b1v = _mm256_srli_epi64(v1, 32), c1 = c0, d1 = c0;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int rd = 0; rd < 10; ++rd) {
+      const __m256i K0 = _mm256_set1_epi64x(k0), K1 = _mm256_set1_epi64x(k1);
+      philox_round4(a0, b0v, c0, d0, K0, K1);
+      philox_round4(a1, b1v, c1, d1, K0, K1);
+      k0 += philox::kWeylA;
+      k1 += philox::kWeylB;
+    }
+    philox_store4(out + 4 * b0, a0, b0v, c0, d0);
+    philox_store4(out + 4 * b0 + 16, a1, b1v, c1, d1);
+  }
 }
 #endif
 
@@ -176,7 +173,7 @@ template <typename Acc>
 void dropout_keep(const Problem& P, const Tile& t, const Extras<Acc>& ex, int64_t j0, int64_t n,
                   std::vector<uint32_t>& words, uint8_t* keep, int64_t ld) {
   const int64_t nr = t.nr();
-  words.resize(4 * (n / 4 + 2));
+  words.resize(4 * (n / 4 + 2 + 8));  // (+ 8: the AVX2 path writes whole groups of 8 counters)
   for (int64_t r = 0; r < t.rows(); ++r) {
     const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
     const uint64_t e0 = static_cast<uint64_t>(((t.b * P.Hq + h) * P.Sq + i) * P.Sk + j0);
