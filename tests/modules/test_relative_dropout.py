@@ -38,11 +38,12 @@ def test_attention_matches_t5_attention(decoder):
     want = ref(x, mask=mask)[0]
     got = ours(x, position_bias=rel())
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
-    # the bias table learns: its gradient equals T5's
+    # the bias table learns: its gradient equals T5's (to the float32 lse the backward
+    # rebuilds P from, DESIGN.md: ~1e-7 relative per term)
     got.sum().backward()
     want.sum().backward()
     torch.testing.assert_close(rel.relative_attention_bias.weight.grad,
-                               ref.relative_attention_bias.weight.grad, rtol=1e-6, atol=1e-8)
+                               ref.relative_attention_bias.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 def _model(model_type="decoder", **kw):

@@ -15,11 +15,7 @@ from ..helpers import assert_close, backend_params, device_for, leaf
 from .test_attention import ATOL
 from .test_attention_rel_bias import cpu_atol
 
-# backends whose kernels take this option so far (the others skip until theirs do)
-IMPLEMENTED = ("reference", "triton", "cpu")
-BACKENDS = [p if p.values[0] in IMPLEMENTED else pytest.param(
-    *p.values, marks=list(p.marks) + [pytest.mark.skip(reason="not in this backend's kernel yet")], id=p.id)
-    for p in backend_params("attention")]
+BACKENDS = backend_params("attention")
 f32, bf16 = torch.float32, torch.bfloat16
 DTYPES = {"reference": [f32], "cpu": [f32, bf16],
           "triton": [f32] if backends.triton_interpreted() else [f32, bf16], "cuda": [f32, bf16]}
