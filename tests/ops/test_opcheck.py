@@ -8,14 +8,18 @@ from truthgpt_kernels import backends
 from ..helpers import backend_params, device_for
 
 
-def _attention_args(dev):
+def _attention_args(dev, extras=False):
     q = torch.randn(2, 4, 5, 8, device=dev, requires_grad=True)
     k = torch.randn(2, 2, 7, 8, device=dev, requires_grad=True)
     v = torch.randn(2, 2, 7, 8, device=dev, requires_grad=True)
     slopes = tk.alibi_slopes(4, device=dev).expand(2, 4)
     key_mask = torch.rand(2, 7, device=dev) > 0.2
     block_mask = (torch.rand(2, 4, 2, 2, device=dev) > 0.3)
-    return (q, k, v, 0.3, 4, 0, slopes, block_mask, 4, key_mask, 5.0)
+    if not extras:
+        return (q, k, v, 0.3, 4, 0, slopes, block_mask, 4, key_mask, 5.0, None, 0.0, None)
+    # T5 bias by distance (Hq, Sq + Sk - 1), with a gradient, and dropout from a fixed seed
+    rel = torch.randn(4, 11, device=dev, requires_grad=True)
+    return (q, k, v, 0.3, 4, 0, slopes, block_mask, 4, key_mask, 5.0, rel, 0.2, torch.tensor(7))
 
 
 def _attention_varlen_args(dev):
@@ -37,22 +41,24 @@ def _rotary_args(dev, qk):
     return (x, cos, sin, pos, True)
 
 
+# case: (op, family of its kernels, args without the backend)
 CASES = {
-    "attention": ("attention", _attention_args),
-    "attention_varlen": ("attention_varlen", _attention_varlen_args),
-    "apply_rotary": ("rotary", lambda dev: _rotary_args(dev, False)),
-    "apply_rotary_qk": ("rotary", lambda dev: _rotary_args(dev, True)),
-    "swiglu": ("swiglu", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
-                                      torch.randn(3, 6, device=dev, requires_grad=True))),
-    "rms_norm": ("rms_norm", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
-                                          torch.randn(6, device=dev, requires_grad=True), 1e-6)),
+    "attention": ("attention", "attention", _attention_args),
+    "attention_rel_bias_dropout": ("attention", "attention", lambda dev: _attention_args(dev, extras=True)),
+    "attention_varlen": ("attention_varlen", "attention_varlen", _attention_varlen_args),
+    "apply_rotary": ("apply_rotary", "rotary", lambda dev: _rotary_args(dev, False)),
+    "apply_rotary_qk": ("apply_rotary_qk", "rotary", lambda dev: _rotary_args(dev, True)),
+    "swiglu": ("swiglu", "swiglu", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
+                                                torch.randn(3, 6, device=dev, requires_grad=True))),
+    "rms_norm": ("rms_norm", "rms_norm", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
+                                                      torch.randn(6, device=dev, requires_grad=True), 1e-6)),
 }
 
 
-@pytest.mark.parametrize("op", list(CASES))
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", backends.BACKENDS)
-def test_opcheck(op, backend):
-    family, make = CASES[op]
+def test_opcheck(case, backend):
+    op, family, make = CASES[case]
     [param] = [p for p in backend_params(family) if p.values[0] == backend]
     for mark in param.marks:
         if mark.name == "skip":
