@@ -13,7 +13,7 @@ from truthgpt_kernels.ops import reference
 
 from ..helpers import assert_close, backend_params, device_for, leaf
 from .test_attention import ATOL
-from .test_attention_rel_bias import cpu_atol
+from .test_attention_rel_bias import cpu_atol, mask_options
 
 BACKENDS = backend_params("attention")
 f32, bf16 = torch.float32, torch.bfloat16
@@ -52,14 +52,7 @@ def make_inputs(case, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
                for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
-    kw = {"causal": o.get("causal", False), "window": o.get("window"), "softcap": o.get("softcap", 0.0),
-          "dropout_p": p, "dropout_seed": 42 + seed}
-    if o.get("alibi"):
-        kw["alibi_slopes"] = tk.alibi_slopes(Hq, device=device)
-    if o.get("key_mask"):
-        km = torch.rand(B, Sk, generator=g) > 0.3
-        km[:, 0] = True
-        kw["key_mask"] = km.to(device)
+    kw = dict(mask_options(o, B, Hq, Sk, g, device), dropout_p=p, dropout_seed=42 + seed)
     if o.get("rel"):
         kw["rel_bias"] = torch.randn(Hq, 16, generator=g).to(device)
     return [t.to(device) for t in (q, k, v)], kw

@@ -31,20 +31,26 @@ CASES = {
 }
 
 
-def make_inputs(case, device, seed=0):
-    B, Hq, Hkv, Sq, Sk, D, o = CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
-               for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
-    rel = torch.randn(Hq, o["rel"][1], generator=g, dtype=torch.float64) * 2
-    kw = {"causal": o.get("causal", False), "window": o.get("window"), "softcap": o.get("softcap", 0.0),
-          "rel_buckets": o["rel"]}
+def mask_options(o, B, Hq, Sk, g, device):
+    """causal / window / softcap / ALiBi / key_mask keyword arguments of a case's options
+    (shared with test_attention_dropout.py)."""
+    kw = {"causal": o.get("causal", False), "window": o.get("window"), "softcap": o.get("softcap", 0.0)}
     if o.get("alibi"):
         kw["alibi_slopes"] = tk.alibi_slopes(Hq, device=device)
     if o.get("key_mask"):
         km = torch.rand(B, Sk, generator=g) > 0.3
         km[:, 0] = True
         kw["key_mask"] = km.to(device)
+    return kw
+
+
+def make_inputs(case, device, seed=0):
+    B, Hq, Hkv, Sq, Sk, D, o = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+               for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    rel = torch.randn(Hq, o["rel"][1], generator=g, dtype=torch.float64) * 2
+    kw = dict(mask_options(o, B, Hq, Sk, g, device), rel_buckets=o["rel"])
     if o.get("blocks"):
         kw["block_size"] = 8
         kw["block_mask"] = (torch.rand(B, Hq, -(-Sq // 8), -(-Sk // 8), generator=g) > 0.3).to(device)
