@@ -424,3 +424,37 @@ def test_convergence_32_steps_same_loss_curve(name):
     got, exp = _losses(model, 32, ids), _losses(ref, 32, ids)
     assert exp[-1] < 0.7 * exp[0]  # it trains
     torch.testing.assert_close(got, exp, rtol=2e-5, atol=1e-5)
+
+
+@needs_tf5
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_experts_forward_against_eager_experts(dtype):
+    """The experts forward alone (sorted pairs, grouped GEMMs for float32 / bf16, per-expert
+    GEMMs for float64; one tk.swiglu) against transformers' eager loop in float64: output and
+    the gradients of the input, both weights and the routing weights. Tokens routed to the
+    dropped-expert sentinel (index E) contribute nothing; an expert no token chose gets a zero
+    gradient."""
+    experts = make("mixtral", torch.float64).model.layers[0].mlp.experts  # E = 4, H 64, I 32
+    ref = copy.deepcopy(experts)
+    g = torch.Generator().manual_seed(3)
+    T, K, E = 37, 2, experts.gate_up_proj.shape[0]
+    x = torch.randn(T, 64, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)])  # expert E-1 unused
+    idx[5, 1] = E  # a dropped pair
+    w = torch.rand(T, K, generator=g, dtype=torch.float64)
+    mine = copy.deepcopy(experts).to(dtype)
+    xs = [x.clone().requires_grad_(), x.to(dtype).requires_grad_()]
+    ws = [w.clone().requires_grad_(), w.to(dtype).requires_grad_()]
+    exp = ref(xs[0], idx, ws[0])
+    got = hf._experts_forward(mine, xs[1], idx, ws[1])
+    assert got.dtype == dtype
+    up = torch.randn(exp.shape, generator=g, dtype=torch.float64)
+    exp.backward(up)
+    got.backward(up.to(dtype))
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    for a, b in ((got, exp), (xs[1].grad, xs[0].grad), (ws[1].grad, ws[0].grad),
+                 (mine.gate_up_proj.grad, ref.gate_up_proj.grad), (mine.down_proj.grad, ref.down_proj.grad)):
+        scale = b.abs().max().clamp_min(1)
+        assert (a.double() - b).abs().max() <= tol * scale
+    assert torch.all(mine.gate_up_proj.grad[E - 1] == 0) and torch.all(mine.down_proj.grad[E - 1] == 0)
+    assert torch.all(ws[1].grad[5, 1] == 0)

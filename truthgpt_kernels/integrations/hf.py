@@ -25,9 +25,10 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
   post-attention / post-feedforward norms);
 - MLP: `tk.swiglu` for SiLU-gated MLPs (Phi-3's packed gate_up_proj as `tk.swiglu(gate_up)`),
   `tk.geglu` for Gemma's GELU-gated ones (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
-- MoE experts (transformers 5's fused *Experts modules, 3-D gate_up_proj / down_proj): each
-  routed expert's SwiGLU through `tk.swiglu`; the router and its top-k are untouched. This
-  forward replaces the config's experts_implementation (eager / grouped_mm / batched_mm);
+- MoE experts (transformers 5's fused *Experts modules, 3-D gate_up_proj / down_proj): the
+  routed (token, expert) pairs sorted by expert, torch's grouped GEMM (a GEMM per expert for
+  float64), and one `tk.swiglu` over every routed row; the router and its top-k are untouched.
+  This forward replaces the config's experts_implementation (eager / grouped_mm / batched_mm);
 - a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
   left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
@@ -529,21 +530,45 @@ def _packed_swiglu_mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
 
 
+def _expert_matmul(x, weight, counts, offsets):
+    """Rows of x (sorted by expert, counts[e] rows for expert e) times weight[e].T:
+    (N, K) x (E, M, K) -> (N, M). torch's grouped_mm where it takes the dtype (float32 / bf16 /
+    fp16; one call, one weight-gradient kernel); otherwise one mm per expert on a split of x and
+    an unbind of the weight (so the backward stacks each gradient once instead of filling a
+    full-size zero tensor per expert, as indexing weight[e] would)."""
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if grouped is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and x.dtype == weight.dtype and x.shape[0] > 0:
+        return grouped(x, weight.transpose(-2, -1), offs=offsets)
+    ws = weight.unbind(0)
+    parts = [torch.nn.functional.linear(xe, ws[e]) for e, xe in enumerate(x.split(counts))]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+
+
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers 5 fused experts (gate_up_proj (E, 2I, H) as [gate | up], down_proj (E, H, I)):
-    each routed expert's SwiGLU through tk.swiglu; the routing (top_k_index, top_k_weights from
-    the router) is used as given. hidden_states (T, H), top_k_* (T, K). An index outside
-    [0, E) (a dropped token under expert parallelism) contributes nothing, as in transformers."""
-    out = torch.zeros_like(hidden_states)
-    experts = self.gate_up_proj.shape[0]
-    for e in torch.unique(top_k_index).tolist():
-        if not 0 <= e < experts:
-            continue
-        token, slot = torch.where(top_k_index == e)
-        h = torch.nn.functional.linear(hidden_states[token], self.gate_up_proj[e])
-        h = torch.nn.functional.linear(ops.swiglu(h), self.down_proj[e])
-        out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
-    return out
+    the (token, slot) pairs are sorted by expert, each expert's rows go through its gate_up GEMM
+    (one grouped GEMM for all experts), one tk.swiglu over every routed row, the down GEMM, and
+    are weighted and summed back per token in a fixed order (no atomics). The routing
+    (top_k_index, top_k_weights from the router) is used as given. hidden_states (T, H),
+    top_k_* (T, K). An index outside [0, E) (a dropped token under expert parallelism)
+    contributes nothing, as in transformers."""
+    T, K = top_k_index.shape
+    E = self.gate_up_proj.shape[0]
+    idx = top_k_index.reshape(-1)                                   # (T K,)
+    idx = torch.where((idx >= 0) & (idx < E), idx, E)              # dropped pairs sort last
+    order = torch.argsort(idx, stable=True)                         # (T K,) pairs by expert
+    counts = torch.bincount(idx, minlength=E + 1)[:E]
+    n = int(counts.sum())
+    order = order[:n]
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    counts = counts.tolist()
+    x = hidden_states[order // K]                                   # (n, H)
+    h = _expert_matmul(x, self.gate_up_proj, counts, offsets)       # (n, 2I) [gate | up]
+    h = _expert_matmul(ops.swiglu(h), self.down_proj, counts, offsets)  # (n, H)
+    h = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
+    out = h.new_zeros(T * K, h.shape[-1]).index_copy(0, order, h)  # each pair once: exact
+    return out.view(T, K, -1).sum(1).to(hidden_states.dtype)
 
 
 def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
