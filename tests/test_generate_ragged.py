@@ -57,3 +57,30 @@ def test_ragged_generate_bad_input():
         model.generate([torch.tensor([1, 2])], 3, page_size=0)
     with pytest.raises(ValueError, match="list of prompts is empty"):
         model.generate([], 3)
+
+
+def test_compiled_decode_step_equals_eager_generate():
+    """generate(compile=True) (issue #14): the paged one-token step under
+    torch.compile(fullgraph=True) gives the eager path's tokens, for a (B, S) batch (eos padding
+    included) and for a list of prompts; a second call reuses the compiled step."""
+    cfg = TransformerConfig.preset("tiny", dtype="float64", max_seq_len=64, n_kv_heads=2)
+    torch.manual_seed(2)
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randint(0, cfg.vocab_size, (3, 5), generator=g)
+    free = model.generate(batch, 10, temperature=0)
+    eos = int(free[0, 5 + 1])  # row 0 stops after its second token
+    torch._dynamo.reset()
+    for eos_id in (None, eos):
+        want = model.generate(batch, 10, temperature=0, eos_id=eos_id)
+        got = model.generate(batch, 10, temperature=0, eos_id=eos_id, compile=True)
+        assert torch.equal(got, want)
+    prompts = _prompts(cfg.vocab_size)
+    want = model.generate(prompts, 6, temperature=0)
+    got = model.generate(prompts, 6, temperature=0, compile=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        model.generate(batch, 2, compile="yes")
+    rel = Transformer(TransformerConfig.preset("tiny", max_seq_len=64, position="relative"))
+    with pytest.raises(ValueError, match=r"generate\(compile=True\) runs on paged caches"):
+        rel.generate(batch, 2, compile=True)

@@ -23,7 +23,7 @@ from .embeddings import LearnedPositionalEmbedding, RelativePositionBias, Sinuso
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .norm import LayerNorm, RMSNorm, make_norm
 from .packing import Packed
-from .paged import make_paged_caches
+from .paged import PagedKVCache, make_paged_caches
 
 
 class TransformerBlock(nn.Module):
@@ -332,7 +332,8 @@ class Transformer(nn.Module):
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  encoder_tokens: Optional[Tensor] = None,
-                 encoder_key_mask: Optional[Tensor] = None, page_size: int = 64):
+                 encoder_key_mask: Optional[Tensor] = None, page_size: int = 64,
+                 compile: bool = False):
         """Continues tokens (B, S) by max_new_tokens with the KV cache; returns (B, S + n).
         temperature 0 is greedy; top_k / top_p (nucleus) restrict sampling. After eos_id a
         sequence keeps emitting eos_id; generation stops when every sequence has.
@@ -340,16 +341,32 @@ class Transformer(nn.Module):
         tokens may also be a list of 1-D prompts of different lengths (decoder models): they
         are decoded together with a paged KV cache (page_size tokens a page; prompts prefilled
         as packed documents, no padding), each stopping on its own at eos_id; returns the list
-        of prompt + generated tokens, each ending at its eos_id or after max_new_tokens."""
+        of prompt + generated tokens, each ending at its eos_id or after max_new_tokens.
+
+        compile=True (decoder models): the one-token decoding step runs through
+        torch.compile(fullgraph=True) on static shapes (a paged cache allocated once, positions
+        and lengths as tensors, tk.attention_with_kvcache appending in place), compiled on the
+        first call and reused by later calls of the same shapes; a (B, S) batch then decodes as
+        B prompts of length S and the result is padded with eos_id as the eager path pads it."""
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         if self.config.model_type == "encoder":
             raise ValueError("generate() needs a decoder or encoder_decoder model; this is an encoder")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        ragged = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                      generator=generator, page_size=page_size, compile=compile)
         if isinstance(tokens, (list, tuple)):
-            return self._generate_ragged(list(tokens), max_new_tokens, temperature=temperature,
-                                         top_k=top_k, top_p=top_p, eos_id=eos_id, generator=generator,
-                                         page_size=page_size)
+            return self._generate_ragged(list(tokens), max_new_tokens, **ragged)
         self._check_tokens("tokens", tokens)
+        if compile:
+            if encoder_tokens is not None:
+                raise ValueError("generate(compile=True) serves decoder models; an encoder_decoder "
+                                 "model decodes eagerly (compile=False)")
+            outs = self._generate_ragged(list(tokens), max_new_tokens, **ragged)
+            n = max(o.shape[0] for o in outs)  # shorter rows ended at eos_id: padded with it
+            return torch.stack([F.pad(o, (0, n - o.shape[0]), value=eos_id if eos_id is not None else 0)
+                                for o in outs])
         B, S = tokens.shape
         if S + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt ({S}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
@@ -381,13 +398,24 @@ class Transformer(nn.Module):
             self.train(was_training)
 
 
+    def _decode_step(self, nxt: Tensor, seqlens: Tensor, block_table: Tensor, ks: List[Tensor],
+                     vs: List[Tensor]) -> Tensor:
+        """One decoding step on paged caches: token nxt[b] (B, 1) at position seqlens[b] of
+        sequence b, its keys appended in place; returns the next-token logits (B, vocab).
+        Static shapes, no host sync: what generate(compile=True) compiles."""
+        x = self.embed_tokens(nxt, 0, seqlens.long()[:, None])           # (B, 1, d)
+        for layer, k, v in zip(self.layers, ks, vs):
+            x = layer(x, cache=PagedKVCache(k, v, block_table, seqlens))
+        return self.lm_head(self.norm(x))[:, -1]
+
     def _generate_ragged(self, prompts: List[Tensor], max_new_tokens: int, *, temperature, top_k,
-                         top_p, eos_id, generator, page_size) -> List[Tensor]:
+                         top_p, eos_id, generator, page_size, compile) -> List[Tensor]:
+        what = "generate(compile=True)" if compile else "generate() with a list of prompts"
         if self.config.model_type != "decoder":
-            raise ValueError("generate() with a list of prompts needs a decoder model")
+            raise ValueError(f"{what} needs a decoder model")
         if self.rel_pos is not None:
-            raise ValueError("generate() with a list of prompts runs on paged caches, which do not "
-                             "take position='relative' yet: pass one (B, S) batch of prompts")
+            raise ValueError(f"{what} runs on paged caches, which do not take position='relative' "
+                             "yet: pass one (B, S) batch of prompts, compile=False")
         if not prompts:
             raise ValueError("tokens: the list of prompts is empty")
         for i, p in enumerate(prompts):
@@ -424,7 +452,8 @@ class Transformer(nn.Module):
             seqlens.copy_(cu[1:] - cu[:-1])
             out = [[] for _ in range(B)]
             done = torch.zeros(B, dtype=torch.bool, device=dev)
-            for step in range(max_new_tokens):
+            step = _compiled_decode_step(self) if compile else self._decode_step
+            for i in range(max_new_tokens):
                 nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              generator=generator)                              # (B, 1)
                 if eos_id is not None:
@@ -433,16 +462,26 @@ class Transformer(nn.Module):
                     out[b].append(nxt[b])
                 if eos_id is not None:
                     done |= nxt[:, 0] == eos_id
-                if step == max_new_tokens - 1 or bool(done.all()):
+                if i == max_new_tokens - 1 or bool(done.all()):
                     break
-                x = self.embed_tokens(nxt, 0, seqlens.long()[:, None])        # (B, 1, d)
-                for i, layer in enumerate(self.layers):
-                    x = layer(x, cache=caches[i])
+                logits = step(nxt, seqlens, caches[0].block_table, [c.k for c in caches],
+                              [c.v for c in caches])                          # (B, vocab)
                 seqlens += 1
-                logits = self.lm_head(self.norm(x))[:, -1]
             return [torch.cat([p, torch.cat(o).to(p.dtype)]) if o else p for p, o in zip(prompts, out)]
         finally:
             self.train(was_training)
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_decode_step(model: Transformer):
+    """model._decode_step through one torch.compile(fullgraph=True) shared by every model (its
+    guards specialise on the model and the shapes), created on first use."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(Transformer._decode_step, fullgraph=True)
+    return lambda *args: _COMPILED_STEP(model, *args)
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
