@@ -240,3 +240,33 @@ def test_dead_queries_from_the_padding_mask():
         key_mask[0] = False
         vis = reference.attention_visibility(6, 1, Sq, L, causal=causal, window=window, key_mask=key_mask)
         assert torch.equal(hf._dead_queries(key_mask, Sq, causal, window), ~vis[:, 0].any(-1))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_compiled_static_cache_decoding(name, monkeypatch):
+    """Issue #14: the patched model's forward under torch.compile(fullgraph=True) generates
+    with transformers' static cache from a left-padded batch; the decoding steps (one query row,
+    transformers' 4-D sdpa mask, as compiled calls get it) run tk.attention with that row as
+    the key mask; tokens and logits equal the unpatched model's."""
+    model = make(name)
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    calls = []
+    real = hf.ops.attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[2])
+        return real(q, *args, **kwargs)
+    monkeypatch.setattr(hf.ops, "attention", counting)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    ids, mask = padded_batch("left", seq=10)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, max_length=None,
+              return_dict_in_generate=True, output_logits=True, cache_implementation="static")
+    got = model.generate(ids, **kw)
+    exp = ref.generate(ids, **kw)
+    assert 1 in calls, calls  # traced into the decoding graph
+    assert torch.equal(got.sequences, exp.sequences)
+    t = tol(name)
+    for a, b in zip(got.logits, exp.logits):
+        torch.testing.assert_close(a, b, rtol=t, atol=t)

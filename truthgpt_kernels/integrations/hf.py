@@ -350,6 +350,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         return _run("eager", module, query, key, value, attention_mask, causal=causal,
                     window=window, **fn_kwargs)
+    if torch.compiler.is_compiling():
+        return _traced_4d(module, query, key, value, attention_mask, causal, window, scaling,
+                          softcap, fn_kwargs)
     docs = _documents(query, key, attention_mask, kwargs) if dropout == 0.0 else None
     if docs is not None:
         return _varlen(query, key, value, docs, causal, scaling, window, softcap), None
@@ -378,6 +381,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if dead.any():
         out = _dead_rows(out, dead, module, query, key, value, fn_kwargs, causal, window)
     return out, None
+
+
+def _traced_4d(module, query, key, value, attention_mask, causal, window, scaling, softcap,
+               fn_kwargs):
+    """attention_forward for a 4-D mask under torch.compile, where nothing may branch on the
+    mask's values (padding_mask hands compiled calls transformers' 4-D sdpa mask). A boolean
+    mask of one query row, a decoding step (with a static cache: (B, 1, 1, max_len), the unfilled
+    slots hidden), says alone which keys that query sees: tk.attention with that row as the key
+    mask (no causal / window: the mask has applied them). A query that sees no key gets zeros,
+    as sdpa (a decoding step always sees its own key). Anything else, and dropout, runs the
+    replaced function."""
+    B, Sk = query.shape[0], key.shape[2]
+    if query.shape[2] == 1 and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1 \
+            and attention_mask.shape[-1] >= Sk and fn_kwargs["dropout"] == 0.0:
+        key_mask = attention_mask[:, 0, 0, -Sk:].expand(B, Sk)  # (B, Sk)
+        out = ops.attention(query, key, value, causal=False, scale=scaling, key_mask=key_mask,
+                            softcap=softcap or 0.0)
+        return out.transpose(1, 2).contiguous(), None
+    return _run(_replaced(module), module, query, key, value, attention_mask, causal=causal,
+                window=window, **fn_kwargs)
 
 
 def _padding_attention(module, query, key, value, key_mask, causal, window, scaling, softcap,
@@ -409,7 +432,7 @@ def _padding_attention(module, query, key, value, key_mask, causal, window, scal
     out = ops.attention(query, key[:, :, :L], value[:, :, :L], causal=causal, scale=scaling,
                         window=window, key_mask=key_mask, softcap=softcap or 0.0)
     out = out.transpose(1, 2).contiguous()
-    if key_mask is not None:
+    if key_mask is not None and not torch.compiler.is_compiling():  # compiled: zeros, as sdpa
         dead = _dead_queries(key_mask, Sq, causal, window)
         if dead.any():  # the replaced function on all Sk keys, as the unpatched model
             out = _dead_rows(out, dead, module, query, key, value, fn_kwargs, causal, window)
