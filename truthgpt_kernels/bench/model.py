@@ -20,9 +20,10 @@ The cases (tiny preset and sizes with quick=True, else the small preset, ~36M pa
   case take one step of each model in setup, so the AdamW state exists before the measured
   call and the peak is the step's own memory (activations, gradients, temporaries).
 - decode = greedy, static preallocated KV cache on the plain side. "torch sdpa compiled" runs
-  the prefill and the steps through torch.compile(plain): two graphs, the prefill and the step
-  (pos is a Python int: dynamo specializes on it once, then recompiles the step with pos
-  symbolic), no recompiles after the first generate call; each case resets dynamo first.
+  the prefill and the steps through torch.compile(plain): two graphs, the prefill (pos == 0)
+  and the step (pos is a Python int; once its guard pos == 0 fails, dynamo's automatic dynamic
+  shapes compile the step with pos symbolic), so no recompiles after the first generate call
+  (the slow test checks it); each case resets dynamo first.
 """
 import contextlib
 
@@ -144,7 +145,7 @@ class PlainTransformer(nn.Module):
     def generate(self, tokens, max_new_tokens, forward=None):
         """Greedy decoding with preallocated KV caches; forward: what runs the prefill and each
         step (default self; e.g. torch.compile(self))."""
-        forward = forward or self
+        forward = self if forward is None else forward
         caches, pos = self.make_caches(tokens.shape[0], tokens.shape[1] + max_new_tokens)
         logits = forward(tokens, caches=caches)[:, -1]
         pos[0] = tokens.shape[1]
