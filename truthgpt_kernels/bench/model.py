@@ -6,8 +6,26 @@ F.silu(g) * u), with identical weights.
 RMSNorm, tied or untied head) whose state_dict keys equal ours, so
 `PlainTransformer(cfg).load_state_dict(Transformer(cfg).state_dict())` gives the same model.
 Tests use it as the plain-PyTorch equivalent too.
+
+The cases (tiny preset and sizes with quick=True, else the small preset, ~36M parameters):
+- train step = forward + backward + `torch.optim.AdamW(fused=True)` on both sides (the same
+  optimizer kernel, so its time is nobody's gain), fp32 and under bf16 autocast (forward and
+  loss inside torch.autocast, backward outside). Ours uses the fused LM head + loss. The B2 S1024
+  cases have four impls: "truthgpt" (ours eager: the speedups are against it), "truthgpt
+  compiled" (torch.compile(ours); its speedup column is compiled ms / eager ms, < 1 when
+  compiling ours helps), "torch sdpa" and "torch sdpa compiled" (torch.compile(plain)). Eager
+  and compiled share one model and optimizer per side; compilation happens in the warm-up call.
+  Cases with compiled impls skip the peak-memory call (that warm-up call is the compilation).
+- the peak-memory case (small, B1 S2048, eager; target ours <= 0.8x plain) and the B1 S256
+  case take one step of each model in setup, so the AdamW state exists before the measured
+  call and the peak is the step's own memory (activations, gradients, temporaries).
+- decode = greedy, static preallocated KV cache on the plain side. "torch sdpa compiled" runs
+  the prefill and the steps through torch.compile(plain): two graphs, the prefill (pos == 0)
+  and the step (pos is a Python int; once its guard pos == 0 fails, dynamo's automatic dynamic
+  shapes compile the step with pos symbolic), so no recompiles after the first generate call
+  (the slow test checks it); each case resets dynamo first.
 """
-from typing import List, Tuple
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +142,12 @@ class PlainTransformer(nn.Module):
                  torch.zeros(shape, device=w.device, dtype=w.dtype), pos) for _ in self.layers], pos
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens):
-        """Greedy decoding with preallocated KV caches."""
+    def generate(self, tokens, max_new_tokens, forward=None):
+        """Greedy decoding with preallocated KV caches; forward: what runs the prefill and each
+        step (default self; e.g. torch.compile(self))."""
+        forward = self if forward is None else forward
         caches, pos = self.make_caches(tokens.shape[0], tokens.shape[1] + max_new_tokens)
-        logits = self(tokens, caches=caches)[:, -1]
+        logits = forward(tokens, caches=caches)[:, -1]
         pos[0] = tokens.shape[1]
         out = [tokens]
         for step in range(max_new_tokens):
@@ -135,12 +155,16 @@ class PlainTransformer(nn.Module):
             out.append(nxt)
             if step == max_new_tokens - 1:
                 break
-            logits = self(nxt, caches=caches, pos=pos[0])[:, -1]
+            logits = forward(nxt, caches=caches, pos=pos[0])[:, -1]
             pos[0] += 1
         return torch.cat(out, dim=1)
 
 
 # ============================================================================ cases
+TRAIN_IMPLS = ("truthgpt", "truthgpt compiled", "torch sdpa", "torch sdpa compiled")
+DECODE_IMPLS = ("truthgpt", "torch sdpa", "torch sdpa compiled")
+
+
 def _models(preset: str, device: str, **overrides):
     cfg = TransformerConfig.preset(preset, **overrides)
     torch.manual_seed(0)
@@ -150,82 +174,141 @@ def _models(preset: str, device: str, **overrides):
     return cfg, ours, plain
 
 
-def _train_step(model, opt):
+def _adamw(model):
+    """The optimizer of every train step, the same on both sides: fused AdamW (one kernel over
+    all parameters on the CPU as on CUDA), so its time is not credited to either model."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
+def _train_step(model, opt, autocast=None):
     """One optimizer step; ours through the fused LM head + loss (return_logits=False, what a
-    training loop that needs only the loss passes), plain PyTorch through logits + F.cross_entropy."""
-    fused = {} if isinstance(model, PlainTransformer) else {"return_logits": False}
+    training loop that needs only the loss passes), plain PyTorch through logits + F.cross_entropy.
+    model may be a torch.compile wrapper of either. autocast (e.g. torch.bfloat16): forward and
+    loss under torch.autocast, backward and the step outside it."""
+    base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper keeps the module here
+    fused = {} if isinstance(base, PlainTransformer) else {"return_logits": False}
 
     def run(x):
         opt.zero_grad(set_to_none=True)
-        _, loss = model(x["tokens"], x["targets"], **fused)
+        with _autocast(x["tokens"].device.type, autocast):
+            _, loss = model(x["tokens"], x["targets"], **fused)
         loss.backward()
         opt.step()
         return loss
     return run
 
 
-def _decode(model):
-    def run(x):
-        return model.generate(x["prompt"], x["new"]) if isinstance(model, PlainTransformer) \
-            else model.generate(x["prompt"], x["new"], temperature=0)
-    return run
+def _autocast(device_type, dtype):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def _decode(model, forward=None):
+    """Greedy decoding of x["prompt"] by x["new"] tokens; forward (plain only): a compiled
+    forward of the same model to run the prefill and the steps."""
+    if isinstance(model, PlainTransformer):
+        return lambda x: model.generate(x["prompt"], x["new"], forward=forward)
+    return lambda x: model.generate(x["prompt"], x["new"], temperature=0)
+
+
+def _compiles(names) -> bool:
+    return any(n.endswith(" compiled") for n in names)
+
+
+def _add_compiled(run, names, make, models):
+    """run[f"{key} compiled"] = make(torch.compile(models[key])) for each such impl in names.
+    torch.compile is lazy: the runner's warm-up call compiles. Dynamo's caches are reset first,
+    so each case compiles afresh and the cases of a run do not add up towards the recompile
+    limit of a forward (past it dynamo would silently run it eagerly)."""
+    if _compiles(names):
+        torch._dynamo.reset()
+    for key, model in models.items():
+        if f"{key} compiled" in names:
+            run[f"{key} compiled"] = make(key, torch.compile(model))
+
+
+def _model_case(name, setup, names, **kw):
+    """A Case whose setup returns x["run"][impl name] -> callable(x), for the impls in names.
+    Cases with compiled impls skip peak memory (their warm-up call is the compilation)."""
+    return Case(op="model", name=name, setup=setup,
+                impls={n: (lambda x, n=n: x["run"][n](x)) for n in names},
+                peak_memory=not _compiles(names), **kw)
+
+
+def _train_case(preset, device, B, S, names, autocast=None, label=""):
+    """Train step (forward + backward + fused AdamW) of ours and plain PyTorch with identical
+    weights, for the impls in names (TRAIN_IMPLS order). The eager-only cases measure peak
+    memory: their setup takes one step of each model first so the AdamW state exists before the
+    measured call, and the peak is the step's own memory (activations, gradients, temporaries)."""
+    overrides = {"max_seq_len": S} if S > _config(preset).max_seq_len else {}
+    measure_peak = not _compiles(names)
+
+    def setup():
+        cfg, ours, plain = _models(preset, device, **overrides)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
+        targets = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
+        opts = {"truthgpt": _adamw(ours), "torch sdpa": _adamw(plain)}  # eager and compiled share
+        run = {"truthgpt": _train_step(ours, opts["truthgpt"], autocast),
+               "torch sdpa": _train_step(plain, opts["torch sdpa"], autocast)}
+        _add_compiled(run, names, lambda key, model: _train_step(model, opts[key], autocast),
+                      {"truthgpt": ours, "torch sdpa": plain})
+        x = {"tokens": tokens, "targets": targets, "ours": ours, "plain": plain, "run": run}
+        if measure_peak:  # the AdamW state exists before the measured call
+            for n in names:
+                run[n](x)
+        return x
+
+    precision = "bf16 autocast" if autocast is not None else "fp32"
+    return _model_case(f"train step {preset} B{B} S{S} {precision}{label}", setup, names,
+                       flops=_train_flops(_config(preset), B, S),
+                       extra={"tokens_per_call": B * S, "unit": "tokens", "preset": preset,
+                              "dtype": "bfloat16" if autocast is not None else "float32",
+                              "optimizer": "AdamW fused"})
+
+
+def _eval_models(preset, device):
+    cfg, ours, plain = _models(preset, device)
+    return cfg, ours.eval(), plain.eval()
+
+
+def _decode_case(preset, device, B, P, N, names):
+    """Greedy decoding with the KV cache: prefill a B x P prompt, then N tokens one at a time."""
+    def setup():
+        cfg, ours, plain = _eval_models(preset, device)
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=g).to(device)
+        run = {"truthgpt": _decode(ours), "torch sdpa": _decode(plain)}
+        _add_compiled(run, names, lambda key, model: _decode(plain, model), {"torch sdpa": plain})
+        return {"prompt": prompt, "new": N, "ours": ours, "plain": plain, "run": run}
+
+    return _model_case(f"decode {preset} B{B} prompt {P} +{N} tokens kv-cache", setup, names,
+                       extra={"tokens_per_call": B * N, "unit": "tokens", "preset": preset})
 
 
 def cases(device, quick):
     preset = "tiny" if quick else "small"
-    out = []
-
-    # training step: forward + backward + AdamW, fp32
-    shapes: List[Tuple[int, int]] = [(2, 64)] if quick else [(1, 256)]
-    if device == "cuda" and not quick:
-        shapes.append((1, 2048))  # the peak-memory case of the issue
-    for B, S in shapes:
-        def setup(B=B, S=S):
-            cfg, ours, plain = _models(preset, device)
-            g = torch.Generator().manual_seed(0)
-            tokens = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
-            targets = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
-            return {"tokens": tokens, "targets": targets, "ours": ours, "plain": plain,
-                    "opt_ours": torch.optim.AdamW(ours.parameters(), lr=1e-4),
-                    "opt_plain": torch.optim.AdamW(plain.parameters(), lr=1e-4)}
-
-        cfg = _config(preset)
-        out.append(Case(
-            op="model", name=f"train step {preset} B{B} S{S} fp32", setup=setup,
-            impls={"truthgpt": lambda x: _train_step(x["ours"], x["opt_ours"])(x),
-                   "torch sdpa": lambda x: _train_step(x["plain"], x["opt_plain"])(x)},
-            flops=_train_flops(cfg, B, S),
-            extra={"tokens_per_call": B * S, "unit": "tokens", "preset": preset},
-        ))
-
+    eager = TRAIN_IMPLS[::2]  # ("truthgpt", "torch sdpa")
+    out = [
+        # training step: forward + backward + AdamW
+        _train_case(preset, device, *((2, 64) if quick else (1, 256)), eager),
+        _train_case(preset, device, *((2, 32) if quick else (2, 1024)), TRAIN_IMPLS),
+        _train_case(preset, device, *((2, 32) if quick else (2, 1024)), TRAIN_IMPLS, autocast=torch.bfloat16),
+        # the issue's peak-memory case (target: ours <= 0.8x plain)
+        _train_case(preset, device, *((1, 128) if quick else (1, 2048)), eager, label=" peak memory"),
+    ]
     # decoding with the KV cache: prefill a prompt, then greedy tokens one at a time
-    B, P, N = (1, 8, 16) if quick else (1, 32, 32)
-
-    def setup_decode():
-        cfg, ours, plain = _models(preset, device)
-        ours.eval()
-        plain.eval()
-        g = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=g).to(device)
-        return {"prompt": prompt, "new": N, "ours": ours, "plain": plain}
-
-    out.append(Case(
-        op="model", name=f"decode {preset} B{B} prompt {P} +{N} tokens kv-cache", setup=setup_decode,
-        impls={"truthgpt": lambda x: _decode(x["ours"])(x),
-               "torch sdpa": lambda x: _decode(x["plain"])(x)},
-        extra={"tokens_per_call": B * N, "unit": "tokens", "preset": preset},
-    ))
+    out.append(_decode_case(preset, device, *((1, 8, 16) if quick else (1, 32, 32)), eager))
+    for B in (1, 8):
+        out.append(_decode_case(preset, device, B, *((16, 16) if quick else (128, 128)), DECODE_IMPLS))
 
     # mixed-length batch: 8 prompts decoded together (paged KV cache) vs one after another
     lengths, N = ((4, 16, 7, 12, 9, 5, 14, 10), 8) if quick else ((16, 128, 57, 96, 33, 112, 75, 20), 64)
 
     def setup_ragged():
-        x = setup_decode()
+        cfg, ours, plain = _eval_models(preset, device)
         g = torch.Generator().manual_seed(1)
-        x["prompts"] = [torch.randint(0, x["ours"].config.vocab_size, (n,), generator=g).to(device)
-                        for n in lengths]
-        x["new"] = N
-        return x
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).to(device) for n in lengths]
+        return {"prompts": prompts, "new": N, "ours": ours, "plain": plain}
 
     out.append(Case(
         op="model", name=f"generate {preset} {len(lengths)} prompts of {min(lengths)}..{max(lengths)} "
