@@ -100,3 +100,8 @@ def test_compiled_impls_run_once():
             graphs = counters["stats"]["unique_graphs"]
             assert torch.equal(x["run"]["torch sdpa compiled"](x), eager), case.name
             assert counters["stats"]["unique_graphs"] == graphs, f"{case.name}: recompiled"
+            ours = x["run"]["truthgpt"](x)
+            assert torch.equal(x["run"]["truthgpt compiled"](x), ours), case.name
+            graphs = counters["stats"]["unique_graphs"]
+            assert torch.equal(x["run"]["truthgpt compiled"](x), ours), case.name
+            assert counters["stats"]["unique_graphs"] == graphs, f"{case.name}: ours recompiled"

@@ -81,10 +81,10 @@ def cases(device, quick):
                 extra={"tokens": seq}))
         base = _model("llama", device, quick)
         patched = hf.apply_to(copy.deepcopy(base))
-        n_new = 16 if quick else 128
+        n_new, n_prompt = (16, 32) if quick else (128, 512)  # issue #14: 128 after 512
         out.append(Case(
-            op="dropin", name=f"HF Llama greedy generate {n_new} tokens",
-            setup=lambda: {"prompt": torch.randint(1, VOCAB, (1, 32), device=device)},
+            op="dropin", name=f"HF Llama greedy generate {n_new} tokens after {n_prompt}",
+            setup=lambda: {"prompt": torch.randint(1, VOCAB, (1, n_prompt), device=device)},
             impls={"truthgpt (apply_to)": _generate(patched, n_new), "transformers sdpa": _generate(base, n_new)},
             extra={"tokens": n_new}))
     d = 128 if quick else 512

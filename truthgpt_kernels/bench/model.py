@@ -19,7 +19,8 @@ The cases (tiny preset and sizes with quick=True, else the small preset, ~36M pa
 - the peak-memory case (small, B1 S2048, eager; target ours <= 0.8x plain) and the B1 S256
   case take one step of each model in setup, so the AdamW state exists before the measured
   call and the peak is the step's own memory (activations, gradients, temporaries).
-- decode = greedy, static preallocated KV cache on the plain side. "torch sdpa compiled" runs
+- decode = greedy, static preallocated KV cache on the plain side; "truthgpt compiled" is
+  generate(compile=True) (the paged one-token step compiled, fullgraph). "torch sdpa compiled" runs
   the prefill and the steps through torch.compile(plain): two graphs, the prefill (pos == 0)
   and the step (pos is a Python int; once its guard pos == 0 fails, dynamo's automatic dynamic
   shapes compile the step with pos symbolic), so no recompiles after the first generate call
@@ -162,7 +163,7 @@ class PlainTransformer(nn.Module):
 
 # ============================================================================ cases
 TRAIN_IMPLS = ("truthgpt", "truthgpt compiled", "torch sdpa", "torch sdpa compiled")
-DECODE_IMPLS = ("truthgpt", "torch sdpa", "torch sdpa compiled")
+DECODE_IMPLS = ("truthgpt", "truthgpt compiled", "torch sdpa", "torch sdpa compiled")
 
 
 def _models(preset: str, device: str, **overrides):
@@ -202,12 +203,13 @@ def _autocast(device_type, dtype):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def _decode(model, forward=None):
+def _decode(model, forward=None, compile=False):
     """Greedy decoding of x["prompt"] by x["new"] tokens; forward (plain only): a compiled
-    forward of the same model to run the prefill and the steps."""
+    forward of the same model to run the prefill and the steps; compile (ours only):
+    generate(compile=True), the compiled paged decoding step."""
     if isinstance(model, PlainTransformer):
         return lambda x: model.generate(x["prompt"], x["new"], forward=forward)
-    return lambda x: model.generate(x["prompt"], x["new"], temperature=0)
+    return lambda x: model.generate(x["prompt"], x["new"], temperature=0, compile=compile)
 
 
 def _compiles(names) -> bool:
@@ -279,10 +281,13 @@ def _decode_case(preset, device, B, P, N, names):
         prompt = torch.randint(0, cfg.vocab_size, (B, P), generator=g).to(device)
         run = {"truthgpt": _decode(ours), "torch sdpa": _decode(plain)}
         _add_compiled(run, names, lambda key, model: _decode(plain, model), {"torch sdpa": plain})
+        if "truthgpt compiled" in names:  # generate(compile=True): compiled in the warm-up call
+            run["truthgpt compiled"] = _decode(ours, compile=True)
         return {"prompt": prompt, "new": N, "ours": ours, "plain": plain, "run": run}
 
     return _model_case(f"decode {preset} B{B} prompt {P} +{N} tokens kv-cache", setup, names,
-                       extra={"tokens_per_call": B * N, "unit": "tokens", "preset": preset})
+                       extra={"tokens_per_call": B * N, "unit": "tokens", "preset": preset,
+                              "dtype": "float32"})
 
 
 def cases(device, quick):
@@ -319,7 +324,7 @@ def cases(device, quick):
                "torch sdpa one after another": lambda x: [x["plain"].generate(p[None], x["new"])
                                                           for p in x["prompts"]]},
         extra={"tokens_per_call": len(lengths) * N, "unit": "tokens", "preset": preset,
-               "target": ">= 2x one after another"},
+               "target": ">= 2x one after another", "dtype": "float32"},
     ))
     return out
 
