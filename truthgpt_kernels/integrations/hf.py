@@ -594,11 +594,18 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out.view(T, K, -1).sum(1).to(hidden_states.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_names(fn):
+    """fn's parameters but self, in order (cached: inspect.signature costs tens of us a call,
+    and the patched forward runs once per generated token)."""
+    return [n for n in inspect.signature(fn).parameters if n != "self"]
+
+
 def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
     """The *ForCausalLM forward with the loss through tk.linear_cross_entropy (see the module
     docstring for when); otherwise the class's own forward."""
     orig = type(self).forward
-    names = [n for n in inspect.signature(orig).parameters if n != "self"]
+    names = _parameter_names(orig)
     kwargs.update(zip(names, args))  # positional arguments by name
     labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
     if skip_logits is None:  # as Liger; like the model's own forward, no loss without labels
