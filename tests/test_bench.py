@@ -251,3 +251,47 @@ def test_helpers():
     t = timing.time_fn(lambda: None, "cpu", min_time=0.001, max_reps=7)
     assert 3 <= t["n"] <= 7 and t["min_ms"] <= t["median_ms"]
     assert runner.peak_memory(lambda: torch.ones(1024, 1024), "cpu") in (None, 4 * 2 ** 20)
+
+
+def test_cpu_timing_is_interleaved():
+    """time_interleaved: one call of each impl in turn; each gets at least min_reps and at most
+    max_reps calls; an impl whose call raises stops and is reported, the others go on."""
+    order = []
+
+    def impl(name, fail_at=None):
+        def run():
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+        return run
+    got = timing.time_interleaved({"a": impl("a"), "b": impl("b"), "c": impl("c", fail_at=2)},
+                                  min_time=1.0, max_reps=5, min_reps=3)
+    assert isinstance(got["c"], RuntimeError) and order.count("c") == 2
+    assert got["a"]["n"] == got["b"]["n"] == 5  # min_time not reached: max_reps
+    assert order[:6] == ["a", "b", "c", "a", "b", "c"] and order[6:] == ["a", "b"] * 3
+    got = timing.time_interleaved({"x": lambda: None}, min_time=0.0, max_reps=50, min_reps=3)
+    assert got["x"]["n"] == 3
+
+
+def test_run_case_times_cpu_impls_round_robin():
+    """The runner warms every impl up first (that call also gives the error column), then
+    times them interleaved; an impl failing only in the timed calls gets its error."""
+    calls = []
+
+    def impl(name, fail_after=None):
+        def run(x):
+            calls.append(name)
+            if fail_after is not None and calls.count(name) > fail_after:
+                raise ValueError("late failure")
+            return x["t"] * 2
+        return run
+    case = Case("toy", "interleaved", lambda: {"t": torch.ones(4)},
+                {"ours": impl("ours"), "base": impl("base"), "flaky": impl("flaky", fail_after=2)},
+                reference=lambda x: x["t"].double() * 2)
+    r = runner.run_case(case, "cpu", None, min_time=10.0, max_reps=4)
+    assert calls[:3] == ["ours", "base", "flaky"]  # the warm-up calls
+    assert calls[3:6] == ["ours", "base", "flaky"]  # then one timed call of each in turn
+    assert r["impls"]["ours"]["n"] == r["impls"]["base"]["n"] == 4
+    assert r["impls"]["ours"]["max_err"] == 0.0
+    assert "late failure" in r["impls"]["flaky"]["error"] and "median_ms" not in r["impls"]["flaky"]
+    assert r["speedup"]["base"] > 0

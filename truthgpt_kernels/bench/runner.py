@@ -5,7 +5,9 @@ saves the JSON and the plot and compares with an earlier run.
 
 Time budget: each impl gets one warm-up call, then is called until `min_time` seconds have
 passed and at least `MIN_REPS` calls were timed, but never more than `max_reps` calls. The
-warm-up call also yields the output for the error column and the peak memory. So an impl costs
+warm-up call also yields the output for the error column and the peak memory. On the CPU the
+timed calls of a case's impls are interleaved (one call of each in turn, after every warm-up),
+so a slow moment of the machine falls on ours and the baselines alike. So an impl costs
 about max(min_time, MIN_REPS x its time) plus one call, and each case its setup and, once,
 the float64 reference; each case's seconds are in the JSON and each op's total under its
 table. The whole run prints how long it took; `make bench` uses the defaults (MIN_TIME,
@@ -24,7 +26,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import FAMILIES, Case, canonical_dtype, dtype_hint, load_family, report, roofline
-from .timing import MAX_REPS, MIN_TIME, fmt_err, fmt_mib, fmt_ms, fmt_pct, sync, time_fn
+from .timing import (MAX_REPS, MIN_TIME, fmt_err, fmt_mib, fmt_ms, fmt_pct, sync, time_fn,
+                     time_interleaved)
 
 _KINETO_LOG = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.cpp:\d+\]")
 
@@ -197,6 +200,7 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
             return None
 
     reference, ref_error = None, None
+    warm: Dict[str, Callable[[], Any]] = {}
     for impl_name, impl in case.impls.items():
         if progress is not None:
             progress.set_postfix_str(f"{case.op}: {case.name} [{impl_name}]"[:60], refresh=True)
@@ -220,15 +224,21 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
                 else:
                     entry["note"] = ref_error
             del out
-            entry.update(time_fn(lambda: impl(inputs), device, min_time, max_reps, warmup=False))
-            entry["spread_pct"] = 100.0 * (entry["q3_ms"] - entry["q1_ms"]) / entry["median_ms"] \
-                if entry["median_ms"] > 0 else 0.0
+            if device == "cuda":  # CUDA events, L2 flushed between calls, impl by impl
+                _timed(entry, time_fn(lambda: impl(inputs), device, min_time, max_reps, warmup=False))
+            else:  # CPU: timed round-robin below, once every impl is warm
+                warm[impl_name] = lambda impl=impl: impl(inputs)
         except Exception as e:  # one failing impl must not stop the run
             entry["error"] = _short_error(e)
         result["impls"][impl_name] = entry
         if progress is not None:
             progress.update(1)
-    del inputs, reference
+    for impl_name, timed in time_interleaved(warm, min_time, max_reps).items():
+        if isinstance(timed, Exception):
+            result["impls"][impl_name]["error"] = _short_error(timed)
+        else:
+            _timed(result["impls"][impl_name], timed)
+    del inputs, reference, warm
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -250,6 +260,12 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
             result["bound"] = bound
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _timed(entry: Dict[str, Any], stats: Dict[str, float]) -> None:
+    entry.update(stats)
+    entry["spread_pct"] = 100.0 * (entry["q3_ms"] - entry["q1_ms"]) / entry["median_ms"] \
+        if entry["median_ms"] > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- tables

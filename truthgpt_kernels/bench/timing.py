@@ -4,6 +4,8 @@ roofline.py (the machine's ceilings).
 
 Time budget of `time_fn`: one warm-up call, then calls until `min_time` seconds have passed
 and at least `MIN_REPS` calls were timed, but never more than `max_reps` calls.
+`time_interleaved` gives several warmed-up impls that budget each, timing them round-robin (the
+runner's CPU cases).
 """
 import gc
 import math
@@ -67,12 +69,52 @@ def time_fn(fn: Callable[[], Any], device: str, min_time: float = MIN_TIME,
     finally:
         if gc_was_enabled:
             gc.enable()
+    return summarize(samples)
+
+
+def summarize(samples) -> Dict[str, float]:
+    """Median, quartiles and min (ms) and the count of timed calls (samples in ms)."""
     if len(samples) > 1:
         q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     else:
         q1 = q3 = samples[0]
     return {"median_ms": statistics.median(samples), "q1_ms": q1, "q3_ms": q3,
             "min_ms": min(samples), "n": len(samples)}
+
+
+def time_interleaved(fns: Dict[str, Callable[[], Any]], min_time: float = MIN_TIME,
+                     max_reps: int = MAX_REPS, min_reps: int = MIN_REPS) -> Dict[str, Any]:
+    """CPU: times already warmed-up callables round-robin, one call of each in turn, so a
+    change in the machine's state (another process, frequency, memory) during the run falls on
+    every impl alike instead of on whichever was being timed. Each gets the budget of time_fn:
+    calls until its timed calls add up to min_time and at least min_reps, at most max_reps.
+    Returns {name: summarize(samples)}, or the exception a call raised (that impl stops)."""
+    min_reps = max(1, min(min_reps, max_reps))
+    samples = {name: [] for name in fns}
+    out: Dict[str, Any] = {}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while True:
+            live = [n for n, fn in fns.items() if n not in out and (
+                len(samples[n]) < min_reps or
+                (sum(samples[n]) < 1e3 * min_time and len(samples[n]) < max_reps))]
+            if not live:
+                break
+            for name in live:
+                try:
+                    t0 = time.perf_counter()
+                    fns[name]()
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+                except Exception as e:  # noqa: BLE001 - reported per impl
+                    out[name] = e
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for name, got in samples.items():
+        if name not in out:
+            out[name] = summarize(got)
+    return out
 
 
 # ----------------------------------------------------------------------------- printing
