@@ -51,6 +51,64 @@ def test_compile_fullgraph_matches_eager(make, backend):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def _graph_ops(fn, inputs):
+    """(output, the set of truthgpt ops the dynamo graph of fn calls)."""
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target).removesuffix(".default") for n in gm.graph.nodes
+                    if n.op == "call_function" and "truthgpt" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend)(*inputs), seen
+
+
+@pytest.mark.skipif(not BACKENDS or BACKENDS[0] != "cpu", reason="needs the C++ extension")
+@pytest.mark.parametrize("make", [_attention, _rotary, _swiglu, _rms_norm], ids=lambda f: f.__name__[1:])
+def test_compiled_inference_graph_calls_the_cpp_kernels(make):
+    """With no gradient to track, a compiled graph holds the C++ kernels themselves
+    (truthgpt.<family>_fwd, through their fake kernels), not the Python custom ops that run
+    Python per call; when a gradient may flow it holds the custom op (its autograd). Inductor's
+    code gives eager's results."""
+    fn, inputs = make("cpu")
+    with torch.no_grad():
+        expected = fn(*inputs)
+        _, seen = _graph_ops(fn, inputs)
+        assert seen and all(op.endswith("_fwd") for op in seen), seen
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*inputs), expected)
+    _, seen = _graph_ops(fn, [t.clone().requires_grad_() for t in inputs])
+    assert seen and not any(op.endswith("_fwd") for op in seen), seen
+
+
+@pytest.mark.skipif(not BACKENDS or BACKENDS[0] != "cpu", reason="needs the C++ extension")
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_compiled_kvcache_checks_lengths_in_the_graph(paged):
+    """Under torch.compile the C++ KV-cache kernel is called from the graph with no Python
+    check around it: the lengths are checked by asserts in the graph, before anything is
+    written."""
+    from .ops.test_attention_with_kvcache import _inputs
+    a = _inputs(paged)
+    q, k_cache, v_cache = a.pop("q"), a.pop("k_cache"), a.pop("v_cache")
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    want = tk.attention_with_kvcache(q, k_eager, v_eager, backend="cpu", **a)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *t, **kw: tk.attention_with_kvcache(*t, backend="cpu", **kw), fullgraph=True)
+    torch.testing.assert_close(fn(q, k_cache, v_cache, **a), want)
+    assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+    capacity = 12
+    bad = [("cache_seqlens", torch.tensor([3, capacity - 1], dtype=torch.int32), "cache_seqlens must be >= 0"),
+           ("cache_seqlens", torch.tensor([-1, 0], dtype=torch.int32), "cache_seqlens must be >= 0")]
+    if paged:
+        bad.append(("block_table", torch.tensor([[0, 1, 2], [3, 9, 5]], dtype=torch.int32), "block_table"))
+    for key, value, match in bad:
+        before = k_cache.clone()
+        with pytest.raises(RuntimeError, match=match):
+            fn(q, k_cache, v_cache, **dict(a, **{key: value}))
+        assert torch.equal(k_cache, before)
+
+
 def _mha_masks(kind, B=2, H=4, L=6, S=6):
     """The forward kwargs of one masking mode of nn.MultiheadAttention (batch_first, L == S)."""
     g = torch.Generator().manual_seed(1)

@@ -200,12 +200,28 @@ def decide(family: str, name: str, device_type: str, dtype: torch.dtype) -> Tupl
     return name, ()
 
 
+def register_fake(op, family: str, which: str):
+    """Decorator: fn becomes the fake (shape-only) kernel of custom op `op`, whose arguments are
+    those of the kernel `family_which` plus the backend name, and also of the C++ kernel
+    truthgpt::family_which (the same arguments without the name) when the extension defines it,
+    so that a compiled graph can hold that kernel itself (see call)."""
+    def register(fn):
+        op.register_fake(fn)
+        if _ext.load("_C")[0] is not None and hasattr(torch.ops.truthgpt, f"{family}_{which}"):
+            torch.library.register_fake(f"truthgpt::{family}_{which}", lambda *args: fn(*args, None))
+        return fn
+    return register
+
+
 def call(op, family: str, which: str, name: str, *args):
     """Runs custom op `op` (whose implementation is kernel(family, name, which)) on args.
-    Eager calls that need no autograd skip the custom-op dispatcher (tens of microseconds a
-    call, which dominates decoding) and run the same kernel directly; under torch.compile and
-    whenever a gradient may flow, the op itself runs."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+    Calls that need no autograd skip the custom op and run the same kernel directly: in eager
+    mode the custom-op dispatcher costs tens of microseconds a call, which dominates decoding;
+    under torch.compile the C++ kernels (backends "cpu" and "cuda", which have fake kernels, see
+    register_fake) go into the graph themselves, so a compiled decoding step runs no Python per
+    op. Whenever a gradient may flow, and for the Python backends under torch.compile, the op
+    itself runs."""
+    if (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)) or (
+            torch.compiler.is_compiling() and name not in ("cpu", "cuda")):
         return op(*args, name)
     return kernel(family, name, which)(*args)

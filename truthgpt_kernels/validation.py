@@ -128,23 +128,39 @@ def check_class_targets(target: Tensor, num_classes: int, ignore_index: int):
                          f"({ignore_index}); got {int(target[i])} at position {i}")
 
 
+def _kvcache_pages_bad(lens: Tensor, block_table: Tensor, total: Tensor, page_size: int, num_pages: int) -> Tensor:
+    """(B, max_pages) bool: the block_table entries of the pages in use that are no page index."""
+    used = torch.arange(block_table.shape[1], device=lens.device)[None, :] * page_size < total[:, None]
+    return used & ((block_table < 0) | (block_table >= num_pages))
+
+
 def check_kvcache_lengths(cache_seqlens: Tensor, block_table: Optional[Tensor], s_new: int,
-                          capacity: int, page_size: int, num_pages: int):
+                          capacity: int, page_size: int, num_pages: int, *, in_graph: bool = False):
     """The values of a KV cache's bookkeeping: cache_seqlens >= 0, cache_seqlens + s_new within
     the capacity, and the block_table entries of the pages those tokens use in [0, num_pages).
-    Reads the values (a device sync on GPUs): called inside the op, like check_class_targets."""
+    Reads the values (a device sync on GPUs): called inside the op, like check_class_targets.
+    in_graph (inside torch.compile, where values cannot be read while tracing): the same
+    conditions as asserts that run with the compiled graph and raise RuntimeError."""
     lens = cache_seqlens.long()
+    total = lens + s_new
+    if in_graph:
+        torch._assert_async(((lens >= 0) & (total <= capacity)).all(),
+                            f"attention_with_kvcache: cache_seqlens must be >= 0 and cache_seqlens + the "
+                            f"{s_new} new tokens within the cache capacity of {capacity} tokens")
+        if block_table is not None and block_table.numel():
+            torch._assert_async(~_kvcache_pages_bad(lens, block_table, total, page_size, num_pages).any(),
+                                f"attention_with_kvcache: the block_table entries of the pages in use must "
+                                f"be page indices in [0, {num_pages})")
+        return
     if bool((lens < 0).any()):
         b = int((lens < 0).nonzero()[0, 0])
         raise ValueError(f"cache_seqlens must be >= 0, got {int(lens[b])} for sequence {b}")
-    total = lens + s_new
     if bool((total > capacity).any()):
         b = int((total > capacity).nonzero()[0, 0])
         raise ValueError(f"cache_seqlens[{b}] + the {s_new} new tokens = {int(total[b])} exceed the "
                          f"cache capacity of {capacity} tokens")
     if block_table is not None and block_table.numel():
-        used = torch.arange(block_table.shape[1], device=lens.device)[None, :] * page_size < total[:, None]
-        bad = used & ((block_table < 0) | (block_table >= num_pages))
+        bad = _kvcache_pages_bad(lens, block_table, total, page_size, num_pages)
         if bool(bad.any()):
             b, p = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"block_table[{b}, {p}] = {int(block_table[b, p])} is not a page index "

@@ -65,3 +65,26 @@ def test_opcheck(case, backend):
             pytest.skip(mark.kwargs["reason"])
     args = make(device_for(backend)) + (backend,)
     torch.library.opcheck(getattr(torch.ops.truthgpt, op).default, args)
+
+
+# C++ kernels a compiled graph calls directly (backends.call): their fake kernels
+# (backends.register_fake) must agree with them. case -> kernel name
+KERNELS = {"attention": "attention_fwd", "attention_rel_bias_dropout": "attention_fwd",
+           "apply_rotary": "rotary_fwd", "apply_rotary_qk": "rotary_qk_fwd", "swiglu": "swiglu_fwd",
+           "rms_norm": "rms_norm_fwd"}
+
+
+@pytest.mark.skipif(bool(backends.unavailable_reason("cpu")), reason="needs the C++ extension")
+@pytest.mark.parametrize("case", list(KERNELS))
+def test_opcheck_cpp_kernel(case):
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in CASES[case][2]("cpu"))
+    torch.library.opcheck(getattr(torch.ops.truthgpt, KERNELS[case]).default, args)
+
+
+@pytest.mark.skipif(bool(backends.unavailable_reason("cpu")), reason="needs the C++ extension")
+def test_opcheck_cpp_kvcache_kernel():
+    from .test_attention_with_kvcache import _inputs
+    a = _inputs(True)
+    torch.library.opcheck(torch.ops.truthgpt.attention_with_kvcache_fwd.default,
+                          (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"],
+                           a["k_new"], a["v_new"], 0.3, 4, 0, None, 5.0))

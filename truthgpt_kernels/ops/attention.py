@@ -27,7 +27,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, window_left: int
         key_mask, softcap, rel_bias, dropout_p, dropout_seed)
 
 
-@attention_op.register_fake
+@backends.register_fake(attention_op, "attention", "fwd")
 def _(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask,
       softcap, rel_bias, dropout_p, dropout_seed, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)

@@ -13,15 +13,16 @@ from ..validation import (check_attention_options, check_head_dim, check_kvcache
 FAMILY = "attention_with_kvcache"
 
 
-def _check_values(q, k_cache, cache_seqlens, block_table, k_new):
-    """The value checks (they read cache_seqlens and block_table), before anything is written."""
+def _check_values(q, k_cache, cache_seqlens, block_table, k_new, in_graph=False):
+    """The value checks (they read cache_seqlens and block_table), before anything is written;
+    in_graph: as asserts in a compiled graph (see check_kvcache_lengths)."""
     s_new = 0 if k_new is None else k_new.shape[2]
     if block_table is None:
         capacity, page_size, num_pages = k_cache.shape[2], k_cache.shape[2], k_cache.shape[0]
     else:
         page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
         capacity = block_table.shape[1] * page_size
-    check_kvcache_lengths(cache_seqlens, block_table, s_new, capacity, page_size, num_pages)
+    check_kvcache_lengths(cache_seqlens, block_table, s_new, capacity, page_size, num_pages, in_graph=in_graph)
 
 
 @torch.library.custom_op("truthgpt::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -40,7 +41,7 @@ def attention_with_kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache
         window_right, alibi_slopes, softcap)
 
 
-@attention_with_kvcache_op.register_fake
+@backends.register_fake(attention_with_kvcache_op, FAMILY, "fwd")
 def _(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left,
       window_right, alibi_slopes, softcap, backend):
     return q.new_empty(q.shape)
@@ -103,8 +104,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, cache
         D, B, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
         alibi_slopes=alibi_slopes)
     name = backends.select(FAMILY, backend, q)
-    if not torch.compiler.is_compiling():  # (under torch.compile the op body checks them)
-        _check_values(q, k_cache, cache_seqlens, block_table, k_new)
+    # under torch.compile the values are checked by asserts in the graph (the C++ kernels go into
+    # the graph themselves, see backends.call; the op's own body checks them too)
+    _check_values(q, k_cache, cache_seqlens, block_table, k_new, in_graph=torch.compiler.is_compiling())
     return backends.call(attention_with_kvcache_op, FAMILY, "fwd", name, q, k_cache, v_cache,
                          cache_seqlens, block_table, k_new, v_new, scale, left, right,
                          alibi_slopes, softcap)

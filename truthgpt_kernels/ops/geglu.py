@@ -15,7 +15,7 @@ def geglu_op(gate: Tensor, up: Tensor, approximate: str, backend: str) -> Tensor
     return backends.kernel("geglu", backend, "fwd")(gate, up, approximate)
 
 
-@geglu_op.register_fake
+@backends.register_fake(geglu_op, "geglu", "fwd")
 def _(gate, up, approximate, backend):
     return gate.new_empty(gate.shape)
 

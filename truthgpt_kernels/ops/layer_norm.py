@@ -21,7 +21,7 @@ def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     return backends.kernel("layer_norm", backend, "fwd")(x, weight, bias, eps)
 
 
-@layer_norm_op.register_fake
+@backends.register_fake(layer_norm_op, "layer_norm", "fwd")
 def _(x, weight, bias, eps, backend):
     stat = x.new_empty(x.shape[:-1], dtype=_stat_dtype(x.dtype))
     return x.new_empty(x.shape), stat, stat.new_empty(stat.shape)

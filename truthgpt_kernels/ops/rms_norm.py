@@ -14,7 +14,7 @@ def rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float, backend: str) -
     return backends.kernel("rms_norm", backend, "fwd")(x, weight, eps)
 
 
-@rms_norm_op.register_fake
+@backends.register_fake(rms_norm_op, "rms_norm", "fwd")
 def _(x, weight, eps, backend):
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 

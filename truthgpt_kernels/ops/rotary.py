@@ -18,7 +18,7 @@ def rotary_op(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, interle
     return backends.kernel("rotary", backend, "fwd")(x, cos, sin, position_ids, interleaved)
 
 
-@rotary_op.register_fake
+@backends.register_fake(rotary_op, "rotary", "fwd")
 def _(x, cos, sin, position_ids, interleaved, backend):
     return x.new_empty(x.shape)
 
@@ -29,7 +29,7 @@ def rotary_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: T
     return backends.kernel("rotary", backend, "qk_fwd")(q, k, cos, sin, position_ids, interleaved)
 
 
-@rotary_qk_op.register_fake
+@backends.register_fake(rotary_qk_op, "rotary", "qk_fwd")
 def _(q, k, cos, sin, position_ids, interleaved, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 

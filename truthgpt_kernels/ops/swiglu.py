@@ -13,7 +13,7 @@ def swiglu_op(gate: Tensor, up: Tensor, backend: str) -> Tensor:
     return backends.kernel("swiglu", backend, "fwd")(gate, up)
 
 
-@swiglu_op.register_fake
+@backends.register_fake(swiglu_op, "swiglu", "fwd")
 def _(gate, up, backend):
     return gate.new_empty(gate.shape)
 
