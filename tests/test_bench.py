@@ -153,6 +153,12 @@ def test_dtype_filter(synthetic, capsys):
     assert "no reference 8x8" not in out  # its inputs are float32 (found by building them)
 
 
+def test_cases_filter(synthetic, capsys):
+    rc, out, err = run_cli(capsys, "--ops", "attention", *FAST, "--no-save", "--cases", "S64")
+    assert rc == 0, err
+    assert "fwd S64 D16 float32" in out and "fwd S16 D16 float32" not in out
+
+
 def test_failing_impl_is_reported_and_exits_nonzero(monkeypatch, capsys):
     def broken(x):
         raise RuntimeError("kernel exploded")

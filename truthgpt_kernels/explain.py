@@ -14,10 +14,10 @@ from torch import Tensor
 
 from . import _ext, backends
 
-FAMILIES = ("attention", "rotary", "rms_norm", "swiglu")
+FAMILIES = ("attention", "rotary", "rms_norm", "swiglu", "linear")
 # public op name -> op family (tk.explain accepts either)
 OPS = {"attention": "attention", "apply_rotary": "rotary", "apply_rotary_qk": "rotary",
-       "rotary": "rotary", "rms_norm": "rms_norm", "swiglu": "swiglu"}
+       "rotary": "rotary", "rms_norm": "rms_norm", "swiglu": "swiglu", "linear": "linear"}
 
 
 def _info_ops():
@@ -199,6 +199,8 @@ def explain_config(config, *, device: str = "cpu", dtype=None, batch_size: int =
     if config.ffn in ("swiglu", "moe", "geglu"):
         ffn = "geglu" if config.ffn == "geglu" else "swiglu"
         out.append(decision(ffn, ffn, dev.type, dtype, config.op_backend, source=src))
+    # the projections and lm_head (tk.modules.Linear) always choose automatically
+    out.append(decision("linear (projections)", "linear", dev.type, dtype, "auto", source="tk.modules.Linear"))
     return out
 
 

@@ -39,7 +39,7 @@ import torch
 
 from .. import backends
 
-FAMILIES = ("attention", "attention_varlen", "rotary", "swiglu", "rms_norm", "layer_norm", "geglu", "linear_cross_entropy",
+FAMILIES = ("attention", "attention_varlen", "rotary", "swiglu", "rms_norm", "layer_norm", "geglu", "linear", "linear_cross_entropy",
             "model", "dropin")
 
 DTYPES = {  # accepted spellings -> canonical torch name

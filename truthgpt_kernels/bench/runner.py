@@ -378,6 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Optional[List[str]] = N
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for CI and smoke tests)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default: cpu")
     parser.add_argument("--dtype", help="comma-separated dtypes to keep, e.g. bf16,float32 (default: all)")
+    parser.add_argument("--cases", metavar="TEXT",
+                        help="keep only the cases whose name contains TEXT, e.g. decode (default: all)")
     parser.add_argument("--json", metavar="PATH",
                         help="where to save the results (default: bench-results/bench-<device>-<time>.json)")
     parser.add_argument("--plot", metavar="PATH",
@@ -500,6 +502,8 @@ def cli(args) -> int:
                 print(f"note: no benchmark cases for {op} yet (truthgpt_kernels/bench/{op}.py)",
                       file=sys.stderr)
             continue
+        if cases and getattr(args, "cases", None):
+            cases = [c for c in cases if args.cases in c.name]
         if cases:
             cases_by_op[op] = cases
     if not cases_by_op:

@@ -29,6 +29,9 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
   routed (token, expert) pairs sorted by expert, torch's grouped GEMM (a GEMM per expert for
   float64), and one `tk.swiglu` over every routed row; the router and its top-k are untouched.
   This forward replaces the config's experts_implementation (eager / grouped_mm / batched_mm);
+- linear: every plain `nn.Linear` (projections and lm_head; subclasses, e.g. quantized or LoRA
+  layers, are left as they are) runs `tk.linear`: the C++ kernel for the few rows of a decoding
+  step, F.linear when a gradient may flow or the rows are many;
 - a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
   left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
@@ -71,7 +74,7 @@ GEMMA = ("gemma2", "gemma3_text")  # RMSNorm scales by 1 + weight
 CONFIG_WINDOW = ("mistral", "mixtral", "phi3")
 # apply_to_class names that are not the model_type: the modeling module's directory name
 _FAMILY_MODULES = {"gemma3_text": "gemma3"}
-KINDS = ("attention", "rms_norm", "mlp", "experts", "loss")
+KINDS = ("attention", "rms_norm", "mlp", "experts", "linear", "loss")
 # the GELU of a GELU-gated MLP -> tk.geglu's approximate
 GELU_ACTS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 NAME = "truthgpt"
@@ -553,6 +556,10 @@ def _packed_swiglu_mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
 
 
+def _linear_forward(self, x):
+    return ops.linear(x, self.weight, self.bias, backend="auto")  # as tk.modules.Linear
+
+
 def _expert_matmul(x, weight, counts, offsets):
     """Rows of x (sorted by expert, counts[e] rows for expert e) times weight[e].T:
     (N, K) x (E, M, K) -> (N, M). torch's grouped_mm where it takes the dtype (float32 / bf16 /
@@ -756,6 +763,9 @@ def _plan(model, config, model_type, fused_loss):
                 ("Experts", "experts", lambda m: _plan_experts(m, act)))
     plan, left = {k: [] for k in KINDS}, {}
     for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            plan["linear"].append((module, _linear_forward, {}))
+            continue
         cls = type(module).__name__
         for suffix, kind, planner in planners:
             if cls.endswith(suffix):

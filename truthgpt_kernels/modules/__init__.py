@@ -3,6 +3,7 @@ from .attention import Attention, CacheFullError, KVCache
 from .embeddings import (AlibiSlopes, LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
                          SinusoidalPositionalEmbedding, sinusoidal_table)
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
+from .linear import Linear
 from .loss import FusedLinearCrossEntropyLoss
 from .multihead import MultiheadAttention
 from .norm import LayerNorm, RMSNorm, make_norm
@@ -10,5 +11,5 @@ from .transformer import ModelCache, Transformer, TransformerBlock, sample
 
 __all__ = ["Attention", "KVCache", "CacheFullError", "RotaryEmbedding", "AlibiSlopes", "RelativePositionBias",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "sinusoidal_table",
-           "SwiGLU", "GeGLU", "MLP", "MoE", "RMSNorm", "LayerNorm", "make_norm", "TransformerBlock",
+           "SwiGLU", "GeGLU", "MLP", "MoE", "Linear", "RMSNorm", "LayerNorm", "make_norm", "TransformerBlock",
            "Transformer", "ModelCache", "sample", "MultiheadAttention", "FusedLinearCrossEntropyLoss"]

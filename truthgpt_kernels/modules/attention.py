@@ -10,6 +10,7 @@ from ..ops import attention, attention_varlen, attention_with_kvcache
 from .embeddings import AlibiSlopes, RotaryEmbedding
 from .packing import Packed
 from .paged import PagedKVCache
+from .linear import Linear
 
 POSITIONS = ("rope", "alibi", "relative", "none")
 LAYOUTS = {"local": sparse.local_layout, "local_global": sparse.local_global_layout,
@@ -106,8 +107,8 @@ class Attention(nn.Module):
         self.sparsity = self._sparsity(sparsity)
         self.max_seq_len = max_seq_len
         D = self.head_dim
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * D, bias=bias, device=device, dtype=dtype)
-        self.out = nn.Linear(n_heads * D, d_model, bias=bias, device=device, dtype=dtype)
+        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * D, bias=bias, device=device, dtype=dtype)
+        self.out = Linear(n_heads * D, d_model, bias=bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         if not 0.0 <= attn_dropout < 1.0:
             raise ValueError(f"attn_dropout must lie in [0, 1), got {attn_dropout}")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..ops import geglu, swiglu
 from ..ops.geglu import APPROXIMATIONS as GELU_APPROXIMATIONS
 from ..validation import check_choice
+from .linear import Linear
 
 
 class _GatedFeedForward(nn.Module):
@@ -21,8 +22,8 @@ class _GatedFeedForward(nn.Module):
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
         self.d_model, self.d_ff, self.backend = d_model, d_ff, backend
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias, device=device, dtype=dtype)
-        self.down = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+        self.gate_up = Linear(d_model, 2 * d_ff, bias=bias, device=device, dtype=dtype)
+        self.down = Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
 
     @property
@@ -73,8 +74,8 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, bias: bool = True, dropout: float = 0.0,
                  approximate: str = "tanh", device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+        self.fc1 = Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.fc2 = Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
         self.approximate = approximate
         self.dropout = nn.Dropout(dropout)
 

@@ -24,6 +24,7 @@ from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .norm import LayerNorm, RMSNorm, make_norm
 from .packing import Packed
 from .paged import PagedKVCache, make_paged_caches
+from .linear import Linear
 
 
 class TransformerBlock(nn.Module):
@@ -135,7 +136,7 @@ class Transformer(nn.Module):
             TransformerBlock(c, causal=c.causal, cross_attention=c.model_type == "encoder_decoder",
                              device=device) for _ in range(c.n_layers))
         self.norm = make_norm(c.norm, c.d_model, c.norm_eps, backend=c.op_backend, device=device, dtype=dt)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, device=device, dtype=dt)
+        self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, device=device, dtype=dt)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = c.gradient_checkpointing

@@ -5,10 +5,11 @@ from .attention_with_kvcache import attention_with_kvcache
 from .linear_cross_entropy import linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
+from .linear import linear
 from .rms_norm import rms_norm
 from .rotary import apply_rotary, apply_rotary_qk, rotary_cos_sin
 from .swiglu import swiglu
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
            "apply_rotary_qk", "rotary_cos_sin",
-           "swiglu", "rms_norm", "geglu", "layer_norm", "linear_cross_entropy"]
+           "swiglu", "rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy"]

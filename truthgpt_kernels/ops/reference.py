@@ -364,6 +364,10 @@ def rotary_qk_fwd(q, k, cos, sin, position_ids, interleaved):
     return rotary_fwd(q, cos, sin, position_ids, interleaved), rotary_fwd(k, cos, sin, position_ids, interleaved)
 
 
+def linear_fwd(x, weight, bias):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def swiglu_fwd(gate, up):
     return swiglu(gate, up).contiguous()
 

@@ -1,0 +1,47 @@
+"""tk.linear benchmark cases: the projections of one decoding step of the small preset (6
+layers of qkv / out / gate_up / down, then the 32000 x 512 lm_head: 143 MB of float32 weights,
+more than the caches hold, so each call streams them from memory as decoding does) for 1 and 8
+rows (batch 1 and 8, one token each), against eager F.linear and torch.compile of the same
+loop, with the copy ceiling for the same bytes."""
+import torch
+import torch.nn.functional as F
+
+import truthgpt_kernels as tk
+from truthgpt_kernels.ops import reference
+
+from . import Case, ceiling, in_float64
+
+# (N, K) of the small preset's projections: qkv, out, gate_up, down per layer, then lm_head
+LAYER = [(1536, 512), (512, 512), (2816, 512), (512, 1408)]
+
+
+def _step(linear):
+    def run(x):
+        with torch.no_grad():
+            return [linear(x["x"][w.shape[1]], w) for w in x["weights"]]
+    return run
+
+
+def cases(device, quick):
+    shapes = LAYER * (1 if quick else 6) + [(1000 if quick else 32000, 512)]
+    out = []
+    for dtype, rows in ((torch.float32, 1), (torch.float32, 8), (torch.bfloat16, 1)):
+        def setup(dtype=dtype, rows=rows):
+            g = torch.Generator().manual_seed(0)
+            weights = [(torch.randn(s, generator=g) * 0.02).to(device, dtype) for s in shapes]
+            xs = {k: torch.randn(rows, k, generator=g).to(device, dtype) for k in {k for _, k in shapes}}
+            return {"weights": weights, "x": xs}
+        elem = torch.tensor([], dtype=dtype).element_size()
+        nbytes = sum(n * k for n, k in shapes) * elem
+        compiled = torch.compile(_step(F.linear))
+        out.append(Case(
+            op="linear", name=f"decode step projections {rows} row{'s' if rows > 1 else ''} "
+                             f"{nbytes / 1e6:.0f} MB {str(dtype)[6:]}",
+            setup=ceiling.with_copy(setup, nbytes, device, dtype),
+            impls={"truthgpt": _step(tk.linear), ceiling.NAME: ceiling.copy,
+                   "torch eager": _step(F.linear), "torch compiled": compiled},
+            bytes=nbytes, flops=2.0 * rows * sum(n * k for n, k in shapes),
+            reference=in_float64(_step(reference.linear_fwd)),
+            extra={"dtype": str(dtype)[6:], "rows": rows},
+        ))
+    return out

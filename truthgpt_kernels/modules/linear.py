@@ -1,0 +1,14 @@
+"""Linear: nn.Linear through tk.linear (the same parameters, state dict and initialisation)."""
+from torch import Tensor, nn
+
+from ..ops import linear
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward is tk.linear: the C++ kernel for the few rows of decoding,
+    F.linear (torch's GEMM and autograd) when a gradient may flow or the rows are many. The
+    backend is always chosen automatically (use_backend / TRUTHGPT_BACKEND name the backend of
+    the other ops: a GPU backend has no linear kernel, and "auto" on CUDA tensors is F.linear)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias, backend="auto")
