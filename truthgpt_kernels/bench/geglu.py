@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
-from . import Case, ceiling, fwd_bwd, in_float64
+from . import Case, copy_ceiling, fwd_bwd, in_float64
 
 
 def _fwd_bwd(fn):
@@ -26,9 +26,9 @@ def cases(device, quick):
         nbytes = rows * n * elem * (3 + 5)  # fwd: read g,u write out; bwd: read dy,g,u write dg,du
         out.append(Case(
             op="geglu", name=f"fwd+bwd {rows}x{n} {str(dtype)[6:]}",
-            setup=ceiling.with_copy(setup, nbytes, device, dtype),
+            setup=copy_ceiling.with_copy(setup, nbytes, device, dtype),
             impls={"truthgpt": _fwd_bwd(tk.geglu),
-                   ceiling.NAME: ceiling.copy,
+                   copy_ceiling.NAME: copy_ceiling.copy,
                    "torch eager": _fwd_bwd(lambda g, u: F.gelu(g, approximate="tanh") * u)},
             bytes=nbytes,
             reference=in_float64(_fwd_bwd(reference.geglu)),

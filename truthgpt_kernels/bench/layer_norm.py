@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
-from . import Case, ceiling, fwd_bwd, in_float64
+from . import Case, copy_ceiling, fwd_bwd, in_float64
 
 EPS = 1e-5
 
@@ -29,9 +29,9 @@ def cases(device, quick):
         nbytes = rows * n * elem * (2 + 3)  # fwd: read x write y; bwd: read dy,x write dx
         out.append(Case(
             op="layer_norm", name=f"fwd+bwd {rows}x{n} {str(dtype)[6:]}",
-            setup=ceiling.with_copy(setup, nbytes, device, dtype),
+            setup=copy_ceiling.with_copy(setup, nbytes, device, dtype),
             impls={"truthgpt": _fwd_bwd(lambda x, w, b: tk.layer_norm(x, w, b, EPS)),
-                   ceiling.NAME: ceiling.copy,
+                   copy_ceiling.NAME: copy_ceiling.copy,
                    "torch F.layer_norm": _fwd_bwd(lambda x, w, b: F.layer_norm(x, (n,), w, b, EPS))},
             bytes=nbytes,
             reference=in_float64(_fwd_bwd(lambda x, w, b: reference.layer_norm(x, w, b, EPS))),

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 import truthgpt_kernels as tk
 from truthgpt_kernels.ops import reference
 
-from . import Case, ceiling, in_float64
+from . import Case, copy_ceiling, in_float64
 
 # (N, K) of the small preset's projections: qkv, out, gate_up, down per layer, then lm_head
 LAYER = [(1536, 512), (512, 512), (2816, 512), (512, 1408)]
 
 
-def _step(linear):
+def _step(linear):  # linear(x, weight, bias)
     def run(x):
         with torch.no_grad():
-            return [linear(x["x"][w.shape[1]], w) for w in x["weights"]]
+            return [linear(x["x"][w.shape[1]], w, None) for w in x["weights"]]
     return run
 
 
@@ -37,8 +37,8 @@ def cases(device, quick):
         out.append(Case(
             op="linear", name=f"decode step projections {rows} row{'s' if rows > 1 else ''} "
                              f"{nbytes / 1e6:.0f} MB {str(dtype)[6:]}",
-            setup=ceiling.with_copy(setup, nbytes, device, dtype),
-            impls={"truthgpt": _step(tk.linear), ceiling.NAME: ceiling.copy,
+            setup=copy_ceiling.with_copy(setup, nbytes, device, dtype),
+            impls={"truthgpt": _step(tk.linear), copy_ceiling.NAME: copy_ceiling.copy,
                    "torch eager": _step(F.linear), "torch compiled": compiled},
             bytes=nbytes, flops=2.0 * rows * sum(n * k for n, k in shapes),
             reference=in_float64(_step(reference.linear_fwd)),
