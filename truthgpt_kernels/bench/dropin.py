@@ -53,12 +53,19 @@ def _train_step(model):
     return run
 
 
-def _generate(model, n_new):
+def _generate(model, n_new, **kw):
     def run(x):
         with torch.no_grad():
             return model.generate(x["prompt"], max_new_tokens=n_new, min_new_tokens=n_new,
-                                  do_sample=False, pad_token_id=0)
+                                  do_sample=False, pad_token_id=0, **kw)
     return run
+
+
+def _compiled_forward(model):
+    """model with its forward under torch.compile(fullgraph=True) (transformers' recipe for
+    static-cache decoding; the runner's warm-up call compiles)."""
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    return model
 
 
 def cases(device, quick):
@@ -87,6 +94,15 @@ def cases(device, quick):
             setup=lambda: {"prompt": torch.randint(1, VOCAB, (1, n_prompt), device=device)},
             impls={"truthgpt (apply_to)": _generate(patched, n_new), "transformers sdpa": _generate(base, n_new)},
             extra={"tokens": n_new}))
+        # the same with transformers' static cache and the forward compiled, on both sides
+        static = {"cache_implementation": "static"}
+        cpatched, cbase = (_compiled_forward(copy.deepcopy(m)) for m in (patched, base))
+        out.append(Case(
+            op="dropin", name=f"HF Llama greedy generate {n_new} tokens after {n_prompt} static cache compiled",
+            setup=lambda: {"prompt": torch.randint(1, VOCAB, (1, n_prompt), device=device)},
+            impls={"truthgpt (apply_to)": _generate(cpatched, n_new, **static),
+                   "transformers sdpa": _generate(cbase, n_new, **static)},
+            extra={"tokens": n_new}, peak_memory=False))
     d = 128 if quick else 512
     layer = nn.TransformerEncoderLayer(d, 8, 4 * d, dropout=0.0, batch_first=True)
     enc = nn.TransformerEncoder(layer, 2 if quick else 6, enable_nested_tensor=False).to(device)
