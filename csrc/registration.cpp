@@ -27,8 +27,8 @@
 //     non-decreasing, last = total), per-sequence semantics of attention; alibi_slopes float32
 //     (B,Hq); lse float32 (Hq,Tq).
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
-//   linear: x (M,K), weight (N,K), bias (N,), one dtype; y = x weight^T + bias (M,N). Forward
-//     only (tk.linear's gradients are F.linear's).
+//   linear: x (M,K), weight (N,K), bias (N,), one dtype; y = x weight^T + bias (M,N). The
+//     backward takes grad (M,N) and returns (dx, dweight, dbias), each empty when not asked for.
 //   attention_with_kvcache: cache (B,Hkv,S_max,D), or paged (num_pages,page_size,Hkv,D) with
 //     block_table int32 (B,max_pages); cache_seqlens int32 (B,); k_new/v_new (B,Hkv,S_new,D) are
 //     written into k_cache/v_cache (mutated) at cache_seqlens first; window as attention with
@@ -70,4 +70,6 @@ TORCH_LIBRARY(truthgpt, m) {
         "float softcap, bool need_dweight, int chunk_size) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight, "
+        "bool need_bias) -> (Tensor, Tensor, Tensor)");
 }

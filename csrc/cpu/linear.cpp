@@ -10,6 +10,13 @@
 // so the second and later chunks read the block from cache, not memory. Math in float (double
 // for double); the sum over K runs in lane-strided partial sums, then a lane reduction (an
 // order that differs from at::linear's by rounding only).
+//
+// bfloat16 / float16 GEMMs (more rows, and the backward, linear_bwd): torch's CPU GEMM for
+// these dtypes is fast only where oneDNN has a kernel for them (bfloat16: AVX-512 BW/VL/DQ or
+// AMX; float16: AVX512-FP16 or AMX); elsewhere (AVX2 machines) it runs at 1-15 GFLOP/s, where
+// float32 runs at ~100 (measured in BENCHMARKS.md). There the GEMMs take float32 copies of the
+// operands (exact: a product of two bf16/fp16 values is exact in float32) and round the float32
+// result once, as a GEMM with float32 accumulation does.
 #ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
 
 #include <ATen/ATen.h>
@@ -29,6 +36,38 @@ constexpr int64_t kMaxRows = 8;         // more rows: at::linear
 constexpr int64_t kRowsPerTask = 48;    // weight rows per parallel task (a multiple of each R below)
 constexpr int64_t kGrainElems = 1 << 16;  // weight elements per thread at least
 
+// Does torch's CPU GEMM have a fast kernel for dtype t here? (float32 / float64: always.)
+bool native_gemm(at::ScalarType t) {
+#if TRUTHGPT_X86
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512dq")) || __builtin_cpu_supports("amx-bf16");
+  }();
+  static const bool fp16 = [] {
+    __builtin_cpu_init();
+    return static_cast<bool>(__builtin_cpu_supports("avx512fp16"));
+  }();
+  if (t == at::kBFloat16) return bf16;
+  if (t == at::kHalf) return fp16;
+#endif
+  (void)t;
+  return true;
+}
+
+// a @ b (2-D), float32 inside where native_gemm(dtype) is false; the result in a's dtype.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  if (native_gemm(a.scalar_type())) return at::mm(a, b);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
+}
+
+at::Tensor gemm_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (native_gemm(x.scalar_type())) return at::linear(x, weight, bias);
+  c10::optional<at::Tensor> bf;
+  if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat);
+  return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());
+}
+
 at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear_fwd: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
@@ -39,7 +78,7 @@ at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::
                 "linear_fwd: bias must be (N,) of x's dtype");
   }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  if (M > kMaxRows || M == 0 || N == 0 || K == 0) return at::linear(x, weight, bias);
+  if (M > kMaxRows || M == 0 || N == 0 || K == 0) return gemm_linear(x, weight, bias);
   const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor wr = weight.stride(1) == 1 ? weight : weight.contiguous();
   const at::Tensor br = has_bias ? bias->contiguous() : at::Tensor();
@@ -65,9 +104,34 @@ at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::
   return y;
 }
 
+// Gradients of y = x weight^T + bias for grad = dL/dy (M, N): dx = grad weight (M, K),
+// dweight = grad^T x (N, K), dbias = sum of grad's rows (N,), summed in float32 (float64 for
+// float64); each is an empty tensor when its flag is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& weight, bool need_x,
+                                                          bool need_weight, bool need_bias) {
+  TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+                  grad.size(0) == x.size(0) && grad.size(1) == weight.size(0),
+              "linear_bwd: grad (M, N), x (M, K) and weight (N, K) expected, got ", grad.sizes(), ", ",
+              x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && x.scalar_type() == weight.scalar_type(),
+              "linear_bwd: grad, x and weight must have one dtype");
+  at::Tensor dx = need_x ? gemm(grad, weight) : x.new_empty({0});
+  at::Tensor dw = need_weight ? gemm(grad.t(), x) : x.new_empty({0});
+  at::Tensor db = x.new_empty({0});
+  if (need_bias) {
+    const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    db = grad.sum(0, false, acc).to(grad.scalar_type());
+  }
+  return {dx, dw, db};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("linear_fwd", &linear_fwd); }
+TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+}
 
 }  // namespace truthgpt
 

@@ -65,8 +65,8 @@ def test_linear_cpu_instruction_sets(isa, monkeypatch):
             assert_close(f"{isa} {shape} {dtype}", out, F.linear(x64, w64, b64), F.linear(x, w, b))
 
 
-def test_linear_gradients_are_f_linear():
-    """With a gradient to track tk.linear is F.linear: the same values and gradients."""
+def test_linear_float32_gradients_are_f_linear():
+    """With a gradient to track, float32 tk.linear is F.linear: the same values and gradients."""
     (x, w, b), _ = _case((3, 16, 5), torch.float32, "cpu")
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     base = [t.clone().requires_grad_() for t in (x, w, b)]
@@ -78,6 +78,91 @@ def test_linear_gradients_are_f_linear():
     ref.backward(dy)
     for a, r in zip(leaves, base):
         torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=0)
+
+
+def _grads(fn, leaves, dy):
+    out = fn(*leaves)
+    out.backward(dy)
+    return out, [None if t is None or t.grad is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 64, 50), (9, 64, 33), (33, 17, 11), (70, 513, 97)], ids=str)
+@pytest.mark.parametrize("trainable", ["all", "weight_only", "x_only"])
+def test_linear_gradients_match_reference(backend, shape, trainable):
+    """Values and gradients in every dtype against float64 F.linear (bfloat16 / float16 on the
+    CPU take tk.linear's own backward, float32 F.linear's); a frozen weight (x_only) or frozen
+    input (weight_only) gets no gradient."""
+    dev = device_for(backend)
+    for dtype in DTYPES:
+        for bias in (False, True):
+            (x, w, b), (x64, w64, b64) = _case(shape, dtype, dev, bias)
+            want = {"all": (True, True, True), "weight_only": (False, True, True),
+                    "x_only": (True, False, False)}[trainable]
+            mk = lambda ts: [None if t is None else t.clone().requires_grad_(r) for t, r in zip(ts, want)]  # noqa: E731
+            dy64 = torch.randn(shape[0], shape[2], dtype=torch.float64, device=dev)
+            ours, g_ours = _grads(lambda *a: tk.linear(*a, backend=backend), mk((x, w, b)), dy64.to(dtype))
+            base, g_base = _grads(F.linear, mk((x, w, b)), dy64.to(dtype))
+            ref, g_ref = _grads(F.linear, mk((x64, w64, b64)), dy64)
+            assert_close(f"out[{dtype}]", ours, ref, base)
+            for name, a, r, bb in zip(("dx", "dweight", "dbias"), g_ours, g_ref, g_base):
+                assert (a is None) == (r is None), f"{name}[{dtype}, {trainable}]: gradient presence differs"
+                if a is not None:
+                    assert_close(f"{name}[{dtype}, bias={bias}]", a, r, bb)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_linear_op_gradcheck(backend):
+    """The op's own autograd (the path of bfloat16 / float16 on the CPU), to second order."""
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in ((7, 9), (5, 9), (5,))]
+    fn = lambda x, w, b: torch.ops.truthgpt.linear(x, w, b, backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+    # without a bias, and with only some inputs tracked
+    assert torch.autograd.gradgradcheck(lambda x, w: torch.ops.truthgpt.linear(x, w, None, backend), args[:2])
+    assert torch.autograd.gradcheck(lambda w: torch.ops.truthgpt.linear(args[0].detach(), w, None, backend), args[1:2])
+
+
+def test_linear_low_precision_backward_is_own():
+    """bfloat16 / float16 on the CPU: the gradients come from truthgpt::linear_backward, whose C++
+    kernel computes in float32 where torch's GEMM for the dtype is slow; both kernels agree
+    with the float64 reference as well as torch's own GEMM in that dtype does."""
+    if backends.unavailable_reason("cpu"):
+        pytest.skip(backends.unavailable_reason("cpu"))
+    for dtype in (torch.bfloat16, torch.float16):
+        (x, w, b), (x64, w64, b64) = _case((40, 96, 72), dtype, "cpu")
+        out = tk.linear(x.requires_grad_(), w, b)
+        names = []
+        node = out.grad_fn
+        while node is not None:
+            names.append(type(node).__name__)
+            node = node.next_functions[0][0] if node.next_functions else None
+        assert any("linear" in n.lower() and "Addmm" not in n for n in names), names
+        dy = torch.randn(40, 72, dtype=dtype)
+        dx, dw, db = torch.ops.truthgpt.linear_bwd(dy, x.detach(), w, True, True, True)
+        assert_close(f"dx[{dtype}]", dx, dy.double() @ w64, dy @ w)
+        assert_close(f"dw[{dtype}]", dw, dy.double().t() @ x64, dy.t() @ x.detach())
+        assert_close(f"db[{dtype}]", db, dy.double().sum(0), dy.sum(0))
+        none = torch.ops.truthgpt.linear_bwd(dy, x.detach(), w, False, True, False)
+        assert none[0].numel() == 0 and none[2].numel() == 0 and none[1].shape == w.shape
+
+
+def test_linear_compiled_bf16_training_matches_eager():
+    """torch.compile of a bfloat16 Linear's forward and backward (the op with its autograd in
+    the graph) gives eager's values and gradients."""
+    torch.manual_seed(0)
+    lin = tk.modules.Linear(32, 24).to(torch.bfloat16)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    grads = []
+    for fn in (lin, torch.compile(lin, backend="aot_eager", fullgraph=True)):
+        lin.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = fn(xx)
+        out.float().square().sum().backward()
+        grads.append((out, xx.grad, lin.weight.grad, lin.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_linear_autocast_dtype_like_f_linear():
@@ -104,8 +189,12 @@ def test_linear_module_is_nn_linear():
 def test_linear_opcheck(backend):
     (x, w, b), _ = _case((3, 8, 5), torch.float32, "cpu")
     torch.library.opcheck(torch.ops.truthgpt.linear.default, (x, w, b, backend))
+    dy = torch.randn(3, 5)
+    torch.library.opcheck(torch.ops.truthgpt.linear_backward.default, (dy, x, w, True, True, True, backend))
+    torch.library.opcheck(torch.ops.truthgpt.linear_backward.default, (dy, x, w, False, True, False, backend))
     if backend == "cpu":
         torch.library.opcheck(torch.ops.truthgpt.linear_fwd.default, (x, w, b))
+        torch.library.opcheck(torch.ops.truthgpt.linear_bwd.default, (dy, x, w, True, True, True))
 
 
 BAD = [

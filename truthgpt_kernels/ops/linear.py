@@ -1,9 +1,15 @@
-"""tk.linear: y = x weight^T + bias (F.linear), as the op truthgpt::linear, for the projections of
-decoding: the C++ CPU kernel streams the weights once for up to 8 rows of x (one token per
-sequence), where a GEMM library's kernel reads them at a fraction of the memory bandwidth;
-more rows go to at::linear. Forward kernels only: when a gradient may flow, tk.linear is
-F.linear (torch's GEMM and autograd, at the GEMM ceiling for the row counts of training)."""
-from typing import Optional
+"""tk.linear: y = x weight^T + bias (F.linear), as the autograd-aware op truthgpt::linear.
+
+Two cases where torch's CPU GEMM leaves speed behind:
+- decoding: for up to 8 rows of x (one token per sequence) the C++ kernel streams the weights
+  once, where a GEMM library's kernel reads them at a fraction of the memory bandwidth;
+- bfloat16 / float16 on CPUs where torch has no fast GEMM for them (no AVX-512 BW/VL/DQ or AMX
+  for bfloat16, no AVX512-FP16 for float16): forward and backward GEMMs run in float32 on
+  float32 copies of the operands (exact products, float32 accumulation, one rounding), several
+  times to ~100x faster than torch's kernels there.
+Otherwise the work is at::linear / at::mm. When a gradient may flow in float32 / float64, or on
+a GPU, tk.linear is F.linear itself (torch's GEMM and autograd)."""
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +23,78 @@ FAMILY = "linear"
 
 @torch.library.custom_op("truthgpt::linear", mutates_args=())
 def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    """x (M, K), weight (N, K), bias (N,) or None -> (M, N). No autograd formula."""
+    """x (M, K), weight (N, K), bias (N,) or None -> (M, N)."""
     return backends.kernel(FAMILY, backend, "fwd")(x, weight, bias)
 
 
 @backends.register_fake(linear_op, FAMILY, "fwd")
 def _(x, weight, bias, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("truthgpt::linear_backward", mutates_args=())
+def linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
+                       need_bias: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx = grad weight, dweight = grad^T x, dbias = grad summed over rows); each is an empty
+    tensor when its flag is false."""
+    return backends.kernel(FAMILY, backend, "bwd")(grad, x, weight, need_x, need_weight, need_bias)
+
+
+@backends.register_fake(linear_backward_op, FAMILY, "bwd")
+def _(grad, x, weight, need_x, need_weight, need_bias, backend):
+    return (x.new_empty(x.shape if need_x else 0), weight.new_empty(weight.shape if need_weight else 0),
+            weight.new_empty(weight.shape[0] if need_bias else 0))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and ctx.has_bias
+    dx, dweight, dbias = linear_backward_op(grad, x, weight, need_x, need_weight, need_bias, ctx.backend)
+    return dx if need_x else None, dweight if need_weight else None, dbias if need_bias else None, None
+
+
+linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _setup_backward(ctx, inputs, output):
+    grad, x, weight, need_x, need_weight, need_bias, _backend = inputs
+    ctx.save_for_backward(grad, x, weight)
+
+
+def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias):
+    """The backward is linear in each input: with u = grad_dx (M, K), v = grad_dweight (N, K),
+    c = grad_dbias (N,): d grad = u weight^T + x v^T + c, d x = grad v, d weight = grad^T u
+    (a flag that was false has an empty output, whose gradient is then ignored). Written in
+    differentiable torch ops, so higher orders are exact too."""
+    grad, x, weight = ctx.saved_tensors
+    d_grad = torch.zeros_like(grad)
+    d_x = d_weight = None
+    if grad_dx is not None and grad_dx.shape == x.shape:
+        d_grad = d_grad + grad_dx @ weight.t()
+        d_weight = grad.t() @ grad_dx
+    if grad_dweight is not None and grad_dweight.shape == weight.shape:
+        d_grad = d_grad + x @ grad_dweight.t()
+        d_x = grad @ grad_dweight
+    if grad_dbias is not None and grad_dbias.shape == (weight.shape[0],):
+        d_grad = d_grad + grad_dbias
+    return d_grad, d_x, d_weight, None, None, None, None
+
+
+linear_backward_op.register_autograd(_double_backward, setup_context=_setup_backward)
+
+
+def _own_backward(x: Tensor) -> bool:
+    """Do the gradients of a call on tensors like x go through linear_backward (bfloat16 /
+    float16 on the CPU, see the module docstring) rather than F.linear's?"""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -40,7 +111,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     check_same_dtype("x", x, weight=weight, bias=bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+            and not _own_backward(x)):
         return F.linear(x, weight, bias)
     name = backends.select(FAMILY, backend, x)
     out = backends.call(linear_op, FAMILY, "fwd", name, x.reshape(-1, K), weight, bias)

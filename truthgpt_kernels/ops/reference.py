@@ -368,6 +368,11 @@ def linear_fwd(x, weight, bias):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear_bwd(grad, x, weight, need_x, need_weight, need_bias):
+    return (grad @ weight if need_x else x.new_empty(0), grad.t() @ x if need_weight else x.new_empty(0),
+            grad.sum(0) if need_bias else x.new_empty(0))
+
+
 def swiglu_fwd(gate, up):
     return swiglu(gate, up).contiguous()
 
