@@ -56,12 +56,16 @@ bool native_gemm(at::ScalarType t) {
 }
 
 // a @ b (2-D), float32 inside where native_gemm(dtype) is false; the result in a's dtype.
+// (Autocast is off inside: the op may run under torch.autocast, which would cast the float32
+// copies back to the autocast dtype.)
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (native_gemm(a.scalar_type())) return at::mm(a, b);
   return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
 }
 
 at::Tensor gemm_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (native_gemm(x.scalar_type())) return at::linear(x, weight, bias);
   c10::optional<at::Tensor> bf;
   if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat);

@@ -148,6 +148,28 @@ def test_linear_low_precision_backward_is_own():
         assert none[0].numel() == 0 and none[2].numel() == 0 and none[1].shape == w.shape
 
 
+@pytest.mark.skipif(torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="torch has a fast bfloat16 GEMM on this CPU: tk.linear uses it")
+def test_linear_bf16_gemms_run_in_float32_under_autocast():
+    """On a CPU where torch's bfloat16 GEMM is slow, every GEMM of a bf16-autocast Linear's
+    forward and backward runs on float32 operands (autocast, still on around the kernel, must
+    not cast them back)."""
+    if backends.unavailable_reason("cpu"):
+        pytest.skip(backends.unavailable_reason("cpu"))
+    from torch.profiler import profile
+    lin = tk.modules.Linear(64, 48)
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    with profile(record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lin(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad is not None and lin.weight.grad is not None
+    gemms = [(e.name(), e.dtypes()[:2]) for e in prof.profiler.kineto_results.events()
+             if e.name() in ("aten::mm", "aten::addmm")]
+    # forward addmm (bias), backward dx and dweight
+    assert len(gemms) == 3 and all(d == ["float", "float"] for _, d in gemms), gemms
+
+
 def test_linear_compiled_bf16_training_matches_eager():
     """torch.compile of a bfloat16 Linear's forward and backward (the op with its autograd in
     the graph) gives eager's values and gradients."""

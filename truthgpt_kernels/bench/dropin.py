@@ -45,9 +45,12 @@ def _model(family, device, quick):
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=_attn(family)).to(device)
 
 
-def _train_step(model):
+def _train_step(model, autocast=None):
+    """forward + loss (under torch.autocast in `autocast`, as transformers' Trainer with bf16=True
+    runs them), backward outside it."""
     def run(x):
-        out = model(x["ids"], labels=x["ids"])
+        with torch.autocast(x["ids"].device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(x["ids"], labels=x["ids"])
         out.loss.backward()
         model.zero_grad(set_to_none=True)
     return run
@@ -88,6 +91,12 @@ def cases(device, quick):
                 extra={"tokens": seq}))
         base = _model("llama", device, quick)
         patched = hf.apply_to(copy.deepcopy(base))
+        out.append(Case(
+            op="dropin", name=f"HF Llama fwd+bwd seq {seq} bf16 autocast",
+            setup=lambda: {"ids": torch.randint(0, VOCAB, (1, seq), device=device)},
+            impls={"truthgpt (apply_to)": _train_step(patched, torch.bfloat16),
+                   "transformers sdpa": _train_step(base, torch.bfloat16)},
+            extra={"tokens": seq, "dtype": "bfloat16"}))
         n_new, n_prompt = (16, 32) if quick else (128, 512)  # issue #14: 128 after 512
         out.append(Case(
             op="dropin", name=f"HF Llama greedy generate {n_new} tokens after {n_prompt}",
