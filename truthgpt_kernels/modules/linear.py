@@ -5,8 +5,9 @@ from ..ops import linear
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose forward is tk.linear: the C++ kernel for the few rows of decoding,
-    F.linear (torch's GEMM and autograd) when a gradient may flow or the rows are many. The
+    """nn.Linear whose forward is tk.linear: the C++ kernel for the few rows of decoding, float32
+    GEMMs for bfloat16 / float16 on CPUs whose GEMM for them is slow (forward and backward), else
+    torch's GEMM (F.linear and its autograd when a gradient may flow). The
     backend is always chosen automatically (use_backend / TRUTHGPT_BACKEND name the backend of
     the other ops: a GPU backend has no linear kernel, and "auto" on CUDA tensors is F.linear)."""
 
