@@ -115,14 +115,20 @@ def implements(family: str, name: str) -> bool:
     return False
 
 
+_CPP_KERNELS: Dict[Tuple[str, str], Callable] = {}
+
+
 def kernel(family: str, name: str, which: str) -> Callable:
     """The `family_which` kernel ("fwd" or "bwd") of a concrete backend."""
     fn_name = f"{family}_{which}"
+    if name in ("cpu", "cuda"):  # the same torch op object for the life of the process
+        fn = _CPP_KERNELS.get((fn_name, name))
+        if fn is None:
+            fn = _CPP_KERNELS[(fn_name, name)] = getattr(torch.ops.truthgpt, fn_name).default
+        return fn
     if name == "reference":
         from .ops import reference
         return getattr(reference, fn_name)
-    if name in ("cpu", "cuda"):
-        return getattr(torch.ops.truthgpt, fn_name)
     if name == "triton":
         return getattr(_triton_module(family), fn_name)
     raise BackendError(f"no kernels for backend {name!r}")
@@ -152,7 +158,11 @@ def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
 
 @torch.compiler.assume_constant_result
 def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.dtype) -> str:
-    return _resolve(family, requested(backend), device_type, dtype, triton_interpreted())
+    name = requested(backend)
+    # TRITON_INTERPRET changes the answer only for CPU tensors asked for "triton" ("auto" on the
+    # CPU never tries Triton): elsewhere the env var is not read, which keeps a call cheap.
+    interpreted = device_type == "cpu" and name == "triton" and triton_interpreted()
+    return _resolve(family, name, device_type, dtype, interpreted)
 
 
 @functools.lru_cache(maxsize=None)

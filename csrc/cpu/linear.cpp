@@ -72,9 +72,7 @@ at::Tensor gemm_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());
 }
 
-at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "linear_fwd: x (M, K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
+at::Tensor linear_2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear_fwd: x and weight must have one dtype");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
@@ -106,6 +104,19 @@ at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::
     });
   });
   return y;
+}
+
+// x (..., K) -> (..., N): the leading dims are flattened here rather than by the caller (a view
+// in C++ costs a fraction of a Python-side reshape + view, which matters at one token a call).
+at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "linear_fwd: x (..., K) and weight (N, K) expected, got ", x.sizes(), " and ", weight.sizes());
+  if (x.dim() == 2) return linear_2d(x, weight, bias);
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  int64_t rows = 1;  // (not -1 in the reshape: K may be 0)
+  for (size_t i = 0; i + 1 < out_sizes.size(); ++i) rows *= out_sizes[i];
+  out_sizes.back() = weight.size(0);
+  return linear_2d(x.reshape({rows, x.size(-1)}), weight, bias).view(out_sizes);
 }
 
 // Gradients of y = x weight^T + bias for grad = dL/dy (M, N): dx = grad weight (M, K),

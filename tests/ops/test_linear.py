@@ -51,6 +51,43 @@ def test_linear_leading_dims_and_strides(backend):
             assert_close("out", out, F.linear(inp.double(), w.double()), F.linear(inp, w))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 7), (2, 1, 3, 7), (2, 3, 0), (0, 4, 7)], ids=str)
+def test_linear_no_grad_leading_dims(backend, shape):
+    """Calls without autograd (decoding) take x (..., K) as it is, including K = 0 and no rows."""
+    dev = device_for(backend)
+    x = torch.randn(*shape, device=dev)
+    w, b = torch.randn(5, shape[-1], device=dev), torch.randn(5, device=dev)
+    with torch.no_grad():
+        out = tk.linear(x, w, b, backend=backend)
+    assert out.shape == shape[:-1] + (5,)
+    assert_close("out", out, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
+
+
+def test_linear_no_grad_goes_straight_to_the_cpu_kernel(monkeypatch):
+    """No gradient to track on the CPU: one kernel call on x (..., K) as given (no reshape,
+    custom-op dispatch or second validation pass in Python); with a gradient, the autograd path."""
+    if backends.unavailable_reason("cpu"):
+        pytest.skip(backends.unavailable_reason("cpu"))
+    seen = []
+    real = backends.kernel
+
+    def spy(family, name, which):
+        fn = real(family, name, which)
+        return lambda *args: seen.append((family, name, which, args[0].shape)) or fn(*args)
+
+    monkeypatch.setattr(backends, "kernel", spy)
+    x, w = torch.randn(2, 3, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        out = tk.linear(x, w)
+    assert seen == [("linear", "cpu", "fwd", (2, 3, 16))]
+    assert_close("out", out, F.linear(x.double(), w.double()), F.linear(x, w))
+    seen.clear()
+    xb = x.bfloat16().requires_grad_()
+    tk.linear(xb, w.bfloat16()).sum().backward()  # own backward (bf16): custom op on (6, 16)
+    assert [s[2:] for s in seen] == [("fwd", (6, 16)), ("bwd", (6, 4))]
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_linear_cpu_instruction_sets(isa, monkeypatch):
     """Every instruction-set path of the C++ kernel (TRUTHGPT_CPU_ISA caps it; a path the CPU
@@ -216,6 +253,7 @@ def test_linear_opcheck(backend):
     torch.library.opcheck(torch.ops.truthgpt.linear_backward.default, (dy, x, w, False, True, False, backend))
     if backend == "cpu":
         torch.library.opcheck(torch.ops.truthgpt.linear_fwd.default, (x, w, b))
+        torch.library.opcheck(torch.ops.truthgpt.linear_fwd.default, (x.view(3, 1, x.shape[-1]), w, b))
         torch.library.opcheck(torch.ops.truthgpt.linear_bwd.default, (dy, x, w, True, True, True))
 
 
@@ -227,6 +265,9 @@ BAD = [
     ("dtype", lambda x, w, b: (x, w.double(), b), TypeError, "weight must have the dtype of x"),
     ("int x", lambda x, w, b: (x.long(), w, b), TypeError, "x must have dtype"),
     ("weight type", lambda x, w, b: (x, w.tolist(), b), TypeError, "weight must be a torch.Tensor"),
+    ("bias dtype", lambda x, w, b: (x, w, b.double()), TypeError, "bias must have the dtype of x"),
+    ("bias type", lambda x, w, b: (x, w, b.tolist()), TypeError, "bias must be a torch.Tensor"),
+    ("x rank 9", lambda x, w, b: (x.view(3, *[1] * 7, 8), w, b), ValueError, "x must have"),
 ]
 
 

@@ -503,7 +503,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     Bc, half = cos.shape[0], cos.shape[-1] // 2
     table_cos = cos[..., :half].reshape(Bc * S, half)  # one row per (batch, token)
     table_sin = sin[..., :half].reshape(Bc * S, half)
-    pos = torch.arange(Bc * S, device=q.device).view(Bc, S)
+    # one table for the batch: rows 0..S-1 are the default positions (no ids to range-check)
+    pos = None if Bc == 1 else torch.arange(Bc * S, device=q.device).view(Bc, S)
     q, k = ops.apply_rotary_qk(q, k, table_cos, table_sin, position_ids=pos)
     if getattr(self, "_truthgpt_cache_arg", "cache") == "cache":  # transformers 5: kwargs go on
         if cache_position is not None:

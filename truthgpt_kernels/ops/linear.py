@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ..validation import check_same_dtype, check_tensor
+from ..validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 FAMILY = "linear"
 
@@ -29,7 +29,7 @@ def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -
 
 @backends.register_fake(linear_op, FAMILY, "fwd")
 def _(x, weight, bias, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])  # the C++ kernel takes x (..., K)
 
 
 @torch.library.custom_op("truthgpt::linear_backward", mutates_args=())
@@ -97,10 +97,32 @@ def _own_backward(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _direct_call(x, weight, bias) -> bool:
+    """Can this call skip validation and the custom op, going straight to the C++ CPU kernel?
+    Only when each check of the full path below would pass, in plain comparisons (a decoding
+    step calls tk.linear ~30 times a token, where those checks cost ~20 us a call): CPU tensors
+    of one float dtype and matching shapes, no gradient to track, no autocast, not tracing."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.is_cpu and weight.is_cpu):
+        return False
+    dt = x.dtype
+    if weight.dtype != dt or dt not in FLOAT_DTYPES or weight.dim() != 2 \
+            or not 1 <= x.dim() <= 8 or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and not (isinstance(bias, Tensor) and bias.is_cpu and bias.dtype == dt
+                                 and bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
            backend: Optional[str] = None) -> Tensor:
     """F.linear(x, weight, bias): x (..., K), weight (N, K), bias (N,) -> (..., N); under
     autocast in the autocast dtype, as F.linear."""
+    if _direct_call(x, weight, bias) and backends.select(FAMILY, backend, x) == "cpu":
+        return backends.kernel(FAMILY, "cpu", "fwd")(x, weight, bias)  # (..., N)
     check_tensor("x", x, ndim=range(1, 9))
     K = x.shape[-1]
     check_tensor("weight", weight, ndim=2, device=x.device, shape=(None, K))
@@ -115,5 +137,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
             and not _own_backward(x)):
         return F.linear(x, weight, bias)
     name = backends.select(FAMILY, backend, x)
-    out = backends.call(linear_op, FAMILY, "fwd", name, x.reshape(-1, K), weight, bias)
+    rows = x.shape[:-1].numel()  # (not -1: K may be 0)
+    out = backends.call(linear_op, FAMILY, "fwd", name, x.reshape(rows, K), weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
