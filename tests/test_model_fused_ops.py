@@ -223,7 +223,7 @@ def test_replace_modules_swaps_layer_norm(case):
     params = [id(p) for p in model.parameters()]
     replace_modules(model)
     new = model[1]
-    assert type(new) is LayerNorm and model.truthgpt_report.swapped == [("1", "LayerNorm")]
+    assert type(new) is LayerNorm and model.truthgpt_report.swapped == [("0", "Linear"), ("1", "LayerNorm")]
     assert [id(p) for p in model.parameters()] == params  # the same Parameters
     assert (new.eps, new.elementwise_affine, new.bias is None) == \
         (ref[1].eps, ref[1].elementwise_affine, ref[1].bias is None)

@@ -101,7 +101,8 @@ def test_replace_modules_transformer_encoder(train):
     assert [id(p) for p in model.parameters()] == params_before  # weights kept, not copied
     assert all(type(layer.self_attn) is MultiheadAttention for layer in model.layers)
     swapped = [t for _, t in model.truthgpt_report.swapped]
-    assert sorted(swapped) == ["LayerNorm"] * 4 + ["MultiheadAttention"] * 2  # 2 x (attn + 2 norms)
+    # 2 x (attn + 2 norms + the feed-forward's 2 linears)
+    assert sorted(swapped) == ["LayerNorm"] * 4 + ["Linear"] * 4 + ["MultiheadAttention"] * 2
     with torch.set_grad_enabled(train):
         out = model(x, src_key_padding_mask=kpm)
         expected = ref(x, src_key_padding_mask=kpm)
@@ -147,7 +148,7 @@ def test_replace_modules_gpt_same_results_and_trains():
     model = TinyGPT().double()
     ref = copy.deepcopy(model)
     replace_modules(model)
-    assert len(model.truthgpt_report.swapped) == 6  # 2 x (attn + 2 norms)
+    assert len(model.truthgpt_report.swapped) == 11  # 2 x (attn + 2 norms + 2 mlp linears) + head
     ids = torch.randint(0, 50, (2, 12))
     out, expected = model(ids), ref(ids)
     torch.testing.assert_close(out, expected)
@@ -173,7 +174,9 @@ def test_replace_modules_include_exclude_and_report():
     model = TinyGPT()
     replace_modules(model, exclude=["blocks.0"])
     assert all(not n.startswith("blocks.0") for n, _ in model.truthgpt_report.swapped)
-    empty = replace_modules(nn.Sequential(nn.Linear(3, 3)))
+    replace_modules(model := TinyGPT(), exclude=["Linear"])
+    assert "Linear" not in {t for _, t in model.truthgpt_report.swapped}
+    empty = replace_modules(nn.Sequential(nn.GELU(), nn.Dropout()))
     assert empty.truthgpt_report.swapped == [] and "nothing to replace" in str(empty.truthgpt_report)
     multi = replace_modules(nn.Sequential(nn.RMSNorm([4, 5])))
     assert multi.truthgpt_report.skipped and "more than the last dim" in multi.truthgpt_report.skipped[0][1]

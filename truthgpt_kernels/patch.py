@@ -19,7 +19,7 @@ class ReplaceReport:
         lines += [f"  swapped {n} -> {t}" for n, t in self.swapped]
         lines += [f"  left    {n}: {why}" for n, why in self.skipped]
         if not self.swapped and not self.skipped:
-            lines.append("  nothing to replace: no torch.nn.MultiheadAttention, RMSNorm or LayerNorm found")
+            lines.append("  nothing to replace: no torch.nn.MultiheadAttention, RMSNorm, LayerNorm or Linear found")
         return "\n".join(lines)
 
 
@@ -59,20 +59,32 @@ def _convert_layer_norm(m: nn.LayerNorm):
     return new
 
 
-# exact type -> converter; subclasses are left alone (they may change behaviour)
+def _convert_linear(m: nn.Linear):
+    from .modules.linear import Linear
+    new = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    new.weight = m.weight  # the same Parameters (tied weights, e.g. an lm_head, stay tied)
+    if m.bias is not None:
+        new.bias = m.bias
+    new.train(m.training)
+    return new
+
+
+# exact type -> converter; subclasses are left alone (they may change behaviour: LoRA,
+# quantized layers, MultiheadAttention's out_proj, which our MultiheadAttention serves itself)
 CONVERTERS: Dict[type, Callable[[nn.Module], nn.Module]] = {
     nn.MultiheadAttention: _convert_mha,
     nn.RMSNorm: _convert_rms_norm,
     nn.LayerNorm: _convert_layer_norm,
+    nn.Linear: _convert_linear,
 }
 
 
 def replace_modules(model: nn.Module, *, include: Optional[Iterable[str]] = None,
                     exclude: Iterable[str] = (), verbose: bool = False) -> nn.Module:
-    """Swaps every torch.nn.MultiheadAttention, torch.nn.RMSNorm and torch.nn.LayerNorm of `model`
-    that these kernels can serve (norms over the last dim only; others are left, with the
-    reason in the report). include/exclude filter by type name ("MultiheadAttention",
-    "RMSNorm", "LayerNorm") or by module name prefix. Conversion of every module is done first; if one fails, nothing is
+    """Swaps every torch.nn.MultiheadAttention, torch.nn.RMSNorm, torch.nn.LayerNorm and
+    torch.nn.Linear (exact types) of `model` that these kernels can serve (norms over the last
+    dim only; others are left, with the reason in the report). include/exclude filter by type
+    name ("MultiheadAttention", "RMSNorm", "LayerNorm", "Linear") or by module name prefix. Conversion of every module is done first; if one fails, nothing is
     changed and the error is raised. Returns the model; the report is in
     `model.truthgpt_report` (and logged, or printed with verbose=True)."""
     include = None if include is None else set(include)

@@ -65,14 +65,20 @@ inline int64_t rows_per_chunk(int64_t chunk_size, int64_t N, int64_t V, int64_t 
   return std::clamp<int64_t>(c, 1, std::max<int64_t>(N, 1));
 }
 
+// The driver's two GEMM forms; the CPU kernel passes its own (csrc/cpu/gemm_engine.h).
+struct AtenGemm {
+  void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const { at::mm_out(out, a, b); }
+  void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const { acc.addmm_(a, b); }
+};
+
 // rows(L, r0, nc): L is the (nc, V) chunk (unit inner stride, row stride L.stride(0)).
 // Returns (loss, z, dx, dweight, dbias); loss and z (N,) in the accumulation dtype.
-template <class RowFn>
+template <class RowFn, class Gemm = AtenGemm>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
     const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
     bool need_dweight, int64_t chunk_size, bool upcast, at::Tensor& loss, at::Tensor& zrows,
-    RowFn&& rows) {
+    RowFn&& rows, const Gemm& gemm = Gemm()) {
   check_args(x_in, w_in, bias, target, grad_scale, ignore_index);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
@@ -118,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
       for (int64_t v0 = 0; v0 < V; v0 += vb) {
         auto wb = wblock(v0);
         at::Tensor Lv = L.narrow(1, v0, wb.size(0));
-        at::mm_out(Lv, xc, wb.t());
+        gemm.mm_out(Lv, xc, wb.t());
       }
       rows(L, r0, nc);
       if (!grad) continue;
@@ -128,18 +134,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
           at::Tensor acc_dx = at::zeros({nc, d}, aopt);
           for (int64_t v0 = 0; v0 < V; v0 += vb) {
             auto wb = wblock(v0);
-            acc_dx.addmm_(L.narrow(1, v0, wb.size(0)), wb);
+            gemm.addmm_(acc_dx, L.narrow(1, v0, wb.size(0)), wb);
           }
           dxc.copy_(acc_dx);
         } else {
-          at::mm_out(dxc, L, w);
+          gemm.mm_out(dxc, L, w);
         }
         if (db_acc.numel()) db_acc.add_(L.sum(0, false, acc));
       }
       if (dwb) {
         at::Tensor Lp = L.narrow(1, p0, p1 - p0);
         if (ldt == acc) {
-          dw_acc.addmm_(Lp.t(), xc);
+          gemm.addmm_(dw_acc, Lp.t(), xc);
         } else {  // GEMM in the inputs' dtype (float32 inside), the sum over chunks in float32
           dw_acc.add_(at::mm(Lp.t(), xc));
         }

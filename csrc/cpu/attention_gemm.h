@@ -4,6 +4,7 @@
 // call from the `Isa` chosen at run time (`choose_isa`). Included by attention.cpp only.
 #pragma once
 #include "cpu/attention_common.h"
+#include "cpu/gemm_engine.h"
 
 namespace truthgpt {
 namespace {  // internal to the CPU attention kernel (one translation unit: attention.cpp)
@@ -83,7 +84,11 @@ struct Isa {
 };
 
 // TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | avx2 | portable | noavx512 | noavx2.
-//   auto, mkl: MKL GEMMs if present; the widest rows the CPU has (AVX-512 > AVX2 > portable).
+//   auto: MKL GEMMs if present, except where MKL's sgemm measured slow against oneDNN's AVX-512
+//         GEMM (gemm_engine.h: MKL runs AVX2 code on AMD CPUs with AVX-512), where our AVX-512
+//         GEMMs run (2x MKL's on an AMD Zen 5, 3x for bfloat16); the widest rows the CPU has
+//         (AVX-512 > AVX2 > portable).
+//   mkl: MKL GEMMs if present; rows as auto.
 //   avx512: our AVX-512 GEMMs and rows.
 //   avx2, noavx512: as on a CPU with AVX2+FMA but no AVX-512: MKL GEMMs, AVX2 rows.
 //   noavx2: as on a CPU with neither: MKL GEMMs, portable rows.
@@ -116,7 +121,8 @@ Isa choose_isa() {
       isa.rows = RowsImpl::Avx2;
     }
   }
-  if (want != "avx512" && have_mkl) {
+  const bool mkl_slow = (want == "auto" || want.empty()) && have_avx_gemm && cpu::calibration().blas_is_slow;
+  if (want != "avx512" && have_mkl && !mkl_slow) {
     isa.gemm = GemmImpl::Mkl;
   } else if (have_avx_gemm) {
     isa.gemm = GemmImpl::Avx512;

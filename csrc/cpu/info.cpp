@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cpu/gemm_engine.h"
 #include "cpu/vec_utils.h"
 
 namespace truthgpt {
@@ -23,13 +24,24 @@ std::string cpu_path(const std::string& family, c10::ScalarType dtype) {
   if (family == "attention") {
     return attention_cpu_path(dtype) + "; split-key decode when there are few work items";
   }
-  return std::string(cpu::isa_name(cpu::active_isa())) + " vector kernels";
+  std::string s = std::string(cpu::isa_name(cpu::active_isa())) + " vector kernels";
+  if (family == "linear") {
+    s += " (up to 8 rows); more rows: " +
+         (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ? cpu::gemm_engine_description()
+                                                                              : std::string("at::mm"));
+  }
+  return s;
 }
+
+std::string cpu_gemm() { return cpu::gemm_engine_description(); }
+bool cpu_gemm_onednn() { return cpu::use_onednn_fp32(); }
 
 }  // namespace
 
 TORCH_LIBRARY(truthgpt_info, m) {
   m.def("cpu_path(str family, ScalarType dtype) -> str", &cpu_path);
+  m.def("cpu_gemm() -> str", &cpu_gemm);
+  m.def("cpu_gemm_onednn() -> bool", &cpu_gemm_onednn);
   m.def("attention_plan(Tensor q, Tensor k, float scale, int window_left, int window_right, "
         "Tensor? alibi_slopes, Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) -> str",
         &attention_cpu_plan);

@@ -1,8 +1,8 @@
 // Linear for a few rows on the CPU: y = x W^T (+ b), x (M, K), W (N, K), y (M, N), for M up to
 // kMaxRows (decoding: one token per sequence), where a GEMM library's kernel is tuned for large
 // M and, for M = 1..8, reads the weights at a fraction of the memory bandwidth (measured in
-// BENCHMARKS.md: MKL's sgemm at M = 8 streams a 65 MB weight at 3 GB/s). Larger M goes to
-// at::linear (the GEMM library), which is at the machine's GEMM ceiling there.
+// BENCHMARKS.md: MKL's sgemm at M = 8 streams a 65 MB weight at 3 GB/s). Larger M goes to the
+// float32 GEMM engine of cpu/gemm_engine.h (torch's BLAS, or oneDNN where it measured faster).
 //
 // The kernel streams W once: per block of kRowsPerTask weight rows (one thread's task, small
 // enough to stay in L2), each chunk of up to 4 x rows is multiplied against R weight rows at a
@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/gemm_engine.h"
 #include "cpu/tensor_utils.h"
 #define TRUTHGPT_KERNELS_FILE "cpu/linear.cpp"
 #include "cpu/foreach_isa.h"
@@ -60,16 +61,16 @@ bool native_gemm(at::ScalarType t) {
 // copies back to the autocast dtype.)
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (native_gemm(a.scalar_type())) return at::mm(a, b);
-  return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
+  if (native_gemm(a.scalar_type())) return mm_f32(a, b);
+  return mm_f32(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
 }
 
 at::Tensor gemm_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (native_gemm(x.scalar_type())) return at::linear(x, weight, bias);
+  if (native_gemm(x.scalar_type())) return linear_f32(x, weight, bias);
   c10::optional<at::Tensor> bf;
   if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat);
-  return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());
+  return linear_f32(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());
 }
 
 at::Tensor linear_2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

@@ -1,5 +1,6 @@
 // Fused linear cross-entropy on the CPU (truthgpt::linear_cross_entropy_fwd): the chunk loop
-// and its GEMMs are common/linear_cross_entropy_driver.h (ATen: MKL/oneDNN); this file has the
+// is common/linear_cross_entropy_driver.h, its float32 GEMMs go to the engine of
+// cpu/gemm_engine.h (torch's BLAS or oneDNN, whichever is faster here); this file has the
 // row kernel, which runs in place on a chunk's logits, one row per task (at::parallel_for):
 //   z' = softcap * tanh((z + b) / softcap)   (or z + b)
 //   lse = log sum exp z',  loss = lse - (1 - eps) z'_t - eps/V sum z' + z_loss lse^2
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include "common/linear_cross_entropy_driver.h"
+#include "cpu/gemm_engine.h"
 #include "cpu/tensor_utils.h"
 
 namespace truthgpt {
@@ -29,6 +31,25 @@ struct LceRowArgs {
   T* zrows;
   int64_t V, ignore_index;
   T eps, z_loss, cap;
+};
+
+// The driver's GEMMs through the float32 engine (a result computed by oneDNN is copied or
+// added into place: oneDNN's linear has no out= form; the copy is ~5% of the GEMM's time).
+struct EngineGemm {
+  void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
+    if (out.scalar_type() == at::kFloat && use_onednn_fp32()) {
+      out.copy_(mm_f32(a, b));
+    } else {
+      at::mm_out(out, a, b);
+    }
+  }
+  void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const {
+    if (acc.scalar_type() == at::kFloat && use_onednn_fp32()) {
+      acc.add_(mm_f32(a, b));
+    } else {
+      acc.addmm_(a, b);
+    }
+  }
 };
 
 }  // namespace
@@ -72,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       T* base = mptr<T>(L);
       const int64_t ld = L.stride(0);
       at::parallel_for(0, nc, 1, [&](int64_t i0, int64_t i1) { fn(base, ld, a, i0, i1); });
-    });
+    }, EngineGemm());
   };
   if (acc == at::kDouble) return run(Tag<double>{});
   return run(Tag<float>{});

@@ -102,8 +102,10 @@ def test_linear_cpu_instruction_sets(isa, monkeypatch):
             assert_close(f"{isa} {shape} {dtype}", out, F.linear(x64, w64, b64), F.linear(x, w, b))
 
 
-def test_linear_float32_gradients_are_f_linear():
-    """With a gradient to track, float32 tk.linear is F.linear: the same values and gradients."""
+def test_linear_float32_gradients_are_f_linear(monkeypatch):
+    """With a gradient to track, float32 tk.linear is F.linear where the CPU GEMM engine is
+    torch's BLAS: the same values and gradients."""
+    monkeypatch.setenv("TRUTHGPT_CPU_GEMM", "blas")
     (x, w, b), _ = _case((3, 16, 5), torch.float32, "cpu")
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     base = [t.clone().requires_grad_() for t in (x, w, b)]
@@ -115,6 +117,83 @@ def test_linear_float32_gradients_are_f_linear():
     ref.backward(dy)
     for a, r in zip(leaves, base):
         torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=0)
+
+
+def _cpu_ops_run(fn):
+    """The names of the CPU ops fn() ran (torch.profiler), and fn's result."""
+    from torch.profiler import profile
+    with profile() as prof:
+        out = fn()
+    return {e.key for e in prof.key_averages()}, out
+
+
+@pytest.mark.parametrize("engine", ["blas", "onednn"])
+def test_linear_float32_gemm_engines(monkeypatch, engine):
+    """float32 GEMMs (more than 8 rows) through each engine of csrc/cpu/gemm_engine.h, forced by
+    TRUTHGPT_CPU_GEMM: forward and the three gradients against float64, strided operands too;
+    the forced engine is the one that runs, and with oneDNN the gradients are tk.linear's own."""
+    if backends.unavailable_reason("cpu"):
+        pytest.skip(backends.unavailable_reason("cpu"))
+    if engine == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setenv("TRUTHGPT_CPU_GEMM", engine)
+    f32 = torch.float32
+    for shape in [(9, 64, 33), (33, 17, 11), (130, 96, 200)]:
+        for bias in (False, True):
+            (x, w, b), (x64, w64, b64) = _case(shape, f32, "cpu", bias)
+            ran, out = _cpu_ops_run(lambda: tk.linear(x, w, b))
+            assert ("mkldnn::_linear_pointwise" in ran) == (engine == "onednn"), ran
+            assert_close(f"out[{engine} {shape} bias={bias}]", out, F.linear(x64, w64, b64), F.linear(x, w, b))
+            dy64 = torch.randn(shape[0], shape[2], dtype=torch.float64)
+            leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b)]
+            base_leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b)]
+            ours, g_ours = _grads(tk.linear, leaves, dy64.float())
+            own = "linear" in type(ours.grad_fn).__name__.lower() or "view" in type(ours.grad_fn).__name__.lower()
+            assert own == (engine == "onednn"), type(ours.grad_fn).__name__
+            base, g_base = _grads(F.linear, base_leaves, dy64.float())
+            ref, g_ref = _grads(F.linear, [None if t is None else t.clone().requires_grad_() for t in (x64, w64, b64)], dy64)
+            for name, a, r, bb in zip(("dx", "dweight", "dbias"), g_ours, g_ref, g_base):
+                if r is not None:
+                    assert_close(f"{name}[{engine} {shape} bias={bias}]", a, r, bb)
+    # strided operands: x with inner stride 2, weight a transposed view, grad a transposed view
+    x = torch.randn(40, 96)[:, ::2]
+    w = torch.randn(48, 30).t()
+    gy = torch.randn(30, 40).t()
+    dx, dw, db = torch.ops.truthgpt.linear_bwd(gy, x, w, True, True, True)
+    x64, w64, g64 = x.double(), w.double(), gy.double()
+    assert_close(f"strided out[{engine}]", tk.linear(x, w), F.linear(x64, w64), F.linear(x, w))
+    assert_close(f"strided dx[{engine}]", dx, g64 @ w64, gy @ w)
+    assert_close(f"strided dw[{engine}]", dw, g64.t() @ x64, gy.t() @ x)
+    assert_close(f"strided db[{engine}]", db, g64.sum(0), gy.sum(0))
+
+
+def test_linear_gemm_engine_choice(monkeypatch):
+    """TRUTHGPT_CPU_GEMM unset: the engine is the calibration's (oneDNN only where it measured at
+    least 1.2x torch's BLAS), the attention kernel's auto GEMMs follow it, tk.explain reports it;
+    an unknown value is an error naming the variable."""
+    if backends.unavailable_reason("cpu"):
+        pytest.skip(backends.unavailable_reason("cpu"))
+    import re
+    monkeypatch.delenv("TRUTHGPT_CPU_GEMM", raising=False)
+    monkeypatch.delenv("TRUTHGPT_CPU_ATTN", raising=False)
+    info = torch.ops.truthgpt_info
+    desc, onednn = info.cpu_gemm(), info.cpu_gemm_onednn()
+    assert desc.startswith("oneDNN") == onednn, desc
+    nums = re.search(r"BLAS (\d+), oneDNN (\d+)", desc)
+    if onednn:
+        assert nums and int(nums.group(2)) + 1 >= 1.2 * int(nums.group(1)), desc
+        assert "AVX-512 tile GEMMs" in info.cpu_path("attention", torch.float32)
+    elif nums:
+        assert int(nums.group(2)) <= 1.2 * int(nums.group(1)) + 1, desc
+    assert desc in info.cpu_path("linear", torch.float32)
+    monkeypatch.setenv("TRUTHGPT_CPU_ATTN", "mkl")
+    path = info.cpu_path("attention", torch.float32)
+    assert "MKL tile GEMMs" in path or "AVX-512" in path  # (a torch without MKL: ours)
+    monkeypatch.setenv("TRUTHGPT_CPU_GEMM", "blas")
+    assert not info.cpu_gemm_onednn() and info.cpu_gemm().startswith("torch BLAS")
+    monkeypatch.setenv("TRUTHGPT_CPU_GEMM", "fastest")
+    with pytest.raises(RuntimeError, match="TRUTHGPT_CPU_GEMM must be auto, blas or onednn"):
+        tk.linear(torch.randn(20, 8), torch.randn(4, 8))
 
 
 def _grads(fn, leaves, dy):

@@ -237,6 +237,26 @@ def test_cpu_instruction_sets(isa, monkeypatch):
                name=isa)
 
 
+@pytest.mark.parametrize("engine", ["blas", "onednn"])
+def test_cpu_gemm_engines(engine, monkeypatch):
+    """The chunk GEMMs through each float32 engine of csrc/cpu/gemm_engine.h (TRUTHGPT_CPU_GEMM):
+    torch's BLAS (mm_out / addmm_ in place) or oneDNN (results copied / added in)."""
+    if not _cpu_built():
+        pytest.skip("C++ CPU extension not built")
+    if engine == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setenv("TRUTHGPT_CPU_GEMM", engine)
+    inputs = _make(37, 48, 300, "cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        _check("cpu", dtype, inputs, label_smoothing=0.1, z_loss=0.01, chunk_size=8, name=engine)
+    from torch.profiler import profile
+    x, w, _, t = (None if v is None else (v.float() if v.is_floating_point() else v) for v in inputs)
+    with profile() as prof:
+        tk.linear_cross_entropy(x.requires_grad_(), w.requires_grad_(), t, backend="cpu").backward()
+    ran = {e.key for e in prof.key_averages()}
+    assert ("mkldnn::_linear_pointwise" in ran) == (engine == "onednn"), ran
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_cpu(reduction):
     if not _cpu_built():

@@ -16,11 +16,19 @@ nn.TransformerEncoder passes on its padding fast path) are padded around the sam
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import logs as _logs
 from ..ops.attention import attention
+from ..ops.linear import linear
+
+
+def _project(module: nn.Linear, x: Tensor) -> Tensor:
+    """module(x) for out_proj, through tk.linear when it is a plain (hook-free) torch Linear."""
+    if type(module) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) \
+            and not module._forward_hooks and not module._forward_pre_hooks:
+        return linear(x, module.weight, module.bias, backend="auto")
+    return module(x)
 
 
 def _keep_own_forward(module, args, kwargs):
@@ -235,16 +243,17 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             w, b = self.in_proj_weight, self.in_proj_bias
             if query is key and key is value:
-                q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+                q, k, v = linear(query, w, b, backend="auto").chunk(3, dim=-1)
             else:
                 wq, wk, wv = w.chunk(3)
                 bq, bk, bv = (None,) * 3 if b is None else b.chunk(3)
-                q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+                q, k, v = (linear(t, wt, bt, backend="auto")
+                           for t, wt, bt in ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
         else:
             bq, bk, bv = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-            q = F.linear(query, self.q_proj_weight, bq)
-            k = F.linear(key, self.k_proj_weight, bk)
-            v = F.linear(value, self.v_proj_weight, bv)
+            q = linear(query, self.q_proj_weight, bq, backend="auto")
+            k = linear(key, self.k_proj_weight, bk, backend="auto")
+            v = linear(value, self.v_proj_weight, bv, backend="auto")
         if self.bias_k is not None:  # one extra learned key/value at the end, always visible
             k = torch.cat([k, self.bias_k.expand(B, 1, E)], dim=1)
             v = torch.cat([v, self.bias_v.expand(B, 1, E)], dim=1)
@@ -255,7 +264,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         v = v.view(B, -1, H, D).transpose(1, 2)
         out = attention(q, k, v, causal=causal, key_mask=key_mask,
                         dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
-        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        out = _project(self.out_proj, out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
         if not batched:
             return out[0]
         return out if self.batch_first else out.transpose(0, 1)

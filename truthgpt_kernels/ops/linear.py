@@ -7,15 +7,20 @@ Two cases where torch's CPU GEMM leaves speed behind:
   for bfloat16, no AVX512-FP16 for float16): forward and backward GEMMs run in float32 on
   float32 copies of the operands (exact products, float32 accumulation, one rounding), several
   times to ~100x faster than torch's kernels there.
-Otherwise the work is at::linear / at::mm. When a gradient may flow in float32 / float64, or on
-a GPU, tk.linear is F.linear itself (torch's GEMM and autograd)."""
+- float32 on CPUs where torch's BLAS leaves the vector units half idle (MKL runs its AVX2 code on
+  AMD CPUs with AVX-512): the forward and backward GEMMs go to oneDNN, which torch also ships,
+  ~2.2x faster on an AMD Zen 5 (csrc/cpu/gemm_engine.h: measured once per process; the choice is
+  in `tk.explain("linear", x, w)` and `TRUTHGPT_CPU_GEMM=auto|blas|onednn` overrides it).
+Otherwise the work is at::linear / at::mm. When a gradient may flow in float32 (elsewhere) /
+float64, or on a GPU, tk.linear is F.linear itself (torch's GEMM and autograd)."""
+import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
+from .. import _ext, backends
 from ..validation import FLOAT_DTYPES, check_same_dtype, check_tensor
 
 FAMILY = "linear"
@@ -91,10 +96,24 @@ def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias):
 linear_backward_op.register_autograd(_double_backward, setup_context=_setup_backward)
 
 
+_ONEDNN_FP32 = {}  # TRUTHGPT_CPU_GEMM value -> does the C++ kernel send float32 GEMMs to oneDNN?
+
+
+def _onednn_fp32() -> bool:
+    env = os.environ.get("TRUTHGPT_CPU_GEMM")
+    if env not in _ONEDNN_FP32:
+        ext = _ext.load("_C")[0]
+        _ONEDNN_FP32[env] = ext is not None and bool(torch.ops.truthgpt_info.cpu_gemm_onednn())
+    return _ONEDNN_FP32[env]
+
+
 def _own_backward(x: Tensor) -> bool:
-    """Do the gradients of a call on tensors like x go through linear_backward (bfloat16 /
-    float16 on the CPU, see the module docstring) rather than F.linear's?"""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    """Do the gradients of a call on tensors like x go through linear_backward rather than
+    F.linear's? bfloat16 / float16 on the CPU (see the module docstring), and float32 on CPUs
+    where oneDNN's GEMM beats torch's BLAS (csrc/cpu/gemm_engine.h: AMD CPUs with AVX-512)."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype in (torch.bfloat16, torch.float16) or (x.dtype == torch.float32 and _onednn_fp32())
 
 
 def _direct_call(x, weight, bias) -> bool:
@@ -102,7 +121,7 @@ def _direct_call(x, weight, bias) -> bool:
     Only when each check of the full path below would pass, in plain comparisons (a decoding
     step calls tk.linear ~30 times a token, where those checks cost ~20 us a call): CPU tensors
     of one float dtype and matching shapes, no gradient to track, no autocast, not tracing."""
-    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.is_cpu and weight.is_cpu):
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.is_cpu and weight.is_cpu) or x.is_nested:
         return False
     dt = x.dtype
     if weight.dtype != dt or dt not in FLOAT_DTYPES or weight.dim() != 2 \
@@ -123,6 +142,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     autocast in the autocast dtype, as F.linear."""
     if _direct_call(x, weight, bias) and backends.select(FAMILY, backend, x) == "cpu":
         return backends.kernel(FAMILY, "cpu", "fwd")(x, weight, bias)  # (..., N)
+    if isinstance(x, Tensor) and x.is_nested:  # (nn.TransformerEncoder's padding fast path)
+        return F.linear(x, weight, bias)
     check_tensor("x", x, ndim=range(1, 9))
     K = x.shape[-1]
     check_tensor("weight", weight, ndim=2, device=x.device, shape=(None, K))

@@ -1,0 +1,146 @@
+// The float32 GEMM engine of the CPU kernels: see gemm_engine.h.
+#include "cpu/gemm_engine.h"
+
+#include <ATen/Context.h>
+#include <ATen/core/stack.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "cpu/vec_utils.h"
+
+namespace truthgpt {
+namespace cpu {
+namespace {
+
+constexpr double kMinSpeedup = 1.2;  // oneDNN must beat at::mm by this much to be used
+constexpr int64_t kM = 256, kK = 512, kN = 512;
+constexpr int kReps = 5;
+
+// mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algorithm): y = X W^T (+ B), X (..., K),
+// W (N, K); registered by torch builds with oneDNN (all x86 wheels). nullptr where absent.
+const c10::OperatorHandle* onednn_linear_op() {
+  static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
+    if (!at::hasMKLDNN()) return nullptr;
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
+  }();
+  return op;
+}
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  onednn_linear_op()->callBoxed(stack);
+  return std::move(stack[0]).toTensor();
+}
+
+bool has_avx512() {
+#if TRUTHGPT_X86
+  return hardware_isa() >= Isa::avx512;
+#else
+  return false;
+#endif
+}
+
+GemmCalibration measure() {
+  GemmCalibration c;
+  if (!has_avx512() || onednn_linear_op() == nullptr) return c;
+  at::NoGradGuard no_grad;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  // deterministic data (the global random generator is the user's)
+  const at::Tensor a = at::linspace(-1.0, 1.0, kM * kK, at::kFloat).reshape({kM, kK});
+  const at::Tensor w = at::linspace(1.0, -1.0, kN * kK, at::kFloat).reshape({kN, kK});
+  using clock = std::chrono::steady_clock;
+  auto seconds = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
+  double blas = 1e30, dnn = 1e30;
+  for (int rep = 0; rep <= kReps; ++rep) {  // rep 0 warms up (oneDNN builds its primitive)
+    auto t0 = clock::now();
+    at::Tensor y0 = at::mm(a, w.t());
+    const double tb = seconds(t0);
+    t0 = clock::now();
+    at::Tensor y1 = onednn_linear(a, w, c10::nullopt);
+    const double td = seconds(t0);
+    if (rep > 0) {
+      blas = std::min(blas, tb);
+      dnn = std::min(dnn, td);
+    }
+  }
+  const double flops = 2.0 * kM * kK * kN;
+  c.measured = true;
+  c.blas_gflops = flops / blas / 1e9;
+  c.onednn_gflops = flops / dnn / 1e9;
+  c.blas_is_slow = blas >= kMinSpeedup * dnn;
+  return c;
+}
+
+// TRUTHGPT_CPU_GEMM: "" (unset or auto), "blas" or "onednn"; anything else is an error.
+std::string engine_env() {
+  const char* env = std::getenv("TRUTHGPT_CPU_GEMM");
+  std::string v = env ? env : "";
+  TORCH_CHECK(v.empty() || v == "auto" || v == "blas" || v == "onednn",
+              "TRUTHGPT_CPU_GEMM must be auto, blas or onednn, got '", v, "'");
+  return v == "auto" ? "" : v;
+}
+
+}  // namespace
+
+const GemmCalibration& calibration() {
+  static const GemmCalibration c = measure();
+  return c;
+}
+
+bool use_onednn_fp32() {
+  const std::string env = engine_env();
+  if (env == "blas") return false;
+  if (env == "onednn") return onednn_linear_op() != nullptr;
+  return calibration().blas_is_slow;
+}
+
+std::string gemm_engine_description() {
+  const bool dnn = use_onednn_fp32();
+  const GemmCalibration& c = calibration();
+  std::string s = dnn ? "oneDNN" : "torch BLAS (at::mm)";
+  if (!engine_env().empty()) {
+    s += " (TRUTHGPT_CPU_GEMM)";
+  } else if (c.measured) {
+    s += " (measured float32 GFLOP/s: BLAS " + std::to_string(static_cast<int>(c.blas_gflops)) + ", oneDNN " +
+         std::to_string(static_cast<int>(c.onednn_gflops)) + ")";
+  } else {
+    s += onednn_linear_op() == nullptr ? " (torch has no oneDNN)" : " (no AVX-512: not compared)";
+  }
+  return s;
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const bool biased = bias.has_value() && bias->defined();
+  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+      (biased && bias->scalar_type() != at::kFloat) || x.numel() == 0 || weight.numel() == 0 ||
+      !use_onednn_fp32()) {
+    return at::linear(x, weight, bias);
+  }
+  return onednn_linear(x, weight, bias);
+}
+
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0 ||
+      !use_onednn_fp32()) {
+    return at::mm(a, b);
+  }
+  return onednn_linear(a, b.t(), c10::nullopt);  // a @ b = a (b^T)^T
+}
+
+}  // namespace cpu
+}  // namespace truthgpt
