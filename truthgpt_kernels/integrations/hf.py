@@ -64,6 +64,7 @@ from packaging.version import Version
 
 from .. import logs as _logs
 from .. import ops
+from ..ops.linear import uses_onednn_fp32
 from ..modules.packing import Packed
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2",
@@ -564,15 +565,18 @@ def _linear_forward(self, x):
 def _expert_matmul(x, weight, counts, offsets):
     """Rows of x (sorted by expert, counts[e] rows for expert e) times weight[e].T:
     (N, K) x (E, M, K) -> (N, M). torch's grouped_mm where it takes the dtype (float32 / bf16 /
-    fp16; one call, one weight-gradient kernel); otherwise one mm per expert on a split of x and
-    an unbind of the weight (so the backward stacks each gradient once instead of filling a
-    full-size zero tensor per expert, as indexing weight[e] would)."""
+    fp16; one call, one weight-gradient kernel); otherwise, and for float32 on CPUs where
+    tk.linear's GEMMs run on oneDNN (1.6x grouped_mm's there: csrc/cpu/gemm_engine.h), one
+    tk.linear per expert on a split of x and an unbind of the weight (so the backward stacks
+    each gradient once instead of filling a full-size zero tensor per expert, as indexing
+    weight[e] would)."""
     grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if grouped is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and x.dtype == weight.dtype and x.shape[0] > 0:
+            and x.dtype == weight.dtype and x.shape[0] > 0 \
+            and not (x.device.type == "cpu" and x.dtype == torch.float32 and uses_onednn_fp32()):
         return grouped(x, weight.transpose(-2, -1), offs=offsets)
     ws = weight.unbind(0)
-    parts = [torch.nn.functional.linear(xe, ws[e]) for e, xe in enumerate(x.split(counts))]
+    parts = [ops.linear(xe, ws[e], backend="auto") for e, xe in enumerate(x.split(counts))]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 

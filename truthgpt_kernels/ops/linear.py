@@ -99,7 +99,8 @@ linear_backward_op.register_autograd(_double_backward, setup_context=_setup_back
 _ONEDNN_FP32 = {}  # TRUTHGPT_CPU_GEMM value -> does the C++ kernel send float32 GEMMs to oneDNN?
 
 
-def _onednn_fp32() -> bool:
+def uses_onednn_fp32() -> bool:
+    """Do float32 GEMMs of tk.linear on the CPU run on oneDNN here (csrc/cpu/gemm_engine.h)?"""
     env = os.environ.get("TRUTHGPT_CPU_GEMM")
     if env not in _ONEDNN_FP32:
         ext = _ext.load("_C")[0]
@@ -113,7 +114,7 @@ def _own_backward(x: Tensor) -> bool:
     where oneDNN's GEMM beats torch's BLAS (csrc/cpu/gemm_engine.h: AMD CPUs with AVX-512)."""
     if x.device.type != "cpu":
         return False
-    return x.dtype in (torch.bfloat16, torch.float16) or (x.dtype == torch.float32 and _onednn_fp32())
+    return x.dtype in (torch.bfloat16, torch.float16) or (x.dtype == torch.float32 and uses_onednn_fp32())
 
 
 def _direct_call(x, weight, bias) -> bool:
