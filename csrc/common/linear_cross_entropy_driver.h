@@ -67,6 +67,8 @@ inline int64_t rows_per_chunk(int64_t chunk_size, int64_t N, int64_t V, int64_t 
 
 // The driver's two GEMM forms; the CPU kernel passes its own (csrc/cpu/gemm_engine.h).
 struct AtenGemm {
+  // true: the GEMMs take x and W in their own dtype next to float32 logits (no float32 blocks)
+  bool mixed_operands() const { return false; }
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const { at::mm_out(out, a, b); }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const { acc.addmm_(a, b); }
 };
@@ -78,15 +80,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
     const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
     bool need_dweight, int64_t chunk_size, bool upcast, at::Tensor& loss, at::Tensor& zrows,
-    RowFn&& rows, const Gemm& gemm = Gemm()) {
+    RowFn&& rows, const Gemm& gemm = Gemm(), int64_t dw_passes = kDwPasses) {
   check_args(x_in, w_in, bias, target, grad_scale, ignore_index);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
   const int64_t N = x.size(0), d = x.size(1), V = w.size(0);
   const auto acc = acc_type(x.scalar_type());
   const bool low = x.scalar_type() != acc;
-  const bool conv = upcast && low;  // convert x and W blocks to acc for the GEMMs
-  const auto ldt = conv || !low ? acc : x.scalar_type();
+  const bool conv = upcast && low && !gemm.mixed_operands();  // x and W blocks to acc for the GEMMs
+  const auto ldt = upcast || !low ? acc : x.scalar_type();
   const auto aopt = x.options().dtype(acc);
   loss = at::empty({N}, aopt);
   zrows = at::empty({N}, aopt);
@@ -96,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   // itself, and both exist when it is converted. So dW is accumulated in kDwPasses passes over
   // the chunks, each for a slice of V (the logits and the row kernel run again per pass; dx
   // and the loss come from the first): the accumulator is then dW's size / kDwPasses * 2.
-  const int64_t passes = dwb && low ? std::min<int64_t>(kDwPasses, std::max<int64_t>(V, 1)) : 1;
+  // (dw_passes: the caller's cap; the CPU kernel passes 1 when the accumulator is small.)
+  const int64_t passes = dwb && low ? std::clamp<int64_t>(dw_passes, 1, std::max<int64_t>(V, 1)) : 1;
   at::Tensor dx = grad ? at::empty({N, d}, x.options()) : x.new_empty({0});
   at::Tensor dw = dwb ? at::empty({V, d}, w.options()) : x.new_empty({0});
   at::Tensor db_acc = dwb && bias.has_value() ? at::zeros({V}, aopt) : x.new_empty({0});

@@ -97,6 +97,24 @@ std::string engine_env() {
 
 }  // namespace
 
+bool torch_has_fast_gemm(at::ScalarType t) {
+#if TRUTHGPT_X86
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512dq")) || __builtin_cpu_supports("amx-bf16");
+  }();
+  static const bool fp16 = [] {
+    __builtin_cpu_init();
+    return static_cast<bool>(__builtin_cpu_supports("avx512fp16"));
+  }();
+  if (t == at::kBFloat16) return bf16;
+  if (t == at::kHalf) return fp16;
+#endif
+  (void)t;
+  return true;
+}
+
 const GemmCalibration& calibration() {
   static const GemmCalibration c = measure();
   return c;
@@ -125,6 +143,7 @@ std::string gemm_engine_description() {
 }
 
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // float32 stays float32
   const bool biased = bias.has_value() && bias->defined();
   if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
       (biased && bias->scalar_type() != at::kFloat) || x.numel() == 0 || weight.numel() == 0 ||
@@ -135,6 +154,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::
 }
 
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0 ||
       !use_onednn_fp32()) {
     return at::mm(a, b);

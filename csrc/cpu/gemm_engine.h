@@ -28,6 +28,11 @@ struct GemmCalibration {
   bool blas_is_slow = false;  // oneDNN >= 1.2x at::mm
 };
 
+// Does torch's CPU GEMM have a fast kernel for dtype t here? bfloat16: oneDNN's, on AVX-512
+// BW/VL/DQ or AMX; float16: AVX512-FP16 or AMX. Elsewhere (AVX2 machines) torch's GEMMs for
+// them run at 1-15 GFLOP/s against ~100 for float32 (BENCHMARKS.md). float32 / float64: true.
+bool torch_has_fast_gemm(at::ScalarType t);
+
 // Measured on first use (not from inside a parallel region: call it at an op's entry).
 const GemmCalibration& calibration();
 
@@ -40,6 +45,7 @@ std::string gemm_engine_description();
 
 // x (..., K) W^T (+ bias) and a @ b in float32 through the engine in force; other dtypes and
 // empty products: at::linear / at::mm. Operands may be strided views (oneDNN reads strides).
+// Autocast is excluded inside (an op may run under torch.autocast).
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b);
 

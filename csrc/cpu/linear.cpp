@@ -37,37 +37,18 @@ constexpr int64_t kMaxRows = 8;         // more rows: at::linear
 constexpr int64_t kRowsPerTask = 48;    // weight rows per parallel task (a multiple of each R below)
 constexpr int64_t kGrainElems = 1 << 16;  // weight elements per thread at least
 
-// Does torch's CPU GEMM have a fast kernel for dtype t here? (float32 / float64: always.)
-bool native_gemm(at::ScalarType t) {
-#if TRUTHGPT_X86
-  static const bool bf16 = [] {
-    __builtin_cpu_init();
-    return (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512dq")) || __builtin_cpu_supports("amx-bf16");
-  }();
-  static const bool fp16 = [] {
-    __builtin_cpu_init();
-    return static_cast<bool>(__builtin_cpu_supports("avx512fp16"));
-  }();
-  if (t == at::kBFloat16) return bf16;
-  if (t == at::kHalf) return fp16;
-#endif
-  (void)t;
-  return true;
-}
-
-// a @ b (2-D), float32 inside where native_gemm(dtype) is false; the result in a's dtype.
+// a @ b (2-D), float32 inside where torch_has_fast_gemm(dtype) is false; the result in a's dtype.
 // (Autocast is off inside: the op may run under torch.autocast, which would cast the float32
 // copies back to the autocast dtype.)
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (native_gemm(a.scalar_type())) return mm_f32(a, b);
+  if (torch_has_fast_gemm(a.scalar_type())) return mm_f32(a, b);
   return mm_f32(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
 }
 
 at::Tensor gemm_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (native_gemm(x.scalar_type())) return linear_f32(x, weight, bias);
+  if (torch_has_fast_gemm(x.scalar_type())) return linear_f32(x, weight, bias);
   c10::optional<at::Tensor> bf;
   if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat);
   return linear_f32(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());

@@ -33,19 +33,37 @@ struct LceRowArgs {
   T eps, z_loss, cap;
 };
 
-// The driver's GEMMs through the float32 engine (a result computed by oneDNN is copied or
-// added into place: oneDNN's linear has no out= form; the copy is ~5% of the GEMM's time).
+constexpr int64_t kOnePassDwBytes = int64_t(256) << 20;
+
+// The driver's GEMMs (float32 operands: the logits and their gradient stay float32 for the
+// row kernel) through the float32 engine; a result computed by oneDNN is copied or added into
+// place (oneDNN's linear has no out= form; the copy is ~5% of the GEMM's time). With `lowp`
+// (bfloat16 / float16 inputs where torch's GEMM for that dtype is fast: 2-4x float32's), x and
+// W stay in their dtype and each GEMM takes its operands in it, as plain PyTorch under autocast
+// does: the logits are rounded to that dtype once, their gradient too, before a GEMM.
 struct EngineGemm {
+  c10::optional<at::ScalarType> lowp;
+  at::Tensor product(const at::Tensor& a, const at::Tensor& b) const {
+    if (lowp.has_value()) {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      return at::mm(a.to(*lowp), b.to(*lowp));
+    }
+    return mm_f32(a, b);
+  }
+  bool mixed_operands() const { return lowp.has_value(); }
+  bool own(const at::Tensor& out) const {
+    return lowp.has_value() || (out.scalar_type() == at::kFloat && use_onednn_fp32());
+  }
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
-    if (out.scalar_type() == at::kFloat && use_onednn_fp32()) {
-      out.copy_(mm_f32(a, b));
+    if (own(out)) {
+      out.copy_(product(a, b));
     } else {
       at::mm_out(out, a, b);
     }
   }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const {
-    if (acc.scalar_type() == at::kFloat && use_onednn_fp32()) {
-      acc.add_(mm_f32(a, b));
+    if (own(acc)) {
+      acc.add_(product(a, b));
     } else {
       acc.addmm_(a, b);
     }
@@ -75,6 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       grad_scale.has_value() ? grad_scale->to(acc).contiguous() : at::Tensor();
   at::Tensor loss, zrows;
   const Isa isa = active_isa();
+  EngineGemm gemm;
+  const auto xt = x.scalar_type();
+  if ((xt == at::kBFloat16 || xt == at::kHalf) && torch_has_fast_gemm(xt)) gemm.lowp = xt;
+  // a low-precision dW in one pass over the chunks (not lce::kDwPasses, each of which computes
+  // the logits again) when its float32 accumulator takes at most kOnePassDwBytes
+  const int64_t dw_passes = weight.numel() * 4 <= kOnePassDwBytes ? 1 : lce::kDwPasses;
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T>);
@@ -93,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       T* base = mptr<T>(L);
       const int64_t ld = L.stride(0);
       at::parallel_for(0, nc, 1, [&](int64_t i0, int64_t i1) { fn(base, ld, a, i0, i1); });
-    }, EngineGemm());
+    }, gemm, dw_passes);
   };
   if (acc == at::kDouble) return run(Tag<double>{});
   return run(Tag<float>{});

@@ -1,5 +1,6 @@
 """The machine's ceilings, measured once at the start of a run rather than taken from a
-datasheet: the float32 and bfloat16 matrix-product rate (GFLOP/s, torch.mm on random data)
+datasheet: the float32 and bfloat16 matrix-product rate (GFLOP/s, torch.mm on random data;
+float32 on the CPU: the faster of torch.mm and oneDNN's linear)
 and the copy bandwidth (GB/s, a large tensor copy counting bytes read plus bytes written).
 A case's fraction of the ceiling is its roofline floor, max(flops / GEMM rate, bytes /
 bandwidth), over its measured time: 100% means it runs as fast as this machine can.
@@ -41,6 +42,12 @@ def measure(device: str = "cpu", quick: bool = False, min_time: float = 0.2) -> 
             b = torch.randn(n, n, device=device, dtype=dtype)
             c = torch.empty(n, n, device=device, dtype=dtype)
             ms = _best_ms(lambda: torch.mm(a, b, out=c), device, min_time)
+            if device == "cpu" and dtype_name == "float32" and torch.backends.mkldnn.is_available():
+                # the machine's ceiling is the faster of torch's BLAS and oneDNN (which tk.linear
+                # uses where it is faster: MKL runs AVX2 code on AMD CPUs with AVX-512)
+                bt = b.t().contiguous()
+                dnn = torch.ops.mkldnn._linear_pointwise
+                ms = min(ms, _best_ms(lambda: dnn(a, bt, None, "none", [], ""), device, min_time))
             out["gemm_gflops"][dtype_name] = 2.0 * n ** 3 / ms / 1e6
             del a, b, c
         except Exception as e:  # a dtype the machine cannot multiply: leave it unmeasured
