@@ -118,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   };
   for (int64_t pass = 0; pass < passes; ++pass) {
     const int64_t p0 = V * pass / passes, p1 = V * (pass + 1) / passes;  // this pass's dW rows
-    at::Tensor dw_acc = !dwb ? at::Tensor() : low ? at::zeros({p1 - p0, d}, aopt) : dw.zero_();
+    // (the first chunk writes the accumulator, the later ones add to it)
+    at::Tensor dw_acc = !dwb ? at::Tensor() : low ? at::empty({p1 - p0, d}, aopt) : dw;
     for (int64_t r0 = 0; r0 < N; r0 += nc_max) {
       const int64_t nc = std::min(nc_max, N - r0);
       at::Tensor L = Lbuf.narrow(0, 0, nc);
@@ -148,9 +149,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
       if (dwb) {
         at::Tensor Lp = L.narrow(1, p0, p1 - p0);
         if (ldt == acc) {
-          gemm.addmm_(dw_acc, Lp.t(), xc);
+          if (r0 == 0) {
+            gemm.mm_out(dw_acc, Lp.t(), xc);
+          } else {
+            gemm.addmm_(dw_acc, Lp.t(), xc);
+          }
         } else {  // GEMM in the inputs' dtype (float32 inside), the sum over chunks in float32
-          dw_acc.add_(at::mm(Lp.t(), xc));
+          const at::Tensor prod = at::mm(Lp.t(), xc);
+          if (r0 == 0) {
+            dw_acc.copy_(prod);
+          } else {
+            dw_acc.add_(prod);
+          }
         }
       }
     }

@@ -153,11 +153,20 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::
   return onednn_linear(x, weight, bias);
 }
 
-at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool contiguous) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || a.numel() == 0 || b.numel() == 0 ||
       !use_onednn_fp32()) {
     return at::mm(a, b);
+  }
+  // oneDNN's linear reads its weight through any strides but copies a strided input whole. So
+  // a @ b with a (M, K) a transposed view (dweight = grad^T x: a = grad^T, M = out features)
+  // is computed as (b^T a^T)^T when that copies less: b^T (N, K) is the input then, a the
+  // weight, and the (N, M) result is read transposed (copied when `contiguous`).
+  const int64_t M = a.size(0), N = b.size(1);
+  if (a.stride(1) != 1 && b.numel() + (contiguous ? M * N : 0) < a.numel()) {
+    at::Tensor out_t = onednn_linear(b.t().contiguous(), a, c10::nullopt);  // (N, M)
+    return contiguous ? out_t.t().contiguous() : out_t.t();
   }
   return onednn_linear(a, b.t(), c10::nullopt);  // a @ b = a (b^T)^T
 }

@@ -47,7 +47,8 @@ std::string gemm_engine_description();
 // empty products: at::linear / at::mm. Operands may be strided views (oneDNN reads strides).
 // Autocast is excluded inside (an op may run under torch.autocast).
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b);
+// mm_f32 with contiguous = false may return a transposed view (when a is one: see there).
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool contiguous = true);
 
 }  // namespace cpu
 }  // namespace truthgpt

@@ -48,7 +48,7 @@ struct EngineGemm {
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       return at::mm(a.to(*lowp), b.to(*lowp));
     }
-    return mm_f32(a, b);
+    return mm_f32(a, b, /*contiguous=*/false);  // (the caller copies or adds it in)
   }
   bool mixed_operands() const { return lowp.has_value(); }
   bool own(const at::Tensor& out) const {
