@@ -99,10 +99,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // a low-precision dW in one pass over the chunks (not lce::kDwPasses, each of which computes
   // the logits again) when its float32 accumulator takes at most kOnePassDwBytes
   const int64_t dw_passes = weight.numel() * 4 <= kOnePassDwBytes ? 1 : lce::kDwPasses;
+  // with low-precision GEMMs each chunk also converts its logits both ways and adds a
+  // (V, d) product into the float32 dW: chunks 4x the default (fewer, larger) halve that
+  // overhead at large d (d 2048, V 32000: 6.3 -> 5.0 s for N 8192)
+  const int64_t chunk = chunk_size > 0 || !gemm.lowp.has_value()
+                            ? chunk_size
+                            : std::max<int64_t>(1, 4 * lce::kChunkBytes / std::max<int64_t>(1, weight.size(0) * 4));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T>);
-    return lce::run(x, weight, bias, tgt, grad_scale, ignore_index, need_dweight, chunk_size,
+    return lce::run(x, weight, bias, tgt, grad_scale, ignore_index, need_dweight, chunk,
                     /*upcast=*/true, loss, zrows, [&](at::Tensor& L, int64_t r0, int64_t nc) {
       LceRowArgs<T> a{bias_acc.defined() ? cptr<T>(bias_acc) : nullptr,
                    tgt.const_data_ptr<int64_t>() + r0,
