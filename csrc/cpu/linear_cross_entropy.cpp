@@ -99,12 +99,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // a low-precision dW in one pass over the chunks (not lce::kDwPasses, each of which computes
   // the logits again) when its float32 accumulator takes at most kOnePassDwBytes
   const int64_t dw_passes = weight.numel() * 4 <= kOnePassDwBytes ? 1 : lce::kDwPasses;
-  // with low-precision GEMMs each chunk also converts its logits both ways and adds a
-  // (V, d) product into the float32 dW: chunks 4x the default (fewer, larger) halve that
-  // overhead at large d (d 2048, V 32000: 6.3 -> 5.0 s for N 8192)
-  const int64_t chunk = chunk_size > 0 || !gemm.lowp.has_value()
+  // with low-precision GEMMs each chunk also adds a (V, d) product into the float32 dW: at
+  // large d, chunks up to 4x the default (d / 512 times) halve that overhead (d 2048, V 32000,
+  // N 8192: 6.3 -> 5.2 s); at d 512 the default is fastest (larger: 429 -> 476 ms at N 2048)
+  const int64_t grow = std::clamp<int64_t>(weight.size(1) / 512, 1, 4);
+  const int64_t chunk = chunk_size > 0 || !gemm.lowp.has_value() || grow == 1
                             ? chunk_size
-                            : std::max<int64_t>(1, 4 * lce::kChunkBytes / std::max<int64_t>(1, weight.size(0) * 4));
+                            : std::max<int64_t>(1, grow * lce::kChunkBytes / std::max<int64_t>(1, weight.size(0) * 4));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T>);
