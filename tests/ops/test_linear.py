@@ -185,7 +185,7 @@ def test_linear_gemm_engine_choice(monkeypatch):
         assert nums and int(nums.group(2)) + 1 >= 1.2 * int(nums.group(1)), desc
         assert "AVX-512 tile GEMMs" in info.cpu_path("attention", torch.float32)
     elif nums:
-        assert int(nums.group(2)) <= 1.2 * int(nums.group(1)) + 1, desc
+        assert int(nums.group(2)) <= 1.2 * int(nums.group(1)) + 2, desc  # (whole GFLOP/s printed)
     assert desc in info.cpu_path("linear", torch.float32)
     monkeypatch.setenv("TRUTHGPT_CPU_ATTN", "mkl")
     path = info.cpu_path("attention", torch.float32)

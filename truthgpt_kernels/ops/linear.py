@@ -99,8 +99,11 @@ linear_backward_op.register_autograd(_double_backward, setup_context=_setup_back
 _ONEDNN_FP32 = {}  # TRUTHGPT_CPU_GEMM value -> does the C++ kernel send float32 GEMMs to oneDNN?
 
 
+@torch.compiler.assume_constant_result
 def uses_onednn_fp32() -> bool:
-    """Do float32 GEMMs of tk.linear on the CPU run on oneDNN here (csrc/cpu/gemm_engine.h)?"""
+    """Do float32 GEMMs of tk.linear on the CPU run on oneDNN here (csrc/cpu/gemm_engine.h)?
+    A constant of the process to torch.compile, which calls it while tracing (a graph compiled
+    before TRUTHGPT_CPU_GEMM changes keeps the choice it saw)."""
     env = os.environ.get("TRUTHGPT_CPU_GEMM")
     if env not in _ONEDNN_FP32:
         ext = _ext.load("_C")[0]
