@@ -9,10 +9,14 @@
 //                                    L <- grad_scale_r * d loss_r / d logits (in place)
 //   dx_c = L W,  dW += L^T x_c,  db += sum_r L    (chunks in order: deterministic)
 // (a low-precision dW takes kDwPasses passes, a slice of V each, to bound its accumulator)
-// Accumulation: float32 (float64 for float64 inputs). With `upcast` (the CPU, whose
-// bfloat16/float16 GEMMs are several times slower than float32 ones), low-precision x and W
-// are converted to float32 a block at a time and every GEMM runs in float32; otherwise (CUDA)
-// the GEMMs take the inputs' dtype (float32 accumulation inside) and L has x's dtype.
+// Accumulation: float32 (float64 for float64 inputs). With `upcast` (a CPU whose
+// bfloat16/float16 GEMMs are slower than float32 ones), low-precision x and W are converted to
+// float32 a block at a time and every GEMM runs in float32; otherwise (CUDA, and CPUs with fast
+// low-precision GEMMs: Gemm::mixed_operands()) the GEMMs take the inputs' dtype (float32
+// accumulation inside) and L has x's dtype, as the logits of F.linear under autocast.
+// Mixed dtypes: a float32 weight (the master copy) with bfloat16/float16 x is converted to x's
+// dtype once for the GEMMs, and dW is accumulated in float32 straight into its float32
+// result (autocast would round it to x's dtype and convert it back).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,12 +45,14 @@ inline void check_args(const at::Tensor& x, const at::Tensor& w, const c10::opti
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "linear_cross_entropy_fwd: x (N, d) and weight (V, d) expected, got ", x.sizes(),
               " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear_cross_entropy_fwd: x and weight dtypes differ");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() ||
+                  (w.scalar_type() == at::kFloat && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf)),
+              "linear_cross_entropy_fwd: weight must have x's dtype, or be float32 with bfloat16/float16 x");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
               "linear_cross_entropy_fwd: target must be int64 (N,)");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == x.scalar_type(),
-                "linear_cross_entropy_fwd: bias must be (V,) of x's dtype");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == w.scalar_type(),
+                "linear_cross_entropy_fwd: bias must be (V,) of weight's dtype");
   }
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == x.size(0), "linear_cross_entropy_fwd: grad_scale must have N elements");
@@ -65,12 +71,22 @@ inline int64_t rows_per_chunk(int64_t chunk_size, int64_t N, int64_t V, int64_t 
   return std::clamp<int64_t>(c, 1, std::max<int64_t>(N, 1));
 }
 
-// The driver's two GEMM forms; the CPU kernel passes its own (csrc/cpu/gemm_engine.h).
+// The driver's GEMM forms; the CPU kernel passes its own (csrc/cpu/linear_cross_entropy.cpp).
 struct AtenGemm {
   // true: the GEMMs take x and W in their own dtype next to float32 logits (no float32 blocks)
   bool mixed_operands() const { return false; }
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const { at::mm_out(out, a, b); }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const { acc.addmm_(a, b); }
+  // acc (float32) = a b (first) or += a b, with a and b low precision: the GEMM in their dtype
+  // (float32 accumulation inside), the sum over chunks in float32
+  void accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool first) const {
+    const at::Tensor prod = at::mm(a, b);
+    if (first) {
+      acc.copy_(prod);
+    } else {
+      acc.add_(prod);
+    }
+  }
 };
 
 // rows(L, r0, nc): L is the (nc, V) chunk (unit inner stride, row stride L.stride(0)).
@@ -83,12 +99,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
     RowFn&& rows, const Gemm& gemm = Gemm(), int64_t dw_passes = kDwPasses) {
   check_args(x_in, w_in, bias, target, grad_scale, ignore_index);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
+  const bool mixed = w_in.scalar_type() != x.scalar_type();  // float32 weight, low-precision x
+  const at::Tensor w = mixed ? w_in.to(x.scalar_type(), false, false, at::MemoryFormat::Contiguous)
+                       : w_in.stride(1) == 1 ? w_in : w_in.contiguous();
   const int64_t N = x.size(0), d = x.size(1), V = w.size(0);
   const auto acc = acc_type(x.scalar_type());
   const bool low = x.scalar_type() != acc;
   const bool conv = upcast && low && !gemm.mixed_operands();  // x and W blocks to acc for the GEMMs
-  const auto ldt = upcast || !low ? acc : x.scalar_type();
+  const auto ldt = conv || !low ? acc : x.scalar_type();
   const auto aopt = x.options().dtype(acc);
   loss = at::empty({N}, aopt);
   zrows = at::empty({N}, aopt);
@@ -99,9 +117,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   // the chunks, each for a slice of V (the logits and the row kernel run again per pass; dx
   // and the loss come from the first): the accumulator is then dW's size / kDwPasses * 2.
   // (dw_passes: the caller's cap; the CPU kernel passes 1 when the accumulator is small.)
-  const int64_t passes = dwb && low ? std::clamp<int64_t>(dw_passes, 1, std::max<int64_t>(V, 1)) : 1;
+  // (a float32 dW is its own accumulator: one pass)
+  const bool low_dw = dwb && low && !mixed;
+  const int64_t passes = low_dw ? std::clamp<int64_t>(dw_passes, 1, std::max<int64_t>(V, 1)) : 1;
   at::Tensor dx = grad ? at::empty({N, d}, x.options()) : x.new_empty({0});
-  at::Tensor dw = dwb ? at::empty({V, d}, w.options()) : x.new_empty({0});
+  at::Tensor dw = dwb ? at::empty({V, d}, w_in.options().memory_format(at::MemoryFormat::Contiguous))
+                      : x.new_empty({0});
   at::Tensor db_acc = dwb && bias.has_value() ? at::zeros({V}, aopt) : x.new_empty({0});
   if (N == 0) {
     if (dwb) dw.zero_();
@@ -119,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   for (int64_t pass = 0; pass < passes; ++pass) {
     const int64_t p0 = V * pass / passes, p1 = V * (pass + 1) / passes;  // this pass's dW rows
     // (the first chunk writes the accumulator, the later ones add to it)
-    at::Tensor dw_acc = !dwb ? at::Tensor() : low ? at::empty({p1 - p0, d}, aopt) : dw;
+    at::Tensor dw_acc = !dwb ? at::Tensor() : low_dw ? at::empty({p1 - p0, d}, aopt) : dw;
     for (int64_t r0 = 0; r0 < N; r0 += nc_max) {
       const int64_t nc = std::min(nc_max, N - r0);
       at::Tensor L = Lbuf.narrow(0, 0, nc);
@@ -155,16 +176,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
             gemm.addmm_(dw_acc, Lp.t(), xc);
           }
         } else {  // GEMM in the inputs' dtype (float32 inside), the sum over chunks in float32
-          const at::Tensor prod = at::mm(Lp.t(), xc);
-          if (r0 == 0) {
-            dw_acc.copy_(prod);
-          } else {
-            dw_acc.add_(prod);
-          }
+          gemm.accumulate(dw_acc, Lp.t(), xc, r0 == 0);
         }
       }
     }
-    if (dwb && low) dw.narrow(0, p0, p1 - p0).copy_(dw_acc);
+    if (low_dw) dw.narrow(0, p0, p1 - p0).copy_(dw_acc);
   }
   at::Tensor db = db_acc.numel() ? db_acc.to(bias->scalar_type()) : db_acc;
   return {loss, zrows, dx, dw, db};

@@ -35,38 +35,63 @@ struct LceRowArgs {
 
 constexpr int64_t kOnePassDwBytes = int64_t(256) << 20;
 
-// The driver's GEMMs (float32 operands: the logits and their gradient stay float32 for the
-// row kernel) through the float32 engine; a result computed by oneDNN is copied or added into
-// place (oneDNN's linear has no out= form; the copy is ~5% of the GEMM's time). With `lowp`
-// (bfloat16 / float16 inputs where torch's GEMM for that dtype is fast: 2-4x float32's), x and
-// W stay in their dtype and each GEMM takes its operands in it, as plain PyTorch under autocast
-// does: the logits are rounded to that dtype once, their gradient too, before a GEMM.
+// acc = src (first) or acc += src, n float32 / low-precision elements (the kernel section)
+template <class S>
+using AccumulateFn = void (*)(float* acc, const S* src, int64_t n, bool first);
+
+// The driver's GEMMs. float32 ones go through the float32 engine; a result computed by oneDNN
+// is copied or added into place (oneDNN's linear has no out= form; the copy is ~5% of the
+// GEMM's time). With `lowp` (bfloat16 / float16 inputs where torch's GEMM for that dtype is
+// fast: 2-4x float32's) every GEMM takes its operands in that dtype, as plain PyTorch under
+// autocast does, and writes the logits / dx in it (the row kernel reads and writes them in
+// place); a dW chunk product lands in one reused buffer and is added into the float32
+// accumulator by our own kernel (torch's mixed-dtype add_ runs at a fifth of the bandwidth).
 struct EngineGemm {
   c10::optional<at::ScalarType> lowp;
-  at::Tensor product(const at::Tensor& a, const at::Tensor& b) const {
-    if (lowp.has_value()) {
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      return at::mm(a.to(*lowp), b.to(*lowp));
-    }
-    return mm_f32(a, b, /*contiguous=*/false);  // (the caller copies or adds it in)
-  }
+  AccumulateFn<bf16> add_bf16 = nullptr;
+  AccumulateFn<f16> add_f16 = nullptr;
+  mutable at::Tensor ws;  // the dW chunk product, reused across chunks
+
   bool mixed_operands() const { return lowp.has_value(); }
   bool own(const at::Tensor& out) const {
-    return lowp.has_value() || (out.scalar_type() == at::kFloat && use_onednn_fp32());
+    return out.scalar_type() == at::kFloat && use_onednn_fp32();
   }
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
     if (own(out)) {
-      out.copy_(product(a, b));
+      out.copy_(mm_f32(a, b, /*contiguous=*/false));
     } else {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       at::mm_out(out, a, b);
     }
   }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const {
     if (own(acc)) {
-      acc.add_(product(a, b));
+      acc.add_(mm_f32(a, b, /*contiguous=*/false));
     } else {
       acc.addmm_(a, b);
     }
+  }
+  void accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool first) const {
+    TORCH_INTERNAL_ASSERT(acc.scalar_type() == at::kFloat && acc.is_contiguous());
+    const int64_t n = acc.numel();
+    if (!ws.defined() || ws.numel() < n || ws.scalar_type() != a.scalar_type()) {
+      ws = at::empty({n}, a.options());
+    }
+    at::Tensor prod = ws.narrow(0, 0, n).view(acc.sizes());
+    {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      at::mm_out(prod, a, b);
+    }
+    float* dst = acc.mutable_data_ptr<float>();
+    const void* src = prod.const_data_ptr();
+    const bool half = prod.scalar_type() == at::kHalf;
+    at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+      if (half) {
+        add_f16(dst + i0, static_cast<const f16*>(src) + i0, i1 - i0, first);
+      } else {
+        add_bf16(dst + i0, static_cast<const bf16*>(src) + i0, i1 - i0, first);
+      }
+    });
   }
 };
 
@@ -96,6 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   EngineGemm gemm;
   const auto xt = x.scalar_type();
   if ((xt == at::kBFloat16 || xt == at::kHalf) && torch_has_fast_gemm(xt)) gemm.lowp = xt;
+  gemm.add_bf16 = TRUTHGPT_ISA_FN(isa, lce_accumulate<bf16>);
+  gemm.add_f16 = TRUTHGPT_ISA_FN(isa, lce_accumulate<f16>);
   // a low-precision dW in one pass over the chunks (not lce::kDwPasses, each of which computes
   // the logits again) when its float32 accumulator takes at most kOnePassDwBytes
   const int64_t dw_passes = weight.numel() * 4 <= kOnePassDwBytes ? 1 : lce::kDwPasses;
@@ -108,7 +135,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
                             : std::max<int64_t>(1, grow * lce::kChunkBytes / std::max<int64_t>(1, weight.size(0) * 4));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T>);
     return lce::run(x, weight, bias, tgt, grad_scale, ignore_index, need_dweight, chunk,
                     /*upcast=*/true, loss, zrows, [&](at::Tensor& L, int64_t r0, int64_t nc) {
       LceRowArgs<T> a{bias_acc.defined() ? cptr<T>(bias_acc) : nullptr,
@@ -121,9 +147,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
                    static_cast<T>(label_smoothing),
                    static_cast<T>(z_loss),
                    static_cast<T>(softcap)};
-      T* base = mptr<T>(L);
       const int64_t ld = L.stride(0);
-      at::parallel_for(0, nc, 1, [&](int64_t i0, int64_t i1) { fn(base, ld, a, i0, i1); });
+      auto rows = [&](auto stag) {  // L in T, or in x's low-precision dtype (lowp)
+        using S = typename decltype(stag)::type;
+        const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T, S>);
+        S* base = mptr<S>(L);
+        at::parallel_for(0, nc, 1, [&](int64_t i0, int64_t i1) { fn(base, ld, a, i0, i1); });
+      };
+      if (L.scalar_type() == at::kBFloat16) {
+        rows(Tag<bf16>{});
+      } else if (L.scalar_type() == at::kHalf) {
+        rows(Tag<f16>{});
+      } else {
+        rows(Tag<T>{});
+      }
     }, gemm, dw_passes);
   };
   if (acc == at::kDouble) return run(Tag<double>{});
@@ -138,10 +175,11 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("linear_cross_entropy_fwd", &linea
 
 #else  // ========================================== kernel section (once per instruction set)
 
-// Rows [i0, i1) of a chunk: L row i at L + i * ld (V elements), its arguments at index i of
-// a's per-row pointers.
-template <class T>
-void lce_rows(T* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) {
+// Rows [i0, i1) of a chunk: L row i at L + i * ld (V elements of S: T, or bf16 / f16 holding
+// the logits of low-precision GEMMs, read into T and their gradient rounded back), its
+// arguments at index i of a's per-row pointers.
+template <class T, class S>
+void lce_rows(S* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) {
   using V = VecFor<T>;
   constexpr int kLanes = 16;  // independent maxima: the compiler vectorises this loop
   const int64_t n = a.V;
@@ -149,13 +187,13 @@ void lce_rows(T* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
   const T inv_cap = capped ? T(1) / a.cap : T(0);
   const V vcap = V::set1(a.cap), vinv2 = V::set1(2 * inv_cap), one = V::set1(1), two = V::set1(2);
   for (int64_t i = i0; i < i1; ++i) {
-    T* z = L + i * ld;
+    S* z = L + i * ld;
     const int64_t t = a.target[i];
     if (t == a.ignore_index) {
       a.loss[i] = 0;
       a.zrows[i] = 0;
       if (a.scale != nullptr) {
-        for (int64_t j = 0; j < n; ++j) z[j] = 0;
+        for (int64_t j = 0; j < n; ++j) z[j] = from_acc<S>(T(0));
       }
       continue;
     }
@@ -173,10 +211,16 @@ void lce_rows(T* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
     for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) lanes[l] = z[j + l] > lanes[l] ? z[j + l] : lanes[l];
+      for (int l = 0; l < kLanes; ++l) {
+        const T y = to_acc<T>(z[j + l]);
+        lanes[l] = y > lanes[l] ? y : lanes[l];
+      }
     }
     T mx = -INFINITY;
-    for (; j < n; ++j) mx = z[j] > mx ? z[j] : mx;
+    for (; j < n; ++j) {
+      const T y = to_acc<T>(z[j]);
+      mx = y > mx ? y : mx;
+    }
     for (int l = 0; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
     // sum exp(z' - max) and sum z'
     const V vmx = V::set1(mx);
@@ -189,11 +233,12 @@ void lce_rows(T* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
     }
     T se = static_cast<T>(vse.hsum()), sz = static_cast<T>(vsz.hsum());
     for (; k < n; ++k) {  // the tail: padding lanes would add exp(0 - max)
-      se += std::exp(z[k] - mx);
-      sz += z[k];
+      const T y = to_acc<T>(z[k]);
+      se += std::exp(y - mx);
+      sz += y;
     }
     const T lse = mx + std::log(se);
-    const T zt = z[t];
+    const T zt = to_acc<T>(z[t]);
     const T zterm = a.z_loss * lse * lse;
     a.zrows[i] = zterm;
     a.loss[i] = lse - (1 - a.eps) * zt - a.eps / static_cast<T>(n) * sz + zterm;
@@ -214,7 +259,23 @@ void lce_rows(T* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
     }
     T gt = std::exp(zt - lse) * coef - off - s * (1 - a.eps);
     if (capped) gt *= 1 - (zt * inv_cap) * (zt * inv_cap);
-    z[t] = gt;
+    z[t] = from_acc<S>(gt);
+  }
+}
+
+// acc[i] = src[i] (first) or acc[i] += src[i], src low precision: a dW chunk product.
+template <class S>
+void lce_accumulate(float* acc, const S* src, int64_t n, bool first) {
+  using V = VecFor<float>;
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) {
+    const V y = V::load(src + i, V::W);
+    (first ? y : y + V::load(acc + i, V::W)).store(acc + i, V::W);
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    const V y = V::load(src + i, m);
+    (first ? y : y + V::load(acc + i, m)).store(acc + i, m);
   }
 }
 

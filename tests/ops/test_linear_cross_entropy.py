@@ -6,8 +6,10 @@ inputs.
 Tolerances: DESIGN.md's rule (error against float64 <= 2x the same-dtype PyTorch error + atol).
 The float64 reference is evaluated on the inputs rounded to the tested dtype, so the error
 measures the computation only. bfloat16: the kernels compute the logits with float32
-accumulation and keep them in float32 (PyTorch rounds them to bfloat16), so their error is
-mostly the final rounding of each output to bfloat16; atol is the ATOL of tests/helpers.py."""
+accumulation and keep them in float32 (PyTorch rounds them to bfloat16; so does the CPU kernel
+where torch's bfloat16 GEMMs are fast), so their error is mostly the final rounding of each
+output to bfloat16; atol is the ATOL of tests/helpers.py. Mixed precision (bfloat16 x, float32
+weight) is checked against plain PyTorch under autocast."""
 import math
 
 import pytest
@@ -217,6 +219,53 @@ def test_frozen_weight_and_no_grad(backend):
     assert torch.equal(again, loss.detach())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_mixed_precision_master_weight(backend, reduction):
+    """bfloat16 x with a float32 weight and bias (autocast's master weights): GEMMs in bfloat16,
+    loss, dweight and dbias in float32, against plain PyTorch under autocast (F.linear in
+    bfloat16, F.cross_entropy in float32) and the float64 reference on the weight rounded to
+    bfloat16 (the GEMMs' operand)."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(29, 40, 333, dev)
+    x64, w64, b64 = x64.bfloat16().double(), w64.float().double(), b64.float().double()
+    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.01)
+    x, w, b = leaf(x64, torch.bfloat16), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    loss = tk.linear_cross_entropy(x, w, t, bias=b, chunk_size=7, backend=backend, **opts)
+    assert loss.dtype == torch.float32
+    rx, rw, rb = leaf(x64), leaf(w64.bfloat16().double()), leaf(b64)
+    ref = reference.linear_cross_entropy(rx, rw, t, rb, **opts)
+    bx, bw, bb = leaf(x64, torch.bfloat16), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        base = _torch_same_dtype(bx, bw, bb, t, softcap=0.0, **opts)
+    assert_close(f"loss[{backend} mixed]", loss, ref, base)
+    gy64 = torch.randn(loss.shape, dtype=torch.float64, device=x.device) + 0.5
+    for out, gy in ((loss, gy64.float()), (ref, gy64), (base, gy64.float())):
+        out.backward(gy)
+    assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert_close(f"dx[{backend} mixed]", x.grad, rx.grad, bx.grad)
+    assert_close(f"dweight[{backend} mixed]", w.grad, rw.grad, bw.grad)
+    assert_close(f"dbias[{backend} mixed]", b.grad, rb.grad, bb.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_converts_x(backend):
+    """Under autocast, float32 x and weight run as bfloat16 x with the float32 weight."""
+    dev = device_for(backend)
+    x64, w64, _, t = _make(10, 16, 50, dev, bias=False)
+    results = []
+    for auto in (True, False):
+        x, w = leaf(x64, torch.float32), leaf(w64, torch.float32)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=auto):
+            xin = x if auto else x.bfloat16()
+            loss = tk.linear_cross_entropy(xin, w, t, chunk_size=3, backend=backend)
+        loss.backward()
+        results.append((loss, x.grad, w.grad))
+    for p, q in zip(*results):
+        assert p.dtype == q.dtype == torch.float32
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_cpu_weight_blocks_upcast():
     """bfloat16 on the CPU: W is converted to float32 in blocks of 16 MiB (a V x d weight of
     more than that takes several blocks, the last one partial)."""
@@ -311,8 +360,14 @@ def test_bad_inputs():
         lce(x, w, t[:3])
     with pytest.raises(ValueError, match=r"bias must have shape \(10\)"):
         lce(x, w, t, bias=torch.randn(9))
-    with pytest.raises(TypeError, match="bias must have the dtype of x"):
+    with pytest.raises(TypeError, match="bias must have the dtype of weight"):
         lce(x, w, t, bias=torch.randn(10, dtype=torch.float64))
+    with pytest.raises(TypeError, match="weight must have the dtype of x"):  # only float32 mixes
+        lce(x.bfloat16(), w.double(), t)
+    with pytest.raises(TypeError, match="weight must have the dtype of x"):
+        lce(x, w.bfloat16(), t)
+    with pytest.raises(TypeError, match="bias must have the dtype of weight"):
+        lce(x.bfloat16(), w, t, bias=torch.randn(10, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="reduction must be one of"):
         lce(x, w, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing must be"):

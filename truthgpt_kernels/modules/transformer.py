@@ -297,10 +297,12 @@ class Transformer(nn.Module):
         head = self.lm_head
         h2 = h.reshape(-1, h.shape[-1])
         weight, bias = head.weight, head.bias
-        if torch.is_autocast_enabled(h.device.type):  # as F.linear under autocast, in its dtype
+        if torch.is_autocast_enabled(h.device.type):  # GEMMs in its dtype, as F.linear under it
             dt = torch.get_autocast_dtype(h.device.type)
-            h2, weight = h2.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+            h2 = h2.to(dt)
+            if weight.dtype != torch.float32:  # (a float32 weight stays: dW in float32)
+                weight = weight.to(dt)
+                bias = bias.to(dt) if bias is not None else None
         elif weight.dtype != h2.dtype:
             h2 = h2.to(weight.dtype)
         loss = linear_cross_entropy(h2, weight, targets.reshape(-1).long(), bias=bias,

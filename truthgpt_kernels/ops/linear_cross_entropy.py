@@ -12,6 +12,12 @@ chunked pass with the per-row grad_output (truthgpt::linear_cross_entropy_backwa
 
 The returned z-loss term (return_z_loss=True) is for logging, as in Liger: it is already part
 of the loss and no gradient flows through it.
+
+Mixed precision: bfloat16/float16 x with a float32 weight (the master copy, as under autocast)
+runs the GEMMs in x's dtype (the weight converted once, inside) and returns the loss and
+dweight in float32, dweight accumulated in float32 over the chunks (autocast would round it to
+x's dtype first). Under autocast, float32 x and weight take this path with x converted to the
+autocast dtype: the same GEMM dtype as F.linear under autocast.
 """
 from typing import List, Optional, Tuple
 
@@ -34,6 +40,31 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
+_LOW = (torch.bfloat16, torch.float16)
+# the backends that take a float32 weight with low-precision x themselves (the CPU kernel:
+# W converted once, dW accumulated in float32 into its result); the others get the weight in
+# x's dtype and their dW converted back
+_MIXED_NATIVE = ("cpu",)
+
+
+def _call_kernel(backend, x, weight, bias, *args):
+    """The backend's fwd kernel on (x, weight, bias, *args): (loss, z, dx, dw, db)."""
+    mixed = weight.dtype != x.dtype and backend not in _MIXED_NATIVE
+    if mixed:
+        wdt = weight.dtype
+        weight = weight.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
+    fn = backends.kernel(FAMILY, backend, "fwd")
+    if torch.is_autocast_enabled(x.device.type):  # the dtypes are decided: no casts inside
+        with torch.autocast(x.device.type, enabled=False):
+            loss, z, dx, dw, db = fn(x, weight, bias, *args)
+    else:
+        loss, z, dx, dw, db = fn(x, weight, bias, *args)
+    if mixed:
+        dw, db = dw.to(wdt), db.to(wdt)
+    return loss, z, dx, dw, db
+
+
 def _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
                   softcap, need_grad, need_dweight, chunk_size, backend):
     """(loss, z_loss, dx, dweight, dbias): the reduced loss and z-loss term in x's dtype, and
@@ -46,14 +77,15 @@ def _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smooth
     if need_grad and reduction != _NONE:
         one = torch.ones((), dtype=acc, device=x.device)
         grad_scale = (one / count if reduction == _MEAN else one).expand(N).contiguous()
-    loss, z, dx, dw, db = backends.kernel(FAMILY, backend, "fwd")(
-        x, weight, bias, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-        need_dweight, chunk_size)
+    loss, z, dx, dw, db = _call_kernel(
+        backend, x, weight, bias, target, grad_scale, ignore_index, label_smoothing, z_loss,
+        softcap, need_dweight, chunk_size)
     if reduction == _SUM:
         loss, z = loss.sum(), z.sum()
     elif reduction == _MEAN:
         loss, z = loss.sum() / count, z.sum() / count
-    return loss.to(x.dtype), z.to(x.dtype), dx, dw, db
+    out = torch.promote_types(x.dtype, weight.dtype)  # float32 for a float32 (master) weight
+    return loss.to(out), z.to(out), dx, dw, db
 
 
 @torch.library.custom_op("truthgpt::linear_cross_entropy", mutates_args=())
@@ -73,7 +105,8 @@ def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
     dx = x.new_empty(x.shape) if grads else _empty(x)
     dw = weight.new_empty(weight.shape) if grads and need_dweight else _empty(x)
     db = bias.new_empty(bias.shape) if grads and need_dweight and bias is not None else _empty(x)
-    return x.new_empty(shape), x.new_empty(shape), dx, dw, db
+    out = torch.promote_types(x.dtype, weight.dtype)
+    return x.new_empty(shape, dtype=out), x.new_empty(shape, dtype=out), dx, dw, db
 
 
 @torch.library.custom_op("truthgpt::linear_cross_entropy_backward", mutates_args=())
@@ -83,8 +116,8 @@ def linear_cross_entropy_backward_op(grad: Tensor, x: Tensor, weight: Tensor,
                                      need_dweight: bool, chunk_size: int,
                                      backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_i * loss_i (reduction "none"): reruns the chunked pass."""
-    _, _, dx, dw, db = backends.kernel(FAMILY, backend, "fwd")(
-        x, weight, bias, target, grad.to(_acc(x.dtype)).contiguous(), ignore_index,
+    _, _, dx, dw, db = _call_kernel(
+        backend, x, weight, bias, target, grad.to(_acc(x.dtype)).contiguous(), ignore_index,
         label_smoothing, z_loss, softcap, need_dweight, chunk_size)
     return dx, dw, db
 
@@ -102,6 +135,7 @@ def _setup(ctx, inputs, output):
      need_grad, need_dweight, chunk_size, backend) = inputs
     _, z, dx, dw, db = output
     ctx.mark_non_differentiable(z, dx, dw, db)
+    ctx.set_materialize_grads(False)  # no zero-filled (V, d) gradient for dw in the backward
     ctx.reduction = reduction
     ctx.has_bias = bias is not None
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend)
@@ -123,6 +157,8 @@ def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad, grad_z, grad_dx, grad_dw, grad_db):
+    if grad is None:  # the loss itself took no part in what is differentiated
+        return (None,) * 13
     ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend = ctx.options
     if ctx.reduction == _NONE:
         x, weight, bias, target = ctx.saved_tensors
@@ -144,7 +180,9 @@ def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_
            logit_softcap, chunk_size):
     check_tensor("x", x, ndim=2)
     check_tensor("weight", weight, ndim=2, device=x.device)
-    check_same_dtype("x", x, weight=weight, bias=bias)
+    if not (weight.dtype == torch.float32 and x.dtype in _LOW):  # else a float32 master weight
+        check_same_dtype("x", x, weight=weight)
+    check_same_dtype("weight", weight, bias=bias)
     check_tensor("target", target, ndim=1, dtypes=(torch.int64,), device=x.device)
     N, d = x.shape
     if d < 1:
@@ -178,7 +216,9 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     """F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=, reduction=,
     label_smoothing=) without materialising the (N, V) logits.
 
-    x (N, d); weight (V, d) and bias (V,) of x's dtype; target (N,) int64, each a class in
+    x (N, d); weight (V, d) and bias (V,) of x's dtype, or float32 with bfloat16/float16 x
+    (GEMMs in x's dtype, loss and dweight in float32; under autocast float32 x is converted to
+    the autocast dtype first, as F.linear would be); target (N,) int64, each a class in
     [0, V) or ignore_index (a row that adds nothing, and is not counted by "mean").
     z_loss > 0 adds z_loss * logsumexp(logits)^2 to each counted row's loss (PaLM; Liger's
     lse_square_scale); logit_softcap > 0 replaces the logits by
@@ -189,6 +229,10 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     about 64 MiB). Gradients flow to x, weight and bias."""
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
            logit_softcap, chunk_size)
+    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32 == weight.dtype:
+        dt = torch.get_autocast_dtype(x.device.type)
+        if dt in _LOW:
+            x = x.to(dt)
     name = backends.select(FAMILY, backend, x)
     args = (x, weight, bias, target, ignore_index, LCE_REDUCTIONS.index(reduction),
             float(label_smoothing), float(z_loss), float(logit_softcap))
