@@ -113,7 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     double label_smoothing, double z_loss, double softcap, bool need_dweight, int64_t chunk_size) {
   const auto acc = lce::acc_type(x.scalar_type());
   const at::Tensor tgt = target.contiguous();
-  const at::Tensor bias_acc = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  // (a float32 bias beside low-precision x is rounded to x's dtype first, as the weight is for
+  // the GEMMs and as F.linear under autocast rounds both)
+  const at::Tensor bias_acc = !bias.has_value() ? at::Tensor()
+                              : bias->scalar_type() != x.scalar_type()
+                                  ? bias->to(x.scalar_type()).to(acc).contiguous()
+                                  : bias->to(acc).contiguous();
   const at::Tensor scale =
       grad_scale.has_value() ? grad_scale->to(acc).contiguous() : at::Tensor();
   at::Tensor loss, zrows;

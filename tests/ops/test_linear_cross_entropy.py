@@ -221,28 +221,29 @@ def test_frozen_weight_and_no_grad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_mixed_precision_master_weight(backend, reduction):
-    """bfloat16 x with a float32 weight and bias (autocast's master weights): GEMMs in bfloat16,
-    loss, dweight and dbias in float32, against plain PyTorch under autocast (F.linear in
-    bfloat16, F.cross_entropy in float32) and the float64 reference on the weight rounded to
-    bfloat16 (the GEMMs' operand)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_master_weight(backend, reduction, dtype):
+    """bfloat16 / float16 x with a float32 weight and bias (autocast's master weights): GEMMs in
+    x's dtype, loss, dweight and dbias in float32, against plain PyTorch under autocast (F.linear
+    in x's dtype, F.cross_entropy in float32) and the float64 reference on the weight and bias
+    rounded to x's dtype (as F.linear under autocast rounds them)."""
     dev = device_for(backend)
     x64, w64, b64, t = _make(29, 40, 333, dev)
-    x64, w64, b64 = x64.bfloat16().double(), w64.float().double(), b64.float().double()
+    x64, w64, b64 = x64.to(dtype).double(), w64.float().double(), b64.float().double()
     opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=0.01)
-    x, w, b = leaf(x64, torch.bfloat16), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    x, w, b = leaf(x64, dtype), leaf(w64, torch.float32), leaf(b64, torch.float32)
     loss = tk.linear_cross_entropy(x, w, t, bias=b, chunk_size=7, backend=backend, **opts)
     assert loss.dtype == torch.float32
-    rx, rw, rb = leaf(x64), leaf(w64.bfloat16().double()), leaf(b64)
+    rx, rw, rb = leaf(x64), leaf(w64.to(dtype).double()), leaf(b64.to(dtype).double())
     ref = reference.linear_cross_entropy(rx, rw, t, rb, **opts)
-    bx, bw, bb = leaf(x64, torch.bfloat16), leaf(w64, torch.float32), leaf(b64, torch.float32)
-    with torch.autocast(dev, dtype=torch.bfloat16):
+    bx, bw, bb = leaf(x64, dtype), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    with torch.autocast(dev, dtype=dtype):
         base = _torch_same_dtype(bx, bw, bb, t, softcap=0.0, **opts)
     assert_close(f"loss[{backend} mixed]", loss, ref, base)
     gy64 = torch.randn(loss.shape, dtype=torch.float64, device=x.device) + 0.5
     for out, gy in ((loss, gy64.float()), (ref, gy64), (base, gy64.float())):
         out.backward(gy)
-    assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
     assert_close(f"dx[{backend} mixed]", x.grad, rx.grad, bx.grad)
     assert_close(f"dweight[{backend} mixed]", w.grad, rw.grad, bw.grad)
     assert_close(f"dbias[{backend} mixed]", b.grad, rb.grad, bb.grad)

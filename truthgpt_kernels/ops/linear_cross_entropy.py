@@ -14,7 +14,8 @@ The returned z-loss term (return_z_loss=True) is for logging, as in Liger: it is
 of the loss and no gradient flows through it.
 
 Mixed precision: bfloat16/float16 x with a float32 weight (the master copy, as under autocast)
-runs the GEMMs in x's dtype (the weight converted once, inside) and returns the loss and
+runs the GEMMs in x's dtype (the weight, and the bias, rounded to it once, inside, as F.linear
+under autocast rounds them) and returns the loss and
 dweight in float32, dweight accumulated in float32 over the chunks (autocast would round it to
 x's dtype first). Under autocast, float32 x and weight take this path with x converted to the
 autocast dtype: the same GEMM dtype as F.linear under autocast.
