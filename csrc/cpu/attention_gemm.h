@@ -460,7 +460,7 @@ TK_AVX512BF16 void gemm_bf16_vnni(int64_t M, int64_t N, int64_t Kp, float alpha,
   }
 }
 
-thread_local std::vector<uint16_t> tl_pack_a16, tl_pack_b16;
+thread_local std::vector<uint16_t> tl_pack_a16, tl_pack_b16, tl_pack_t16;
 
 // Bv (ceil(K/2) x Np x 2) from B (K x N) row-major: pairs of consecutive rows interleaved.
 TK_AVX512BF16 void pack_vnni_rows(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bv, int64_t Np) {
@@ -539,8 +539,11 @@ TK_AVX512BF16 void gemm_avx512_bf16(Op op, int64_t M, int64_t N, int64_t K, floa
   if (!direct) {
     la = 2 * Kp;
     uint16_t* ap = scratch_buf(tl_pack_a16, M * la);
-    if (op == Op::TN) {
-      pack_a_rows(M, K, A, 1, lda, ap, la);
+    if (op == Op::TN) {  // A (K x M): row pairs interleaved into 32-bit words, then transposed
+      const int64_t Mp = (M + 15) / 16 * 16;
+      uint16_t* t = scratch_buf(tl_pack_t16, Kp * Mp * 2 + 32);
+      pack_vnni_rows(K, M, A, lda, t, Mp);
+      transpose_f32(Kp, M, reinterpret_cast<const float*>(t), Mp, reinterpret_cast<float*>(ap), Kp);
     } else {
       pack_a_rows(M, K, A, lda, 1, ap, la);
     }
