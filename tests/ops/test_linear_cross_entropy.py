@@ -331,12 +331,16 @@ def test_opcheck(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])
-def test_compile_fullgraph(backend):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compile_fullgraph(backend, autocast):
+    """Compiled == eager, also under bf16 autocast (the mixed-precision path: x converted)."""
     torch._dynamo.reset()
     x64, w64, b64, t = _make(8, 8, 30, "cpu")
 
     def fn(x, w, b):
-        return tk.linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, z_loss=0.01, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return tk.linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, z_loss=0.01,
+                                           backend=backend)
     results = []
     for f in (fn, torch.compile(fn, fullgraph=True)):
         x, w, b = leaf(x64, torch.float32), leaf(w64, torch.float32), leaf(b64, torch.float32)
