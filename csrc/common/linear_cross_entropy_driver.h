@@ -77,6 +77,8 @@ struct AtenGemm {
   bool mixed_operands() const { return false; }
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const { at::mm_out(out, a, b); }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const { acc.addmm_(a, b); }
+  // the large buffers and outputs (logits, dx, dW, W converted)
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) const { return at::empty(sizes, opts); }
   // acc (float32) = a b (first) or += a b, with a and b low precision: the GEMM in their dtype
   // (float32 accumulation inside), the sum over chunks in float32
   void accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool first) const {
@@ -100,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   check_args(x_in, w_in, bias, target, grad_scale, ignore_index);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const bool mixed = w_in.scalar_type() != x.scalar_type();  // float32 weight, low-precision x
-  const at::Tensor w = mixed ? w_in.to(x.scalar_type(), false, false, at::MemoryFormat::Contiguous)
+  const at::Tensor w = mixed ? gemm.empty(w_in.sizes(), x.options()).copy_(w_in)
                        : w_in.stride(1) == 1 ? w_in : w_in.contiguous();
   const int64_t N = x.size(0), d = x.size(1), V = w.size(0);
   const auto acc = acc_type(x.scalar_type());
@@ -120,9 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   // (a float32 dW is its own accumulator: one pass)
   const bool low_dw = dwb && low && !mixed;
   const int64_t passes = low_dw ? std::clamp<int64_t>(dw_passes, 1, std::max<int64_t>(V, 1)) : 1;
-  at::Tensor dx = grad ? at::empty({N, d}, x.options()) : x.new_empty({0});
-  at::Tensor dw = dwb ? at::empty({V, d}, w_in.options().memory_format(at::MemoryFormat::Contiguous))
-                      : x.new_empty({0});
+  at::Tensor dx = grad ? gemm.empty({N, d}, x.options()) : x.new_empty({0});
+  at::Tensor dw = dwb ? gemm.empty({V, d}, w_in.options()) : x.new_empty({0});
   at::Tensor db_acc = dwb && bias.has_value() ? at::zeros({V}, aopt) : x.new_empty({0});
   if (N == 0) {
     if (dwb) dw.zero_();
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
     return {loss, zrows, dx, dw, db};
   }
   const int64_t nc_max = rows_per_chunk(chunk_size, N, V, at::elementSize(acc));
-  at::Tensor Lbuf = at::empty({nc_max, V}, x.options().dtype(ldt));
+  at::Tensor Lbuf = gemm.empty({nc_max, V}, x.options().dtype(ldt));
   // W blocks (rows [v0, v0 + vb)) in the GEMM dtype
   const int64_t vb = conv ? std::clamp<int64_t>(kBlockBytes / (d * 4), 1, V) : V;
   auto wblock = [&](int64_t v0) {
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   for (int64_t pass = 0; pass < passes; ++pass) {
     const int64_t p0 = V * pass / passes, p1 = V * (pass + 1) / passes;  // this pass's dW rows
     // (the first chunk writes the accumulator, the later ones add to it)
-    at::Tensor dw_acc = !dwb ? at::Tensor() : low_dw ? at::empty({p1 - p0, d}, aopt) : dw;
+    at::Tensor dw_acc = !dwb ? at::Tensor() : low_dw ? gemm.empty({p1 - p0, d}, aopt) : dw;
     for (int64_t r0 = 0; r0 < N; r0 += nc_max) {
       const int64_t nc = std::min(nc_max, N - r0);
       at::Tensor L = Lbuf.narrow(0, 0, nc);

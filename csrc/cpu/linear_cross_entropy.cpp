@@ -53,6 +53,11 @@ struct EngineGemm {
   mutable at::Tensor ws;  // the dW chunk product, reused across chunks
 
   bool mixed_operands() const { return lowp.has_value(); }
+  // large buffers through the kernels' output allocator (cpu/tensor_utils.h: huge pages, and
+  // blocks cached across calls, so a training step's LM head pays no page faults)
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) const {
+    return new_output(sizes, opts.dtype().toScalarType());
+  }
   bool own(const at::Tensor& out) const {
     return out.scalar_type() == at::kFloat && use_onednn_fp32();
   }
@@ -75,7 +80,7 @@ struct EngineGemm {
     TORCH_INTERNAL_ASSERT(acc.scalar_type() == at::kFloat && acc.is_contiguous());
     const int64_t n = acc.numel();
     if (!ws.defined() || ws.numel() < n || ws.scalar_type() != a.scalar_type()) {
-      ws = at::empty({n}, a.options());
+      ws = empty({n}, a.options());
     }
     at::Tensor prod = ws.narrow(0, 0, n).view(acc.sizes());
     {
@@ -131,13 +136,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // a low-precision dW in one pass over the chunks (not lce::kDwPasses, each of which computes
   // the logits again) when its float32 accumulator takes at most kOnePassDwBytes
   const int64_t dw_passes = weight.numel() * 4 <= kOnePassDwBytes ? 1 : lce::kDwPasses;
-  // with low-precision GEMMs each chunk also adds a (V, d) product into the float32 dW: at
-  // large d, chunks up to 4x the default (d / 512 times) halve that overhead (d 2048, V 32000,
-  // N 8192: 6.3 -> 5.2 s); at d 512 the default is fastest (larger: 429 -> 476 ms at N 2048)
-  const int64_t grow = std::clamp<int64_t>(weight.size(1) / 512, 1, 4);
-  const int64_t chunk = chunk_size > 0 || !gemm.lowp.has_value() || grow == 1
-                            ? chunk_size
-                            : std::max<int64_t>(1, grow * lce::kChunkBytes / std::max<int64_t>(1, weight.size(0) * 4));
+  // Default chunk: logits of about lce::kChunkBytes in the dtype they are kept in (x's with
+  // low-precision GEMMs: twice the rows of a float32 chunk). With low-precision GEMMs each
+  // chunk also adds a (V, d) product into the float32 dW: at large d, chunks up to 4x that
+  // (d / 512 times) halve the overhead (d 2048, V 32000, N 8192: 6.3 -> 5.2 s). Buffers come
+  // from the cached output allocator, so larger chunks cost no page faults (d 512, V 32000,
+  // N 2048, bf16: 524 rows 287-297 ms, 1024 rows 272-281).
+  const int64_t grow = gemm.lowp.has_value() ? std::clamp<int64_t>(weight.size(1) / 512, 1, 4) : 1;
+  const int64_t lbytes = at::elementSize(gemm.lowp.has_value() ? xt : acc);
+  const int64_t chunk = chunk_size > 0 ? chunk_size
+                                       : std::max<int64_t>(1, grow * lce::kChunkBytes /
+                                                                  std::max<int64_t>(1, weight.size(0) * lbytes));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     return lce::run(x, weight, bias, tgt, grad_scale, ignore_index, need_dweight, chunk,
