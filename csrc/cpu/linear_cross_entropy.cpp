@@ -34,6 +34,8 @@ struct LceRowArgs {
 };
 
 constexpr int64_t kOnePassDwBytes = int64_t(256) << 20;
+// The default chunk's logits (see linear_cross_entropy_fwd).
+constexpr int64_t kCpuChunkBytes = int64_t(128) << 20;
 
 // acc = src (first) or acc += src, n float32 / low-precision elements (the kernel section)
 template <class S>
@@ -136,16 +138,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // a low-precision dW in one pass over the chunks (not lce::kDwPasses, each of which computes
   // the logits again) when its float32 accumulator takes at most kOnePassDwBytes
   const int64_t dw_passes = weight.numel() * 4 <= kOnePassDwBytes ? 1 : lce::kDwPasses;
-  // Default chunk: logits of about lce::kChunkBytes in the dtype they are kept in (x's with
-  // low-precision GEMMs: twice the rows of a float32 chunk). With low-precision GEMMs each
-  // chunk also adds a (V, d) product into the float32 dW: at large d, chunks up to 4x that
-  // (d / 512 times) halve the overhead (d 2048, V 32000, N 8192: 6.3 -> 5.2 s). Buffers come
-  // from the cached output allocator, so larger chunks cost no page faults (d 512, V 32000,
-  // N 2048, bf16: 524 rows 287-297 ms, 1024 rows 272-281).
+  // Default chunk: logits of about kCpuChunkBytes in the dtype they are kept in (x's with
+  // low-precision GEMMs). Every chunk adds a (V, d) dW product into the float32 dW (through a
+  // fresh oneDNN output in float32 there), so fewer, larger chunks cost less once buffers come
+  // from the cached output allocator (no page faults): d 512, V 32000, N 2048 fwd+bwd, fp32:
+  // 67 MiB chunks 701-729 ms, 134 MiB 614-643; bf16 x: 275 ms either way. With low-precision
+  // GEMMs at large d the chunk grows to d / 512 x 64 MiB (at most 4x: d 2048, V 32000, N 8192,
+  // 6.3 -> 5.2 s).
   const int64_t grow = gemm.lowp.has_value() ? std::clamp<int64_t>(weight.size(1) / 512, 1, 4) : 1;
   const int64_t lbytes = at::elementSize(gemm.lowp.has_value() ? xt : acc);
   const int64_t chunk = chunk_size > 0 ? chunk_size
-                                       : std::max<int64_t>(1, grow * lce::kChunkBytes /
+                                       : std::max<int64_t>(1, std::max(kCpuChunkBytes, grow * lce::kChunkBytes) /
                                                                   std::max<int64_t>(1, weight.size(0) * lbytes));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;

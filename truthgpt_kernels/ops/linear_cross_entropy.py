@@ -224,10 +224,11 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     z_loss > 0 adds z_loss * logsumexp(logits)^2 to each counted row's loss (PaLM; Liger's
     lse_square_scale); logit_softcap > 0 replaces the logits by
     logit_softcap * tanh(logits / logit_softcap) first (Gemma 2). Returns the loss in x's
-    dtype (a scalar, or (N,) for reduction "none"), or (loss, z_loss_term) with
-    return_z_loss=True (the term reduced like the loss, no gradient: as Liger).
-    chunk_size: rows per chunk (default: as many as keep one chunk's float32 logits within
-    about 64 MiB). Gradients flow to x, weight and bias."""
+    dtype (float32 for a float32 weight), a scalar or (N,) for reduction "none", or (loss,
+    z_loss_term) with return_z_loss=True (the term reduced like the loss, no gradient: as Liger).
+    chunk_size: rows per chunk (default: one chunk's logits take about 64 MiB in float32 on
+    GPUs; on the CPU 128 MiB in the dtype they are kept in, for bf16/fp16 at d > 1024
+    d / 512 x 64 MiB, at most 256 MiB). Gradients flow to x, weight and bias."""
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
            logit_softcap, chunk_size)
     if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32 == weight.dtype:
