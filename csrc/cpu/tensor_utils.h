@@ -106,7 +106,12 @@ class OutputAllocator final : public c10::Allocator {
       if (p == nullptr && posix_memalign(&p, kHugePage, size) == 0) {
         madvise(p, size, MADV_HUGEPAGE);  // advice only: failure is harmless
       }
-      if (p != nullptr) return {p, new Block{p, size}, &release, c10::Device(c10::DeviceType::CPU)};
+      if (p != nullptr) {
+        // reported like PyTorch's CPU allocator does, so that the profiler's memory events
+        // (torch.profiler profile_memory=True, the bench's peak memory) count these buffers
+        c10::profiledCPUMemoryReporter().New(p, size);
+        return {p, new Block{p, size}, &release, c10::Device(c10::DeviceType::CPU)};
+      }
     }
 #endif
     return c10::GetCPUAllocator()->allocate(nbytes);
@@ -175,6 +180,7 @@ class OutputAllocator final : public c10::Allocator {
   }
   static void release(void* ctx) {
     auto* b = static_cast<Block*>(ctx);
+    c10::profiledCPUMemoryReporter().Delete(b->p);
     state().give(*b);
     delete b;
   }

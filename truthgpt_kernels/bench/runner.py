@@ -29,7 +29,10 @@ from . import FAMILIES, Case, canonical_dtype, dtype_hint, load_family, report, 
 from .timing import (MAX_REPS, MIN_TIME, fmt_err, fmt_mib, fmt_ms, fmt_pct, sync, time_fn,
                      time_interleaved)
 
-_KINETO_LOG = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.cpp:\d+\]")
+# kineto's banners, and c10's note that a tensor allocated before the profiler started was
+# freed inside it (the previous step's gradients)
+_KINETO_LOG = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \S+\.cpp:\d+\]"
+                         r"|^\[W\d{4} [\d:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size")
 
 
 @contextlib.contextmanager
