@@ -138,6 +138,11 @@ def test_custom_ignore_index_and_no_rows(backend):
     assert_close("loss", ours, ref, F.cross_entropy(F.linear(x64.float(), w64.float()), t, ignore_index=7))
     empty = tk.linear_cross_entropy(x64.float()[:0], w64.float(), t[:0], reduction="sum", backend=backend)
     assert empty.item() == 0.0
+    # an empty batch still gets its (0, d) gradient and a zero dweight, as in PyTorch
+    x, w = leaf(x64[:0], torch.float32), leaf(w64, torch.float32)
+    tk.linear_cross_entropy(x, w, t[:0], reduction="sum", backend=backend).backward()
+    assert x.grad is not None and x.grad.shape == (0, 12)
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -149,8 +149,8 @@ def _setup(ctx, inputs, output):
 def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
     """saved * grad (a 0-dim tensor). In eager CPU code, grad == 1 (the usual loss.backward())
     returns saved itself: no pass over dweight and no second copy of it in memory."""
-    if saved.numel() == 0:
-        return None
+    if saved.numel() == 0 and saved.dim() == 1:  # the (0,) "not computed" placeholder
+        return None  # (a real dx of an empty batch is (0, d): returned, as PyTorch does)
     eager = type(grad) is Tensor and not torch.compiler.is_compiling()  # not traced
     if eager and grad.device.type == "cpu" and bool(grad == 1):
         return saved
