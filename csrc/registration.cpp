@@ -27,6 +27,9 @@
 //     non-decreasing, last = total), per-sequence semantics of attention; alibi_slopes float32
 //     (B,Hq); lse float32 (Hq,Tq).
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
+//   embedding_bwd: grad (*, d) float32/float64, indices (*) int32/int64 in [0, num_weights);
+//     returns the (num_weights, d) gradient of the weight of F.embedding (rows == padding_idx
+//     get nothing; padding_idx -1: none). CPU only (elsewhere aten::embedding_dense_backward).
 //   linear: x (M,K), weight (N,K), bias (N,), one dtype; y = x weight^T + bias (M,N). The
 //     backward takes grad (M,N) and returns (dx, dweight, dbias), each empty when not asked for.
 //   attention_with_kvcache: cache (B,Hkv,S_max,D), or paged (num_pages,page_size,Hkv,D) with
@@ -69,6 +72,7 @@ TORCH_LIBRARY(truthgpt, m) {
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("embedding_bwd(Tensor grad, Tensor indices, int num_weights, int padding_idx) -> Tensor");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight, "
         "bool need_bias) -> (Tensor, Tensor, Tensor)");

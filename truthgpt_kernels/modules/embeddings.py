@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import alibi_slopes, apply_rotary_qk, rotary_cos_sin
+from ..ops import alibi_slopes, apply_rotary_qk, embedding, rotary_cos_sin
 
 
 class _Float32Tables(nn.Module):
@@ -165,3 +165,14 @@ class RelativePositionBias(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, num_buckets={self.num_buckets}, "
                 f"max_distance={self.max_distance}, bidirectional={self.bidirectional}")
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameters, state dict and options) whose lookup runs tk.embedding:
+    on the CPU its weight gradient skips the fresh zero-filled (num_embeddings, d) tensor of
+    torch's backward. max_norm / scale_grad_by_freq / sparse keep nn.Embedding's path."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
+            return super().forward(input)
+        return embedding(input, self.weight, self.padding_idx)

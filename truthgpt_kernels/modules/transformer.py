@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from ..config import TransformerConfig
 from ..ops.linear_cross_entropy import linear_cross_entropy
 from .attention import Attention, KVCache
-from .embeddings import LearnedPositionalEmbedding, RelativePositionBias, SinusoidalPositionalEmbedding
+from .embeddings import (Embedding, LearnedPositionalEmbedding, RelativePositionBias,
+                         SinusoidalPositionalEmbedding)
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
 from .norm import LayerNorm, RMSNorm, make_norm
 from .packing import Packed
@@ -111,7 +112,7 @@ class Transformer(nn.Module):
             config = config.replace(**overrides)
         self.config = c = config
         dt = c.torch_dtype
-        self.embed = nn.Embedding(c.vocab_size, c.d_model, device=device, dtype=dt)
+        self.embed = Embedding(c.vocab_size, c.d_model, device=device, dtype=dt)
         if c.position == "sinusoidal":
             self.pos_embed = SinusoidalPositionalEmbedding(c.max_seq_len, c.d_model, device=device)
         elif c.position == "learned":

@@ -2,6 +2,7 @@
 from .attention import alibi_slopes, attention
 from .attention_varlen import attention_varlen
 from .attention_with_kvcache import attention_with_kvcache
+from .embedding import embedding
 from .linear_cross_entropy import linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
@@ -12,4 +13,4 @@ from .swiglu import swiglu
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
            "apply_rotary_qk", "rotary_cos_sin",
-           "swiglu", "rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy"]
+           "swiglu", "rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy", "embedding"]
