@@ -116,12 +116,17 @@ def _linears(module):
     return sum(type(m) is torch.nn.Linear for m in module.modules())
 
 
+def _embeddings(module):
+    """The plain nn.Embedding modules apply_to runs through tk.embedding (not Gemma's scaled one)."""
+    return sum(hf._plain_embedding(m) for m in module.modules())
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_report_lists_what_was_swapped(name):
     _needs_tf5_layout(name)
     model = hf.apply_to(make(name))
     assert _linears(model) >= 8
-    assert model.truthgpt_patched == {**MODELS[name][3], "linear": _linears(model), "loss": 1, "left": {}}
+    assert model.truthgpt_patched == {**MODELS[name][3], "linear": _linears(model), "embedding": _embeddings(model), "loss": 1, "left": {}}
     assert model.config._attn_implementation == hf.NAME
 
 
@@ -218,7 +223,7 @@ def test_vision_language_text_tower(name):
     hf.apply_to(model)
     lm = model.model.language_model
     assert model.truthgpt_patched == {"attention": 2, "rms_norm": 13 if name == "gemma3" else 5, "mlp": 2,
-                                      "experts": 0, "linear": _linears(lm), "loss": 0, "left": {}}  # Gemma 3: q/k norms
+                                      "experts": 0, "linear": _linears(lm), "embedding": _embeddings(lm), "loss": 0, "left": {}}  # Gemma 3: q/k norms
     assert model.config.text_config._attn_implementation == hf.NAME
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert all("forward" not in m.__dict__ for m in model.model.vision_tower.modules())
@@ -335,7 +340,7 @@ def test_auto_model_from_config_and_from_pretrained(tmp_path):
     ref = make("phi3", torch.float32)
     ref.save_pretrained(tmp_path)
     loaded = hf.AutoTruthgptForCausalLM.from_pretrained(tmp_path)
-    assert loaded.truthgpt_patched == {**MODELS["phi3"][3], "linear": _linears(loaded), "loss": 1, "left": {}}
+    assert loaded.truthgpt_patched == {**MODELS["phi3"][3], "linear": _linears(loaded), "embedding": _embeddings(loaded), "loss": 1, "left": {}}
     assert loaded.config._attn_implementation == hf.NAME
     ids, mask, _ = batch(4)
     valid = mask.bool()
@@ -351,7 +356,7 @@ def test_apply_to_class_and_from_pretrained(tmp_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
     finally:
         hf.revert_class("qwen3_moe")
-    assert model.truthgpt_patched == {**MODELS["qwen3_moe"][3], "linear": _linears(model), "loss": 1, "left": {}}
+    assert model.truthgpt_patched == {**MODELS["qwen3_moe"][3], "linear": _linears(model), "embedding": _embeddings(model), "loss": 1, "left": {}}
     assert model.config._attn_implementation == hf.NAME
 
 

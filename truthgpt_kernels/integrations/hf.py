@@ -32,6 +32,9 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
 - linear: every plain `nn.Linear` (projections and lm_head; subclasses, e.g. quantized or LoRA
   layers, are left as they are) runs `tk.linear`: the C++ kernel for the few rows of a decoding
   step, F.linear when a gradient may flow or the rows are many;
+- embedding: every plain `nn.Embedding` (the token embedding; subclasses such as Gemma's scaled
+  embedding, and max_norm / scale_grad_by_freq / sparse, are left) runs `tk.embedding`, whose
+  CPU weight gradient skips torch's fresh zero-filled (vocab, hidden) tensor;
 - a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
   left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
@@ -75,7 +78,7 @@ GEMMA = ("gemma2", "gemma3_text")  # RMSNorm scales by 1 + weight
 CONFIG_WINDOW = ("mistral", "mixtral", "phi3")
 # apply_to_class names that are not the model_type: the modeling module's directory name
 _FAMILY_MODULES = {"gemma3_text": "gemma3"}
-KINDS = ("attention", "rms_norm", "mlp", "experts", "linear", "loss")
+KINDS = ("attention", "rms_norm", "mlp", "experts", "linear", "embedding", "loss")
 # the GELU of a GELU-gated MLP -> tk.geglu's approximate
 GELU_ACTS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 NAME = "truthgpt"
@@ -562,6 +565,16 @@ def _linear_forward(self, x):
     return ops.linear(x, self.weight, self.bias, backend="auto")  # as tk.modules.Linear
 
 
+def _plain_embedding(module) -> bool:
+    """A plain nn.Embedding with none of the options tk.embedding leaves to torch."""
+    return (type(module) is torch.nn.Embedding and module.max_norm is None
+            and not module.scale_grad_by_freq and not module.sparse)
+
+
+def _embedding_forward(self, ids):
+    return ops.embedding(ids, self.weight, self.padding_idx)  # as tk.modules.Embedding
+
+
 def _expert_matmul(x, weight, counts, offsets):
     """Rows of x (sorted by expert, counts[e] rows for expert e) times weight[e].T:
     (N, K) x (E, M, K) -> (N, M). torch's grouped_mm where it takes the dtype (float32 / bf16 /
@@ -770,6 +783,9 @@ def _plan(model, config, model_type, fused_loss):
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             plan["linear"].append((module, _linear_forward, {}))
+            continue
+        if _plain_embedding(module):
+            plan["embedding"].append((module, _embedding_forward, {}))
             continue
         cls = type(module).__name__
         for suffix, kind, planner in planners:
