@@ -148,7 +148,8 @@ def test_replace_modules_gpt_same_results_and_trains():
     model = TinyGPT().double()
     ref = copy.deepcopy(model)
     replace_modules(model)
-    assert len(model.truthgpt_report.swapped) == 11  # 2 x (attn + 2 norms + 2 mlp linears) + head
+    assert len(model.truthgpt_report.swapped) == 12  # 2 x (attn + 2 norms + 2 mlp linears) + head + emb
+    assert ('emb', 'Embedding') in model.truthgpt_report.swapped
     ids = torch.randint(0, 50, (2, 12))
     out, expected = model(ids), ref(ids)
     torch.testing.assert_close(out, expected)
@@ -180,3 +181,18 @@ def test_replace_modules_include_exclude_and_report():
     assert empty.truthgpt_report.swapped == [] and "nothing to replace" in str(empty.truthgpt_report)
     multi = replace_modules(nn.Sequential(nn.RMSNorm([4, 5])))
     assert multi.truthgpt_report.skipped and "more than the last dim" in multi.truthgpt_report.skipped[0][1]
+
+
+def test_replace_modules_embedding_keeps_parameter_and_options():
+    """nn.Embedding -> modules.Embedding with the same Parameter (a tied head stays tied); the
+    options torch's embedding serves are left, with the reason in the report."""
+    model = nn.Sequential(nn.Embedding(30, 8, padding_idx=2), nn.Linear(8, 30))
+    model[1].weight = model[0].weight
+    w = model[0].weight
+    replace_modules(model)
+    assert type(model[0]).__name__ == "Embedding" and model[0].weight is w and model[1].weight is w
+    assert model[0].padding_idx == 2
+    sparse = nn.Sequential(nn.Embedding(30, 8, sparse=True))
+    replace_modules(sparse)
+    assert type(sparse[0]) is nn.Embedding
+    assert any("sparse" in why for _, why in sparse.truthgpt_report.skipped)

@@ -69,6 +69,16 @@ def _convert_linear(m: nn.Linear):
     return new
 
 
+def _convert_embedding(m: nn.Embedding):
+    from .modules.embeddings import Embedding
+    if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
+        raise ValueError("max_norm / scale_grad_by_freq / sparse: torch's own embedding serves them")
+    new = Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx, device="meta")
+    new.weight = m.weight  # the same Parameter (a tied lm_head stays tied)
+    new.train(m.training)
+    return new
+
+
 # exact type -> converter; subclasses are left alone (they may change behaviour: LoRA,
 # quantized layers, MultiheadAttention's out_proj, which our MultiheadAttention serves itself)
 CONVERTERS: Dict[type, Callable[[nn.Module], nn.Module]] = {
@@ -76,15 +86,17 @@ CONVERTERS: Dict[type, Callable[[nn.Module], nn.Module]] = {
     nn.RMSNorm: _convert_rms_norm,
     nn.LayerNorm: _convert_layer_norm,
     nn.Linear: _convert_linear,
+    nn.Embedding: _convert_embedding,
 }
 
 
 def replace_modules(model: nn.Module, *, include: Optional[Iterable[str]] = None,
                     exclude: Iterable[str] = (), verbose: bool = False) -> nn.Module:
-    """Swaps every torch.nn.MultiheadAttention, torch.nn.RMSNorm, torch.nn.LayerNorm and
-    torch.nn.Linear (exact types) of `model` that these kernels can serve (norms over the last
-    dim only; others are left, with the reason in the report). include/exclude filter by type
-    name ("MultiheadAttention", "RMSNorm", "LayerNorm", "Linear") or by module name prefix. Conversion of every module is done first; if one fails, nothing is
+    """Swaps every torch.nn.MultiheadAttention, torch.nn.RMSNorm, torch.nn.LayerNorm,
+    torch.nn.Linear and torch.nn.Embedding (exact types) of `model` that these kernels can serve
+    (norms over the last dim only, embeddings without max_norm / scale_grad_by_freq / sparse;
+    others are left, with the reason in the report). include/exclude filter by type name
+    ("MultiheadAttention", "RMSNorm", "LayerNorm", "Linear", "Embedding") or by module name prefix. Conversion of every module is done first; if one fails, nothing is
     changed and the error is raised. Returns the model; the report is in
     `model.truthgpt_report` (and logged, or printed with verbose=True)."""
     include = None if include is None else set(include)
