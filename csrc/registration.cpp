@@ -27,6 +27,9 @@
 //     non-decreasing, last = total), per-sequence semantics of attention; alibi_slopes float32
 //     (B,Hq); lse float32 (Hq,Tq).
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
+//   swiglu_bwd_packed / geglu_bwd_packed: gate_up (..., 2n) holds the [gate | up] halves (a
+//     fused gate-up projection's output), grad (..., n); returns the (..., 2n) gradient of
+//     gate_up in one tensor (CPU only; elsewhere the two halves of *_bwd are concatenated).
 //   embedding_bwd: grad (*, d) float32/float64, indices (*) int32/int64 in [0, num_weights);
 //     returns the (num_weights, d) gradient of the weight of F.embedding (rows == padding_idx
 //     get nothing; padding_idx -1: none). CPU only (elsewhere aten::embedding_dense_backward).
@@ -41,6 +44,7 @@
 TORCH_LIBRARY(truthgpt, m) {
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu_bwd_packed(Tensor grad, Tensor gate_up) -> Tensor");
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
@@ -48,6 +52,7 @@ TORCH_LIBRARY(truthgpt, m) {
         "Tensor rstd) -> (Tensor, Tensor, Tensor)");
   m.def("geglu_fwd(Tensor gate, Tensor up, str approximate) -> Tensor");
   m.def("geglu_bwd(Tensor grad, Tensor gate, Tensor up, str approximate) -> (Tensor, Tensor)");
+  m.def("geglu_bwd_packed(Tensor grad, Tensor gate_up, str approximate) -> Tensor");
   m.def("rotary_fwd(Tensor x, Tensor cos, Tensor sin, Tensor position_ids, bool interleaved) -> Tensor");
   m.def("rotary_qk_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor position_ids, "
         "bool interleaved) -> (Tensor, Tensor)");

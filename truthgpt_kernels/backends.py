@@ -134,6 +134,16 @@ def kernel(family: str, name: str, which: str) -> Callable:
     raise BackendError(f"no kernels for backend {name!r}")
 
 
+def packed_gated_bwd(family: str, name: str, grad: torch.Tensor, gate_up: torch.Tensor, *extra):
+    """The (..., 2n) gradient of the packed [gate | up] input of gated activation `family`
+    (swiglu, geglu): the C++ CPU kernel `family_bwd_packed` writes it as one tensor; the other
+    backends' `family_bwd` halves are concatenated."""
+    if name == "cpu":
+        return getattr(torch.ops.truthgpt, f"{family}_bwd_packed").default(grad, gate_up, *extra)
+    halves = kernel(family, name, "bwd")(grad, *gate_up.chunk(2, dim=-1), *extra)
+    return torch.cat(halves, dim=-1)
+
+
 def _runs_on(name: str, device: torch.device) -> bool:
     if name == "cpu":
         return device.type == "cpu"
@@ -221,6 +231,19 @@ def register_fake(op, family: str, which: str):
             torch.library.register_fake(f"truthgpt::{family}_{which}", lambda *args: fn(*args, None))
         return fn
     return register
+
+
+def empty_bhsd(like: torch.Tensor, shape, backend: Optional[str], dtype=None) -> torch.Tensor:
+    """A fake (B, H, S, D) output laid out as the kernel of `backend` lays it (backend None: the
+    C++ kernel of like's device): the CPU kernels put it in like's memory order when like, a
+    (B, H', S, D) input, is a view of a (B, S, H' * D) projection (stride(1) < stride(2)), so
+    that flattening it back to (B, S, H * D) is free (cpu::new_output_bhsd); the others return
+    it contiguous."""
+    cpu = backend == "cpu" or (backend is None and like.device.type == "cpu")
+    if cpu and like.dim() == 4 and like.shape[1] > 1 and like.shape[2] > 1 and like.stride(1) < like.stride(2):
+        b, h, s, d = shape
+        return like.new_empty((b, s, h, d), dtype=dtype).transpose(1, 2)
+    return like.new_empty(shape, dtype=dtype)
 
 
 def call(op, family: str, which: str, name: str, *args):

@@ -51,6 +51,7 @@
 // Parts: attention_common.h (shared declarations), attention_gemm.h, attention_rows.h,
 // attention_schedule.h, attention_extras.h; this file holds the forward and backward drivers.
 #include "cpu/attention_extras.h"
+#include "cpu/tensor_utils.h"
 
 namespace truthgpt {
 namespace {
@@ -81,6 +82,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
+  const int64_t osB = out.stride(0), osH = out.stride(1), osS = out.stride(2);
   float* lp = lse.data_ptr<float>();
   const int64_t qsB = q.stride(0), qsH = q.stride(1), qsS = q.stride(2);
   const int64_t ksB = k.stride(0), ksH = k.stride(1), ksS = k.stride(2);
@@ -148,7 +150,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
     const int64_t nr = t.nr();
     for (int64_t r = 0; r < t.rows(); ++r) {
       const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
-      T* o = op + ((t.b * P.Hq + h) * P.Sq + i) * D;
+      T* o = op + t.b * osB + h * osH + i * osS;
       const Acc* a = acc + r * D;
       float* lo = lp + (t.b * P.Hq + h) * P.Sq + i;
       if (l[r] != Acc(0)) {  // (NaN: a NaN reached the row; it propagates)
@@ -237,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
                 bm_keep, km_keep);
   plan_tiles(P);
   const ExtraArgs xa = extra_args(P, q.scalar_type(), rel_bias, dropout_p, dropout_seed);
-  at::Tensor out = at::empty({P.B, P.Hq, P.Sq, P.D}, q.options());
+  // out in q's memory order (see new_output_bhsd), like flash-attn's (B, S, H, D) output
+  at::Tensor out = cpu::new_output_bhsd({P.B, P.Hq, P.Sq, P.D}, q.scalar_type(), q_);
   at::Tensor lse = at::empty({P.B, P.Hq, P.Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   auto run = [&](auto tag, const at::Tensor& qq, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& oo) {
@@ -417,11 +420,12 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
 }
 
 template <typename T>
-void store_dq(const Problem& P, const Tile& t, const acc_t<T>* dq, T* out) {
+void store_dq(const Problem& P, const Tile& t, const acc_t<T>* dq, at::Tensor& out) {
   const int64_t nr = t.nr();
+  T* base = out.data_ptr<T>();
   for (int64_t r = 0; r < t.rows(); ++r) {
     const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
-    T* o = out + ((t.b * P.Hq + h) * P.Sq + i) * P.D;
+    T* o = base + t.b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
     for (int64_t d = 0; d < P.D; ++d) o[d] = static_cast<T>(dq[r * P.D + d]);
   }
 }
@@ -452,9 +456,10 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   c.out = out.const_data_ptr<T>();
   c.osB = out.stride(0), c.osH = out.stride(1), c.osS = out.stride(2);
   c.lse = lse.const_data_ptr<float>();
-  T* dqp = dq.data_ptr<T>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
+  const int64_t dksB = dk.stride(0), dksH = dk.stride(1), dksS = dk.stride(2);
+  const int64_t dvsB = dv.stride(0), dvsH = dv.stride(1), dvsS = dv.stride(2);
   const int64_t D = P.D, ntile = static_cast<int64_t>(P.qtiles.size());
 
   // One item per (batch, kv head) owns dK, dV and the dQ of its query heads: one pass.
@@ -489,11 +494,15 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   };
 
   auto write_kv = [&](int64_t b, int64_t kvh, int64_t j0, int64_t n, const Acc* dka, const Acc* dva) {
-    T* ko = dkp + ((b * P.Hkv + kvh) * P.Sk + j0) * D;
-    T* vo = dvp + ((b * P.Hkv + kvh) * P.Sk + j0) * D;
-    for (int64_t x = 0; x < n * D; ++x) {
-      ko[x] = static_cast<T>(dka[x]);
-      vo[x] = static_cast<T>(dva[x]);
+    for (int64_t j = 0; j < n; ++j) {
+      T* ko = dkp + b * dksB + kvh * dksH + (j0 + j) * dksS;
+      T* vo = dvp + b * dvsB + kvh * dvsH + (j0 + j) * dvsS;
+      const Acc* ka = dka + j * D;
+      const Acc* va = dva + j * D;
+      for (int64_t d = 0; d < D; ++d) {
+        ko[d] = static_cast<T>(ka[d]);
+        vo[d] = static_cast<T>(va[d]);
+      }
     }
   };
 
@@ -507,7 +516,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
           const Tile t = P.tile(b, kvh, grp, tt);
           st.dq.assign(t.rows() * D, Acc(0));
           bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), st.dk.data(), st.dv.data(), 0, part_at(t, 0), L);
-          store_dq<T>(P, t, st.dq.data(), dqp);
+          store_dq<T>(P, t, st.dq.data(), dq);
         }
       write_kv(b, kvh, 0, P.Sk, st.dk.data(), st.dv.data());
     });
@@ -533,7 +542,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   auto dq_tile = [&](const Tile& t, BwdState<T>& st, Acc* dr) {
     st.dq.assign(t.rows() * D, Acc(0));
     bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), nullptr, nullptr, 0, dr, nchunk * L);
-    store_dq<T>(P, t, st.dq.data(), dqp);
+    store_dq<T>(P, t, st.dq.data(), dq);
   };
   if (!ex.rel()) {
     run_items<BwdState<T>>(P.items_fwd(), [&](int64_t item, BwdState<T>& st) {
@@ -576,9 +585,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const ExtraArgs xa = extra_args(P, q.scalar_type(), rel_bias, dropout_p, dropout_seed);
   at::Tensor drel = xa.rel.defined() ? at::zeros({P.Hq, P.Sq + P.Sk - 1}, xa.rel.options())
                                      : at::empty({0}, q_.options().dtype(at::kFloat));
-  at::Tensor dq = at::empty({P.B, P.Hq, P.Sq, P.D}, q.options());
-  at::Tensor dk = at::empty({P.B, P.Hkv, P.Sk, P.D}, k.options());
-  at::Tensor dv = at::empty({P.B, P.Hkv, P.Sk, P.D}, v.options());
+  // each gradient in its input's memory order (see new_output_bhsd)
+  at::Tensor dq = cpu::new_output_bhsd({P.B, P.Hq, P.Sq, P.D}, q.scalar_type(), q_);
+  at::Tensor dk = cpu::new_output_bhsd({P.B, P.Hkv, P.Sk, P.D}, k.scalar_type(), k_);
+  at::Tensor dv = cpu::new_output_bhsd({P.B, P.Hkv, P.Sk, P.D}, v.scalar_type(), v_);
   if (dq.numel() == 0 || dk.numel() == 0) {
     dq.zero_();
     dk.zero_();
@@ -599,9 +609,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     case at::kDouble: run(double{}, dout, q, k, v, out, dq, dk, dv); break;
     case at::kBFloat16: run(bf16{}, dout, q, k, v, out, dq, dk, dv); break;
     case at::kHalf: {
-      at::Tensor dqf = at::empty(dq.sizes(), dq.options().dtype(at::kFloat));
-      at::Tensor dkf = at::empty(dk.sizes(), dk.options().dtype(at::kFloat));
-      at::Tensor dvf = at::empty(dv.sizes(), dv.options().dtype(at::kFloat));
+      at::Tensor dqf = at::empty_like(dq, dq.options().dtype(at::kFloat));
+      at::Tensor dkf = at::empty_like(dk, dk.options().dtype(at::kFloat));
+      at::Tensor dvf = at::empty_like(dv, dv.options().dtype(at::kFloat));
       run(float{}, widen_half(dout), widen_half(q), widen_half(k), widen_half(v), widen_half(out), dqf, dkf, dvf);
       dq.copy_(dqf);
       dk.copy_(dkf);

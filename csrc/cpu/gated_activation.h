@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <vector>
 
 #include "cpu/tensor_utils.h"
 
@@ -60,18 +61,28 @@ void for_tasks(int64_t rows, int64_t n, F&& fn) {
 }
 
 // Runs a task function of cpu/gated_activation_kernels.h on checked inputs ins (of like's
-// shape and dtype) and returns its NOut outputs (like's shape and dtype, contiguous):
-// pick(Tag<T>{}, isa) gives the function for element type T, e.g.
-// TRUTHGPT_ISA_FN(isa, gated_fwd_tasks<T, Key>) with ins {gate, up} and one output.
+// shape and dtype) and returns its NOut outputs (like's shape and dtype): pick(Tag<T>{}, isa)
+// gives the function for element type T, e.g. TRUTHGPT_ISA_FN(isa, gated_fwd_tasks<T, Key>)
+// with ins {gate, up} and one output. The outputs are contiguous, or with packed=true the
+// halves of one (..., 2n) buffer (the gradient of a packed [gate | up] input: out[0]'s base).
 template <size_t NOut, size_t NIn, class Pick>
 std::array<at::Tensor, NOut> run(const char* op, const at::Tensor& like,
-                                 const at::Tensor (&ins)[NIn], Pick&& pick) {
+                                 const at::Tensor (&ins)[NIn], Pick&& pick, bool packed = false) {
   std::array<at::Tensor, NOut> outs;
-  for (auto& o : outs) o = new_output(like.sizes(), like.scalar_type());
+  const int64_t n = like.dim() ? like.size(-1) : 1;
+  if (packed) {
+    std::vector<int64_t> sizes(like.sizes().begin(), like.sizes().end());
+    sizes.back() = n * static_cast<int64_t>(NOut);
+    const at::Tensor buf = new_output(sizes, like.scalar_type());
+    for (size_t k = 0; k < NOut; ++k) outs[k] = buf.narrow(-1, static_cast<int64_t>(k) * n, n);
+  } else {
+    for (auto& o : outs) o = new_output(like.sizes(), like.scalar_type());
+  }
   if (like.numel() == 0) return outs;
+  const int64_t ostride = packed ? n * static_cast<int64_t>(NOut) : n;
   std::array<at::Tensor, NIn> in_rows;
   for (size_t k = 0; k < NIn; ++k) in_rows[k] = as_rows(ins[k]);
-  const int64_t rows = in_rows[0].size(0), n = in_rows[0].size(1);
+  const int64_t rows = in_rows[0].size(0);
   const Isa isa = active_isa();
   dispatch_kernel_types(like.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -79,10 +90,35 @@ std::array<at::Tensor, NOut> run(const char* op, const at::Tensor& like,
     std::array<TaskIn<T>, NIn> in;
     for (size_t k = 0; k < NIn; ++k) in[k] = {cptr<T>(in_rows[k]), row_stride(in_rows[k])};
     std::array<T*, NOut> out;
-    for (size_t k = 0; k < NOut; ++k) out[k] = mptr<T>(outs[k]);
-    for_tasks(rows, n, [&](int64_t t0, int64_t t1) { fn(in.data(), out.data(), n, kBlock, t0, t1); });
+    for (size_t k = 0; k < NOut; ++k) out[k] = static_cast<T*>(outs[k].data_ptr());
+    for_tasks(rows, n, [&](int64_t t0, int64_t t1) {
+      fn(in.data(), out.data(), ostride, n, kBlock, t0, t1);
+    });
   });
   return outs;
+}
+
+// The (..., 2n) gradient of a packed [gate | up] input from the two halves run() returned
+// with packed=true.
+inline at::Tensor packed_base(const at::Tensor& first_half) {
+  return first_half.as_strided(
+      [&] {
+        std::vector<int64_t> s(first_half.sizes().begin(), first_half.sizes().end());
+        s.back() *= 2;
+        return s;
+      }(),
+      first_half.strides());
+}
+
+// Checks of the packed backward: gate_up (..., 2n) against grad (..., n).
+inline void check_packed(const char* op, const at::Tensor& grad, const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, op,
+              ": gate_up must have an even last dim (the [gate | up] halves), got ", gate_up.sizes());
+  auto half = gate_up.sizes().vec();
+  half.back() /= 2;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(half) && grad.scalar_type() == gate_up.scalar_type(),
+              op, ": grad must have gate_up's dtype and shape with the last dim halved, got ",
+              grad.sizes(), " and ", gate_up.sizes());
 }
 
 }  // namespace gated

@@ -28,10 +28,10 @@ struct GatedTasks {
   }
 };
 
-// in: gate, up; out: act(gate) * up, contiguous (rows, n).
+// in: gate, up; out: act(gate) * up, rows `ostride` elements apart.
 template <class T, class Key>
-void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t block, int64_t t0,
-                     int64_t t1) {
+void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t ostride, int64_t n, int64_t block,
+                     int64_t t0, int64_t t1) {
   using V = VecFor<T>;
   using A = acc_t<T>;
   GatedTasks task(n, block, t0);
@@ -39,7 +39,7 @@ void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
     const int64_t r = task.r, c0 = task.c0(), len = task.len();
     const T* gr = in[0].p + r * in[0].stride + c0;
     const T* ur = in[1].p + r * in[1].stride + c0;
-    T* orow = out[0] + r * n + c0;
+    T* orow = out[0] + r * ostride + c0;
     for (int64_t i = 0; i < len; i += V::W) {
       const int64_t m = len - i;
       const V act = GatedAct<Key>::template fwd<V, A>(V::load(gr + i, m));
@@ -48,10 +48,11 @@ void gated_fwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
   }
 }
 
-// in: dy, gate, up; out: dgate, dup, contiguous (rows, n).
+// in: dy, gate, up; out: dgate, dup, rows `ostride` elements apart (n, or 2n for the two halves
+// of one packed [dgate | dup] buffer).
 template <class T, class Key>
-void gated_bwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t block, int64_t t0,
-                     int64_t t1) {
+void gated_bwd_tasks(const TaskIn<T>* in, T* const* out, int64_t ostride, int64_t n, int64_t block,
+                     int64_t t0, int64_t t1) {
   using V = VecFor<T>;
   using A = acc_t<T>;
   GatedTasks task(n, block, t0);
@@ -60,8 +61,8 @@ void gated_bwd_tasks(const TaskIn<T>* in, T* const* out, int64_t n, int64_t bloc
     const T* yr = in[0].p + r * in[0].stride + c0;
     const T* gr = in[1].p + r * in[1].stride + c0;
     const T* ur = in[2].p + r * in[2].stride + c0;
-    T* dgr = out[0] + r * n + c0;
-    T* dur = out[1] + r * n + c0;
+    T* dgr = out[0] + r * ostride + c0;
+    T* dur = out[1] + r * ostride + c0;
     for (int64_t i = 0; i < len; i += V::W) {
       const int64_t m = len - i;
       V dgv, duv;

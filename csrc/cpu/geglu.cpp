@@ -71,11 +71,31 @@ std::tuple<at::Tensor, at::Tensor> geglu_bwd(const at::Tensor& grad, const at::T
   return {dgate, dup};
 }
 
+// The gradient of a packed (..., 2n) [gate | up] input in one buffer (cpu/swiglu.cpp).
+at::Tensor geglu_bwd_packed(const at::Tensor& grad, const at::Tensor& gate_up,
+                            c10::string_view approximate) {
+  gated::check_packed("geglu_bwd_packed", grad, gate_up);
+  const int64_t n = grad.dim() ? grad.size(-1) : 1;
+  const at::Tensor gate = gate_up.narrow(-1, 0, n), up = gate_up.narrow(-1, n, n);
+  const bool tanh = check_inputs("geglu_bwd_packed", gate, up, approximate);
+  if (gate.scalar_type() == at::kHalf) {  // no fp16 kernel: compute in float
+    return geglu_bwd_packed(grad.to(at::kFloat), gate_up.to(at::kFloat), approximate).to(at::kHalf);
+  }
+  auto outs = dispatch_form(tanh, [&](auto form) {
+    using Key = GeluKey<decltype(form)::value>;
+    return gated::run<2>("geglu_bwd_packed", gate, {grad, gate, up}, [](auto tag, Isa isa) {
+      return TRUTHGPT_ISA_FN(isa, gated_bwd_tasks<typename decltype(tag)::type, Key>);
+    }, /*packed=*/true);
+  });
+  return gated::packed_base(outs[0]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("geglu_fwd", &geglu_fwd);
   m.impl("geglu_bwd", &geglu_bwd);
+  m.impl("geglu_bwd_packed", &geglu_bwd_packed);
 }
 
 }  // namespace truthgpt

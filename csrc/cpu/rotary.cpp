@@ -24,8 +24,9 @@ namespace cpu {
 template <class T>
 struct RotaryTensor {
   const T* x;
-  T* out;  // contiguous (B, H, S, D)
-  int64_t H, sb, sh, ss;
+  T* out;  // (B, H, S, D), unit inner stride
+  int64_t H, sb, sh, ss;  // x's strides
+  int64_t osb, osh, oss;  // out's
 };
 
 template <class T, class C>
@@ -97,7 +98,7 @@ void dispatch_cos_type(const at::Tensor& cos, F&& f) {
   }
 }
 
-// Rotates `heads` of one or two (B, H, S, D) tensors into contiguous outputs in one pass.
+// Rotates `heads` of one or two (B, H, S, D) tensors into outputs (unit inner stride) in one pass.
 void run(const char* op, std::initializer_list<std::pair<const at::Tensor*, at::Tensor*>> io,
          const Prepared& p, bool interleaved) {
   const at::Tensor& x0 = *io.begin()->first;
@@ -119,6 +120,9 @@ void run(const char* op, std::initializer_list<std::pair<const at::Tensor*, at::
         t.sb = in->stride(0);
         t.sh = in->stride(1);
         t.ss = in->stride(2);
+        t.osb = out->stride(0);
+        t.osh = out->stride(1);
+        t.oss = out->stride(2);
       }
       a.B = B;
       a.S = S;
@@ -150,7 +154,7 @@ at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   const auto p = prepare("rotary_fwd", x, cos, sin, position_ids);
   TORCH_CHECK(p.cos.scalar_type() == at::kFloat || p.cos.scalar_type() == x.scalar_type(),
               "rotary_fwd: cos/sin dtype");
-  auto out = new_output(x.sizes(), x.scalar_type());
+  auto out = new_output_bhsd(x.sizes(), x.scalar_type(), x);
   if (out.numel() == 0) return out;
   const auto xc = inner_contiguous(x);
   run("rotary_fwd", {{&xc, &out}}, p, interleaved);
@@ -167,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_qk_fwd(const at::Tensor& q, const at::
               k.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "rotary_qk_fwd: q (", q.scalar_type(),
               ") and k (", k.scalar_type(), ") must have the same dtype");
-  auto oq = new_output(q.sizes(), q.scalar_type()), ok = new_output(k.sizes(), k.scalar_type());
+  auto oq = new_output_bhsd(q.sizes(), q.scalar_type(), q);
+  auto ok = new_output_bhsd(k.sizes(), k.scalar_type(), k);
   const auto qc = inner_contiguous(q), kc = inner_contiguous(k);
   if (oq.numel() && ok.numel()) {
     run("rotary_qk_fwd", {{&qc, &oq}, {&kc, &ok}}, p, interleaved);
@@ -212,7 +217,7 @@ bool rotary_rows(const RotaryArgs<T, C>& a, int64_t r0, int64_t r1) {
     for (; r < end; ++r, ++local) {
       const int64_t p = a.pos[b * a.psb + s * a.pss];
       const T* xr = t.x + b * t.sb + h * t.sh + s * t.ss;
-      T* orow = t.out + local * D;
+      T* orow = t.out + b * t.osb + h * t.osh + s * t.oss;
       if (p < 0 || p >= a.P) {
         ok = false;
       } else {

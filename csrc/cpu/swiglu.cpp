@@ -35,11 +35,24 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& grad, const at::
   return {dgate, dup};
 }
 
+// The gradient of a packed (..., 2n) [gate | up] input in one buffer: a fused gate-up
+// projection's output gradient with no concatenation after the kernel.
+at::Tensor swiglu_bwd_packed(const at::Tensor& grad, const at::Tensor& gate_up) {
+  gated::check_packed("swiglu_bwd_packed", grad, gate_up);
+  const int64_t n = grad.dim() ? grad.size(-1) : 1;
+  const at::Tensor gate = gate_up.narrow(-1, 0, n), up = gate_up.narrow(-1, n, n);
+  auto outs = gated::run<2>("swiglu_bwd_packed", gate, {grad, gate, up}, [](auto tag, Isa isa) {
+    return TRUTHGPT_ISA_FN(isa, gated_bwd_tasks<typename decltype(tag)::type, SiluKey>);
+  }, /*packed=*/true);
+  return gated::packed_base(outs[0]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("swiglu_bwd_packed", &swiglu_bwd_packed);
 }
 
 }  // namespace truthgpt

@@ -198,6 +198,19 @@ inline at::Tensor new_output(at::IntArrayRef sizes, at::ScalarType dtype) {
                                    dtype, c10::nullopt);
 }
 
+// A new (B, H, S, D) output (sizes) in the memory order of `like`, a (B, H', S, D) input:
+// (B, S, H, D) memory when like's heads sit within a position (like is a view of a (B, S,
+// H' * D) projection, stride(1) < stride(2)), so that the result transposed back to (B, S, H,
+// D) and flattened is a free view (no copy around the kernel, forward or backward); else
+// contiguous (B, H, S, D).
+inline at::Tensor new_output_bhsd(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
+  if (like.dim() == 4 && sizes.size() == 4 && like.size(1) > 1 && like.size(2) > 1 &&
+      like.stride(1) < like.stride(2)) {
+    return new_output({sizes[0], sizes[2], sizes[1], sizes[3]}, dtype).transpose(1, 2);
+  }
+  return new_output(sizes, dtype);
+}
+
 // Row stride of a (rows, n) view; any value works for a single row.
 inline int64_t row_stride(const at::Tensor& r) { return r.size(0) <= 1 ? r.size(1) : r.stride(0); }
 

@@ -148,6 +148,10 @@ def test_geglu_opcheck(backend, approximate):
     g = torch.randn(4, 9, device=dev, requires_grad=True)
     u = torch.randn(4, 9, device=dev, requires_grad=True)
     torch.library.opcheck(torch.ops.truthgpt.geglu.default, (g, u, approximate, backend))
+    # the packed form's op (its backward returns the [gate | up] gradient whole)
+    x = torch.randn(4, 18, device=dev, requires_grad=True)
+    assert "geglu_packed" in tk.geglu(x, approximate=approximate, backend=backend).grad_fn.name()
+    torch.library.opcheck(torch.ops.truthgpt.geglu_packed.default, (x, approximate, backend))
 
 
 def test_geglu_bad_input():

@@ -22,6 +22,20 @@ def _attention_args(dev, extras=False):
     return (q, k, v, 0.3, 4, 0, slopes, block_mask, 4, key_mask, 5.0, rel, 0.2, torch.tensor(7))
 
 
+def _attention_bshd_args(dev):
+    """q, k, v as (B, H, S, D) views of (B, S, H, D) memory (the split of a fused QKV
+    projection): the CPU kernels return out and the gradients in that memory order, and the
+    fake kernels must say so."""
+    q, k, v = (torch.randn(2, 5, h, 8, device=dev).transpose(1, 2).requires_grad_() for h in (4, 2, 2))
+    return (q, k, v, 0.3, -1, 0, None, None, 4, None, 0.0, None, 0.0, None)
+
+
+def _rotary_bshd_args(dev):
+    q, k = (torch.randn(2, 5, h, 8, device=dev).transpose(1, 2).requires_grad_() for h in (3, 2))
+    cos, sin = tk.rotary_cos_sin(16, 8, device=dev)
+    return (q, k, cos, sin, torch.arange(5, device=dev).expand(2, 5), False)
+
+
 def _attention_varlen_args(dev):
     q = torch.randn(9, 4, 8, device=dev, requires_grad=True)
     k = torch.randn(11, 2, 8, device=dev, requires_grad=True)
@@ -45,9 +59,11 @@ def _rotary_args(dev, qk):
 CASES = {
     "attention": ("attention", "attention", _attention_args),
     "attention_rel_bias_dropout": ("attention", "attention", lambda dev: _attention_args(dev, extras=True)),
+    "attention_bshd": ("attention", "attention", _attention_bshd_args),
     "attention_varlen": ("attention_varlen", "attention_varlen", _attention_varlen_args),
     "apply_rotary": ("apply_rotary", "rotary", lambda dev: _rotary_args(dev, False)),
     "apply_rotary_qk": ("apply_rotary_qk", "rotary", lambda dev: _rotary_args(dev, True)),
+    "apply_rotary_qk_bshd": ("apply_rotary_qk", "rotary", _rotary_bshd_args),
     "swiglu": ("swiglu", "swiglu", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
                                                 torch.randn(3, 6, device=dev, requires_grad=True))),
     "rms_norm": ("rms_norm", "rms_norm", lambda dev: (torch.randn(3, 6, device=dev, requires_grad=True),
@@ -70,6 +86,7 @@ def test_opcheck(case, backend):
 # C++ kernels a compiled graph calls directly (backends.call): their fake kernels
 # (backends.register_fake) must agree with them. case -> kernel name
 KERNELS = {"attention": "attention_fwd", "attention_rel_bias_dropout": "attention_fwd",
+           "attention_bshd": "attention_fwd", "apply_rotary_qk_bshd": "rotary_qk_fwd",
            "apply_rotary": "rotary_fwd", "apply_rotary_qk": "rotary_qk_fwd", "swiglu": "swiglu_fwd",
            "rms_norm": "rms_norm_fwd"}
 
@@ -88,3 +105,31 @@ def test_opcheck_cpp_kvcache_kernel():
     torch.library.opcheck(torch.ops.truthgpt.attention_with_kvcache_fwd.default,
                           (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"],
                            a["k_new"], a["v_new"], 0.3, 4, 0, None, 5.0))
+
+
+@pytest.mark.skipif(bool(backends.unavailable_reason("cpu")), reason="needs the C++ extension")
+def test_cpu_outputs_follow_a_fused_projections_layout():
+    """Split from a (B, S, 3 H D) QKV projection, rotated and attended on the CPU: the rotary
+    outputs, the attention output and every gradient come back in (B, S, H, D) memory, so
+    flattening them to (B, S, H D) (forward) and concatenating the QKV gradient (backward)
+    copy nothing around the kernels; values against the float64 reference."""
+    B, S, H, D = 2, 9, 4, 8
+    qkv64 = torch.randn(B, S, 3 * H * D, dtype=torch.float64)
+    cos, sin = tk.rotary_cos_sin(16, D, dtype=torch.float64)
+    dy = torch.randn(B, S, H * D, dtype=torch.float64)
+    grads, outs = [], []
+    for dtype, backend in ((torch.float32, "cpu"), (torch.float64, "reference")):
+        qkv = qkv64.to(dtype).requires_grad_()
+        q, k, v = (t.view(B, S, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=-1))
+        q, k = tk.apply_rotary_qk(q, k, cos.to(dtype), sin.to(dtype), backend=backend)
+        y = tk.attention(q, k, v, causal=True, backend=backend)
+        if backend == "cpu":
+            for t in (q, k, y):
+                assert t.transpose(1, 2).is_contiguous(), t.stride()
+            flat = y.transpose(1, 2).reshape(B, S, H * D)
+            assert flat.data_ptr() == y.data_ptr()  # a view
+        y.transpose(1, 2).reshape(B, S, H * D).backward(dy.to(dtype))
+        outs.append(y.double())
+        grads.append(qkv.grad.double())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)

@@ -155,6 +155,45 @@ def test_swiglu_opcheck(backend):
     torch.library.opcheck(torch.ops.truthgpt.swiglu.default, (g, u, backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_packed_gradient_is_one_tensor(backend):
+    """A packed [gate | up] input runs as truthgpt::swiglu_packed, whose backward returns the
+    input's gradient whole (the CPU kernel writes both halves into one buffer), so autograd
+    concatenates nothing; the gradient matches the float64 reference, also for a row-strided
+    input (a slice of a wider projection)."""
+    dev = device_for(backend)
+    wide64 = torch.randn(6, 3 * 40, dtype=torch.float64, device=dev) * 2
+    dy64 = torch.randn(6, 40, dtype=torch.float64, device=dev)
+    for dtype in _dtypes(backend):
+        wide = leaf(wide64, dtype)
+        out = tk.swiglu(wide[:, 40:], backend=backend)
+        assert "swiglu_packed" in out.grad_fn.name()
+        out.backward(dy64.to(dtype))
+        rw = leaf(wide64)
+        reference.swiglu(rw[:, 40:]).backward(dy64)
+        bw = leaf(wide64, dtype)
+        bg, bu = bw[:, 40:].chunk(2, -1)
+        (F.silu(bg) * bu).backward(dy64.to(dtype))
+        with bf16_rounding_known(backend, dtype):
+            assert_close(f"grad[{dtype}]", wide.grad, rw.grad, bw.grad)
+    x = torch.randn(4, 18, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.truthgpt.swiglu_packed.default, (x, backend))
+    with torch.no_grad():  # no gradient: the plain kernel on the two halves
+        assert_close("out[no_grad]", tk.swiglu(x, backend=backend), reference.swiglu(x.double()),
+                     F.silu(x[:, :9]) * x[:, 9:])
+
+
+def test_swiglu_bwd_packed_kernel_checks_its_arguments():
+    if not tk.available_backends()["cpu"]["available"]:
+        pytest.skip("C++ CPU extension not built")
+    with pytest.raises(RuntimeError, match="even last dim"):
+        torch.ops.truthgpt.swiglu_bwd_packed(torch.randn(3, 2), torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="last dim halved"):
+        torch.ops.truthgpt.swiglu_bwd_packed(torch.randn(3, 3), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="last dim halved"):
+        torch.ops.truthgpt.swiglu_bwd_packed(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 4))
+
+
 def test_swiglu_bad_input():
     with pytest.raises(ValueError, match="even last dim"):
         tk.swiglu(torch.randn(3, 5))

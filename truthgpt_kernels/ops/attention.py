@@ -30,7 +30,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, window_left: int
 @backends.register_fake(attention_op, "attention", "fwd")
 def _(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask,
       softcap, rel_bias, dropout_p, dropout_seed, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return backends.empty_bhsd(q, q.shape, backend), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("truthgpt::attention_backward", mutates_args=())
@@ -51,7 +51,9 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 def _(grad_out, q, k, v, out, lse, scale, window_left, window_right, alibi_slopes, block_mask,
       block_size, key_mask, softcap, rel_bias, *args):
     drel = rel_bias.new_empty(rel_bias.shape) if rel_bias is not None else q.new_empty(0, dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drel
+    backend = args[-1]
+    return (backends.empty_bhsd(q, q.shape, backend), backends.empty_bhsd(k, k.shape, backend),
+            backends.empty_bhsd(v, v.shape, backend), drel)
 
 
 _REL = 11  # position of rel_bias in attention_op's inputs

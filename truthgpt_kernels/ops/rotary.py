@@ -20,7 +20,7 @@ def rotary_op(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, interle
 
 @backends.register_fake(rotary_op, "rotary", "fwd")
 def _(x, cos, sin, position_ids, interleaved, backend):
-    return x.new_empty(x.shape)
+    return backends.empty_bhsd(x, x.shape, backend)
 
 
 @torch.library.custom_op("truthgpt::apply_rotary_qk", mutates_args=())
@@ -31,7 +31,7 @@ def rotary_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: T
 
 @backends.register_fake(rotary_qk_op, "rotary", "qk_fwd")
 def _(q, k, cos, sin, position_ids, interleaved, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+    return backends.empty_bhsd(q, q.shape, backend), backends.empty_bhsd(k, k.shape, backend)
 
 
 def _setup(ctx, inputs, output):

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import check_same_dtype, check_tensor
+from ..validation import check_gate_up
 
 
 @torch.library.custom_op("truthgpt::swiglu", mutates_args=())
@@ -43,17 +43,49 @@ def _backward(ctx, grad):
 swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
+# The packed form: gate_up (..., 2n) holds [gate | up] (a fused gate-up projection's output).
+# Its own op so that the backward returns the gradient of gate_up as one tensor (written in
+# place by the CPU kernel) instead of two halves that autograd would concatenate.
+@torch.library.custom_op("truthgpt::swiglu_packed", mutates_args=())
+def swiglu_packed_op(gate_up: Tensor, backend: str) -> Tensor:
+    return backends.kernel("swiglu", backend, "fwd")(*gate_up.chunk(2, dim=-1))
+
+
+@swiglu_packed_op.register_fake
+def _(gate_up, backend):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("truthgpt::swiglu_packed_backward", mutates_args=())
+def swiglu_packed_backward_op(grad: Tensor, gate_up: Tensor, backend: str) -> Tensor:
+    return backends.packed_gated_bwd("swiglu", backend, grad, gate_up)
+
+
+@swiglu_packed_backward_op.register_fake
+def _(grad, gate_up, backend):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _setup_packed(ctx, inputs, output):
+    gate_up, backend = inputs
+    ctx.save_for_backward(gate_up)
+    ctx.backend = backend
+
+
+def _backward_packed(ctx, grad):
+    (gate_up,) = ctx.saved_tensors
+    return swiglu_packed_backward_op(grad, gate_up, ctx.backend), None
+
+
+swiglu_packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
+
+
 def swiglu(gate: Tensor, up: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """silu(gate) * up. With up=None the last dim of gate holds [gate | up] halves (the output
     of a fused gate-up projection)."""
-    check_tensor("gate", gate, ndim=range(1, 9))
-    if up is None:
-        if gate.shape[-1] % 2:
-            raise ValueError(f"gate: a packed [gate | up] input needs an even last dim, got {gate.shape[-1]}")
-        gate, up = gate.chunk(2, dim=-1)
-    else:
-        check_tensor("up", up, device=gate.device)
-        check_same_dtype("gate", gate, up=up)
-        if up.shape != gate.shape:
-            raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
-    return backends.call(swiglu_op, "swiglu", "fwd", backends.select("swiglu", backend, gate), gate, up)
+    gate_up = gate if up is None else None
+    gate, up = check_gate_up(gate, up)
+    name = backends.select("swiglu", backend, gate)
+    if gate_up is not None and torch.is_grad_enabled() and gate_up.requires_grad:
+        return swiglu_packed_op(gate_up, name)
+    return backends.call(swiglu_op, "swiglu", "fwd", name, gate, up)
