@@ -27,6 +27,7 @@ struct RotaryTensor {
   T* out;  // (B, H, S, D), unit inner stride
   int64_t H, sb, sh, ss;  // x's strides
   int64_t osb, osh, oss;  // out's
+  bool s_major;           // rows visited in (b, s, h) order (both laid out (B, S, H, D)), else (b, h, s)
 };
 
 template <class T, class C>
@@ -123,6 +124,8 @@ void run(const char* op, std::initializer_list<std::pair<const at::Tensor*, at::
         t.osb = out->stride(0);
         t.osh = out->stride(1);
         t.oss = out->stride(2);
+        // (B, S, H, D) memory (new_output_bhsd gave out x's order): walk it in memory order
+        t.s_major = t.H > 1 && S > 1 && out->stride(1) < out->stride(2) && in->stride(1) < in->stride(2);
       }
       a.B = B;
       a.S = S;
@@ -196,7 +199,7 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 #else  // ========================================== kernel section (once per instruction set)
 
 // Head vectors [r0, r1) of the concatenation [t[0] rows..., t[1] rows...], each tensor's
-// rows in (b, h, s) order. Returns false if a position was out of range (its row is skipped).
+// rows in (b, h, s) order, or (b, s, h) for a tensor laid out (B, S, H, D) (s_major). Returns false if a position was out of range (its row is skipped).
 template <class T, class C>
 bool rotary_rows(const RotaryArgs<T, C>& a, int64_t r0, int64_t r1) {
   using V = VecFor<T>;
@@ -212,9 +215,17 @@ bool rotary_rows(const RotaryArgs<T, C>& a, int64_t r0, int64_t r1) {
       first += n_rows;
       continue;
     }
-    int64_t local = r - first;
-    int64_t s = local % S, h = (local / S) % t.H, b = local / (S * t.H);
-    for (; r < end; ++r, ++local) {
+    const int64_t local = r - first;
+    int64_t s, h, b = local / (S * t.H);
+    if (t.s_major) {
+      h = local % t.H;
+      s = (local / t.H) % S;
+    } else {
+      s = local % S;
+      h = (local / S) % t.H;
+    }
+    const int64_t next = t.s_major ? t.sh : t.ss;  // x's offset to the next row visited
+    for (; r < end; ++r) {
       const int64_t p = a.pos[b * a.psb + s * a.pss];
       const T* xr = t.x + b * t.sb + h * t.sh + s * t.ss;
       T* orow = t.out + b * t.osb + h * t.osh + s * t.oss;
@@ -226,8 +237,8 @@ bool rotary_rows(const RotaryArgs<T, C>& a, int64_t r0, int64_t r1) {
         if (!a.interleaved) {
           for (int64_t d = 0; d < half; d += W) {
             const int64_t m = half - d;
-            prefetch(xr + t.ss + d);  // the next position's row (prefetches never fault)
-            prefetch(xr + t.ss + half + d);
+            prefetch(xr + next + d);  // the next row visited (prefetches never fault)
+            prefetch(xr + next + half + d);
             const V c = V::load(cr + d, m), sn = V::load(sr + d, m);
             const V x1 = V::load(xr + d, m), x2 = V::load(xr + half + d, m);
             (x1 * c - x2 * sn).store(orow + d, m);
@@ -244,7 +255,15 @@ bool rotary_rows(const RotaryArgs<T, C>& a, int64_t r0, int64_t r1) {
         }
         if (D > R) std::memcpy(orow + R, xr + R, static_cast<size_t>(D - R) * sizeof(T));
       }
-      if (++s == S) {
+      if (t.s_major) {
+        if (++h == t.H) {
+          h = 0;
+          if (++s == S) {
+            s = 0;
+            ++b;
+          }
+        }
+      } else if (++s == S) {
         s = 0;
         if (++h == t.H) {
           h = 0;
