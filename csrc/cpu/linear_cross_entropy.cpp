@@ -192,6 +192,14 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("linear_cross_entropy_fwd", &linea
 
 #else  // ========================================== kernel section (once per instruction set)
 
+// A thread's scratch row of n elements (reused across calls).
+template <class T>
+T* scratch_row(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // Rows [i0, i1) of a chunk: L row i at L + i * ld (V elements of S: T, or bf16 / f16 holding
 // the logits of low-precision GEMMs, read into T and their gradient rounded back), its
 // arguments at index i of a's per-row pointers.
@@ -239,19 +247,26 @@ void lce_rows(S* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
       mx = y > mx ? y : mx;
     }
     for (int l = 0; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
-    // sum exp(z' - max) and sum z'
+    // sum exp(z' - max) and sum z'; with a gradient to write, each exp(z' - max) is kept (in
+    // T, a row of the thread's scratch, in cache) for it: one exp per logit, not two
+    const bool keep = a.scale != nullptr;
+    T* e = keep ? scratch_row<T>(n) : nullptr;
     const V vmx = V::set1(mx);
     V vse = V::zero(), vsz = V::zero();
     int64_t k = 0;
     for (; k + V::W <= n; k += V::W) {
       const V y = V::load(z + k, V::W);
-      vse = vse + V::exp(y - vmx);
+      const V ey = V::exp(y - vmx);
+      if (keep) ey.store(e + k, V::W);
+      vse = vse + ey;
       vsz = vsz + y;
     }
     T se = static_cast<T>(vse.hsum()), sz = static_cast<T>(vsz.hsum());
     for (; k < n; ++k) {  // the tail: padding lanes would add exp(0 - max)
       const T y = to_acc<T>(z[k]);
-      se += std::exp(y - mx);
+      const T ey = std::exp(y - mx);
+      if (keep) e[k] = ey;
+      se += ey;
       sz += y;
     }
     const T lse = mx + std::log(se);
@@ -263,13 +278,13 @@ void lce_rows(S* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
     // gradient, in place
     const T s = a.scale[i];
     const T coef = s * (1 + 2 * a.z_loss * lse), off = s * a.eps / static_cast<T>(n);
-    const V vcoef = V::set1(coef), voff = V::set1(off), vlse = V::set1(lse), vinv = V::set1(inv_cap);
+    // p = exp(z' - lse) = exp(z' - max) / se
+    const V vpcoef = V::set1(coef / se), voff = V::set1(off), vinv = V::set1(inv_cap);
     for (k = 0; k < n; k += V::W) {
       const int64_t m = n - k;
-      const V y = V::load(z + k, m);
-      V g = V::fma(V::exp(y - vlse), vcoef, V::zero() - voff);
+      V g = V::fma(V::load(e + k, m), vpcoef, V::zero() - voff);
       if (capped) {
-        const V u = y * vinv;
+        const V u = V::load(z + k, m) * vinv;
         g = g * (one - u * u);
       }
       g.store(z + k, m);
