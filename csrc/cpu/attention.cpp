@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
 template <typename T>
 struct BwdState {
   using Acc = acc_t<T>;
-  std::vector<Acc> S, dP, G, dq, dk, dv;
+  std::vector<Acc> S, dP, G, dq, dk, dv, tbuf;  // dk, dv: D x keys (transposed)
   std::vector<T> Pl, dSl, qbuf, dobuf;
   std::vector<RowInfo<Acc>> ri;
   std::vector<int64_t> one_key;  // per tile row: its only visible key, or -1
@@ -325,12 +325,29 @@ int64_t single_visible_key(const Problem& P, int64_t b, int64_t h, int64_t i) {
   return total == 1 ? at : -1;
 }
 
+// sum_d a[d] b[d] in the accumulation precision: eight independent partial sums (a single
+// chain of D dependent adds was 4% of the bf16 backward), added in a fixed order.
+template <typename T>
+acc_t<T> row_dot(const T* a, const T* b, int64_t D) {
+  using Acc = acc_t<T>;
+  Acc part[8] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (int u = 0; u < 8; ++u) part[u] += static_cast<Acc>(to_f(a[d + u])) * static_cast<Acc>(to_f(b[d + u]));
+  Acc rest = 0;
+  for (; d < D; ++d) rest += static_cast<Acc>(to_f(a[d])) * static_cast<Acc>(to_f(b[d]));
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + rest;
+}
+
 // Accumulates one tile's contributions over its pieces: dq (rows x D, if non-null), and
-// dk/dv rows [j - kofs] (if non-null), and the rel_bias gradient (if non-null: the row of
-// head h at drel + (h - t.h0) * drel_ld).
+// dk/dv transposed (D x keys, column j - kofs, row stride ldkv; if non-null), and the
+// rel_bias gradient (if non-null: the row of head h at drel + (h - t.h0) * drel_ld).
+// dK^T += scale Q^T dS and dV^T += dO^T P read dS and P as they lie (their k-pairs are
+// rows): dK = dS^T Q would transpose the (rows x keys) dS and P of every piece.
 template <typename T>
 void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, int64_t L1, acc_t<T>* dq,
-              acc_t<T>* dk, acc_t<T>* dv, int64_t kofs, acc_t<T>* drel = nullptr, int64_t drel_ld = 0) {
+              acc_t<T>* dk, acc_t<T>* dv, int64_t kofs, int64_t ldkv, acc_t<T>* drel = nullptr,
+              int64_t drel_ld = 0) {
   using Acc = acc_t<T>;
   constexpr bool kLowP = !std::is_same<T, Acc>::value;
   const Problem& P = *c.P;
@@ -347,17 +364,26 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
   }
   fill_rows<Acc>(P, t, st.ri);
   st.one_key.resize(R);
+  constexpr int64_t kAhead = 8;  // rows of dO and O prefetched ahead (O is often (B, S, H, D))
+  auto prefetch_rows = [&](int64_t r) {
+    const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
+    const char* a = reinterpret_cast<const char*>(c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS);
+    const char* o = reinterpret_cast<const char*>(c.out + t.b * c.osB + h * c.osH + i * c.osS);
+    for (int64_t x = 0; x < D * static_cast<int64_t>(sizeof(T)); x += 64) {
+      __builtin_prefetch(a + x);
+      __builtin_prefetch(o + x);
+    }
+  };
+  for (int64_t r = 0; r < std::min(R, kAhead); ++r) prefetch_rows(r);
   for (int64_t r = 0; r < R; ++r) {
+    if (r + kAhead < R) prefetch_rows(r + kAhead);
     const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
     const int64_t idx = (t.b * P.Hq + h) * P.Sq + i;
     const float l = c.lse[idx];
     st.ri[r].lse2 = std::isinf(l) && l < 0 ? -std::numeric_limits<Acc>::infinity() : static_cast<Acc>(l * kLog2e);
     // delta = rowsum(dO * O), in the accumulation precision (one-key rows: see below)
-    const T* dor = c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS;
-    const T* orow = c.out + t.b * c.osB + h * c.osH + i * c.osS;
-    Acc dl = 0;
-    for (int64_t d = 0; d < D; ++d) dl += static_cast<Acc>(to_f(dor[d])) * static_cast<Acc>(to_f(orow[d]));
-    st.ri[r].delta = dl;
+    st.ri[r].delta = row_dot<T>(c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS,
+                                c.out + t.b * c.osB + h * c.osH + i * c.osS, D);
     st.one_key[r] = single_visible_key(P, t.b, h, i);
   }
   int64_t lda = 0, ldo = 0;
@@ -401,11 +427,11 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     if (ex.dropout) {  // dV += (P keep)^T dO / (1 - p); dP = (dO V^T) keep / (1 - p)
       dropout_keep<Acc>(P, t, ex, pc.j0, n, st.words, st.keep.data(), ldS);
       drop_rows<T>(Pm, const_cast<T*>(Pdm), R, n, ldS, st.keep.data(), ldS);
-      if (dv) c.gemm(Op::TN, n, D, R, ex.inv_keep, Pdm, ldS, dO, ldo, Acc(1), dv + (pc.j0 - kofs) * D, D);
+      if (dv) c.gemm(Op::TN, D, n, R, ex.inv_keep, dO, ldo, Pdm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv);
       c.gemm(Op::NT, R, n, D, ex.inv_keep, dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
       drop_rows<Acc>(st.dP.data(), st.dP.data(), R, n, ldS, st.keep.data(), ldS);
     } else {
-      if (dv) c.gemm(Op::TN, n, D, R, Acc(1), Pm, ldS, dO, ldo, Acc(1), dv + (pc.j0 - kofs) * D, D);
+      if (dv) c.gemm(Op::TN, D, n, R, Acc(1), dO, ldo, Pm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv);
       c.gemm(Op::NT, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
     }
     for (int64_t r = 0; r < R; ++r) {  // a row's only key is in this piece: delta = dP there
@@ -415,18 +441,34 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     if (drel) acc_rel_bias_grad<Acc>(P, t, st.ri.data(), pc.j0, n, st.S.data(), st.dP.data(), ldS, drel, drel_ld);
     c.rows.bwd_ds(ra);
     if (dq) c.gemm(Op::NN, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D);
-    if (dk) c.gemm(Op::TN, n, D, R, c.scale, dSm, ldS, A, lda, Acc(1), dk + (pc.j0 - kofs) * D, D);
+    if (dk) c.gemm(Op::TN, D, n, R, c.scale, A, lda, dSm, ldS, Acc(1), dk + (pc.j0 - kofs), ldkv);
   }
 }
 
+// (cols x rows) = a^T for a (rows x cols), in buf.
+template <typename Acc>
+const Acc* transpose_acc(const Acc* a, int64_t rows, int64_t cols, std::vector<Acc>& buf) {
+  buf.resize(rows * cols);
+#if TK_X86
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (cpu_has_avx512()) {
+      transpose_f32(rows, cols, a, cols, buf.data(), rows);
+      return buf.data();
+    }
+  }
+#endif
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t d = 0; d < rows; ++d) buf[j * rows + d] = a[d * cols + j];
+  return buf.data();
+}
+
 template <typename T>
-void store_dq(const Problem& P, const Tile& t, const acc_t<T>* dq, at::Tensor& out) {
-  const int64_t nr = t.nr();
+void store_dq(const BwdCtx<T>& c, const Tile& t, const acc_t<T>* dq, at::Tensor& out) {
+  const int64_t nr = t.nr(), D = c.P->D;
   T* base = out.data_ptr<T>();
   for (int64_t r = 0; r < t.rows(); ++r) {
     const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
-    T* o = base + t.b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
-    for (int64_t d = 0; d < P.D; ++d) o[d] = static_cast<T>(dq[r * P.D + d]);
+    c.rows.store(base + t.b * out.stride(0) + h * out.stride(1) + i * out.stride(2), dq + r * D, D);
   }
 }
 
@@ -493,16 +535,14 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
     }
   };
 
-  auto write_kv = [&](int64_t b, int64_t kvh, int64_t j0, int64_t n, const Acc* dka, const Acc* dva) {
-    for (int64_t j = 0; j < n; ++j) {
-      T* ko = dkp + b * dksB + kvh * dksH + (j0 + j) * dksS;
-      T* vo = dvp + b * dvsB + kvh * dvsH + (j0 + j) * dvsS;
-      const Acc* ka = dka + j * D;
-      const Acc* va = dva + j * D;
-      for (int64_t d = 0; d < D; ++d) {
-        ko[d] = static_cast<T>(ka[d]);
-        vo[d] = static_cast<T>(va[d]);
-      }
+  // keys [j0, j0 + n) of dK, dV from their transposed accumulators (D x n)
+  auto write_kv = [&](BwdState<T>& st, int64_t b, int64_t kvh, int64_t j0, int64_t n) {
+    const Acc* acc[2] = {st.dk.data(), st.dv.data()};
+    T* out[2] = {dkp + b * dksB + kvh * dksH + j0 * dksS, dvp + b * dvsB + kvh * dvsH + j0 * dvsS};
+    const int64_t so[2] = {dksS, dvsS};
+    for (int w = 0; w < 2; ++w) {
+      const Acc* rows = transpose_acc<Acc>(acc[w], D, n, st.tbuf);  // (n x D)
+      for (int64_t j = 0; j < n; ++j) c.rows.store(out[w] + j * so[w], rows + j * D, D);
     }
   };
 
@@ -515,10 +555,10 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
         for (int64_t tt = 0; tt < ntile; ++tt) {
           const Tile t = P.tile(b, kvh, grp, tt);
           st.dq.assign(t.rows() * D, Acc(0));
-          bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), st.dk.data(), st.dv.data(), 0, part_at(t, 0), L);
-          store_dq<T>(P, t, st.dq.data(), dq);
+          bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), st.dk.data(), st.dv.data(), 0, P.Sk, part_at(t, 0), L);
+          store_dq<T>(c, t, st.dq.data(), dq);
         }
-      write_kv(b, kvh, 0, P.Sk, st.dk.data(), st.dv.data());
+      write_kv(st, b, kvh, 0, P.Sk);
     });
     reduce_drel();
     return;
@@ -534,15 +574,15 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
     for (int64_t grp = 0; grp < P.ngroups; ++grp)
       for (int64_t tt = 0; tt < ntile; ++tt) {
         const Tile t = P.tile(b, kvh, grp, tt);
-        bwd_tile<T>(c, st, t, j0, j1, nullptr, st.dk.data(), st.dv.data(), j0);
+        bwd_tile<T>(c, st, t, j0, j1, nullptr, st.dk.data(), st.dv.data(), j0, j1 - j0);
       }
-    write_kv(b, kvh, j0, j1 - j0, st.dk.data(), st.dv.data());
+    write_kv(st, b, kvh, j0, j1 - j0);
   });
   const std::vector<int64_t> order = tile_order(P);
   auto dq_tile = [&](const Tile& t, BwdState<T>& st, Acc* dr) {
     st.dq.assign(t.rows() * D, Acc(0));
-    bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), nullptr, nullptr, 0, dr, nchunk * L);
-    store_dq<T>(P, t, st.dq.data(), dq);
+    bwd_tile<T>(c, st, t, 0, P.Sk, st.dq.data(), nullptr, nullptr, 0, 0, dr, nchunk * L);
+    store_dq<T>(c, t, st.dq.data(), dq);
   };
   if (!ex.rel()) {
     run_items<BwdState<T>>(P.items_fwd(), [&](int64_t item, BwdState<T>& st) {

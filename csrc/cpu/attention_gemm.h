@@ -290,8 +290,11 @@ TK_AVX512 void ukernel_f32(int64_t K, const float* A, int64_t sr, int64_t sk, co
 template <int NV, int MRX>
 TK_AVX512 void gemm_f32_cols(int64_t M, int64_t K, float alpha, const float* A, int64_t sr, int64_t sk,
                              const float* b, int64_t ldb, float beta, float* C, int64_t ldc, __mmask16 tail) {
-  for (int64_t m0 = 0; m0 < M; m0 += MRX) {
-    const int mr = static_cast<int>(std::min<int64_t>(MRX, M - m0));
+  for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
+    // (6-row blocks end in 4 + 4 or 4 + 3 rows, not 6 + 2 or 6 + 1: a 1- or 2-row block
+    // reloads all of B for a few dot products)
+    const int64_t left = M - m0;
+    mr = MRX == 6 && (left == 7 || left == 8) ? 4 : std::min<int64_t>(MRX, left);
     const float* a = A + m0 * sr;
     float* c = C + m0 * ldc;
 #define TK_UK(R)                                                                    \
@@ -432,8 +435,11 @@ template <int NV, int MRX>
 TK_AVX512BF16 void gemm_bf16_vnni_cols(int64_t M, int64_t Kp, float alpha, const uint16_t* A, int64_t lda,
                                        const uint16_t* b, int64_t Np, float beta, float* C, int64_t ldc,
                                        __mmask16 tail) {
-  for (int64_t m0 = 0; m0 < M; m0 += MRX) {
-    const int mr = static_cast<int>(std::min<int64_t>(MRX, M - m0));
+  for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
+    // (6-row blocks end in 4 + 4 or 4 + 3 rows, not 6 + 2 or 6 + 1: a 1- or 2-row block
+    // reloads all of B for a few dot products)
+    const int64_t left = M - m0;
+    mr = MRX == 6 && (left == 7 || left == 8) ? 4 : std::min<int64_t>(MRX, left);
     const uint16_t* a = A + m0 * lda;
     float* c = C + m0 * ldc;
 #define TK_UK(R)                                                                \

@@ -392,6 +392,23 @@ struct Rows {
 #endif
     bwd_ds_rows_portable<Acc, PT>(a);
   }
+  // o[0, n) = a[0, n) rounded to PT (round to nearest even)
+  void store(PT* o, const Acc* a, int64_t n) const {
+#if TK_X86
+    if constexpr (std::is_same<Acc, float>::value && !std::is_same<PT, float>::value) {
+      if (impl == RowsImpl::Avx512 && n % 2 == 0) {  // (the converters zero-pad an odd row)
+        uint16_t* ob = reinterpret_cast<uint16_t*>(o);
+        if (cpu_has_avx512bf16()) {
+          convert_row_bf16_native(a, n, ob);
+        } else {
+          convert_row_bf16_plain(a, n, ob);
+        }
+        return;
+      }
+    }
+#endif
+    for (int64_t d = 0; d < n; ++d) o[d] = static_cast<PT>(a[d]);
+  }
 };
 
 }  // namespace
