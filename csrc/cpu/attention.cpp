@@ -67,7 +67,20 @@ struct FwdState {
   std::vector<uint8_t> cmbuf, any_buf, all_buf;
   std::vector<uint8_t> keep;     // dropout: keep bytes of a piece
   std::vector<uint32_t> words;   // dropout: Philox words of a row
+  KeyPack<T> keys;               // K^T and V of the keys of the last tiles (AVX-512 GEMMs)
 };
+
+// Packs the keys [lo, hi) of a tile's pieces (of its (batch, kv head)) into kp unless kp holds
+// them already; not with a block or key mask (their pieces may be a small part of the span).
+template <typename T>
+void ensure_keys(KeyPack<T>& kp, const Problem& P, GemmImpl impl, int want, const Tile& t,
+                 const std::vector<Piece>& pieces, const T* kbase, int64_t ksS, const T* vbase, int64_t vsS) {
+  if (pieces.empty() || P.bm || P.km || !packs_keys<T>(impl, P.D)) return;
+  int64_t lo = pieces.front().j0, hi = pieces.front().j1;
+  for (const Piece& pc : pieces) lo = std::min(lo, pc.j0), hi = std::max(hi, pc.j1);
+  if (kp.covers(t.b, t.kvh, lo, hi, want)) return;
+  pack_keys<T>(kp, impl, want, t.b, t.kvh, lo, hi, P.D, kbase + lo * ksS, ksS, vbase + lo * vsS, vsS);
+}
 
 template <typename T>
 void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -127,11 +140,13 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
     ra.P = st.P.data();
     ra.ldP = ldS;
     if (ex.dropout) st.keep.resize(R * ldS);
+    ensure_keys<T>(st.keys, P, isa.gemm, kPackKT | kPackVR, t, st.pieces, kbase, ksS, vbase, vsS);
     // nearest keys first: with causal ALiBi the row max then comes with the first piece
     for (auto it = st.pieces.rbegin(); it != st.pieces.rend(); ++it) {
       const Piece& pc = *it;
       const int64_t n = pc.j1 - pc.j0;
-      gemm(Op::NT, R, n, D, qk_alpha, A, lda, kbase + pc.j0 * ksS, ksS, Acc(0), st.S.data(), ldS);
+      gemm_nt_keys<T>(gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, n, D, qk_alpha, A, lda, kbase + pc.j0 * ksS, ksS,
+                      Acc(0), st.S.data(), ldS);
       if (ex.rel()) add_rel_bias<Acc>(P, t, ex, cf0, pc.j0, n, st.S.data(), ldS, nullptr);
       if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
       ra.n = n;
@@ -142,7 +157,8 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
         dropout_keep<Acc>(P, t, ex, pc.j0, n, st.words, st.keep.data(), ldS);
         drop_rows<T>(ra.P, ra.P, R, n, ldS, st.keep.data(), ldS);
       }
-      gemm(Op::NN, R, D, n, Acc(1), ra.P, ldS, vbase + pc.j0 * vsS, vsS, Acc(1), st.acc.data(), D);
+      gemm_nn_keys<T>(gemm, st.keys, 1, t.b, t.kvh, pc.j0, R, D, n, Acc(1), ra.P, ldS, vbase + pc.j0 * vsS, vsS,
+                      Acc(1), st.acc.data(), D);
     }
   };
   // out = acc / l, lse = (m + log2 l) ln 2; a row without visible keys: zeros, -inf
@@ -276,7 +292,10 @@ struct BwdState {
   std::vector<T> Pd;             // dropout: the dropped P of dV (fp32 / fp64)
   std::vector<uint8_t> keep;     // dropout: keep bytes of a piece
   std::vector<uint32_t> words;   // dropout: Philox words of a row
+  KeyPack<T> keys;               // K^T, V^T and K of a work item's keys (AVX-512 GEMMs)
 };
+
+constexpr int kBwdKeys = kPackKT | kPackVT | kPackKR;
 
 template <typename T>
 struct BwdCtx {
@@ -413,11 +432,13 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
       Pdm = st.Pd.data();
     }
   }
+  ensure_keys<T>(st.keys, P, c.gemm.impl, kBwdKeys, t, st.pieces, kbase, c.ksS, vbase, c.vsS);
   for (const Piece& pc : st.pieces) {
     const int64_t n = pc.j1 - pc.j0;
     const T* kp = kbase + pc.j0 * c.ksS;
     const T* vp = vbase + pc.j0 * c.vsS;
-    c.gemm(Op::NT, R, n, D, c.qk_alpha, A, lda, kp, c.ksS, Acc(0), st.S.data(), ldS);
+    gemm_nt_keys<T>(c.gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, n, D, c.qk_alpha, A, lda, kp, c.ksS, Acc(0),
+                    st.S.data(), ldS);
     if (ex.rel()) add_rel_bias<Acc>(P, t, ex, c.cf, pc.j0, n, st.S.data(), ldS, c.cf.softcap ? st.G.data() : nullptr);
     if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
     ra.n = n;
@@ -428,11 +449,13 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
       dropout_keep<Acc>(P, t, ex, pc.j0, n, st.words, st.keep.data(), ldS);
       drop_rows<T>(Pm, const_cast<T*>(Pdm), R, n, ldS, st.keep.data(), ldS);
       if (dv) c.gemm(Op::TN, D, n, R, ex.inv_keep, dO, ldo, Pdm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv);
-      c.gemm(Op::NT, R, n, D, ex.inv_keep, dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
+      gemm_nt_keys<T>(c.gemm, st.keys, 1, t.b, t.kvh, pc.j0, R, n, D, ex.inv_keep, dO, ldo, vp, c.vsS, Acc(0),
+                      st.dP.data(), ldS);
       drop_rows<Acc>(st.dP.data(), st.dP.data(), R, n, ldS, st.keep.data(), ldS);
     } else {
       if (dv) c.gemm(Op::TN, D, n, R, Acc(1), dO, ldo, Pm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv);
-      c.gemm(Op::NT, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0), st.dP.data(), ldS);
+      gemm_nt_keys<T>(c.gemm, st.keys, 1, t.b, t.kvh, pc.j0, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0),
+                      st.dP.data(), ldS);
     }
     for (int64_t r = 0; r < R; ++r) {  // a row's only key is in this piece: delta = dP there
       const int64_t j = st.one_key[r];
@@ -440,7 +463,7 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     }
     if (drel) acc_rel_bias_grad<Acc>(P, t, st.ri.data(), pc.j0, n, st.S.data(), st.dP.data(), ldS, drel, drel_ld);
     c.rows.bwd_ds(ra);
-    if (dq) c.gemm(Op::NN, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D);
+    if (dq) gemm_nn_keys<T>(c.gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D);
     if (dk) c.gemm(Op::TN, D, n, R, c.scale, A, lda, dSm, ldS, Acc(1), dk + (pc.j0 - kofs), ldkv);
   }
 }
@@ -535,6 +558,13 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
     }
   };
 
+  // all the keys a work item's tiles read (the tiles of the one-pass schedule run in query
+  // order: packing each tile's span as it comes would pack the causal prefix again each time)
+  auto pack_item_keys = [&](BwdState<T>& st, int64_t b, int64_t kvh, int64_t j0, int64_t j1) {
+    if (P.bm || P.km || !packs_keys<T>(c.gemm.impl, D)) return;
+    pack_keys<T>(st.keys, c.gemm.impl, kBwdKeys, b, kvh, j0, j1, D, c.k + b * c.ksB + kvh * c.ksH + j0 * c.ksS,
+                 c.ksS, c.v + b * c.vsB + kvh * c.vsH + j0 * c.vsS, c.vsS);
+  };
   // keys [j0, j0 + n) of dK, dV from their transposed accumulators (D x n)
   auto write_kv = [&](BwdState<T>& st, int64_t b, int64_t kvh, int64_t j0, int64_t n) {
     const Acc* acc[2] = {st.dk.data(), st.dv.data()};
@@ -551,6 +581,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
       const int64_t b = item / P.Hkv, kvh = item % P.Hkv;
       st.dk.assign(P.Sk * D, Acc(0));
       st.dv.assign(P.Sk * D, Acc(0));
+      pack_item_keys(st, b, kvh, 0, P.Sk);
       for (int64_t grp = 0; grp < P.ngroups; ++grp)
         for (int64_t tt = 0; tt < ntile; ++tt) {
           const Tile t = P.tile(b, kvh, grp, tt);
@@ -571,6 +602,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
     const int64_t j0 = kb * KB, j1 = std::min<int64_t>(j0 + KB, P.Sk);
     st.dk.assign((j1 - j0) * D, Acc(0));
     st.dv.assign((j1 - j0) * D, Acc(0));
+    pack_item_keys(st, b, kvh, j0, j1);
     for (int64_t grp = 0; grp < P.ngroups; ++grp)
       for (int64_t tt = 0; tt < ntile; ++tt) {
         const Tile t = P.tile(b, kvh, grp, tt);

@@ -600,5 +600,124 @@ struct Gemm {
   }
 };
 
+// ============================================================================ packed keys
+// The key-side operands of one (batch, kv head), keys [j0, j1), packed once into the layouts
+// the AVX-512 GEMMs read, for all the query tiles (and pieces) of a work item that use them;
+// without it every piece packs its keys again (a causal backward packed K three times and V
+// twice per query tile).
+//   kt / vt: B of the NT products S = Q K^T, dP = dO V^T. fp32: K^T (D x ld); bf16: VNNI
+//            pairs of K^T ((D/2) x ld x 2). ld >= n + 16: the last vector of a piece reads
+//            past its keys into zero padding.
+//   kr / vr: B of the NN products dQ = dS K, O = P V (bf16 only: VNNI pairs of rows,
+//            (n/2) x Dp x 2; fp32 reads K / V in place).
+// Other GEMM paths (MKL, portable, fp64) read K / V in place: nothing is packed.
+enum KeyPackWant : int { kPackKT = 1, kPackVT = 2, kPackKR = 4, kPackVR = 8 };
+
+template <typename T>
+struct KeyPack {
+  using E = typename std::conditional<std::is_same<T, float>::value, float, uint16_t>::type;
+  int64_t b = -1, kvh = -1, j0 = 0, j1 = 0, ld = 0, Dp = 0;
+  int have = 0;
+  std::vector<E> kt, vt, kr, vr;
+  bool covers(int64_t bb, int64_t h, int64_t a, int64_t e, int want) const {
+    return bb == b && h == kvh && a >= j0 && e <= j1 && (have & want) == want;
+  }
+};
+
+template <typename T>
+bool packs_keys(GemmImpl impl, int64_t D) {
+#if TK_X86
+  if (impl != GemmImpl::Avx512) return false;
+  if (std::is_same<T, float>::value) return true;
+  if (std::is_same<T, bf16>::value) return D % 2 == 0;
+#endif
+  (void)impl;
+  (void)D;
+  return false;
+}
+
+// Packs keys [j0, j1) of K (rows at K + j ksS) and V (V + j vsS) for `want` (KeyPackWant bits).
+template <typename T>
+void pack_keys(KeyPack<T>& kp, GemmImpl impl, int want, int64_t b, int64_t kvh, int64_t j0, int64_t j1, int64_t D,
+               const T* K, int64_t ksS, const T* V, int64_t vsS) {
+  kp.b = -1;
+  kp.have = 0;
+  if (!packs_keys<T>(impl, D) || j1 <= j0) return;
+  const int64_t n = j1 - j0;
+  kp.b = b, kp.kvh = kvh, kp.j0 = j0, kp.j1 = j1;
+  kp.ld = (n + 15) / 16 * 16 + 16;
+  kp.Dp = (D + 15) / 16 * 16;
+#if TK_X86
+  if constexpr (std::is_same<T, float>::value) {
+    auto nt = [&](std::vector<float>& out, const float* src, int64_t ss) {
+      out.assign(D * kp.ld, 0.f);
+      transpose_f32(n, D, src, ss, out.data(), kp.ld);
+    };
+    if (want & kPackKT) nt(kp.kt, K, ksS);
+    if (want & kPackVT) nt(kp.vt, V, vsS);
+    kp.have = want & (kPackKT | kPackVT);
+  } else if constexpr (std::is_same<T, bf16>::value) {
+    auto nt = [&](std::vector<uint16_t>& out, const T* src, int64_t ss) {
+      out.resize((D / 2) * kp.ld * 2 + 32);
+      pack_vnni_cols(n, D, reinterpret_cast<const uint16_t*>(src), ss, out.data(), kp.ld);
+    };
+    auto nn = [&](std::vector<uint16_t>& out, const T* src, int64_t ss) {
+      out.resize((n + 1) / 2 * kp.Dp * 2 + 32);
+      pack_vnni_rows(n, D, reinterpret_cast<const uint16_t*>(src), ss, out.data(), kp.Dp);
+    };
+    if (want & kPackKT) nt(kp.kt, K, ksS);
+    if (want & kPackVT) nt(kp.vt, V, vsS);
+    if (want & kPackKR) nn(kp.kr, K, ksS);
+    if (want & kPackVR) nn(kp.vr, V, vsS);
+    kp.have = want;
+  }
+#else
+  (void)want, (void)K, (void)ksS, (void)V, (void)vsS;
+#endif
+}
+
+// C (M x n) = alpha A B^T + beta C, B = keys [j, j + n) of K (which 0) or V (1) of (batch b,
+// kv head kvh): from kp where it holds them, else read in place (Bp, ldb).
+template <typename T>
+void gemm_nt_keys(const Gemm<T>& gemm, const KeyPack<T>& kp, int which, int64_t b, int64_t kvh, int64_t j, int64_t M,
+                  int64_t n, int64_t D, acc_t<T> alpha, const T* A, int64_t lda, const T* Bp, int64_t ldb,
+                  acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+#if TK_X86
+  if (M > 0 && n > 0 && kp.covers(b, kvh, j, j + n, which ? kPackVT : kPackKT)) {
+    const int64_t off = j - kp.j0;
+    if constexpr (std::is_same<T, float>::value) {
+      gemm_f32_strided_a(M, n, D, alpha, A, lda, 1, (which ? kp.vt : kp.kt).data() + off, kp.ld, beta, C, ldc);
+      return;
+    } else if constexpr (std::is_same<T, bf16>::value) {
+      if (lda % 2 == 0) {  // (D is even: rows of A are k pairs)
+        gemm_bf16_vnni(M, n, D / 2, alpha, reinterpret_cast<const uint16_t*>(A), lda,
+                       (which ? kp.vt : kp.kt).data() + off * 2, kp.ld, beta, C, ldc);
+        return;
+      }
+    }
+  }
+#endif
+  gemm(Op::NT, M, n, D, alpha, A, lda, Bp, ldb, beta, C, ldc);
+}
+
+// C (M x D) = alpha A B + beta C, A (M x n) row-major, B = keys [j, j + n) of K (which 0) or
+// V (1), from kp where it holds them in pairs that start at j (and n is even), else in place.
+template <typename T>
+void gemm_nn_keys(const Gemm<T>& gemm, const KeyPack<T>& kp, int which, int64_t b, int64_t kvh, int64_t j, int64_t M,
+                  int64_t D, int64_t n, acc_t<T> alpha, const T* A, int64_t lda, const T* Bp, int64_t ldb,
+                  acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+#if TK_X86
+  if constexpr (std::is_same<T, bf16>::value) {
+    if (M > 0 && n > 0 && n % 2 == 0 && lda % 2 == 0 && (j - kp.j0) % 2 == 0 &&
+        kp.covers(b, kvh, j, j + n, which ? kPackVR : kPackKR)) {
+      gemm_bf16_vnni(M, D, n / 2, alpha, reinterpret_cast<const uint16_t*>(A), lda,
+                     (which ? kp.vr : kp.kr).data() + (j - kp.j0) / 2 * kp.Dp * 2, kp.Dp, beta, C, ldc);
+      return;
+    }
+  }
+#endif
+  gemm(Op::NN, M, D, n, alpha, A, lda, Bp, ldb, beta, C, ldc);
+}
+
 }  // namespace
 }  // namespace truthgpt
