@@ -146,7 +146,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
       const Piece& pc = *it;
       const int64_t n = pc.j1 - pc.j0;
       gemm_nt_keys<T>(gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, n, D, qk_alpha, A, lda, kbase + pc.j0 * ksS, ksS,
-                      Acc(0), st.S.data(), ldS);
+                      Acc(0), st.S.data(), ldS, piece_tri(P, t, pc, Tri::kSkipCols));
       if (ex.rel()) add_rel_bias<Acc>(P, t, ex, cf0, pc.j0, n, st.S.data(), ldS, nullptr);
       if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
       ra.n = n;
@@ -158,7 +158,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
         drop_rows<T>(ra.P, ra.P, R, n, ldS, st.keep.data(), ldS);
       }
       gemm_nn_keys<T>(gemm, st.keys, 1, t.b, t.kvh, pc.j0, R, D, n, Acc(1), ra.P, ldS, vbase + pc.j0 * vsS, vsS,
-                      Acc(1), st.acc.data(), D);
+                      Acc(1), st.acc.data(), D, piece_tri(P, t, pc, Tri::kKeysUpTo));
     }
   };
   // out = acc / l, lse = (m + log2 l) ln 2; a row without visible keys: zeros, -inf
@@ -437,8 +437,10 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     const int64_t n = pc.j1 - pc.j0;
     const T* kp = kbase + pc.j0 * c.ksS;
     const T* vp = vbase + pc.j0 * c.vsS;
+    const Tri skip = piece_tri(P, t, pc, Tri::kSkipCols), upto = piece_tri(P, t, pc, Tri::kKeysUpTo),
+              from = piece_tri(P, t, pc, Tri::kRowsFrom);
     gemm_nt_keys<T>(c.gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, n, D, c.qk_alpha, A, lda, kp, c.ksS, Acc(0),
-                    st.S.data(), ldS);
+                    st.S.data(), ldS, skip);
     if (ex.rel()) add_rel_bias<Acc>(P, t, ex, c.cf, pc.j0, n, st.S.data(), ldS, c.cf.softcap ? st.G.data() : nullptr);
     if (pc.partial) piece_colmasks<Acc>(P, t, pc, st.cmbuf, st.ri);
     ra.n = n;
@@ -448,14 +450,14 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     if (ex.dropout) {  // dV += (P keep)^T dO / (1 - p); dP = (dO V^T) keep / (1 - p)
       dropout_keep<Acc>(P, t, ex, pc.j0, n, st.words, st.keep.data(), ldS);
       drop_rows<T>(Pm, const_cast<T*>(Pdm), R, n, ldS, st.keep.data(), ldS);
-      if (dv) c.gemm(Op::TN, D, n, R, ex.inv_keep, dO, ldo, Pdm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv);
+      if (dv) c.gemm(Op::TN, D, n, R, ex.inv_keep, dO, ldo, Pdm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv, from);
       gemm_nt_keys<T>(c.gemm, st.keys, 1, t.b, t.kvh, pc.j0, R, n, D, ex.inv_keep, dO, ldo, vp, c.vsS, Acc(0),
-                      st.dP.data(), ldS);
+                      st.dP.data(), ldS, skip);
       drop_rows<Acc>(st.dP.data(), st.dP.data(), R, n, ldS, st.keep.data(), ldS);
     } else {
-      if (dv) c.gemm(Op::TN, D, n, R, Acc(1), dO, ldo, Pm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv);
+      if (dv) c.gemm(Op::TN, D, n, R, Acc(1), dO, ldo, Pm, ldS, Acc(1), dv + (pc.j0 - kofs), ldkv, from);
       gemm_nt_keys<T>(c.gemm, st.keys, 1, t.b, t.kvh, pc.j0, R, n, D, Acc(1), dO, ldo, vp, c.vsS, Acc(0),
-                      st.dP.data(), ldS);
+                      st.dP.data(), ldS, skip);
     }
     for (int64_t r = 0; r < R; ++r) {  // a row's only key is in this piece: delta = dP there
       const int64_t j = st.one_key[r];
@@ -463,8 +465,9 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     }
     if (drel) acc_rel_bias_grad<Acc>(P, t, st.ri.data(), pc.j0, n, st.S.data(), st.dP.data(), ldS, drel, drel_ld);
     c.rows.bwd_ds(ra);
-    if (dq) gemm_nn_keys<T>(c.gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D);
-    if (dk) c.gemm(Op::TN, D, n, R, c.scale, A, lda, dSm, ldS, Acc(1), dk + (pc.j0 - kofs), ldkv);
+    if (dq)
+      gemm_nn_keys<T>(c.gemm, st.keys, 0, t.b, t.kvh, pc.j0, R, D, n, c.scale, dSm, ldS, kp, c.ksS, Acc(1), dq, D, upto);
+    if (dk) c.gemm(Op::TN, D, n, R, c.scale, A, lda, dSm, ldS, Acc(1), dk + (pc.j0 - kofs), ldkv, from);
   }
 }
 

@@ -162,6 +162,40 @@ struct MklSingleThread {
 // Leading dimensions are in elements; every matrix has unit stride along its rows.
 enum class Op { NT, NN, TN };
 
+// The causal bound of a tile piece: entry (row r, column c) of its (rows x keys) scores is
+// visible only if c <= r + shift (the window's right edge). The AVX-512 GEMMs given one skip
+// the micro-kernel blocks (6 or 8 rows x 48 or 64 columns) it makes all masked, or the masked
+// part of their k range; what they skip is a masked entry, whose P and dS are exactly 0
+// (a causal diagonal tile computed ~11% of a B2 H8 S1024 attention's products for nothing):
+//   kSkipCols (NT: C = scores): an all-masked block is written as beta C (zeros);
+//   kKeysUpTo (NN: C = P V, dS K; k = key): a block of rows takes k <= its last row + shift;
+//   kRowsFrom (C = dO^T P, Q^T dS; k = row): a block of columns takes k >= its first - shift.
+// The other GEMM paths compute everything.
+struct Tri {
+  enum Mode { kNone, kSkipCols, kKeysUpTo, kRowsFrom };
+  Mode mode = kNone;
+  int64_t shift = 0;
+  // k range [k0, k1) of rows [m0, m0 + mr) x columns from n0 (k0 >= k1: nothing visible)
+  void range(int64_t m0, int64_t mr, int64_t n0, int64_t K, int64_t& k0, int64_t& k1) const {
+    k0 = 0;
+    k1 = K;
+    if (mode == kSkipCols) {
+      if (n0 > m0 + mr - 1 + shift) k1 = 0;
+    } else if (mode == kKeysUpTo) {
+      k1 = std::clamp<int64_t>(m0 + mr + shift, 0, K);
+    } else if (mode == kRowsFrom) {
+      k0 = std::clamp<int64_t>(n0 - shift, 0, K);
+    }
+  }
+};
+
+// C block (mr x nw) = beta C: the result of an empty k range.
+template <typename Acc>
+void scale_block(Acc* c, int64_t ldc, int64_t mr, int64_t nw, Acc beta) {
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t j = 0; j < nw; ++j) c[r * ldc + j] = beta == Acc(0) ? Acc(0) : beta * c[r * ldc + j];
+}
+
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
@@ -289,17 +323,25 @@ TK_AVX512 void ukernel_f32(int64_t K, const float* A, int64_t sr, int64_t sk, co
 // One column block (NV vectors wide) of C over all M rows, MRX rows per micro-kernel call.
 template <int NV, int MRX>
 TK_AVX512 void gemm_f32_cols(int64_t M, int64_t K, float alpha, const float* A, int64_t sr, int64_t sk,
-                             const float* b, int64_t ldb, float beta, float* C, int64_t ldc, __mmask16 tail) {
+                             const float* b, int64_t ldb, float beta, float* C, int64_t ldc, __mmask16 tail,
+                             const Tri& tri, int64_t n0, int64_t nw) {
   for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
     // (6-row blocks end in 4 + 4 or 4 + 3 rows, not 6 + 2 or 6 + 1: a 1- or 2-row block
     // reloads all of B for a few dot products)
     const int64_t left = M - m0;
     mr = MRX == 6 && (left == 7 || left == 8) ? 4 : std::min<int64_t>(MRX, left);
-    const float* a = A + m0 * sr;
     float* c = C + m0 * ldc;
+    int64_t k0, k1;
+    tri.range(m0, mr, n0, K, k0, k1);
+    if (k0 >= k1) {
+      scale_block(c, ldc, mr, nw, beta);
+      continue;
+    }
+    const float* a = A + m0 * sr + k0 * sk;
+    const float* bk = b + k0 * ldb;
 #define TK_UK(R)                                                                    \
   case R:                                                                           \
-    if constexpr (R <= MRX) ukernel_f32<R, NV>(K, a, sr, sk, b, ldb, c, ldc, alpha, beta, tail); \
+    if constexpr (R <= MRX) ukernel_f32<R, NV>(k1 - k0, a, sr, sk, bk, ldb, c, ldc, alpha, beta, tail); \
     break;
     switch (mr) { TK_UK(1) TK_UK(2) TK_UK(3) TK_UK(4) TK_UK(5) TK_UK(6) TK_UK(7) TK_UK(8) default: break; }
 #undef TK_UK
@@ -312,7 +354,8 @@ inline int64_t col_block(int64_t N) { return N % 64 == 0 ? 64 : 48; }
 
 // C(M x N) = alpha A B + beta C with A(r, k) = A[r sr + k sk] and B (K x N) row-major.
 TK_AVX512 void gemm_f32_strided_a(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t sr,
-                                  int64_t sk, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                                  int64_t sk, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                                  const Tri& tri = Tri{}) {
   const int64_t NB = col_block(N);
   for (int64_t n0 = 0; n0 < N; n0 += NB) {
     const int64_t nw = std::min<int64_t>(NB, N - n0);
@@ -322,13 +365,13 @@ TK_AVX512 void gemm_f32_strided_a(int64_t M, int64_t N, int64_t K, float alpha, 
     const float* b = B + n0;
     float* c = C + n0;
     if (nv == 4) {
-      gemm_f32_cols<4, 6>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail);
+      gemm_f32_cols<4, 6>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail, tri, n0, nw);
     } else if (nv == 3) {
-      gemm_f32_cols<3, 8>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail);
+      gemm_f32_cols<3, 8>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail, tri, n0, nw);
     } else if (nv == 2) {
-      gemm_f32_cols<2, 8>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail);
+      gemm_f32_cols<2, 8>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail, tri, n0, nw);
     } else {
-      gemm_f32_cols<1, 8>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail);
+      gemm_f32_cols<1, 8>(M, K, alpha, A, sr, sk, b, ldb, beta, c, ldc, tail, tri, n0, nw);
     }
   }
 }
@@ -377,16 +420,16 @@ TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, 
 thread_local std::vector<float> tl_pack_f32;
 
 TK_AVX512 void gemm_avx512_f32(Op op, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-                               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                               const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const Tri& tri) {
   if (M <= 0 || N <= 0) return;
   if (op == Op::NT) {
     float* bt = scratch_buf(tl_pack_f32, K * N);
     transpose_f32(N, K, B, ldb, bt, N);
-    gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, bt, N, beta, C, ldc);
+    gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, bt, N, beta, C, ldc, tri);
   } else if (op == Op::NN) {
-    gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, B, ldb, beta, C, ldc);
+    gemm_f32_strided_a(M, N, K, alpha, A, lda, 1, B, ldb, beta, C, ldc, tri);
   } else {
-    gemm_f32_strided_a(M, N, K, alpha, A, 1, lda, B, ldb, beta, C, ldc);
+    gemm_f32_strided_a(M, N, K, alpha, A, 1, lda, B, ldb, beta, C, ldc, tri);
   }
 }
 
@@ -434,17 +477,25 @@ TK_AVX512BF16 void ukernel_bf16(int64_t Kp, const uint16_t* A, int64_t lda, cons
 template <int NV, int MRX>
 TK_AVX512BF16 void gemm_bf16_vnni_cols(int64_t M, int64_t Kp, float alpha, const uint16_t* A, int64_t lda,
                                        const uint16_t* b, int64_t Np, float beta, float* C, int64_t ldc,
-                                       __mmask16 tail) {
+                                       __mmask16 tail, const Tri& tri, int64_t n0, int64_t nw) {
   for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
     // (6-row blocks end in 4 + 4 or 4 + 3 rows, not 6 + 2 or 6 + 1: a 1- or 2-row block
     // reloads all of B for a few dot products)
     const int64_t left = M - m0;
     mr = MRX == 6 && (left == 7 || left == 8) ? 4 : std::min<int64_t>(MRX, left);
-    const uint16_t* a = A + m0 * lda;
     float* c = C + m0 * ldc;
+    int64_t k0, k1;  // (in elements; pairs [k0 / 2, ceil(k1 / 2)): the other half of an edge
+    tri.range(m0, mr, n0, 2 * Kp, k0, k1);  // pair is a masked entry, 0 in A or B's product)
+    const int64_t p0 = k0 / 2, p1 = (k1 + 1) / 2;
+    if (p0 >= p1) {
+      scale_block(c, ldc, mr, nw, beta);
+      continue;
+    }
+    const uint16_t* a = A + m0 * lda + 2 * p0;
+    const uint16_t* bk = b + p0 * Np * 2;
 #define TK_UK(R)                                                                \
   case R:                                                                       \
-    if constexpr (R <= MRX) ukernel_bf16<R, NV>(Kp, a, lda, b, Np, c, ldc, alpha, beta, tail); \
+    if constexpr (R <= MRX) ukernel_bf16<R, NV>(p1 - p0, a, lda, bk, Np, c, ldc, alpha, beta, tail); \
     break;
     switch (mr) { TK_UK(1) TK_UK(2) TK_UK(3) TK_UK(4) TK_UK(5) TK_UK(6) TK_UK(7) TK_UK(8) default: break; }
 #undef TK_UK
@@ -456,7 +507,8 @@ TK_AVX512BF16 void gemm_bf16_vnni_cols(int64_t M, int64_t Kp, float alpha, const
 // of 48 (8 x 48); a 16-column block ran at 2/3 the speed per flop (8 x 16: 8 broadcasts per
 // 8 dot products), which N = 64 as 48 + 16 paid on a quarter of its columns.
 TK_AVX512BF16 void gemm_bf16_vnni(int64_t M, int64_t N, int64_t Kp, float alpha, const uint16_t* A, int64_t lda,
-                                  const uint16_t* Bv, int64_t Np, float beta, float* C, int64_t ldc) {
+                                  const uint16_t* Bv, int64_t Np, float beta, float* C, int64_t ldc,
+                                  const Tri& tri = Tri{}) {
   const int64_t NB = col_block(N);
   for (int64_t n0 = 0; n0 < N; n0 += NB) {
     const int64_t nw = std::min<int64_t>(NB, N - n0);
@@ -466,13 +518,13 @@ TK_AVX512BF16 void gemm_bf16_vnni(int64_t M, int64_t N, int64_t Kp, float alpha,
     const uint16_t* b = Bv + n0 * 2;
     float* c = C + n0;
     if (nv == 4) {
-      gemm_bf16_vnni_cols<4, 6>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail);
+      gemm_bf16_vnni_cols<4, 6>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail, tri, n0, nw);
     } else if (nv == 3) {
-      gemm_bf16_vnni_cols<3, 8>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail);
+      gemm_bf16_vnni_cols<3, 8>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail, tri, n0, nw);
     } else if (nv == 2) {
-      gemm_bf16_vnni_cols<2, 8>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail);
+      gemm_bf16_vnni_cols<2, 8>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail, tri, n0, nw);
     } else {
-      gemm_bf16_vnni_cols<1, 8>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail);
+      gemm_bf16_vnni_cols<1, 8>(M, Kp, alpha, A, lda, b, Np, beta, c, ldc, tail, tri, n0, nw);
     }
   }
 }
@@ -538,7 +590,8 @@ void pack_a_rows(int64_t M, int64_t K, const uint16_t* A, int64_t sr, int64_t sk
 }
 
 TK_AVX512BF16 void gemm_avx512_bf16(Op op, int64_t M, int64_t N, int64_t K, float alpha, const bf16* A_,
-                                    int64_t lda, const bf16* B_, int64_t ldb, float beta, float* C, int64_t ldc) {
+                                    int64_t lda, const bf16* B_, int64_t ldb, float beta, float* C, int64_t ldc,
+                                    const Tri& tri) {
   if (M <= 0 || N <= 0) return;
   const uint16_t* A = reinterpret_cast<const uint16_t*>(A_);
   const uint16_t* B = reinterpret_cast<const uint16_t*>(B_);
@@ -566,7 +619,7 @@ TK_AVX512BF16 void gemm_avx512_bf16(Op op, int64_t M, int64_t N, int64_t K, floa
     }
     a = ap;
   }
-  gemm_bf16_vnni(M, N, Kp, alpha, a, la, bv, Np, beta, C, ldc);
+  gemm_bf16_vnni(M, N, Kp, alpha, a, la, bv, Np, beta, C, ldc, tri);
 }
 #endif  // TK_X86
 
@@ -574,7 +627,7 @@ template <typename T>
 struct Gemm {
   GemmImpl impl;
   void operator()(Op op, int64_t M, int64_t N, int64_t K, acc_t<T> alpha, const T* A, int64_t lda, const T* B,
-                  int64_t ldb, acc_t<T> beta, acc_t<T>* C, int64_t ldc) const {
+                  int64_t ldb, acc_t<T> beta, acc_t<T>* C, int64_t ldc, const Tri& tri = Tri{}) const {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
       for (int64_t i = 0; i < M; ++i)
@@ -588,10 +641,10 @@ struct Gemm {
 #if TK_X86
     if (impl == GemmImpl::Avx512) {
       if constexpr (std::is_same<T, float>::value) {
-        gemm_avx512_f32(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_avx512_f32(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, tri);
         return;
       } else if constexpr (std::is_same<T, bf16>::value) {
-        gemm_avx512_bf16(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_avx512_bf16(op, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, tri);
         return;
       }
     }
@@ -681,23 +734,23 @@ void pack_keys(KeyPack<T>& kp, GemmImpl impl, int want, int64_t b, int64_t kvh, 
 template <typename T>
 void gemm_nt_keys(const Gemm<T>& gemm, const KeyPack<T>& kp, int which, int64_t b, int64_t kvh, int64_t j, int64_t M,
                   int64_t n, int64_t D, acc_t<T> alpha, const T* A, int64_t lda, const T* Bp, int64_t ldb,
-                  acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+                  acc_t<T> beta, acc_t<T>* C, int64_t ldc, const Tri& tri = Tri{}) {
 #if TK_X86
   if (M > 0 && n > 0 && kp.covers(b, kvh, j, j + n, which ? kPackVT : kPackKT)) {
     const int64_t off = j - kp.j0;
     if constexpr (std::is_same<T, float>::value) {
-      gemm_f32_strided_a(M, n, D, alpha, A, lda, 1, (which ? kp.vt : kp.kt).data() + off, kp.ld, beta, C, ldc);
+      gemm_f32_strided_a(M, n, D, alpha, A, lda, 1, (which ? kp.vt : kp.kt).data() + off, kp.ld, beta, C, ldc, tri);
       return;
     } else if constexpr (std::is_same<T, bf16>::value) {
       if (lda % 2 == 0) {  // (D is even: rows of A are k pairs)
         gemm_bf16_vnni(M, n, D / 2, alpha, reinterpret_cast<const uint16_t*>(A), lda,
-                       (which ? kp.vt : kp.kt).data() + off * 2, kp.ld, beta, C, ldc);
+                       (which ? kp.vt : kp.kt).data() + off * 2, kp.ld, beta, C, ldc, tri);
         return;
       }
     }
   }
 #endif
-  gemm(Op::NT, M, n, D, alpha, A, lda, Bp, ldb, beta, C, ldc);
+  gemm(Op::NT, M, n, D, alpha, A, lda, Bp, ldb, beta, C, ldc, tri);
 }
 
 // C (M x D) = alpha A B + beta C, A (M x n) row-major, B = keys [j, j + n) of K (which 0) or
@@ -705,18 +758,18 @@ void gemm_nt_keys(const Gemm<T>& gemm, const KeyPack<T>& kp, int which, int64_t 
 template <typename T>
 void gemm_nn_keys(const Gemm<T>& gemm, const KeyPack<T>& kp, int which, int64_t b, int64_t kvh, int64_t j, int64_t M,
                   int64_t D, int64_t n, acc_t<T> alpha, const T* A, int64_t lda, const T* Bp, int64_t ldb,
-                  acc_t<T> beta, acc_t<T>* C, int64_t ldc) {
+                  acc_t<T> beta, acc_t<T>* C, int64_t ldc, const Tri& tri = Tri{}) {
 #if TK_X86
   if constexpr (std::is_same<T, bf16>::value) {
     if (M > 0 && n > 0 && n % 2 == 0 && lda % 2 == 0 && (j - kp.j0) % 2 == 0 &&
         kp.covers(b, kvh, j, j + n, which ? kPackVR : kPackKR)) {
       gemm_bf16_vnni(M, D, n / 2, alpha, reinterpret_cast<const uint16_t*>(A), lda,
-                     (which ? kp.vr : kp.kr).data() + (j - kp.j0) / 2 * kp.Dp * 2, kp.Dp, beta, C, ldc);
+                     (which ? kp.vr : kp.kr).data() + (j - kp.j0) / 2 * kp.Dp * 2, kp.Dp, beta, C, ldc, tri);
       return;
     }
   }
 #endif
-  gemm(Op::NN, M, D, n, alpha, A, lda, Bp, ldb, beta, C, ldc);
+  gemm(Op::NN, M, D, n, alpha, A, lda, Bp, ldb, beta, C, ldc, tri);
 }
 
 }  // namespace

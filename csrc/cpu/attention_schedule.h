@@ -54,6 +54,18 @@ struct Problem {
   }
 };
 
+// The causal bound of piece pc of tile t (Tri, attention_gemm.h): row r of the tile is query
+// i0 + r, which sees keys up to i0 + r + off + wr, i.e. columns c <= r + (i0 + off + wr - j0)
+// of the piece. Only for rows of one head (a tile of several heads repeats the rows) and a
+// piece with masked entries.
+inline Tri piece_tri(const Problem& P, const Tile& t, const Piece& pc, Tri::Mode mode) {
+  Tri tri;
+  if (P.wr < 0 || t.nh != 1 || !pc.partial) return tri;
+  tri.mode = mode;
+  tri.shift = t.i0 + P.off + P.wr - pc.j0;
+  return tri;
+}
+
 int64_t env_int(const char* name, int64_t dflt) {
   const char* v = std::getenv(name);
   if (!v || !*v) return dflt;
