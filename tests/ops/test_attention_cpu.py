@@ -104,6 +104,26 @@ def test_tiny_tiles(monkeypatch, path, bq, bk, case):
     check(B, Hq, Hkv, Sq, Sk, D, opts)
 
 
+@pytest.mark.parametrize("path,bwd", [("auto", "single"), ("avx512", "split")])
+@pytest.mark.parametrize("case", [
+    (1, 2, 1, 300, 300, 64, {"causal": True}),
+    (2, 4, 2, 130, 163, 80, {"causal": True, "layout_bshd": True}),
+    (1, 2, 2, 257, 257, 64, {"window": (37, 5)}),
+    (1, 3, 1, 200, 230, 48, {"window": (-1, 17), "alibi": "heads"}),
+    (1, 2, 1, 61, 61, 66, {"causal": True, "softcap": 5.0}),
+], ids=["causal_300", "causal_bshd_130x163_d80", "window_37_5", "window_right_17_alibi", "causal_61_d66"])
+def test_causal_bound_skips_and_packed_keys(monkeypatch, path, bwd, case):
+    """The AVX-512 tile GEMMs skip the blocks a piece's causal (right window) bound masks,
+    and read K / V packed once per work item: rows not a multiple of the 6-row blocks, keys
+    past the window's right edge, query/key offsets, pieces starting at odd keys, D not a
+    multiple of 64, (B, S, H, D)-strided inputs, both backward schedules."""
+    _skip_missing(path)
+    monkeypatch.setenv("TRUTHGPT_CPU_ATTN", path)
+    monkeypatch.setenv("TRUTHGPT_ATTN_BWD", bwd)
+    B, Hq, Hkv, Sq, Sk, D, opts = case
+    check(B, Hq, Hkv, Sq, Sk, D, opts, dtypes=(f32, bf16))
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 24, 48, 100, 200, 1000])
 @pytest.mark.parametrize("broadcast", ["none", "batch", "heads", "both"])
 def test_block_sizes_and_broadcast_block_masks(block_size, broadcast):
