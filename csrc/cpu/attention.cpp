@@ -17,10 +17,11 @@
 //  - Few work items (decoding, one long head): the forward also splits the keys and merges
 //    the partial softmaxes in a fixed order (flash-decoding); the split depends on the
 //    problem only, never on the thread count.
-//  - Backward recomputes P from the saved lse by tile: dV += P^T dO, dP = dO V^T,
-//    dS = P (dP - delta) [x softcap derivative], dQ += scale dS K, dK += scale dS^T Q, with
-//    delta = rowsum(dO O), except for rows with exactly one visible key: delta = dP at that
-//    key, so their dS is exactly 0 (single_visible_key).
+//  - Backward recomputes P from the saved lse by tile: dV^T += dO^T P, dP = dO V^T,
+//    dS = P (dP - delta) [x softcap derivative], dQ += scale dS K, dK^T += scale Q^T dS (dK and
+//    dV accumulate transposed, so P and dS are read as they lie), with delta = rowsum(dO O),
+//    except for rows with exactly one visible key: delta = dP at that key, so their dS is
+//    exactly 0 (single_visible_key).
 //  - NaN/Inf in q, k, v propagate to the rows they reach (NaN-propagating row max); a row
 //    with no visible key still gives zeros.
 //    Deterministic: a work item owns its outputs (one (batch, kv head) owns dK, dV and the dQ
@@ -38,7 +39,9 @@
 //    AVX-512 micro-kernels (AVX512-BF16 dot products for bf16 where the CPU has them), else a
 //    portable path. Score transforms and softmax: AVX-512 (own exp2 polynomial), else
 //    portable. All chosen at runtime (__builtin_cpu_supports); the default build has no
-//    -mavx512f. Workers run with FTZ/DAZ (subnormal probabilities are flushed).
+//    -mavx512f. Workers run with FTZ/DAZ (subnormal probabilities are flushed). The AVX-512
+//    GEMMs read K / V packed once per work item (KeyPack) and skip the blocks a piece's causal
+//    bound masks (Tri), both in attention_gemm.h.
 //  - float16: the float32 kernel on operands widened once at entry (O((Sq + Sk) D) copies,
 //    against O(Sq Sk D) work), outputs rounded back; so every float32 path serves it.
 //  - Threads: at::parallel_for over the thread count; each thread takes work items (heaviest
