@@ -206,7 +206,6 @@ T* scratch_row(int64_t n) {
 template <class T, class S>
 void lce_rows(S* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) {
   using V = VecFor<T>;
-  constexpr int kLanes = 16;  // independent maxima: the compiler vectorises this loop
   const int64_t n = a.V;
   const bool capped = a.cap > 0;
   const T inv_cap = capped ? T(1) / a.cap : T(0);
@@ -232,21 +231,18 @@ void lce_rows(S* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
         y.store(z + j, m);
       }
     }
-    T lanes[kLanes];
-    for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
+    // row max (a NaN logit is skipped here and reaches the loss through the sum below)
+    V vm = V::set1(-INFINITY);
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const T y = to_acc<T>(z[j + l]);
-        lanes[l] = y > lanes[l] ? y : lanes[l];
-      }
-    }
+    for (; j + V::W <= n; j += V::W) vm = vmax(V::load(z + j, V::W), vm);
+    T lanes[V::W];
+    vm.store(lanes, V::W);
     T mx = -INFINITY;
     for (; j < n; ++j) {
       const T y = to_acc<T>(z[j]);
       mx = y > mx ? y : mx;
     }
-    for (int l = 0; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    for (int l = 0; l < V::W; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
     // sum exp(z' - max) and sum z'; with a gradient to write, each exp(z' - max) is kept (in
     // T, a row of the thread's scratch, in cache) for it: one exp per logit, not two
     const bool keep = a.scale != nullptr;

@@ -117,6 +117,7 @@ inline FloatVec operator+(FloatVec a, FloatVec b) { return {_mm512_add_ps(a.v, b
 inline FloatVec operator-(FloatVec a, FloatVec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline FloatVec operator*(FloatVec a, FloatVec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline FloatVec operator/(FloatVec a, FloatVec b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline FloatVec vmax(FloatVec a, FloatVec b) { return {_mm512_max_ps(a.v, b.v)}; }
 
 template <class T>
 using VecFor = std::conditional_t<std::is_same_v<T, double>, DoubleVec, FloatVec>;

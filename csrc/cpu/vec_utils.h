@@ -345,6 +345,13 @@ struct ArrayVec {
   }
 };
 
+// Lane-wise max as `a > b ? a : b` (a NaN in a loses to b), in every vector type below.
+template <class S, int N>
+inline ArrayVec<S, N> vmax(ArrayVec<S, N> a, ArrayVec<S, N> b) {
+  for (int i = 0; i < N; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+  return a;
+}
+
 using DoubleVec = ArrayVec<double, 4>;
 
 namespace portable {
@@ -438,6 +445,7 @@ inline FloatVec operator+(FloatVec a, FloatVec b) { return {a.v + b.v}; }
 inline FloatVec operator-(FloatVec a, FloatVec b) { return {a.v - b.v}; }
 inline FloatVec operator*(FloatVec a, FloatVec b) { return {a.v * b.v}; }
 inline FloatVec operator/(FloatVec a, FloatVec b) { return {a.v / b.v}; }
+inline FloatVec vmax(FloatVec a, FloatVec b) { return {a.v > b.v ? a.v : b.v}; }
 #else
 using FloatVec = ArrayVec<float, 8>;
 #endif
@@ -573,6 +581,7 @@ inline FloatVec operator+(FloatVec a, FloatVec b) { return {_mm256_add_ps(a.v, b
 inline FloatVec operator-(FloatVec a, FloatVec b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline FloatVec operator*(FloatVec a, FloatVec b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline FloatVec operator/(FloatVec a, FloatVec b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline FloatVec vmax(FloatVec a, FloatVec b) { return {_mm256_max_ps(a.v, b.v)}; }
 
 template <class T>
 using VecFor = std::conditional_t<std::is_same_v<T, double>, DoubleVec, FloatVec>;
