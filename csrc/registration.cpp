@@ -17,6 +17,10 @@
 //     int64 0-dim CPU tensor (None only when dropout_p == 0).
 //   rotary: position_ids int64 (B,S) (may be a broadcast view); cos/sin (P, R/2).
 //   rms_norm: rstd float32 of x.shape[:-1]; dweight is an empty tensor when weight is None.
+//   add_rms_norm: h = residual + x in residual's dtype (x's dtype, or float32 with bf16/fp16 x),
+//     out = rms_norm(h) in x's dtype; returns (out, h, rstd). The backward takes grad (of out)
+//     and grad_residual (of h, or None) and returns (dh in h's dtype, dx in x_dtype: empty when
+//     that is h's dtype, dweight).
 //   linear_cross_entropy: x (N,d), weight (V,d), bias (V,), target int64 (N,). Returns per-row
 //     (loss, z-loss term) in float32 (float64 for float64 x), 0 on ignored rows, and when
 //     grad_scale (N,) is given the gradients (dx, dweight, dbias) of sum_i grad_scale_i loss_i
@@ -47,6 +51,9 @@ TORCH_LIBRARY(truthgpt, m) {
   m.def("swiglu_bwd_packed(Tensor grad, Tensor gate_up) -> Tensor");
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("add_rms_norm_bwd(Tensor grad, Tensor? grad_residual, Tensor h, Tensor? weight, Tensor rstd, "
+        "ScalarType x_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
         "Tensor rstd) -> (Tensor, Tensor, Tensor)");

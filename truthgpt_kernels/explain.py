@@ -196,6 +196,10 @@ def explain_config(config, *, device: str = "cpu", dtype=None, batch_size: int =
         out.append(decision("rotary", "rotary", dev.type, dtype, config.attention_backend, source=att_src))
     norm = "rms_norm" if config.norm == "rmsnorm" else "layer_norm"
     out.append(decision(norm, norm, dev.type, dtype, config.op_backend, source=src))
+    if norm == "rms_norm" and out[-1].backend == "cpu" and backends.implements("add_rms_norm", "cpu"):
+        # the blocks' residual add + norm before the feed-forward (modules.norm.add_norm)
+        out.append(decision("add_rms_norm (residual add)", "add_rms_norm", dev.type, dtype, "cpu",
+                            source="the C++ CPU rms_norm"))
     if config.ffn in ("swiglu", "moe", "geglu"):
         ffn = "geglu" if config.ffn == "geglu" else "swiglu"
         out.append(decision(ffn, ffn, dev.type, dtype, config.op_backend, source=src))

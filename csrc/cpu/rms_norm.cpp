@@ -121,11 +121,132 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
   return {dx, dw};
 }
 
+// Calls f(Tag<R>{}, Tag<X>{}) for residual dtype R and x dtype X: the same, or a float32
+// residual stream with bf16 / fp16 x (the autocast case).
+template <class F>
+void dispatch_add_types(at::ScalarType rt, at::ScalarType xt, const char* op, F&& f) {
+  dispatch_kernel_types(rt, op, [&](auto rtag) {
+    using R = typename decltype(rtag)::type;
+    if (xt == rt) {
+      f(rtag, rtag);
+    } else if (rt == at::kFloat && xt == at::kBFloat16) {
+      f(rtag, Tag<bf16>{});
+    } else if (rt == at::kFloat && xt == at::kHalf) {
+      f(rtag, Tag<f16>{});
+    } else {
+      TORCH_CHECK(false, op, ": x must have residual's dtype (", rt,
+                  "), or bfloat16 / float16 with a float32 residual; got ", xt);
+    }
+    (void)sizeof(R);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual,
+                                                                const c10::optional<at::Tensor>& weight,
+                                                                double eps) {
+  TORCH_CHECK(x.sizes() == residual.sizes(), "add_rms_norm_fwd: x and residual must have the same shape, got ",
+              x.sizes(), " and ", residual.sizes());
+  check_weight("add_rms_norm_fwd", residual, weight);
+  auto out = new_output(x.sizes(), x.scalar_type());
+  auto h = new_output(x.sizes(), residual.scalar_type());
+  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  const int64_t n = x.size(-1);
+  if (x.numel() == 0) {
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {out, h, rstd};
+  }
+  auto xr = as_rows(x), rr = as_rows(residual);
+  const int64_t rows = xr.size(0);
+  const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
+  const Isa isa = active_isa();
+  dispatch_add_types(residual.scalar_type(), x.scalar_type(), "add_rms_norm_fwd", [&](auto rtag, auto xtag) {
+    using R = typename decltype(rtag)::type;
+    using X = typename decltype(xtag)::type;
+    dispatch_weight<R>(w, [&](auto wtag, auto has_w) {
+      using Wt = typename decltype(wtag)::type;
+      constexpr bool HasW = decltype(has_w)::value;
+      const auto fn = TRUTHGPT_ISA_FN(isa, add_rms_norm_fwd_rows<R, X, Wt, HasW>);
+      const X* xp = cptr<X>(xr);
+      const R* rp = cptr<R>(rr);
+      const Wt* wp = HasW ? cptr<Wt>(*w) : nullptr;
+      X* yp = mptr<X>(out);
+      R* hp = mptr<R>(h);
+      float* sp = rstd.mutable_data_ptr<float>();
+      const int64_t xs = row_stride(xr), rs = row_stride(rr);
+      norm::for_rows(rows, n, [&](int64_t r0, int64_t r1) { fn(xp, xs, rp, rs, wp, yp, hp, sp, n, eps, r0, r1); });
+    });
+  });
+  return {out, h, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd(const at::Tensor& grad,
+                                                                const c10::optional<at::Tensor>& grad_residual,
+                                                                const at::Tensor& h,
+                                                                const c10::optional<at::Tensor>& weight,
+                                                                const at::Tensor& rstd, at::ScalarType x_dtype) {
+  check_weight("add_rms_norm_bwd", h, weight);
+  TORCH_CHECK(grad.sizes() == h.sizes() && grad.scalar_type() == x_dtype,
+              "add_rms_norm_bwd: grad must have h's shape and dtype x_dtype");
+  TORCH_CHECK(!grad_residual.has_value() ||
+                  (grad_residual->sizes() == h.sizes() && grad_residual->scalar_type() == h.scalar_type()),
+              "add_rms_norm_bwd: grad_residual must have h's shape and dtype");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() * h.size(-1) == h.numel(),
+              "add_rms_norm_bwd: rstd must be float32 with one value per row of h");
+  const int64_t n = h.size(-1);
+  const bool split = x_dtype != h.scalar_type();
+  auto dh = new_output(h.sizes(), h.scalar_type());
+  auto dx = split ? new_output(h.sizes(), x_dtype) : h.new_empty({0});
+  auto dw = weight.has_value() ? at::empty({n}, weight->options()) : h.new_empty({0});
+  if (h.numel() == 0) {
+    dw.zero_();
+    return {dh, dx, dw};
+  }
+  auto yr = as_rows(grad), hr = as_rows(h);
+  const at::Tensor gr = grad_residual.has_value() ? as_rows(*grad_residual) : at::Tensor();
+  const auto rs = rstd.reshape({-1}).contiguous();
+  const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
+  const int64_t rows = hr.size(0), chunk = norm::chunk_rows(rows);
+  const int64_t nchunks = (rows + chunk - 1) / chunk;
+  const Isa isa = active_isa();
+  dispatch_add_types(h.scalar_type(), x_dtype, "add_rms_norm_bwd", [&](auto rtag, auto xtag) {
+    using R = typename decltype(rtag)::type;
+    using X = typename decltype(xtag)::type;
+    using A = acc_t<R>;
+    dispatch_weight<R>(w, [&](auto wtag, auto has_w) {
+      using Wt = typename decltype(wtag)::type;
+      constexpr bool HasW = decltype(has_w)::value;
+      at::Tensor part;
+      if (HasW) part = at::empty({nchunks, n}, h.options().dtype(c10::CppTypeToScalarType<A>::value));
+      A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
+      const auto fn = TRUTHGPT_ISA_FN(isa, add_rms_norm_bwd_chunks<R, X, Wt, HasW>);
+      const X* yp = cptr<X>(yr);
+      const R* hp = cptr<R>(hr);
+      const R* gp = gr.defined() ? cptr<R>(gr) : nullptr;
+      const Wt* wp = HasW ? cptr<Wt>(*w) : nullptr;
+      const float* sp = rs.const_data_ptr<float>();
+      R* dhp = mptr<R>(dh);
+      X* dxp = split ? mptr<X>(dx) : nullptr;
+      const int64_t ys = row_stride(yr), hs = row_stride(hr), gs = gr.defined() ? row_stride(gr) : 0;
+      norm::for_chunks(nchunks, chunk, n, [&](int64_t c0, int64_t c1) {
+        fn(yp, ys, gp, gs, hp, hs, wp, sp, dhp, dxp, pp, rows, n, chunk, c0, c1);
+      });
+      if constexpr (HasW) {
+        const auto reduce = TRUTHGPT_ISA_FN(isa, norm_reduce_cols<A, Wt>);
+        Wt* dwp = mptr<Wt>(dw);
+        norm::for_reduce_cols(1, nchunks, n, [&](int64_t j0, int64_t j1) { reduce(pp, nchunks, n, dwp, j0, j1); });
+      }
+    });
+  });
+  return {dh, dx, dw};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
+  m.impl("add_rms_norm_bwd", &add_rms_norm_bwd);
 }
 
 }  // namespace truthgpt
@@ -253,6 +374,86 @@ void rms_norm_bwd_chunks(const T* dy, int64_t ys, const T* x, int64_t xs, const 
         rms_norm_bwd_group<T, Wt, HasW, 1>(dyp, xp, dxp, rs, w, pc, dy + nr * ys, x + nr * xs, n);
       }
       r += g;
+    }
+  }
+}
+
+// add_rms_norm, rows [r0, r1): h = residual + x (stored in R; the statistics are taken of the
+// stored h, so a low-precision residual stream normalises what it holds), out = h r w in X.
+template <class R, class X, class Wt, bool HasW>
+void add_rms_norm_fwd_rows(const X* x, int64_t xs, const R* res, int64_t rs_, const Wt* w, X* y, R* h,
+                           float* rstd, int64_t n, double eps, int64_t r0, int64_t r1) {
+  using V = VecFor<R>;
+  using A = acc_t<R>;
+  constexpr int W = V::W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const X* xr = x + r * xs;
+    const R* rr = res + r * rs_;
+    R* hr = h + r * n;
+    X* yr = y + r * n;
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t m = n - i;
+      (V::load(rr + i, m) + V::load(xr + i, m)).store(hr + i, m);
+    }
+    V s = V::zero();
+    for (int64_t i = 0; i < n; i += W) {
+      const V a = V::load(hr + i, n - i);
+      s = V::fma(a, a, s);
+    }
+    const A rsv = A(1) / std::sqrt(s.hsum() / A(n) + A(eps));
+    rstd[r] = static_cast<float>(rsv);
+    const V rv = V::set1(rsv);
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t m = n - i;
+      V v = V::load(hr + i, m) * rv;
+      if constexpr (HasW) v = v * V::load(w + i, m);
+      v.store(yr + i, m);
+    }
+  }
+}
+
+// add_rms_norm backward, chunks [c0, c1): per row dh = r (dy w) - h r^3 mean(dy w h) [+ the
+// residual's own gradient], stored in R (and rounded to X in dx when X is not R); part[c] =
+// sum over the chunk's rows, in order, of dy h r.
+template <class R, class X, class Wt, bool HasW>
+void add_rms_norm_bwd_chunks(const X* dy, int64_t ys, const R* gres, int64_t gs, const R* h, int64_t hs,
+                             const Wt* w, const float* rstd, R* dh, X* dx, acc_t<R>* part, int64_t rows,
+                             int64_t n, int64_t chunk, int64_t c0, int64_t c1) {
+  using V = VecFor<R>;
+  using A = acc_t<R>;
+  constexpr int W = V::W;
+  for (int64_t c = c0; c < c1; ++c) {
+    A* pc = HasW ? part + c * n : nullptr;
+    if constexpr (HasW) {
+      for (int64_t i = 0; i < n; i += W) V::zero().store(pc + i, n - i);
+    }
+    const int64_t rend = std::min(rows, (c + 1) * chunk);
+    for (int64_t r = c * chunk; r < rend; ++r) {
+      const X* dyr = dy + r * ys;
+      const R* hr = h + r * hs;
+      V d = V::zero();
+      for (int64_t i = 0; i < n; i += W) {
+        const int64_t m = n - i;
+        V g = V::load(dyr + i, m);
+        if constexpr (HasW) g = g * V::load(w + i, m);
+        d = V::fma(g, V::load(hr + i, m), d);
+      }
+      const A rsv = static_cast<A>(rstd[r]);
+      const V rv = V::set1(rsv), cv = V::set1(rsv * rsv * rsv * d.hsum() / A(n));
+      R* dhr = dh + r * n;
+      X* dxr = dx ? dx + r * n : nullptr;
+      const R* gr = gres ? gres + r * gs : nullptr;
+      for (int64_t i = 0; i < n; i += W) {
+        const int64_t m = n - i;
+        const V dyv = V::load(dyr + i, m), hv = V::load(hr + i, m);
+        V g = dyv;
+        if constexpr (HasW) g = dyv * V::load(w + i, m);
+        V o = g * rv - hv * cv;
+        if (gr) o = o + V::load(gr + i, m);
+        o.store(dhr + i, m);
+        if (dxr) o.store(dxr + i, m);
+        if constexpr (HasW) V::fma(dyv * hv, rv, V::load(pc + i, m)).store(pc + i, m);
+      }
     }
   }
 }

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import layer_norm, rms_norm
+from .. import backends
+from ..ops import add_rms_norm, layer_norm, rms_norm
 
 try:  # torch's own rule (the one its RMSNorm follows), by the order of x's strides
     from torch._prims_common import suggest_memory_format as _suggest_memory_format
@@ -69,6 +70,37 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+@torch.compiler.assume_constant_result
+def _fused_add_rms_norm(backend: Optional[str], device_type: str, dtype: torch.dtype) -> bool:
+    """Does the norm's own backend choice land on a kernel that also has add_rms_norm (the C++
+    CPU kernels)? Elsewhere (Triton, CUDA, reference) the block adds and normalises apart."""
+    try:
+        return backends._select("rms_norm", backend, device_type, dtype) == "cpu" and \
+            backends.implements("add_rms_norm", "cpu")
+    except backends.BackendError:
+        return False
+
+
+def add_norm(norm: nn.Module, x: Tensor, residual: Tensor):
+    """(norm(h), h) with h = residual + x: the pre-norm residual step, through the fused
+    tk.add_rms_norm when `norm` is a 1-D RMSNorm served by the C++ CPU kernels (then norm(h)
+    comes in x's dtype: under autocast the projection after it needs no cast), else the add and
+    the norm apart (the same values)."""
+    if (isinstance(norm, RMSNorm) and len(norm.normalized_shape) == 1 and x.shape == residual.shape
+            and (x.dtype == residual.dtype or (residual.dtype == torch.float32 and x.dtype in _LOW))
+            and _fused_add_rms_norm(norm.backend, residual.device.type, residual.dtype)):
+        eps = torch.finfo(residual.dtype).eps if norm.eps is None else norm.eps
+        weight = norm.weight
+        if weight is not None and weight.dtype not in (residual.dtype, torch.float32):
+            weight = weight.to(residual.dtype)
+        return add_rms_norm(x, residual, weight, eps, backend="cpu")
+    h = residual + x
+    return norm(h), h
 
 
 class LayerNorm(nn.Module):

@@ -22,7 +22,7 @@ from .attention import Attention, KVCache
 from .embeddings import (Embedding, LearnedPositionalEmbedding, RelativePositionBias,
                          SinusoidalPositionalEmbedding)
 from .feed_forward import MLP, GeGLU, MoE, SwiGLU
-from .norm import LayerNorm, RMSNorm, make_norm
+from .norm import LayerNorm, RMSNorm, add_norm, make_norm
 from .packing import Packed
 from .paged import PagedKVCache, make_paged_caches
 from .linear import Linear
@@ -69,12 +69,13 @@ class TransformerBlock(nn.Module):
                 cache: Optional[KVCache] = None, cross_cache: Optional[KVCache] = None,
                 key_mask: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
                 packed: Optional[Packed] = None, position_bias=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask, packed=packed,
-                          position_bias=position_bias)           # (B, S, d)
+        a = self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask, packed=packed,
+                      position_bias=position_bias)               # (B, S, d)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.cross_norm(x), context=context, cache=cross_cache,
-                                    key_mask=context_mask)
-        return x + self.ffn(self.ffn_norm(x))
+            h, x = add_norm(self.cross_norm, a, x)               # x + a, and its norm
+            a = self.cross_attn(h, context=context, cache=cross_cache, key_mask=context_mask)
+        h, x = add_norm(self.ffn_norm, a, x)
+        return x + self.ffn(h)
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """The public functional ops, each a torch.library op in namespace `truthgpt`."""
+from .add_rms_norm import add_rms_norm
 from .attention import alibi_slopes, attention
 from .attention_varlen import attention_varlen
 from .attention_with_kvcache import attention_with_kvcache
@@ -13,4 +14,4 @@ from .swiglu import swiglu
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
            "apply_rotary_qk", "rotary_cos_sin",
-           "swiglu", "rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy", "embedding"]
+           "swiglu", "rms_norm", "add_rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy", "embedding"]

@@ -279,6 +279,14 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> T
     return y.to(x.dtype)
 
 
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    """(rms_norm(h, weight, eps) in x's dtype, h) with h = residual + x in residual's dtype: the
+    pre-norm residual stream step `h = h + sublayer(...); out = norm(h)` in one op."""
+    h = (residual + x).to(residual.dtype)
+    return rms_norm(h, weight, eps).to(x.dtype), h
+
+
 # ============================================================= the "reference" backend kernels
 # Same signatures as the kernel ops of csrc/registration.cpp. Outputs are contiguous.
 
@@ -404,6 +412,22 @@ def rms_norm_bwd(grad, x, weight, rstd):
     else:
         dw = (dy * xf * r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     return dx.to(x.dtype).contiguous(), dw
+
+
+def add_rms_norm_fwd(x, residual, weight, eps):
+    out, h = add_rms_norm(x, residual, weight, eps)
+    rstd = torch.rsqrt(h.to(_acc(h.dtype)).pow(2).mean(-1) + eps)
+    return out.contiguous(), h.contiguous(), rstd.to(torch.float32)
+
+
+def add_rms_norm_bwd(grad, grad_residual, h, weight, rstd, x_dtype):
+    """dh = rms_norm_bwd(grad, h) + grad_residual (h's dtype); dx = dh in x_dtype (empty when
+    that is h's dtype); dweight."""
+    dh, dw = rms_norm_bwd(grad.to(h.dtype), h, weight, rstd)
+    if grad_residual is not None:
+        dh = (dh.to(_acc(h.dtype)) + grad_residual.to(_acc(h.dtype))).to(h.dtype)
+    dx = dh.to(x_dtype) if x_dtype != h.dtype else h.new_empty(0)
+    return dh.contiguous(), dx, dw
 
 
 # ---------------------------------------------------------------- linear cross-entropy
