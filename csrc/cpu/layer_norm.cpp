@@ -157,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   }
   auto yr = as_rows(grad), xr = as_rows(x);
   const auto ms = mean.reshape({-1}).contiguous(), rs = rstd.reshape({-1}).contiguous();
-  const int64_t rows = xr.size(0), chunk = norm::chunk_rows(rows);
-  const int64_t nchunks = (rows + chunk - 1) / chunk;
+  const int64_t rows = xr.size(0);
+  const auto [chunk, nchunks] = norm::chunks_of(rows);
   const Isa isa = active_isa();
   dispatch_kernel_types(x.scalar_type(), "layer_norm_bwd", [&](auto tag) {
     using T = typename decltype(tag)::type;

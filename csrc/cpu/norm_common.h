@@ -26,6 +26,21 @@ inline int64_t chunk_rows(int64_t rows) {
   return std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
 }
 
+// The backward's split of `rows` rows: chunks of `chunk` rows, `count` of them.
+struct Chunks {
+  int64_t chunk, count;
+};
+inline Chunks chunks_of(int64_t rows) {
+  const int64_t chunk = chunk_rows(rows);
+  return {chunk, (rows + chunk - 1) / chunk};
+}
+
+// The partial parameter-gradient rows (count x n, in the accumulation type A) when `need`.
+template <class A>
+at::Tensor partial_rows(bool need, int64_t count, int64_t n, const at::TensorOptions& opts) {
+  return need ? at::empty({count, n}, opts.dtype(c10::CppTypeToScalarType<A>::value)) : at::Tensor();
+}
+
 inline void check_x(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension");
 }

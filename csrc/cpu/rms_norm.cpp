@@ -87,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
   auto yr = as_rows(grad), xr = as_rows(x);
   const auto rs = rstd.reshape({-1}).contiguous();
   const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
-  const int64_t rows = xr.size(0), chunk = norm::chunk_rows(rows);
-  const int64_t nchunks = (rows + chunk - 1) / chunk;
+  const int64_t rows = xr.size(0);
+  const auto [chunk, nchunks] = norm::chunks_of(rows);
   const Isa isa = active_isa();
   dispatch_kernel_types(x.scalar_type(), "rms_norm_bwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -96,8 +96,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
     dispatch_weight<T>(w, [&](auto wtag, auto has_w) {
       using Wt = typename decltype(wtag)::type;
       constexpr bool HasW = decltype(has_w)::value;
-      at::Tensor part;
-      if (HasW) part = at::empty({nchunks, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+      at::Tensor part = norm::partial_rows<A>(HasW, nchunks, n, x.options());
       A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
       const auto fn = TRUTHGPT_ISA_FN(isa, rms_norm_bwd_chunks<T, Wt, HasW>);
       const T* yp = cptr<T>(yr);
@@ -205,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd(const at::Tensor
   const at::Tensor gr = grad_residual.has_value() ? as_rows(*grad_residual) : at::Tensor();
   const auto rs = rstd.reshape({-1}).contiguous();
   const auto w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
-  const int64_t rows = hr.size(0), chunk = norm::chunk_rows(rows);
-  const int64_t nchunks = (rows + chunk - 1) / chunk;
+  const int64_t rows = hr.size(0);
+  const auto [chunk, nchunks] = norm::chunks_of(rows);
   const Isa isa = active_isa();
   dispatch_add_types(h.scalar_type(), x_dtype, "add_rms_norm_bwd", [&](auto rtag, auto xtag) {
     using R = typename decltype(rtag)::type;
@@ -215,8 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd(const at::Tensor
     dispatch_weight<R>(w, [&](auto wtag, auto has_w) {
       using Wt = typename decltype(wtag)::type;
       constexpr bool HasW = decltype(has_w)::value;
-      at::Tensor part;
-      if (HasW) part = at::empty({nchunks, n}, h.options().dtype(c10::CppTypeToScalarType<A>::value));
+      at::Tensor part = norm::partial_rows<A>(HasW, nchunks, n, h.options());
       A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
       const auto fn = TRUTHGPT_ISA_FN(isa, add_rms_norm_bwd_chunks<R, X, Wt, HasW>);
       const X* yp = cptr<X>(yr);
