@@ -38,6 +38,27 @@ void dispatch_weight(const c10::optional<at::Tensor>& weight, F&& f) {
   }
 }
 
+// The backward's weight dispatch around a chunked pass: body(Tag<Wt>{}, has_w, part) fills one
+// partial dweight row per chunk (part: nchunks x n in T's accumulation type, null without a
+// weight), which are then summed in chunk order into dw.
+template <class T, class F>
+void bwd_with_dweight(const c10::optional<at::Tensor>& w, int64_t nchunks, int64_t n,
+                      const at::TensorOptions& opts, const Isa& isa, at::Tensor& dw, F&& body) {
+  using A = acc_t<T>;
+  dispatch_weight<T>(w, [&](auto wtag, auto has_w) {
+    using Wt = typename decltype(wtag)::type;
+    constexpr bool HasW = decltype(has_w)::value;
+    at::Tensor part = norm::partial_rows<A>(HasW, nchunks, n, opts);
+    A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
+    body(wtag, has_w, pp);
+    if constexpr (HasW) {
+      const auto reduce = TRUTHGPT_ISA_FN(isa, norm_reduce_cols<A, Wt>);
+      Wt* dwp = mptr<Wt>(dw);
+      norm::for_reduce_cols(1, nchunks, n, [&](int64_t j0, int64_t j1) { reduce(pp, nchunks, n, dwp, j0, j1); });
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
                                                 const c10::optional<at::Tensor>& weight,
                                                 double eps) {
@@ -92,12 +113,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
   const Isa isa = active_isa();
   dispatch_kernel_types(x.scalar_type(), "rms_norm_bwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    dispatch_weight<T>(w, [&](auto wtag, auto has_w) {
+    bwd_with_dweight<T>(w, nchunks, n, x.options(), isa, dw, [&](auto wtag, auto has_w, acc_t<T>* pp) {
       using Wt = typename decltype(wtag)::type;
       constexpr bool HasW = decltype(has_w)::value;
-      at::Tensor part = norm::partial_rows<A>(HasW, nchunks, n, x.options());
-      A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
       const auto fn = TRUTHGPT_ISA_FN(isa, rms_norm_bwd_chunks<T, Wt, HasW>);
       const T* yp = cptr<T>(yr);
       const T* xp = cptr<T>(xr);
@@ -108,13 +126,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad, const at
       norm::for_chunks(nchunks, chunk, n, [&](int64_t c0, int64_t c1) {
         fn(yp, ys, xp, xs, wp, rp, dxp, pp, rows, n, chunk, c0, c1);
       });
-      if constexpr (HasW) {
-        const auto reduce = TRUTHGPT_ISA_FN(isa, norm_reduce_cols<A, Wt>);
-        Wt* dwp = mptr<Wt>(dw);
-        norm::for_reduce_cols(1, nchunks, n, [&](int64_t j0, int64_t j1) {
-          reduce(pp, nchunks, n, dwp, j0, j1);
-        });
-      }
     });
   });
   return {dx, dw};
@@ -210,12 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd(const at::Tensor
   dispatch_add_types(h.scalar_type(), x_dtype, "add_rms_norm_bwd", [&](auto rtag, auto xtag) {
     using R = typename decltype(rtag)::type;
     using X = typename decltype(xtag)::type;
-    using A = acc_t<R>;
-    dispatch_weight<R>(w, [&](auto wtag, auto has_w) {
+    bwd_with_dweight<R>(w, nchunks, n, h.options(), isa, dw, [&](auto wtag, auto has_w, acc_t<R>* pp) {
       using Wt = typename decltype(wtag)::type;
       constexpr bool HasW = decltype(has_w)::value;
-      at::Tensor part = norm::partial_rows<A>(HasW, nchunks, n, h.options());
-      A* pp = HasW ? part.mutable_data_ptr<A>() : nullptr;
       const auto fn = TRUTHGPT_ISA_FN(isa, add_rms_norm_bwd_chunks<R, X, Wt, HasW>);
       const X* yp = cptr<X>(yr);
       const R* hp = cptr<R>(hr);
@@ -228,11 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd(const at::Tensor
       norm::for_chunks(nchunks, chunk, n, [&](int64_t c0, int64_t c1) {
         fn(yp, ys, gp, gs, hp, hs, wp, sp, dhp, dxp, pp, rows, n, chunk, c0, c1);
       });
-      if constexpr (HasW) {
-        const auto reduce = TRUTHGPT_ISA_FN(isa, norm_reduce_cols<A, Wt>);
-        Wt* dwp = mptr<Wt>(dw);
-        norm::for_reduce_cols(1, nchunks, n, [&](int64_t j0, int64_t j1) { reduce(pp, nchunks, n, dwp, j0, j1); });
-      }
     });
   });
   return {dh, dx, dw};
