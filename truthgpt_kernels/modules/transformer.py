@@ -68,14 +68,24 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, *, context: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, cross_cache: Optional[KVCache] = None,
                 key_mask: Optional[Tensor] = None, context_mask: Optional[Tensor] = None,
-                packed: Optional[Packed] = None, position_bias=None) -> Tensor:
-        a = self.attn(self.attn_norm(x), cache=cache, key_mask=key_mask, packed=packed,
+                packed: Optional[Packed] = None, position_bias=None,
+                pending: Optional[Tensor] = None, defer: bool = False):
+        """The block on the residual stream x (B, S, d). pending: a residual branch of the block
+        before, not yet added to x (added here, fused with the first norm). defer: return
+        (x, ffn branch) with the last add left to the caller (the next block or the final norm),
+        instead of their sum."""
+        if pending is None:
+            h = self.attn_norm(x)
+        else:
+            h, x = add_norm(self.attn_norm, pending, x)          # x + pending, and its norm
+        a = self.attn(h, cache=cache, key_mask=key_mask, packed=packed,
                       position_bias=position_bias)               # (B, S, d)
         if self.cross_attn is not None:
             h, x = add_norm(self.cross_norm, a, x)               # x + a, and its norm
             a = self.cross_attn(h, context=context, cache=cross_cache, key_mask=context_mask)
         h, x = add_norm(self.ffn_norm, a, x)
-        return x + self.ffn(h)
+        f = self.ffn(h)                                          # (B, S, d)
+        return (x, f) if defer else x + f
 
 
 @dataclass
@@ -206,6 +216,15 @@ class Transformer(nn.Module):
             return checkpoint(layer, x, use_reentrant=False, **kwargs)
         return layer(x, **kwargs)
 
+    def _stack(self, layers, norm, x: Tensor, kwargs=lambda i: {}) -> Tensor:
+        """norm(layers(x)), kwargs(i) the i-th layer's arguments. Each block leaves its last
+        residual add to the next block's first norm (and the last block to `norm`), where
+        add_norm fuses it (tk.add_rms_norm): one pass over the stream per add instead of two."""
+        pending = None
+        for i, layer in enumerate(layers):
+            x, pending = self._run(layer, x, pending=pending, defer=True, **kwargs(i))
+        return norm(x) if pending is None else add_norm(norm, pending, x)[0]
+
     def encode(self, tokens: Tensor, *, key_mask: Optional[Tensor] = None) -> Tensor:
         """The encoder stack of an encoder_decoder model: (B, Sc) ids -> (B, Sc, d_model)."""
         if self.encoder is None:
@@ -213,9 +232,7 @@ class Transformer(nn.Module):
         self._check_tokens("encoder_tokens", tokens)
         x = self.embed_tokens(tokens)
         bias = {} if self.encoder_rel_pos is None else {"position_bias": self.encoder_rel_pos()}
-        for layer in self.encoder:
-            x = self._run(layer, x, key_mask=key_mask, **bias)
-        return self.encoder_norm(x)
+        return self._stack(self.encoder, self.encoder_norm, x, lambda i: dict(key_mask=key_mask, **bias))
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *,
                 encoder_tokens: Optional[Tensor] = None, cache: Optional[ModelCache] = None,
@@ -260,12 +277,11 @@ class Transformer(nn.Module):
         packed = self._packed(tokens, position_ids, cu_seqlens, cache, key_mask)
         x = self.embed_tokens(tokens, offset, None if packed is None else packed.position_ids)  # (B, S, d)
         bias = {} if self.rel_pos is None else {"position_bias": self.rel_pos()}
-        for i, layer in enumerate(self.layers):
-            x = self._run(layer, x, context=context, key_mask=key_mask, context_mask=context_mask,
-                          **({} if packed is None else {"packed": packed}), **bias,
-                          cache=cache.layers[i] if cache is not None else None,
-                          cross_cache=cache.cross[i] if cache is not None and cache.cross else None)
-        h = self.norm(x)                                         # (B, S, d)
+        h = self._stack(self.layers, self.norm, x, lambda i: dict(
+            context=context, key_mask=key_mask, context_mask=context_mask,
+            **({} if packed is None else {"packed": packed}), **bias,
+            cache=cache.layers[i] if cache is not None else None,
+            cross_cache=cache.cross[i] if cache is not None and cache.cross else None))  # (B, S, d)
         if targets is None:
             return self.lm_head(h)                               # (B, S, vocab)
         if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
@@ -409,9 +425,9 @@ class Transformer(nn.Module):
         sequence b, its keys appended in place; returns the next-token logits (B, vocab).
         Static shapes, no host sync: what generate(compile=True) compiles."""
         x = self.embed_tokens(nxt, 0, seqlens.long()[:, None])           # (B, 1, d)
-        for layer, k, v in zip(self.layers, ks, vs):
-            x = layer(x, cache=PagedKVCache(k, v, block_table, seqlens))
-        return self.lm_head(self.norm(x))[:, -1]
+        h = self._stack(self.layers, self.norm, x,
+                        lambda i: dict(cache=PagedKVCache(ks[i], vs[i], block_table, seqlens)))
+        return self.lm_head(h)[:, -1]
 
     def _generate_ragged(self, prompts: List[Tensor], max_new_tokens: int, *, temperature, top_k,
                          top_p, eos_id, generator, page_size, compile) -> List[Tensor]:
@@ -451,9 +467,8 @@ class Transformer(nn.Module):
             packed = Packed.from_cu_seqlens(cu, 1, int(cu[-1]))
             tokens = torch.cat(prompts)[None]                                 # (1, T)
             x = self.embed_tokens(tokens, 0, packed.position_ids)
-            for i, layer in enumerate(self.layers):
-                x = layer(x, cache=caches[i], packed=packed)
-            logits = self.lm_head(self.norm(x))[0, cu[1:].long() - 1]         # (B, vocab)
+            h = self._stack(self.layers, self.norm, x, lambda i: dict(cache=caches[i], packed=packed))
+            logits = self.lm_head(h)[0, cu[1:].long() - 1]                     # (B, vocab)
             seqlens.copy_(cu[1:] - cu[:-1])
             out = [[] for _ in range(B)]
             done = torch.zeros(B, dtype=torch.bool, device=dev)
