@@ -263,6 +263,27 @@ def test_sampling_options():
 
 
 # ============================================================================ execution modes
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_gradients_match_logits_path(tied):
+    """return_logits=False (tk.linear_cross_entropy, its dweight computed in the forward) gives
+    the gradients of the logits + F.cross_entropy path, every one dense, in float64, tied or
+    not, and over two accumulating backwards."""
+    torch.manual_seed(0)
+    cfg = tiny(dtype="float64", tie_embeddings=tied)
+    a, b = Transformer(cfg), Transformer(cfg)
+    b.load_state_dict(a.state_dict())
+    x, y = tokens(seed=1), tokens(seed=2)
+    y[0, :3] = -100
+    for _ in range(2):  # the second backward accumulates into the first's .grad
+        a(x, y, return_logits=False)[1].backward()
+        b(x, y)[1].backward()
+    ga, gb = grads(a), grads(b)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert ga[n].layout == torch.strided, n
+        torch.testing.assert_close(ga[n], gb[n], **GRAD_TOL, msg=n)
+
+
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
     a = Transformer(tiny())

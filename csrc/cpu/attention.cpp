@@ -347,20 +347,6 @@ int64_t single_visible_key(const Problem& P, int64_t b, int64_t h, int64_t i) {
   return total == 1 ? at : -1;
 }
 
-// sum_d a[d] b[d] in the accumulation precision: eight independent partial sums (a single
-// chain of D dependent adds was 4% of the bf16 backward), added in a fixed order.
-template <typename T>
-acc_t<T> row_dot(const T* a, const T* b, int64_t D) {
-  using Acc = acc_t<T>;
-  Acc part[8] = {};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    for (int u = 0; u < 8; ++u) part[u] += static_cast<Acc>(to_f(a[d + u])) * static_cast<Acc>(to_f(b[d + u]));
-  Acc rest = 0;
-  for (; d < D; ++d) rest += static_cast<Acc>(to_f(a[d])) * static_cast<Acc>(to_f(b[d]));
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + rest;
-}
-
 // Accumulates one tile's contributions over its pieces: dq (rows x D, if non-null), and
 // dk/dv transposed (D x keys, column j - kofs, row stride ldkv; if non-null), and the
 // rel_bias gradient (if non-null: the row of head h at drel + (h - t.h0) * drel_ld).
@@ -404,7 +390,7 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     const float l = c.lse[idx];
     st.ri[r].lse2 = std::isinf(l) && l < 0 ? -std::numeric_limits<Acc>::infinity() : static_cast<Acc>(l * kLog2e);
     // delta = rowsum(dO * O), in the accumulation precision (one-key rows: see below)
-    st.ri[r].delta = row_dot<T>(c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS,
+    st.ri[r].delta = c.rows.dot(c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS,
                                 c.out + t.b * c.osB + h * c.osH + i * c.osS, D);
     st.one_key[r] = single_visible_key(P, t.b, h, i);
   }

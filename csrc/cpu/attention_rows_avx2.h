@@ -319,10 +319,10 @@ void fwd_rows_avx2(const RowsArgs<float, PT>& a) {
   fwd_rows_simd<PT>(a, pick_prep_avx2(a.partial, cf.alibi, cf.softcap), fused, exp_row_avx2, scale_row_avx2);
 }
 
-// Backward: P = exp2(s - lse2) in place (and its low-precision copy), from the saved lse.
-template <typename PT>
-void bwd_p_rows_simd(const RowsArgs<float, PT>& a, prep_avx_fn prep, exp_row_fn exp_row) {
-  const Cfg<float>& cf = *a.cf;
+// Backward: P = exp2(s - lse2) in place (and its low-precision copy), from the saved lse;
+// row(s, ri, g, lse2, pl) does one row.
+template <typename PT, typename Row>
+void bwd_p_rows_simd(const RowsArgs<float, PT>& a, const Row& row) {
   for (int64_t r = 0; r < a.rows; ++r) {
     float* s = a.S + r * a.ldS;
     uint16_t* pl = a.P ? reinterpret_cast<uint16_t*>(a.P + r * a.ldP) : nullptr;
@@ -334,8 +334,7 @@ void bwd_p_rows_simd(const RowsArgs<float, PT>& a, prep_avx_fn prep, exp_row_fn 
       if (pl) std::memset(pl, 0, sizeof(uint16_t) * (a.n + (a.n & 1)));
       continue;
     }
-    prep(s, a.n, a.j0, a.ri[r], cf, g);
-    exp_row(s, a.n, lse2, s, pl);
+    row(s, a.ri[r], g, lse2, pl);
   }
 }
 
@@ -375,10 +374,19 @@ struct Rows {
 #if TK_X86
     if constexpr (std::is_same<Acc, float>::value) {
       const Cfg<float>& cf = *a.cf;
-      if (impl == RowsImpl::Avx512)
-        return bwd_p_rows_simd<PT>(a, pick_prep_avx512(a.partial, cf.alibi, cf.softcap), exp_row_avx512);
-      if (impl == RowsImpl::Avx2)
-        return bwd_p_rows_simd<PT>(a, pick_prep_avx2(a.partial, cf.alibi, cf.softcap), exp_row_avx2);
+      if (impl == RowsImpl::Avx512) {
+        const bwd_p_fn f = pick_bwd_p_avx512(a.partial, cf.alibi, cf.softcap);
+        return bwd_p_rows_simd<PT>(a, [&](float* s, const RowInfo<float>& ri, float* g, float lse2, uint16_t* pl) {
+          f(s, a.n, a.j0, ri, cf, g, lse2, pl);
+        });
+      }
+      if (impl == RowsImpl::Avx2) {
+        const prep_avx_fn prep = pick_prep_avx2(a.partial, cf.alibi, cf.softcap);
+        return bwd_p_rows_simd<PT>(a, [&](float* s, const RowInfo<float>& ri, float* g, float lse2, uint16_t* pl) {
+          prep(s, a.n, a.j0, ri, cf, g);
+          exp_row_avx2(s, a.n, lse2, s, pl);
+        });
+      }
     }
 #endif
     bwd_p_rows_portable<Acc, PT>(a);
@@ -391,6 +399,16 @@ struct Rows {
     }
 #endif
     bwd_ds_rows_portable<Acc, PT>(a);
+  }
+  // sum_d a[d] b[d] in Acc
+  Acc dot(const PT* a, const PT* b, int64_t n) const {
+#if TK_X86
+    if constexpr (std::is_same<Acc, float>::value && std::is_same<PT, bf16>::value) {
+      if (impl == RowsImpl::Avx512)
+        return dot_bf16_avx512(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b), n);
+    }
+#endif
+    return row_dot<PT>(a, b, n);
   }
   // o[0, n) = a[0, n) rounded to PT (round to nearest even)
   void store(PT* o, const Acc* a, int64_t n) const {
