@@ -460,23 +460,6 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
   }
 }
 
-// (cols x rows) = a^T for a (rows x cols), in buf.
-template <typename Acc>
-const Acc* transpose_acc(const Acc* a, int64_t rows, int64_t cols, std::vector<Acc>& buf) {
-  buf.resize(rows * cols);
-#if TK_X86
-  if constexpr (std::is_same<Acc, float>::value) {
-    if (cpu_has_avx512()) {
-      transpose_f32(rows, cols, a, cols, buf.data(), rows);
-      return buf.data();
-    }
-  }
-#endif
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t d = 0; d < rows; ++d) buf[j * rows + d] = a[d * cols + j];
-  return buf.data();
-}
-
 template <typename T>
 void store_dq(const BwdCtx<T>& c, const Tile& t, const acc_t<T>* dq, at::Tensor& out) {
   const int64_t nr = t.nr(), D = c.P->D;
@@ -562,10 +545,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
     const Acc* acc[2] = {st.dk.data(), st.dv.data()};
     T* out[2] = {dkp + b * dksB + kvh * dksH + j0 * dksS, dvp + b * dvsB + kvh * dvsH + j0 * dvsS};
     const int64_t so[2] = {dksS, dvsS};
-    for (int w = 0; w < 2; ++w) {
-      const Acc* rows = transpose_acc<Acc>(acc[w], D, n, st.tbuf);  // (n x D)
-      for (int64_t j = 0; j < n; ++j) c.rows.store(out[w] + j * so[w], rows + j * D, D);
-    }
+    for (int w = 0; w < 2; ++w) c.rows.store_transposed(out[w], so[w], acc[w], D, n, st.tbuf);
   };
 
   if (single) {

@@ -378,36 +378,41 @@ TK_AVX512 void gemm_f32_strided_a(int64_t M, int64_t N, int64_t K, float alpha, 
 
 // out (K x N, ld ldo) = B^T for B (N x K, ldb), by 16 x 16 blocks through registers
 // (32-bit elements: also used for pairs of bf16).
+// 16x16 transpose in registers: r[i] (row i of a block) becomes column i.
+TK_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  // unpack 32-bit, 64-bit, then 128-bit lanes twice
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int q = 0; q < 4; ++q) {
+      t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
+      t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xDD);
+    }
+  }
+  for (int q = 0; q < 8; ++q) {
+    r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+    r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xDD);
+  }
+}
+
 TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, float* out, int64_t ldo) {
   for (int64_t j0 = 0; j0 < N; j0 += 16) {
     const int64_t jn = std::min<int64_t>(16, N - j0);
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
       const int64_t kn = std::min<int64_t>(16, K - k0);
       if (jn == 16 && kn == 16) {
-        __m512 r[16], t[16];
+        __m512 r[16];
         for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(B + (j0 + i) * ldb + k0);
-        // 16x16 transpose: unpack 32-bit, 64-bit, then 128-bit lanes twice.
-        for (int i = 0; i < 16; i += 2) {
-          t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-          t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-        }
-        for (int i = 0; i < 16; i += 4) {
-          r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-          r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-          r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-          r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        }
-        for (int i = 0; i < 16; i += 8) {
-          for (int q = 0; q < 4; ++q) {
-            t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
-            t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xDD);
-          }
-        }
-        for (int q = 0; q < 8; ++q) {
-          r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
-          r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xDD);
-        }
-        // r[i] now holds column k0 + i of the block
+        transpose16(r);  // r[i] now holds column k0 + i of the block
         for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (k0 + i) * ldo + j0, r[i]);
       } else {
         for (int64_t kk = 0; kk < kn; ++kk)
@@ -415,6 +420,21 @@ TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, 
       }
     }
   }
+}
+
+// out (K x N, bf16, row stride ldo) = B^T rounded to nearest even, B (N x K fp32, ldb), with
+// N and K multiples of 16: the transpose and the rounding in one pass (the backward's dK and
+// dV from their transposed accumulators).
+TK_AVX512BF16 void transpose_f32_bf16(int64_t N, int64_t K, const float* B, int64_t ldb, uint16_t* out, int64_t ldo) {
+  for (int64_t j0 = 0; j0 < N; j0 += 16)
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(B + (j0 + i) * ldb + k0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (k0 + i) * ldo + j0),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r[i])));
+    }
 }
 
 thread_local std::vector<float> tl_pack_f32;

@@ -400,6 +400,30 @@ struct Rows {
 #endif
     bwd_ds_rows_portable<Acc, PT>(a);
   }
+  // out[j * so + d] = acc[d * n + j] rounded to PT, j < n, d < D (acc: D x n, a transposed
+  // accumulator); tbuf: scratch.
+  void store_transposed(PT* out, int64_t so, const Acc* acc, int64_t D, int64_t n, std::vector<Acc>& tbuf) const {
+#if TK_X86
+    if constexpr (std::is_same<Acc, float>::value && std::is_same<PT, bf16>::value) {
+      if (impl == RowsImpl::Avx512 && cpu_has_avx512bf16() && D % 16 == 0 && n % 16 == 0)
+        return transpose_f32_bf16(D, n, acc, n, reinterpret_cast<uint16_t*>(out), so);
+    }
+#endif
+    tbuf.resize(D * n);
+    Acc* rows = tbuf.data();  // (n x D)
+#if TK_X86
+    if constexpr (std::is_same<Acc, float>::value) {
+      if (impl == RowsImpl::Avx512) {
+        transpose_f32(D, n, acc, n, rows, D);
+        for (int64_t j = 0; j < n; ++j) store(out + j * so, rows + j * D, D);
+        return;
+      }
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < D; ++d) rows[j * D + d] = acc[d * n + j];
+    for (int64_t j = 0; j < n; ++j) store(out + j * so, rows + j * D, D);
+  }
   // sum_d a[d] b[d] in Acc
   Acc dot(const PT* a, const PT* b, int64_t n) const {
 #if TK_X86
