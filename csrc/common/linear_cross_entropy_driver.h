@@ -77,6 +77,8 @@ struct AtenGemm {
   bool mixed_operands() const { return false; }
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const { at::mm_out(out, a, b); }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const { acc.addmm_(a, b); }
+  // dx_c = L W (the chunk's input gradient: K = V, long)
+  void dx_out(at::Tensor& out, const at::Tensor& L, const at::Tensor& w) const { at::mm_out(out, L, w); }
   // the large buffers and outputs (logits, dx, dW, W converted)
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) const { return at::empty(sizes, opts); }
   // acc (float32) = a b (first) or += a b, with a and b low precision: the GEMM in their dtype
@@ -164,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
           }
           dxc.copy_(acc_dx);
         } else {
-          gemm.mm_out(dxc, L, w);
+          gemm.dx_out(dxc, L, w);
         }
         if (db_acc.numel()) db_acc.add_(L.sum(0, false, acc));
       }
