@@ -77,3 +77,78 @@ def test_backend_without_kernel_names_those_that_have_one(monkeypatch):
     backends._resolve.cache_clear()
     with pytest.raises(tk.BackendError, match=r"has no swiglu kernel; backends with one here: \['reference'\]"):
         tk.swiglu(torch.randn(2, 4), backend="cpu")
+
+
+# ---------------------------------------------------------------- eager fast path (backends.apply)
+def _linear_op():
+    import importlib
+    return importlib.import_module("truthgpt_kernels.ops.linear").linear_op
+
+
+def _train_grads(monkeypatch, fast, backend, dtype):
+    """Loss and gradients of one tiny-model step, with the eager fast path on or off."""
+    from truthgpt_kernels.config import TransformerConfig
+    from truthgpt_kernels.modules import Transformer
+    if not fast:
+        monkeypatch.setattr(backends, "_plain_eager", lambda args: False)
+    torch.manual_seed(0)
+    cfg = TransformerConfig.preset("tiny", backend=backend, dtype=dtype)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    _, loss = model(tokens, tokens.roll(-1, 1), return_logits=False)
+    loss.backward()
+    monkeypatch.undo()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", "float32"), ("cpu", "bfloat16"), ("reference", "float64")])
+def test_eager_fast_path_gives_the_custom_ops_results(monkeypatch, backend, dtype):
+    """The same kernels run either way: loss and every gradient bit-identical."""
+    if not tk.available_backends()[backend]["available"]:
+        pytest.skip(tk.available_backends()[backend]["reason"])
+    loss_fast, grads_fast = _train_grads(monkeypatch, True, backend, dtype)
+    loss_op, grads_op = _train_grads(monkeypatch, False, backend, dtype)
+    assert torch.equal(loss_fast, loss_op)
+    assert grads_fast.keys() == grads_op.keys()
+    for name in grads_op:
+        assert torch.equal(grads_fast[name], grads_op[name]), name
+
+
+def test_eager_fast_path_is_taken_only_in_plain_eager_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    op = _linear_op()
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    fast = backends._formulas(op)
+    if not fast:
+        pytest.skip("this torch's CustomOpDef does not expose its implementation")
+    def node(y):  # the op's autograd node (under the output's view)
+        n = y.grad_fn
+        while not n.name().startswith("GeneratedBackwardFor"):
+            n = n.next_functions[0][0]
+        return n
+
+    y = tk.linear(x, w, backend="reference")
+    assert node(y)._forward_cls is fast.function
+    # the node is named as the custom op's own
+    assert node(y).name() == "GeneratedBackwardFor_truthgpt_linear_defaultBackward"
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():  # a dispatch mode must see the op itself
+        y2 = tk.linear(x, w, backend="reference")
+    assert node(y2)._forward_cls is not fast.function
+    assert node(y2).name() == node(y).name()
+    with torch.profiler.profile() as prof:  # so must a profile, which names the ops
+        tk.linear(x, w, backend="reference").sum().backward()
+    assert "truthgpt::linear" in {e.key for e in prof.key_averages()}
+
+
+def test_eager_fast_path_keeps_double_backward():
+    """create_graph through the fast path: the backward op's own formulas (linear's double
+    backward), checked numerically in float64."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: tk.linear(a, b, backend="reference"), (x, w))

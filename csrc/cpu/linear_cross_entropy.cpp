@@ -74,7 +74,7 @@ struct EngineGemm {
   }
   // dx_c = L W, K = V. In low precision as (W^T L^T)^T: oneDNN's bfloat16 GEMM runs the
   // long-K product 6-9% faster with the (d, nc) result (AMD Zen 5: 2048 x 32000 x 512 in 76-77
-  // ms against 82-84, best of 7; the float32 / bfloat16 transpose back is ~0.2 ms).
+  // ms against 82-84, best of 7; the transpose back, tiled, ~0.2 ms).
   void dx_out(at::Tensor& out, const at::Tensor& L, const at::Tensor& w) const {
     if (!lowp.has_value() || out.scalar_type() != *lowp || L.scalar_type() != *lowp) {
       mm_out(out, L, w);
@@ -89,7 +89,11 @@ struct EngineGemm {
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       at::mm_out(t, w.t(), L.t());
     }
-    out.copy_(t.t());
+    if (out.stride(1) == 1) {
+      transpose_2byte(t, out);
+    } else {
+      out.copy_(t.t());
+    }
   }
   void addmm_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) const {
     if (own(acc)) {

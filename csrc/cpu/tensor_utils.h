@@ -214,5 +214,28 @@ inline at::Tensor new_output_bhsd(at::IntArrayRef sizes, at::ScalarType dtype, c
 // Row stride of a (rows, n) view; any value works for a single row.
 inline int64_t row_stride(const at::Tensor& r) { return r.size(0) <= 1 ? r.size(1) : r.stride(0); }
 
+// dst = src^T for 2-D tensors of one 2-byte dtype: src (R, C) with unit inner stride, dst (C, R)
+// with unit inner stride, in 32 x 32 tiles over both threads (at::copy_ of a transposed bfloat16
+// view walks the source column by column: ~6x slower for a (512, 2048) block).
+inline void transpose_2byte(const at::Tensor& src, at::Tensor& dst) {
+  TORCH_INTERNAL_ASSERT(src.dim() == 2 && dst.dim() == 2 && src.element_size() == 2 &&
+                        dst.scalar_type() == src.scalar_type() && dst.size(0) == src.size(1) &&
+                        dst.size(1) == src.size(0) && src.stride(1) == 1 && dst.stride(1) == 1);
+  const int64_t R = src.size(0), C = src.size(1), ls = row_stride(src), ld = row_stride(dst);
+  const auto* s = static_cast<const uint16_t*>(src.const_data_ptr());
+  auto* d = static_cast<uint16_t*>(dst.mutable_data_ptr());
+  constexpr int64_t kT = 32;
+  at::parallel_for(0, (C + kT - 1) / kT, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * kT; c0 < std::min(C, b1 * kT); c0 += kT) {
+      const int64_t c1 = std::min(C, c0 + kT);
+      for (int64_t r0 = 0; r0 < R; r0 += kT) {
+        const int64_t r1 = std::min(R, r0 + kT);
+        for (int64_t r = r0; r < r1; ++r)  // a source line per r; the tile's 32 dst lines stay in L1
+          for (int64_t c = c0; c < c1; ++c) d[c * ld + r] = s[r * ls + c];
+      }
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace truthgpt

@@ -58,12 +58,12 @@ def _backward(ctx, grad, grad_h, _grad_rstd):
     h, weight, rstd = ctx.saved_tensors
     if grad is None:
         grad = torch.zeros(h.shape, dtype=ctx.x_dtype, device=h.device)
-    dh, dx, dweight = add_rms_norm_backward_op(grad.to(ctx.x_dtype), grad_h, h, weight, rstd, ctx.x_dtype,
+    dh, dx, dweight = backends.apply(add_rms_norm_backward_op, grad.to(ctx.x_dtype), grad_h, h, weight, rstd, ctx.x_dtype,
                                                ctx.backend)
     return (dx if ctx.x_dtype != h.dtype else dh), dh, (dweight if weight is not None else None), None, None
 
 
-add_rms_norm_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(add_rms_norm_op, _backward, _setup)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *,

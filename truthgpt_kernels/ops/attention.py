@@ -68,14 +68,14 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv, drel = attention_backward_op(grad_out, q, k, v, out, lse, *ctx.args)
+    dq, dk, dv, drel = backends.apply(attention_backward_op, grad_out, q, k, v, out, lse, *ctx.args)
     grads = [dq, dk, dv] + [None] * len(ctx.args)
     if ctx.args[_REL - 3] is not None:
         grads[_REL] = drel
     return tuple(grads)
 
 
-attention_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(attention_op, _backward, _setup)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,

@@ -81,12 +81,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = attention_varlen_backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+    dq, dk, dv = backends.apply(attention_varlen_backward_op, grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
                                               *ctx.args)
     return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
 
 
-attention_varlen_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(attention_varlen_op, _backward, _setup)
 
 
 def _unit_rows(t: Tensor) -> Tensor:
@@ -124,7 +124,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         D, n - 1, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
         alibi_slopes=alibi_slopes)
     name = backends.select("attention_varlen", backend, q)
-    out, lse = attention_varlen_op(_unit_rows(q), _unit_rows(k), _unit_rows(v), cu_seqlens_q,
+    out, lse = backends.apply(attention_varlen_op, _unit_rows(q), _unit_rows(k), _unit_rows(v), cu_seqlens_q,
                                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
                                    alibi_slopes, softcap, name)
     return (out, lse) if return_lse else out

@@ -48,7 +48,7 @@ def _backward(ctx, grad):
     return dw, None, None
 
 
-embedding_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(embedding_op, _backward, _setup)
 
 
 def _register_kernel_fake():
@@ -81,7 +81,7 @@ def embedding(indices: Tensor, weight: Tensor, padding_idx: Optional[int] = None
         raise ValueError(f"padding_idx must be within [-{n}, {n}), got {padding_idx}")
     if not (weight.requires_grad and torch.is_grad_enabled()):
         return F.embedding(indices, weight, None if pad < 0 else pad)
-    return embedding_op(weight, indices, pad)
+    return backends.apply(embedding_op, weight, indices, pad)
 
 
 __all__ = ["embedding"]

@@ -39,11 +39,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     gate, up = ctx.saved_tensors
-    dgate, dup = geglu_backward_op(grad, gate, up, ctx.approximate, ctx.backend)
+    dgate, dup = backends.apply(geglu_backward_op, grad, gate, up, ctx.approximate, ctx.backend)
     return dgate, dup, None, None
 
 
-geglu_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(geglu_op, _backward, _setup)
 
 
 # The packed form (gate_up (..., 2n) = [gate | up]), whose backward returns the gradient of
@@ -76,10 +76,10 @@ def _setup_packed(ctx, inputs, output):
 
 def _backward_packed(ctx, grad):
     (gate_up,) = ctx.saved_tensors
-    return geglu_packed_backward_op(grad, gate_up, ctx.approximate, ctx.backend), None, None
+    return backends.apply(geglu_packed_backward_op, grad, gate_up, ctx.approximate, ctx.backend), None, None
 
 
-geglu_packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
+backends.register_autograd(geglu_packed_op, _backward_packed, _setup_packed)
 
 
 def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh", *,
@@ -91,5 +91,5 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "tanh", 
     approximate = check_choice("approximate", approximate, APPROXIMATIONS)
     name = backends.select("geglu", backend, gate)
     if gate_up is not None and torch.is_grad_enabled() and gate_up.requires_grad:
-        return geglu_packed_op(gate_up, approximate, name)
+        return backends.apply(geglu_packed_op, gate_up, approximate, name)
     return backends.call(geglu_op, "geglu", "fwd", name, gate, up, approximate)

@@ -49,11 +49,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_backward_op(grad, x, weight, bias, mean, rstd, ctx.backend)
+    dx, dweight, dbias = backends.apply(layer_norm_backward_op, grad, x, weight, bias, mean, rstd, ctx.backend)
     return dx, (dweight if weight is not None else None), (dbias if bias is not None else None), None, None
 
 
-layer_norm_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(layer_norm_op, _backward, _setup)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

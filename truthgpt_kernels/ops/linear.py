@@ -62,11 +62,11 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and ctx.has_bias
-    dx, dweight, dbias = linear_backward_op(grad, x, weight, need_x, need_weight, need_bias, ctx.backend)
+    dx, dweight, dbias = backends.apply(linear_backward_op, grad, x, weight, need_x, need_weight, need_bias, ctx.backend)
     return dx if need_x else None, dweight if need_weight else None, dbias if need_bias else None, None
 
 
-linear_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(linear_op, _backward, _setup)
 
 
 def _setup_backward(ctx, inputs, output):
@@ -93,7 +93,7 @@ def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias):
     return d_grad, d_x, d_weight, None, None, None, None
 
 
-linear_backward_op.register_autograd(_double_backward, setup_context=_setup_backward)
+backends.register_autograd(linear_backward_op, _double_backward, _setup_backward)
 
 
 _ONEDNN_FP32 = {}  # TRUTHGPT_CPU_GEMM value -> does the C++ kernel send float32 GEMMs to oneDNN?

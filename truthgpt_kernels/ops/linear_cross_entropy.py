@@ -163,7 +163,7 @@ def _backward(ctx, grad, grad_z, grad_dx, grad_dw, grad_db):
     ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend = ctx.options
     if ctx.reduction == _NONE:
         x, weight, bias, target = ctx.saved_tensors
-        dx, dw, db = linear_cross_entropy_backward_op(
+        dx, dw, db = backends.apply(linear_cross_entropy_backward_op, 
             grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
             need_dweight, chunk_size, backend)
         dw = dw if dw.numel() else None
@@ -174,7 +174,7 @@ def _backward(ctx, grad, grad_z, grad_dx, grad_dw, grad_db):
     return (dx, dw, db if ctx.has_bias else None) + (None,) * 10
 
 
-linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(linear_cross_entropy_op, _backward, _setup)
 
 
 def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
@@ -241,7 +241,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     need_dweight = weight.requires_grad or (bias is not None and bias.requires_grad)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or need_dweight)
     if need_grad or torch.compiler.is_compiling():
-        out = linear_cross_entropy_op(*args, need_grad, need_dweight, chunk_size or 0, name)
+        out = backends.apply(linear_cross_entropy_op, *args, need_grad, need_dweight, chunk_size or 0, name)
     else:  # no autograd: the same implementation without the custom-op dispatcher
         out = _forward_impl(*args, False, False, chunk_size or 0, name)
     return (out[0], out[1]) if return_z_loss else out[0]

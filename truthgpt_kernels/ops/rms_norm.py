@@ -40,11 +40,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = rms_norm_backward_op(grad, x, weight, rstd, ctx.backend)
+    dx, dweight = backends.apply(rms_norm_backward_op, grad, x, weight, rstd, ctx.backend)
     return dx, (dweight if weight is not None else None), None, None
 
 
-rms_norm_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(rms_norm_op, _backward, _setup)
 
 
 class _Rstd(torch.autograd.Function):
@@ -101,7 +101,7 @@ def _double_backward(ctx, grad_dx, grad_dweight):
     return d_g.to(grad.dtype), d_x.to(x.dtype), d_w, None, None
 
 
-rms_norm_backward_op.register_autograd(_double_backward, setup_context=_setup_backward)
+backends.register_autograd(rms_norm_backward_op, _double_backward, _setup_backward)
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *,

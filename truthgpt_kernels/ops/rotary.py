@@ -39,18 +39,18 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    dx = rotary_op(grad, ctx.cos, -ctx.sin, ctx.position_ids, ctx.interleaved, ctx.backend)
+    dx = backends.apply(rotary_op, grad, ctx.cos, -ctx.sin, ctx.position_ids, ctx.interleaved, ctx.backend)
     return dx, None, None, None, None, None
 
 
 def _backward_qk(ctx, grad_q, grad_k):
-    dq, dk = rotary_qk_op(grad_q, grad_k, ctx.cos, -ctx.sin, ctx.position_ids, ctx.interleaved,
+    dq, dk = backends.apply(rotary_qk_op, grad_q, grad_k, ctx.cos, -ctx.sin, ctx.position_ids, ctx.interleaved,
                           ctx.backend)
     return dq, dk, None, None, None, None, None
 
 
-rotary_op.register_autograd(_backward, setup_context=_setup)
-rotary_qk_op.register_autograd(_backward_qk, setup_context=_setup)
+backends.register_autograd(rotary_op, _backward, _setup)
+backends.register_autograd(rotary_qk_op, _backward_qk, _setup)
 
 
 def _prepare(x: Tensor, cos: Tensor, sin: Tensor, position_ids, offset) -> Tensor:

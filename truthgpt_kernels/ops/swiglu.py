@@ -36,11 +36,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     gate, up = ctx.saved_tensors
-    dgate, dup = swiglu_backward_op(grad, gate, up, ctx.backend)
+    dgate, dup = backends.apply(swiglu_backward_op, grad, gate, up, ctx.backend)
     return dgate, dup, None
 
 
-swiglu_op.register_autograd(_backward, setup_context=_setup)
+backends.register_autograd(swiglu_op, _backward, _setup)
 
 
 # The packed form: gate_up (..., 2n) holds [gate | up] (a fused gate-up projection's output).
@@ -74,10 +74,10 @@ def _setup_packed(ctx, inputs, output):
 
 def _backward_packed(ctx, grad):
     (gate_up,) = ctx.saved_tensors
-    return swiglu_packed_backward_op(grad, gate_up, ctx.backend), None
+    return backends.apply(swiglu_packed_backward_op, grad, gate_up, ctx.backend), None
 
 
-swiglu_packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
+backends.register_autograd(swiglu_packed_op, _backward_packed, _setup_packed)
 
 
 def swiglu(gate: Tensor, up: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
@@ -87,5 +87,5 @@ def swiglu(gate: Tensor, up: Optional[Tensor] = None, *, backend: Optional[str] 
     gate, up = check_gate_up(gate, up)
     name = backends.select("swiglu", backend, gate)
     if gate_up is not None and torch.is_grad_enabled() and gate_up.requires_grad:
-        return swiglu_packed_op(gate_up, name)
+        return backends.apply(swiglu_packed_op, gate_up, name)
     return backends.call(swiglu_op, "swiglu", "fwd", name, gate, up)
