@@ -29,8 +29,24 @@ def _best_ms(fn, device: str, min_time: float, max_reps: int = 50) -> float:
     return time_fn(fn, device, min_time=min_time, max_reps=max_reps)["median_ms"]
 
 
-def measure(device: str = "cpu", quick: bool = False, min_time: float = 0.2) -> Dict:
-    """{'gemm_gflops': {'float32': .., 'bfloat16': ..}, 'copy_gbps': .., 'sizes': .., 'seconds': ..}"""
+def measure(device: str = "cpu", quick: bool = False, min_time: float = 0.2, rounds: int = 2) -> Dict:
+    """{'gemm_gflops': {'float32': .., 'bfloat16': ..}, 'copy_gbps': .., 'sizes': .., 'seconds': ..}:
+    the best of `rounds` rounds (each a median) for each rate. (A shared VM's speed moves for seconds at a time:
+    one round that fell in a slow second once put the ceilings at half the machine's rate and
+    a case at "144%" of it.)"""
+    start = time.perf_counter()
+    out = _measure_once(device, quick, min_time)
+    for _ in range(rounds - 1):
+        again = _measure_once(device, quick, min_time)
+        for k, v in again["gemm_gflops"].items():
+            out["gemm_gflops"][k] = max(v, out["gemm_gflops"].get(k) or 0.0)
+        if again["copy_gbps"]:
+            out["copy_gbps"] = max(again["copy_gbps"], out["copy_gbps"] or 0.0)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _measure_once(device: str, quick: bool, min_time: float) -> Dict:
     start = time.perf_counter()
     sizes = _SIZES[(device, quick)]
     out: Dict = {"gemm_gflops": {}, "copy_gbps": None, "sizes": dict(sizes), "errors": {}}
