@@ -263,6 +263,19 @@ class _Formulas:
 
 
 _FORMULAS: Dict[object, object] = {}  # custom op -> _Formulas, or False: no fast path
+
+
+def _mode_checks():
+    """The torch._C queries of _plain_eager, each true when something must see the op itself
+    (a dispatch mode, a torch function mode, a functorch transform, the profiler, whose trace
+    names each op); None (no fast path) on a torch that lacks one of them."""
+    C = torch._C
+    names = ("_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active")
+    checks = [getattr(C, n, None) for n in names] + [getattr(getattr(C, "_autograd", None), "_profiler_enabled", None)]
+    return None if any(c is None for c in checks) or not hasattr(C, "_get_tracing_state") else tuple(checks)
+
+
+_MODE_CHECKS = _mode_checks()
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -315,13 +328,11 @@ def _plain_eager(args) -> bool:
     """True when nothing but plain eager execution is in force: no torch.compile / export
     tracing, no TorchScript tracing, no torch function or dispatch mode (FakeTensorMode,
     FlopCounterMode, ...), no functorch transform, no profiler (whose trace names each op),
-    and every tensor argument a plain tensor
-    (not a subclass such as FakeTensor or DTensor). Only then may a custom op's dispatcher be
-    bypassed: everything else must see the op itself."""
-    C = torch._C  # (apply has ruled out torch.compile: Dynamo must not trace these calls)
-    if C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled() \
-            or C._are_functorch_transforms_active() or C._get_tracing_state() is not None \
-            or C._autograd._profiler_enabled():  # a profile names the ops (truthgpt::attention, ...)
+    and every tensor argument a plain tensor (not a subclass such as FakeTensor or DTensor).
+    Only then may a custom op's dispatcher be bypassed: everything else must see the op."""
+    # (apply has ruled out torch.compile: Dynamo must not trace these calls)
+    m = _MODE_CHECKS
+    if m is None or m[0]() or m[1]() or m[2]() or m[3]() or torch._C._get_tracing_state() is not None:
         return False
     for a in args:
         if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS:
