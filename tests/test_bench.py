@@ -131,9 +131,9 @@ def test_synthetic_run_writes_table_json_and_plot(synthetic, capsys, results_dir
 
 
 def test_compare_prints_the_change(synthetic, capsys, results_dir):
-    old = results_dir / "a.json"
-    if not old.exists():
-        pytest.skip("needs test_synthetic_run_writes_table_json_and_plot")
+    old = results_dir / "compare_base.json"  # its own saved run (xdist may run the others elsewhere)
+    rc, _, err = run_cli(capsys, "--ops", "attention", *FAST, "--json", str(old))
+    assert rc == 0 and old.exists(), err
     rc, out, err = run_cli(capsys, "--ops", "attention", *FAST, "--no-save", "--compare", str(old))
     assert rc == 0, err
     assert "## compared with" in out
