@@ -279,6 +279,33 @@ def test_cpu_timing_is_interleaved():
     assert got["x"]["n"] == 3
 
 
+def test_paired_ratios_pair_calls_of_the_same_round():
+    """time_interleaved returns each impl's calls in round order; paired_ratios divides them
+    round by round (over the rounds both ran), and the table prints their range."""
+    clock = {"t": 0.0}
+    cost = {"ours": [1.0, 2.0, 1.0, 4.0], "base": [3.0, 4.0, 2.0]}  # ms per call, in order
+
+    def impl(name):
+        def run():
+            clock["t"] += cost[name].pop(0) / 1e3
+        return run
+    real = timing.time.perf_counter
+    timing.time.perf_counter = lambda: clock["t"]
+    try:
+        got = timing.time_interleaved({"ours": impl("ours"), "base": impl("base")},
+                                      min_time=0.0065, max_reps=4, min_reps=3)
+    finally:
+        timing.time.perf_counter = real
+    assert got["ours"]["samples_ms"] == [1.0, 2.0, 1.0, 4.0] and got["base"]["samples_ms"] == [3.0, 4.0, 2.0]
+    r = timing.paired_ratios(got["base"]["samples_ms"], got["ours"]["samples_ms"])
+    assert r == {"median": 2.0, "q1": 2.0, "q3": 2.5, "min": 2.0, "max": 3.0, "n": 3}
+    assert timing.paired_ratios([1.0, 2.0], [1.0, 1.0]) is None  # under 3 rounds
+    result = {"name": "c", "ours": "ours", "baselines": ["base"], "impls": {
+        "ours": {"median_ms": 1.5, "spread_pct": 0.0}, "base": {"median_ms": 3.0}},
+        "speedup": {"base": 2.0}, "speedup_rounds": {"base": r}}
+    assert runner.table_rows([result])[0]["speedup"] == "2.00x (2.00-2.50)"
+
+
 def test_run_case_times_cpu_impls_round_robin():
     """The runner warms every impl up first (that call also gives the error column), then
     times them interleaved; an impl failing only in the timed calls gets its error."""

@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import FAMILIES, Case, canonical_dtype, dtype_hint, load_family, report, roofline
-from .timing import (MAX_REPS, MIN_TIME, fmt_err, fmt_mib, fmt_ms, fmt_pct, sync, time_fn,
-                     time_interleaved)
+from .timing import (MAX_REPS, MIN_TIME, fmt_err, fmt_mib, fmt_ms, fmt_pct, paired_ratios, sync,
+                     time_fn, time_interleaved)
 
 # kineto's banners, and c10's note that a tensor allocated before the profiler started was
 # freed inside it (the previous step's gradients)
@@ -251,6 +251,9 @@ def run_case(case: Case, device: str, ceilings: Optional[Dict] = None, *, min_ti
             b = result["impls"].get(base, {})
             if b.get("median_ms"):
                 result["speedup"][base] = b["median_ms"] / ours["median_ms"]
+                rounds = paired_ratios(b.get("samples_ms", ()), ours.get("samples_ms", ()))
+                if rounds:
+                    result.setdefault("speedup_rounds", {})[base] = rounds
         ms = ours["median_ms"]
         if case.flops:
             result["gflops"] = case.flops / ms / 1e6
@@ -309,7 +312,9 @@ def table_rows(results: List[Dict]) -> List[Dict[str, str]]:
             row["base ms"] = (fmt_ms(b.get("median_ms")) if not b.get("error")
                               else f"failed: {b['error']}") if base else ""
             sp = r["speedup"].get(base) if base else None
-            row["speedup"] = f"{sp:.2f}x" if sp else ""
+            rounds = r.get("speedup_rounds", {}).get(base) if base else None
+            row["speedup"] = (f"{sp:.2f}x" + (f" ({rounds['q1']:.2f}-{rounds['q3']:.2f})" if rounds else "")
+                              if sp else "")
             row["err base"] = fmt_err(b.get("max_err"))
             if "peak_bytes" in ours or "peak_bytes" in b:
                 row["peak MiB ours/base"] = f"{fmt_mib(ours.get('peak_bytes'))} / {fmt_mib(b.get('peak_bytes'))}" \
@@ -326,7 +331,8 @@ def format_table(op: str, results: List[Dict], device: str) -> str:
     from tabulate import tabulate
 
     lines = [f"\n## {op} ({device}): ours = {results[0]['ours'] if results else '?'}; "
-             "speedup = baseline ms / ours ms (>1: ours faster); ± = interquartile range; "
+             "speedup = baseline ms / ours ms (>1: ours faster), in brackets the interquartile "
+             "range of the per-round ratios (CPU: impls timed in turn); ± = interquartile range; "
              "err = max |out - float64 reference|"]
     lines.append(tabulate(table_rows(results), headers="keys", tablefmt="github", disable_numparse=True))
     lines.extend(speedup_summary(results))

@@ -88,7 +88,9 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], min_time: float = MIN_TI
     change in the machine's state (another process, frequency, memory) during the run falls on
     every impl alike instead of on whichever was being timed. Each gets the budget of time_fn:
     calls until its timed calls add up to min_time and at least min_reps, at most max_reps.
-    Returns {name: summarize(samples)}, or the exception a call raised (that impl stops)."""
+    Returns {name: summarize(samples) + samples_ms (the calls in round order)}, or the
+    exception a call raised (that impl stops). Round k holds the k-th call of every impl still
+    running, so samples_ms[k] of two impls were timed next to each other (paired_ratios)."""
     min_reps = max(1, min(min_reps, max_reps))
     samples = {name: [] for name in fns}
     out: Dict[str, Any] = {}
@@ -113,8 +115,20 @@ def time_interleaved(fns: Dict[str, Callable[[], Any]], min_time: float = MIN_TI
             gc.enable()
     for name, got in samples.items():
         if name not in out:
-            out[name] = summarize(got)
+            out[name] = dict(summarize(got), samples_ms=[round(t, 4) for t in got])
     return out
+
+
+def paired_ratios(base_ms, ours_ms) -> Optional[Dict[str, float]]:
+    """Speedup round by round: base_ms[k] / ours_ms[k] over the rounds both ran (lists from
+    time_interleaved). A shared machine's speed drifts for seconds at a time, moving both calls
+    of a round alike, so these ratios spread less than the two medians do. Returns their
+    median, quartiles, min and max, or None under 3 rounds."""
+    ratios = [b / o for b, o in zip(base_ms, ours_ms) if o > 0]
+    if len(ratios) < 3:
+        return None
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios), "n": len(ratios)}
 
 
 # ----------------------------------------------------------------------------- printing
