@@ -424,10 +424,11 @@ TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, 
 
 // out (K x N, bf16, row stride ldo) = B^T rounded to nearest even, B (N x K fp32, ldb), with
 // N and K multiples of 16: the transpose and the rounding in one pass (the backward's dK and
-// dV from their transposed accumulators).
+// dV from their transposed accumulators). Blocks go along out's rows first, so each row of out
+// (often a (B, S, H, D) tensor: rows a kilobyte or more apart) is written whole in one go.
 TK_AVX512BF16 void transpose_f32_bf16(int64_t N, int64_t K, const float* B, int64_t ldb, uint16_t* out, int64_t ldo) {
-  for (int64_t j0 = 0; j0 < N; j0 += 16)
-    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+  for (int64_t k0 = 0; k0 < K; k0 += 16)
+    for (int64_t j0 = 0; j0 < N; j0 += 16) {
       __m512 r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(B + (j0 + i) * ldb + k0);
       transpose16(r);
