@@ -84,10 +84,10 @@ struct Isa {
 };
 
 // TRUTHGPT_CPU_ATTN: auto (default) | mkl | avx512 | avx2 | portable | noavx512 | noavx2.
-//   auto: MKL GEMMs if present, except where MKL's sgemm measured slow against oneDNN's AVX-512
-//         GEMM (gemm_engine.h: MKL runs AVX2 code on AMD CPUs with AVX-512), where our AVX-512
-//         GEMMs run (2x MKL's on an AMD Zen 5, 3x for bfloat16); the widest rows the CPU has
-//         (AVX-512 > AVX2 > portable).
+//   auto: our AVX-512 GEMMs on non-Intel CPUs with AVX-512 (MKL runs generic code there: ours
+//         are 2x MKL's on an AMD Zen 5, 3x for bfloat16; 1.5-2.2x on a Zen 4) and on Intel CPUs
+//         where MKL's sgemm measured slow against oneDNN's (gemm_engine.h); else MKL GEMMs if
+//         present. Rows: the widest the CPU has (AVX-512 > AVX2 > portable).
 //   mkl: MKL GEMMs if present; rows as auto.
 //   avx512: our AVX-512 GEMMs and rows.
 //   avx2, noavx512: as on a CPU with AVX2+FMA but no AVX-512: MKL GEMMs, AVX2 rows.
@@ -121,7 +121,10 @@ Isa choose_isa() {
       isa.rows = RowsImpl::Avx2;
     }
   }
-  const bool mkl_slow = (want == "auto" || want.empty()) && have_avx_gemm && cpu::calibration().blas_is_slow;
+  // not a measurement on non-Intel CPUs: the fp32 calibration sits near its threshold on some
+  // (Zen 4), and flipping to MKL there halves the attention's speed in one process of two
+  const bool mkl_slow = (want == "auto" || want.empty()) && have_avx_gemm &&
+                        (!cpu::cpu_is_intel() || cpu::calibration().blas_is_slow);
   if (want != "avx512" && have_mkl && !mkl_slow) {
     isa.gemm = GemmImpl::Mkl;
   } else if (have_avx_gemm) {

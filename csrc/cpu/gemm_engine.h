@@ -7,7 +7,9 @@
 // 115-120 GFLOP/s a core, oneDNN's AVX-512 GEMM 260-275, BENCHMARKS.md). oneDNN, which torch
 // also ships (mkldnn::_linear_pointwise), picks its kernels by instruction set. Which one is
 // faster is measured once per process (`calibration()`: a 256 x 512 x 512 product each way,
-// best of 5, interleaved) on CPUs with AVX-512; oneDNN is used when it is at least 1.2x faster.
+// best of 5, interleaved) on CPUs with AVX-512. On Intel CPUs oneDNN is used when it is at
+// least 1.2x faster; on others (where MKL runs its generic code) BLAS is used only when it is at
+// least 1.2x faster, so a near tie does not flip the engine from one process to the next.
 // Both compute in float32 with float32 accumulation (results differ by rounding only);
 // oneDNN follows torch's float32 matmul precision setting, as at::mm does.
 //
@@ -25,13 +27,16 @@ struct GemmCalibration {
   bool measured = false;      // false: no AVX-512, or torch without oneDNN: nothing to compare
   double blas_gflops = 0.0;   // at::mm (torch's BLAS), float32, threads in force at the time
   double onednn_gflops = 0.0;
-  bool blas_is_slow = false;  // oneDNN >= 1.2x at::mm
+  bool blas_is_slow = false;  // Intel: oneDNN >= 1.2x at::mm; others: at::mm < 1.2x oneDNN
 };
 
 // Does torch's CPU GEMM have a fast kernel for dtype t here? bfloat16: oneDNN's, on AVX-512
 // BW/VL/DQ or AMX; float16: AVX512-FP16 or AMX. Elsewhere (AVX2 machines) torch's GEMMs for
 // them run at 1-15 GFLOP/s against ~100 for float32 (BENCHMARKS.md). float32 / float64: true.
 bool torch_has_fast_gemm(at::ScalarType t);
+
+// Is this an Intel CPU (whose MKL code paths torch's BLAS and the attention's MKL GEMMs use)?
+bool cpu_is_intel();
 
 // Measured on first use (not from inside a parallel region: call it at an op's entry).
 const GemmCalibration& calibration();
