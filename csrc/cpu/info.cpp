@@ -35,6 +35,7 @@ std::string cpu_path(const std::string& family, c10::ScalarType dtype) {
 
 std::string cpu_gemm() { return cpu::gemm_engine_description(); }
 bool cpu_gemm_onednn() { return cpu::use_onednn_fp32(); }
+bool cpu_is_intel() { return cpu::cpu_is_intel(); }
 
 }  // namespace
 
@@ -42,6 +43,7 @@ TORCH_LIBRARY(truthgpt_info, m) {
   m.def("cpu_path(str family, ScalarType dtype) -> str", &cpu_path);
   m.def("cpu_gemm() -> str", &cpu_gemm);
   m.def("cpu_gemm_onednn() -> bool", &cpu_gemm_onednn);
+  m.def("cpu_is_intel() -> bool", &cpu_is_intel);
   m.def("attention_plan(Tensor q, Tensor k, float scale, int window_left, int window_right, "
         "Tensor? alibi_slopes, Tensor? block_mask, int block_size, Tensor? key_mask, float softcap) -> str",
         &attention_cpu_plan);
