@@ -5,6 +5,7 @@
 #pragma once
 #include "cpu/attention_common.h"
 #include "cpu/gemm_engine.h"
+#include "cpu/transpose_avx512.h"
 
 namespace truthgpt {
 namespace {  // internal to the CPU attention kernel (one translation unit: attention.cpp)
@@ -379,51 +380,9 @@ TK_AVX512 void gemm_f32_strided_a(int64_t M, int64_t N, int64_t K, float alpha, 
   }
 }
 
-// out (K x N, ld ldo) = B^T for B (N x K, ldb), by 16 x 16 blocks through registers
-// (32-bit elements: also used for pairs of bf16).
-// 16x16 transpose in registers: r[i] (row i of a block) becomes column i.
-TK_AVX512 inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  // unpack 32-bit, 64-bit, then 128-bit lanes twice
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int q = 0; q < 4; ++q) {
-      t[i + q] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0x88);
-      t[i + q + 4] = _mm512_shuffle_f32x4(r[i + q], r[i + q + 4], 0xDD);
-    }
-  }
-  for (int q = 0; q < 8; ++q) {
-    r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
-    r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xDD);
-  }
-}
-
-TK_AVX512 void transpose_f32(int64_t N, int64_t K, const float* B, int64_t ldb, float* out, int64_t ldo) {
-  for (int64_t j0 = 0; j0 < N; j0 += 16) {
-    const int64_t jn = std::min<int64_t>(16, N - j0);
-    for (int64_t k0 = 0; k0 < K; k0 += 16) {
-      const int64_t kn = std::min<int64_t>(16, K - k0);
-      if (jn == 16 && kn == 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(B + (j0 + i) * ldb + k0);
-        transpose16(r);  // r[i] now holds column k0 + i of the block
-        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + (k0 + i) * ldo + j0, r[i]);
-      } else {
-        for (int64_t kk = 0; kk < kn; ++kk)
-          for (int64_t jj = 0; jj < jn; ++jj) out[(k0 + kk) * ldo + j0 + jj] = B[(j0 + jj) * ldb + k0 + kk];
-      }
-    }
-  }
-}
+// transpose16 / transpose_f32: csrc/cpu/transpose_avx512.h (shared with the GEMM engine).
+using cpu::transpose16;
+using cpu::transpose_f32;
 
 // out (K x N, bf16, row stride ldo) = B^T rounded to nearest even, B (N x K fp32, ldb), with
 // N and K multiples of 16: the transpose and the rounding in one pass (the backward's dK and
