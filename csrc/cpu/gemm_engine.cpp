@@ -215,7 +215,9 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b, bool contiguous) {
     at::Tensor out_t = onednn_linear(transposed_f32(b), a, c10::nullopt);  // (N, M)
     return contiguous ? transposed_f32(out_t) : out_t.t();
   }
-  return onednn_linear(a, b.t(), c10::nullopt);  // a @ b = a (b^T)^T
+  // a transposed view a would be copied by oneDNN element by element: transpose it by blocks
+  const at::Tensor ar = a.stride(1) != 1 && a.stride(0) == 1 ? transposed_f32(a.t()) : a;
+  return onednn_linear(ar, b.t(), c10::nullopt);  // a @ b = a (b^T)^T
 }
 
 }  // namespace cpu

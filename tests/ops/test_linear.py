@@ -138,8 +138,10 @@ def test_linear_float32_gemm_engines(monkeypatch, engine):
         pytest.skip("torch built without oneDNN")
     monkeypatch.setenv("TRUTHGPT_CPU_GEMM", engine)
     f32 = torch.float32
-    # (64, 8, 200): dweight = grad^T x computed as (x^T grad)^T (csrc/cpu/gemm_engine.cpp)
-    for shape in [(9, 64, 33), (33, 17, 11), (130, 96, 200), (64, 8, 200)]:
+    # (64, 8, 200), (300, 40, 1000): dweight = grad^T x computed as (x^T grad)^T
+    # (csrc/cpu/gemm_engine.cpp); (1000, 300, 70): grad^T transposed by 16 x 16 blocks before
+    # oneDNN; sizes not multiples of 16 leave partial blocks
+    for shape in [(9, 64, 33), (33, 17, 11), (130, 96, 200), (64, 8, 200), (300, 40, 1000), (1000, 300, 70)]:
         for bias in (False, True):
             (x, w, b), (x64, w64, b64) = _case(shape, f32, "cpu", bias)
             ran, out = _cpu_ops_run(lambda: tk.linear(x, w, b))
