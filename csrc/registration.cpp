@@ -88,4 +88,7 @@ TORCH_LIBRARY(truthgpt, m) {
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight, "
         "bool need_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("grouped_linear_fwd(Tensor x, Tensor weight, Tensor offsets) -> Tensor");
+  m.def("grouped_linear_bwd(Tensor grad, Tensor x, Tensor weight, Tensor offsets, bool need_x, "
+        "bool need_weight) -> (Tensor, Tensor)");
 }

@@ -9,14 +9,14 @@ _ext.load("_C")      # registers the C++ CPU kernels (if built)
 _ext.load("_cuda")   # registers the CUDA C++ kernels (if built)
 
 from .ops import (add_rms_norm, alibi_slopes, apply_rotary, apply_rotary_qk, attention, attention_varlen,  # noqa: E402
-                  attention_with_kvcache, embedding, geglu, layer_norm, linear, linear_cross_entropy,
-                  rms_norm, rotary_cos_sin, swiglu)
+                  attention_with_kvcache, embedding, geglu, grouped_linear, layer_norm, linear,
+                  linear_cross_entropy, rms_norm, rotary_cos_sin, swiglu)
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
            "apply_rotary_qk", "rotary_cos_sin",
-           "swiglu", "rms_norm", "add_rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy",
-           "embedding", "use_backend",
+           "swiglu", "rms_norm", "add_rms_norm", "geglu", "layer_norm", "linear", "grouped_linear",
+           "linear_cross_entropy", "embedding", "use_backend",
            "available_backends", "BackendError"]
 
 # Modules and the configurable transformer (pure Python on the ops above; cheap to import).

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include "cpu/gemm_engine.h"
+#include "cpu/linear.h"
 #include "cpu/tensor_utils.h"
 #define TRUTHGPT_KERNELS_FILE "cpu/linear.cpp"
 #include "cpu/foreach_isa.h"
@@ -124,6 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad
 }
 
 }  // namespace
+
+namespace cpu {
+at::Tensor linear_2d_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return linear_2d(x, weight, bias);
+}
+at::Tensor gemm_2d(const at::Tensor& a, const at::Tensor& b) { return gemm(a, b); }
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("linear_fwd", &linear_fwd);

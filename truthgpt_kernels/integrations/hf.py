@@ -26,8 +26,10 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
 - MLP: `tk.swiglu` for SiLU-gated MLPs (Phi-3's packed gate_up_proj as `tk.swiglu(gate_up)`),
   `tk.geglu` for Gemma's GELU-gated ones (gelu_pytorch_tanh / gelu_new: "tanh"; gelu: "none");
 - MoE experts (transformers 5's fused *Experts modules, 3-D gate_up_proj / down_proj): the
-  routed (token, expert) pairs sorted by expert, torch's grouped GEMM (a GEMM per expert for
-  float64), and one `tk.swiglu` over every routed row; the router and its top-k are untouched.
+  routed (token, expert) pairs sorted by expert, a grouped GEMM (`tk.ops.grouped_linear` on the
+  CPU where tk.linear's own GEMMs serve the dtype, torch's grouped_mm elsewhere, a GEMM per
+  expert for float64), and one `tk.swiglu` over every routed row; the router and its top-k are
+  untouched.
   This forward replaces the config's experts_implementation (eager / grouped_mm / batched_mm);
 - linear: every plain `nn.Linear` (projections and lm_head; subclasses, e.g. quantized or LoRA
   layers, are left as they are) runs `tk.linear`: the C++ kernel for the few rows of a decoding
@@ -65,9 +67,10 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from .. import backends, ops
 from .. import logs as _logs
-from .. import ops
-from ..ops.linear import uses_onednn_fp32
+from ..ops.grouped_linear import grouped_linear
+from ..ops.linear import own_cpu_backward
 from ..modules.packing import Packed
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2",
@@ -577,16 +580,17 @@ def _embedding_forward(self, ids):
 
 def _expert_matmul(x, weight, counts, offsets):
     """Rows of x (sorted by expert, counts[e] rows for expert e) times weight[e].T:
-    (N, K) x (E, M, K) -> (N, M). torch's grouped_mm where it takes the dtype (float32 / bf16 /
-    fp16; one call, one weight-gradient kernel); otherwise, and for float32 on CPUs where
-    tk.linear's GEMMs run on oneDNN (1.6x grouped_mm's there: csrc/cpu/gemm_engine.h), one
-    tk.linear per expert on a split of x and an unbind of the weight (so the backward stacks
-    each gradient once instead of filling a full-size zero tensor per expert, as indexing
-    weight[e] would)."""
+    (N, K) x (E, M, K) -> (N, M). On the CPU where tk.linear's backward is its own (bfloat16 /
+    float16, and float32 where its GEMMs run on oneDNN: 1.1-2.2x grouped_mm's MKL GEMMs, see
+    csrc/cpu/gemm_engine.h), tk.ops.grouped_linear: a GEMM per expert into one output, dx and
+    the (E, M, K) weight gradient written in place (ops/grouped_linear.py). Elsewhere torch's
+    grouped_mm where it takes the dtype (float32 / bf16 / fp16), else one tk.linear per expert
+    on a split of x and an unbind of the weight."""
+    if own_cpu_backward(x) and x.dtype == weight.dtype and not backends.unavailable_reason("cpu"):
+        return grouped_linear(x, weight, offsets)
     grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if grouped is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and x.dtype == weight.dtype and x.shape[0] > 0 \
-            and not (x.device.type == "cpu" and x.dtype == torch.float32 and uses_onednn_fp32()):
+            and x.dtype == weight.dtype and x.shape[0] > 0:
         return grouped(x, weight.transpose(-2, -1), offs=offsets)
     ws = weight.unbind(0)
     parts = [ops.linear(xe, ws[e], backend="auto") for e, xe in enumerate(x.split(counts))]

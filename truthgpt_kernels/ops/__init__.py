@@ -6,6 +6,7 @@ from .attention_with_kvcache import attention_with_kvcache
 from .embedding import embedding
 from .linear_cross_entropy import linear_cross_entropy
 from .geglu import geglu
+from .grouped_linear import grouped_linear
 from .layer_norm import layer_norm
 from .linear import linear
 from .rms_norm import rms_norm
@@ -14,4 +15,5 @@ from .swiglu import swiglu
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
            "apply_rotary_qk", "rotary_cos_sin",
-           "swiglu", "rms_norm", "add_rms_norm", "geglu", "layer_norm", "linear", "linear_cross_entropy", "embedding"]
+           "swiglu", "rms_norm", "add_rms_norm", "geglu", "layer_norm", "linear", "grouped_linear",
+           "linear_cross_entropy", "embedding"]

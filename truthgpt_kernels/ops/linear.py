@@ -111,7 +111,7 @@ def uses_onednn_fp32() -> bool:
     return _ONEDNN_FP32[env]
 
 
-def _own_backward(x: Tensor) -> bool:
+def own_cpu_backward(x: Tensor) -> bool:
     """Do the gradients of a call on tensors like x go through linear_backward rather than
     F.linear's? bfloat16 / float16 on the CPU (see the module docstring), and float32 on CPUs
     where oneDNN's GEMM beats torch's BLAS (csrc/cpu/gemm_engine.h: AMD CPUs with AVX-512)."""
@@ -159,7 +159,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         bias = None if bias is None else bias.to(dt)
     check_same_dtype("x", x, weight=weight, bias=bias)
     if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-            and not _own_backward(x)):
+            and not own_cpu_backward(x)):
         return F.linear(x, weight, bias)
     name = backends.select(FAMILY, backend, x)
     rows = x.shape[:-1].numel()  # (not -1: K may be 0)

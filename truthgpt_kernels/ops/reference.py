@@ -381,6 +381,27 @@ def linear_bwd(grad, x, weight, need_x, need_weight, need_bias):
             grad.sum(0) if need_bias else x.new_empty(0))
 
 
+def grouped_linear_fwd(x, weight, offsets):
+    """Row group e of x (rows offsets[e - 1] .. offsets[e]) times weight[e]^T; rows past the
+    last end are zero."""
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    r0 = 0
+    for e, r1 in enumerate(offsets.tolist()):
+        out[r0:r1] = x[r0:r1] @ weight[e].t()
+        r0 = r1
+    return out
+
+
+def grouped_linear_bwd(grad, x, weight, offsets, need_x, need_weight):
+    dx, dw = torch.zeros_like(x), torch.zeros_like(weight)
+    r0 = 0
+    for e, r1 in enumerate(offsets.tolist()):
+        dx[r0:r1] = grad[r0:r1] @ weight[e]
+        dw[e] = grad[r0:r1].t() @ x[r0:r1]
+        r0 = r1
+    return dx if need_x else x.new_empty(0), dw if need_weight else x.new_empty(0)
+
+
 def swiglu_fwd(gate, up):
     return swiglu(gate, up).contiguous()
 
