@@ -50,7 +50,15 @@ at::Tensor grouped_linear_fwd(const at::Tensor& x, const at::Tensor& weight, con
   int64_t r0 = 0;
   for (size_t e = 0; e < ends.size(); ++e) {
     const int64_t n = ends[e] - r0;
-    if (n > 0) out.narrow(0, r0, n).copy_(linear_2d_any(x.narrow(0, r0, n), weight[e], c10::nullopt));
+    if (n > 0) {
+      at::Tensor o = out.narrow(0, r0, n);
+      const at::Tensor xe = x.narrow(0, r0, n), we = weight[static_cast<int64_t>(e)];
+      if (n <= 8) {  // (decoding: the kernel that streams the weights once)
+        o.copy_(linear_2d_any(xe, we, c10::nullopt));
+      } else {
+        gemm_2d_out(o, xe, we.t());
+      }
+    }
     r0 = ends[e];
   }
   if (r0 < N) out.narrow(0, r0, N - r0).zero_();
@@ -77,8 +85,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_linear_bwd(const at::Tensor& grad_in,
     const int64_t ei = static_cast<int64_t>(e);
     if (n > 0) {
       const at::Tensor g = grad.narrow(0, r0, n);
-      if (need_x) dx.narrow(0, r0, n).copy_(gemm_2d(g, weight[ei]));
-      if (need_weight) dw[ei].copy_(gemm_2d(g.t(), x.narrow(0, r0, n)));
+      if (need_x) {
+        at::Tensor o = dx.narrow(0, r0, n);
+        gemm_2d_out(o, g, weight[ei]);
+      }
+      if (need_weight) {
+        at::Tensor o = dw[ei];
+        gemm_2d_out(o, g.t(), x.narrow(0, r0, n));
+      }
     } else if (need_weight) {
       dw[ei].zero_();
     }

@@ -130,7 +130,15 @@ namespace cpu {
 at::Tensor linear_2d_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return linear_2d(x, weight, bias);
 }
-at::Tensor gemm_2d(const at::Tensor& a, const at::Tensor& b) { return gemm(a, b); }
+void gemm_2d_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const bool onednn = a.scalar_type() == at::kFloat && use_onednn_fp32();
+  if (!onednn && torch_has_fast_gemm(a.scalar_type())) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    at::mm_out(out, a, b);
+  } else {
+    out.copy_(gemm(a, b));
+  }
+}
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {

@@ -12,8 +12,11 @@ namespace cpu {
 // where torch's GEMM for them is slow).
 at::Tensor linear_2d_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// a @ b (2-D) through the same engine, in a's dtype; a may be a transposed view.
-at::Tensor gemm_2d(const at::Tensor& a, const at::Tensor& b);
+// out = a @ b (2-D; a may be a transposed view) through the same engine: at::mm_out where
+// torch's GEMM serves the dtype as it is (float32 on the BLAS engine, bfloat16 / float16 with a
+// fast kernel, float64), else the product copied in (oneDNN's float32 linear has no out= form;
+// float32 GEMMs for low-precision dtypes whose torch GEMM is slow).
+void gemm_2d_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace cpu
 }  // namespace truthgpt
