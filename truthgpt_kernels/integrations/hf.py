@@ -615,7 +615,9 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
     order = order[:n]
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     counts = counts.tolist()
-    x = hidden_states[order // K]                                   # (n, H)
+    # (index_select, not indexing: its backward is an index_add_, ~5x faster on the CPU than
+    # indexing's accumulating index_put_: 0.5 vs 2.7 ms fwd+bwd for 2048 x 512 float32)
+    x = hidden_states.index_select(0, order // K)                   # (n, H)
     h = _expert_matmul(x, self.gate_up_proj, counts, offsets)       # (n, 2I) [gate | up]
     h = _expert_matmul(ops.swiglu(h), self.down_proj, counts, offsets)  # (n, H)
     h = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
