@@ -94,6 +94,25 @@ def test_fused_loss_honours_num_items_in_batch_and_shift_labels():
         torch.testing.assert_close(out.loss.float(), exp.loss, rtol=1e-6, atol=1e-6)
 
 
+def test_bfloat16_model_loss_is_float32(monkeypatch):
+    """A pure-bf16 model's fused loss is the float32 reduction of float32 row losses (as
+    ForCausalLMLoss upcasts the bf16 logits), never a bf16-rounded value (2^-5 steps near 4)."""
+    model = hf.apply_to(make("llama").to(torch.bfloat16).train())
+    calls = _spy(monkeypatch, "linear_cross_entropy")
+    ids, labels = batch()
+    rows = []
+    for kw in (dict(labels=labels), dict(labels=labels, num_items_in_batch=torch.tensor(7))):
+        loss = model(ids, **kw).loss
+        assert loss.dtype == torch.float32 and calls[-1]["loss_dtype"] is torch.float32
+        hidden = model.model(ids)[0].reshape(-1, model.config.hidden_size)
+        target = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+        rows.append(hf.ops.linear_cross_entropy(hidden, model.lm_head.weight, target, reduction="none",
+                                                loss_dtype=torch.float32))
+        want = rows[-1].sum() / (7 if "num_items_in_batch" in kw else (target != -100).sum())
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+        loss.backward()
+
+
 def test_logits_when_asked_for_or_not_training():
     model = hf.apply_to(make("llama").train())
     ids, labels = batch()

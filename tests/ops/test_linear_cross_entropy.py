@@ -331,8 +331,9 @@ def test_opcheck(backend, reduction):
     dev = device_for(backend)
     x64, w64, b64, t = _make(6, 8, 20, dev)
     x, w, b = leaf(x64, torch.float32), leaf(w64, torch.float32), leaf(b64, torch.float32)
-    args = (x, w, b, t, -100, reduction, 0.1, 0.01, 3.0, True, True, 4, backend)
-    torch.library.opcheck(torch.ops.truthgpt.linear_cross_entropy.default, args)
+    for fp32_loss in (False, True):
+        args = (x, w, b, t, -100, reduction, 0.1, 0.01, 3.0, True, True, 4, backend, fp32_loss)
+        torch.library.opcheck(torch.ops.truthgpt.linear_cross_entropy.default, args)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])
@@ -394,6 +395,39 @@ def test_bad_inputs():
         lce(x.tolist(), w, t)
     with pytest.raises(ValueError, match="x must have at least one feature"):
         lce(x[:, :0], w[:, :0], t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_loss_of_low_precision_x(backend, dtype):
+    """loss_dtype=torch.float32 (what the HF patch asks for, as ForCausalLMLoss upcasts the
+    logits): the float32 row losses reduced in float32, never rounded to x's dtype; the
+    gradients are those of the default call, bit for bit."""
+    if dtype == torch.float16 and backend == "triton":
+        pytest.skip("triton runs bfloat16 and float32")
+    dev = device_for(backend)
+    x64, w64, _, t = _make(40, 16, 90, dev, bias=False)
+    results = {}
+    for loss_dtype in (None, torch.float32):
+        x, w = leaf(x64, dtype), leaf(w64, dtype)
+        for reduction in ("none", "sum", "mean"):
+            loss = tk.linear_cross_entropy(x, w, t, reduction=reduction, z_loss=0.01,
+                                           loss_dtype=loss_dtype, backend=backend)
+            results[loss_dtype, reduction] = loss
+        loss.backward()
+        results[loss_dtype, "grads"] = (x.grad, w.grad)
+    rows, valid = results[torch.float32, "none"], t != -100
+    for reduction in ("none", "sum", "mean"):
+        low, high = results[None, reduction], results[torch.float32, reduction]
+        assert low.dtype == dtype and high.dtype == torch.float32, (low.dtype, high.dtype)
+        torch.testing.assert_close(high.to(dtype), low, rtol=0, atol=0)  # low = high rounded once
+    # the reductions of the float32 rows in float32 (a bfloat16 sum would be ~0.4% off)
+    torch.testing.assert_close(results[torch.float32, "sum"], rows.sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[torch.float32, "mean"], rows.sum() / valid.sum(), rtol=1e-6, atol=0)
+    for g_low, g_high in zip(results[None, "grads"], results[torch.float32, "grads"]):
+        torch.testing.assert_close(g_high, g_low, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="loss_dtype must be None"):
+        tk.linear_cross_entropy(x, w, t, loss_dtype=torch.float16, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

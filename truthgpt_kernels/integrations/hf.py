@@ -665,9 +665,8 @@ def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
         hidden.reshape(-1, hidden.shape[-1]), head.weight,
         shift_labels.reshape(-1).to(device=hidden.device, dtype=torch.int64), bias=head.bias,
         ignore_index=-100, reduction="mean" if num_items is None else "sum",
-        logit_softcap=getattr(self.config, "final_logit_softcapping", None) or 0.0)
-    if loss.dtype != torch.float64:  # float32 as ForCausalLMLoss (a float64 model keeps float64)
-        loss = loss.float()
+        logit_softcap=getattr(self.config, "final_logit_softcapping", None) or 0.0,
+        loss_dtype=torch.float32)  # as ForCausalLMLoss's upcast logits (float64 keeps float64)
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     from transformers.modeling_outputs import CausalLMOutputWithPast

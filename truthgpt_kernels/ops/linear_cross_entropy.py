@@ -66,9 +66,15 @@ def _call_kernel(backend, x, weight, bias, *args):
     return loss, z, dx, dw, db
 
 
+def _loss_dtype(x, weight, fp32_loss):
+    """x's dtype; float32 for a float32 (master) weight or with fp32_loss; float64 stays."""
+    out = torch.promote_types(x.dtype, weight.dtype)
+    return torch.promote_types(out, torch.float32) if fp32_loss else out
+
+
 def _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
-                  softcap, need_grad, need_dweight, chunk_size, backend):
-    """(loss, z_loss, dx, dweight, dbias): the reduced loss and z-loss term in x's dtype, and
+                  softcap, need_grad, need_dweight, chunk_size, backend, fp32_loss):
+    """(loss, z_loss, dx, dweight, dbias): the reduced loss and z-loss term in _loss_dtype, and
     for reduction mean/sum with need_grad the gradients of the loss (else empty tensors)."""
     N = x.shape[0]
     acc = _acc(x.dtype)
@@ -85,7 +91,7 @@ def _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smooth
         loss, z = loss.sum(), z.sum()
     elif reduction == _MEAN:
         loss, z = loss.sum() / count, z.sum() / count
-    out = torch.promote_types(x.dtype, weight.dtype)  # float32 for a float32 (master) weight
+    out = _loss_dtype(x, weight, fp32_loss)
     return loss.to(out), z.to(out), dx, dw, db
 
 
@@ -93,20 +99,21 @@ def _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smooth
 def linear_cross_entropy_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                             ignore_index: int, reduction: int, label_smoothing: float,
                             z_loss: float, softcap: float, need_grad: bool, need_dweight: bool,
-                            chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            chunk_size: int, backend: str,
+                            fp32_loss: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _forward_impl(x, weight, bias, target, ignore_index, reduction, label_smoothing,
-                         z_loss, softcap, need_grad, need_dweight, chunk_size, backend)
+                         z_loss, softcap, need_grad, need_dweight, chunk_size, backend, fp32_loss)
 
 
 @linear_cross_entropy_op.register_fake
 def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      need_grad, need_dweight, chunk_size, backend):
+      need_grad, need_dweight, chunk_size, backend, fp32_loss):
     shape = (x.shape[0],) if reduction == _NONE else ()
     grads = need_grad and reduction != _NONE
     dx = x.new_empty(x.shape) if grads else _empty(x)
     dw = weight.new_empty(weight.shape) if grads and need_dweight else _empty(x)
     db = bias.new_empty(bias.shape) if grads and need_dweight and bias is not None else _empty(x)
-    out = torch.promote_types(x.dtype, weight.dtype)
+    out = _loss_dtype(x, weight, fp32_loss)
     return x.new_empty(shape, dtype=out), x.new_empty(shape, dtype=out), dx, dw, db
 
 
@@ -133,7 +140,7 @@ def _(grad, x, weight, bias, target, ignore_index, label_smoothing, z_loss, soft
 
 def _setup(ctx, inputs, output):
     (x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-     need_grad, need_dweight, chunk_size, backend) = inputs
+     need_grad, need_dweight, chunk_size, backend, fp32_loss) = inputs
     _, z, dx, dw, db = output
     ctx.mark_non_differentiable(z, dx, dw, db)
     ctx.set_materialize_grads(False)  # no zero-filled (V, d) gradient for dw in the backward
@@ -159,7 +166,7 @@ def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
 
 def _backward(ctx, grad, grad_z, grad_dx, grad_dw, grad_db):
     if grad is None:  # the loss itself took no part in what is differentiated
-        return (None,) * 13
+        return (None,) * 14
     ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend = ctx.options
     if ctx.reduction == _NONE:
         x, weight, bias, target = ctx.saved_tensors
@@ -171,14 +178,14 @@ def _backward(ctx, grad, grad_z, grad_dx, grad_dw, grad_db):
     else:
         sdx, sdw, sdb = ctx.saved_tensors
         dx, dw, db = _scaled(sdx, grad), _scaled(sdw, grad), _scaled(sdb, grad)
-    return (dx, dw, db if ctx.has_bias else None) + (None,) * 10
+    return (dx, dw, db if ctx.has_bias else None) + (None,) * 11
 
 
 backends.register_autograd(linear_cross_entropy_op, _backward, _setup)
 
 
 def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
-           logit_softcap, chunk_size):
+           logit_softcap, chunk_size, loss_dtype):
     check_tensor("x", x, ndim=2)
     check_tensor("weight", weight, ndim=2, device=x.device)
     if not (weight.dtype == torch.float32 and x.dtype in _LOW):  # else a float32 master weight
@@ -207,13 +214,16 @@ def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_
     check_float("logit_softcap", logit_softcap, minimum=0.0)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, minimum=1)
+    if loss_dtype not in (None, torch.float32):
+        raise TypeError(f"loss_dtype must be None (the loss in x's dtype) or torch.float32, got {loss_dtype!r}")
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
                          logit_softcap: float = 0.0, return_z_loss: bool = False,
-                         chunk_size: Optional[int] = None, backend: Optional[str] = None):
+                         chunk_size: Optional[int] = None, loss_dtype: Optional[torch.dtype] = None,
+                         backend: Optional[str] = None):
     """F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=, reduction=,
     label_smoothing=) without materialising the (N, V) logits.
 
@@ -226,11 +236,14 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     logit_softcap * tanh(logits / logit_softcap) first (Gemma 2). Returns the loss in x's
     dtype (float32 for a float32 weight), a scalar or (N,) for reduction "none", or (loss,
     z_loss_term) with return_z_loss=True (the term reduced like the loss, no gradient: as Liger).
+    loss_dtype=torch.float32 returns them in float32 for bfloat16/float16 x too (the rows'
+    float32 losses reduced in float32 and never rounded to x's dtype: what Liger returns and
+    transformers' ForCausalLMLoss computes from upcast logits; float64 stays float64).
     chunk_size: rows per chunk (default: one chunk's logits take about 64 MiB in float32 on
     GPUs; on the CPU 128 MiB in the dtype they are kept in, for bf16/fp16 at d > 1024
     d / 512 x 64 MiB, at most 256 MiB). Gradients flow to x, weight and bias."""
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
-           logit_softcap, chunk_size)
+           logit_softcap, chunk_size, loss_dtype)
     if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32 == weight.dtype:
         dt = torch.get_autocast_dtype(x.device.type)
         if dt in _LOW:
@@ -240,10 +253,12 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
             float(label_smoothing), float(z_loss), float(logit_softcap))
     need_dweight = weight.requires_grad or (bias is not None and bias.requires_grad)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or need_dweight)
+    fp32_loss = loss_dtype is not None
     if need_grad or torch.compiler.is_compiling():
-        out = backends.apply(linear_cross_entropy_op, *args, need_grad, need_dweight, chunk_size or 0, name)
+        out = backends.apply(linear_cross_entropy_op, *args, need_grad, need_dweight, chunk_size or 0,
+                             name, fp32_loss)
     else:  # no autograd: the same implementation without the custom-op dispatcher
-        out = _forward_impl(*args, False, False, chunk_size or 0, name)
+        out = _forward_impl(*args, False, False, chunk_size or 0, name, fp32_loss)
     return (out[0], out[1]) if return_z_loss else out[0]
 
 
