@@ -25,3 +25,5 @@ def test_fused_linear_cross_entropy_loss_module():
     assert z.item() > 0 and not z.requires_grad
     with pytest.raises(ValueError, match=r"target must have shape \(2, 5\)"):
         loss_fn(x, head.weight, t[:, :4])
+    low = tk.FusedLinearCrossEntropyLoss(loss_dtype=torch.float32)(x.bfloat16(), head.weight.bfloat16(), t)
+    assert low.dtype == torch.float32

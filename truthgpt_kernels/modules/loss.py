@@ -1,6 +1,7 @@
 """Loss modules on the truthgpt_kernels ops."""
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..ops.linear_cross_entropy import linear_cross_entropy
@@ -19,11 +20,12 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, z_loss: float = 0.0, logit_softcap: float = 0.0,
                  return_z_loss: bool = False, chunk_size: Optional[int] = None,
-                 backend: Optional[str] = None):
+                 loss_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.logit_softcap = label_smoothing, z_loss, logit_softcap
         self.return_z_loss, self.chunk_size, self.backend = return_z_loss, chunk_size, backend
+        self.loss_dtype = loss_dtype
 
     def forward(self, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None):
         if isinstance(x, Tensor) and isinstance(target, Tensor) and x.dim() != 2:
@@ -35,7 +37,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
             x, weight, target, bias=bias, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss,
             logit_softcap=self.logit_softcap, return_z_loss=self.return_z_loss,
-            chunk_size=self.chunk_size, backend=self.backend)
+            chunk_size=self.chunk_size, loss_dtype=self.loss_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
