@@ -88,7 +88,7 @@ void plan_tiles(Problem& P) {
   }
   // decoding / short queries: several query heads of one kv head per tile
   P.hpt = 1;
-  if (P.Sq <= 16 && P.g > 1) P.hpt = std::max<int64_t>(1, std::min<int64_t>(P.g, BQ / P.Sq));
+  if (P.Sq >= 1 && P.Sq <= 16 && P.g > 1) P.hpt = std::max<int64_t>(1, std::min<int64_t>(P.g, BQ / P.Sq));
   P.ngroups = (P.g + P.hpt - 1) / P.hpt;
   P.BQ = BQ;
   P.BK = BK;

@@ -167,6 +167,25 @@ def test_attention_backward_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shapes", [((2, 4, 0, 32), (2, 2, 5, 32)), ((1, 2, 0, 32), (1, 1, 5, 32)),
+                                    ((2, 4, 0, 32), (2, 4, 5, 32)), ((2, 4, 3, 32), (2, 2, 0, 32)),
+                                    ((0, 4, 3, 32), (0, 2, 5, 32))], ids=["gqa_sq0", "mqa_sq0", "sq0", "sk0", "b0"])
+def test_attention_zero_sized(backend, shapes):
+    """Zero query rows, zero keys or zero batch (flash-attn: empty outputs; seqlen_k 0 -> zero
+    rows with lse -inf and zero gradients): no crash (GQA with Sq = 0 divided by zero in the
+    CPU tile planner), right shapes."""
+    device = device_for(backend)
+    (qs, ks), dt = shapes, DTYPES[backend][-1]
+    q, k, v = (torch.randn(s, device=device, dtype=dt, requires_grad=True) for s in (qs, ks, ks))
+    out, lse = tk.attention(q, k, v, return_lse=True, causal=True, backend=backend)
+    assert out.shape == qs and lse.shape == qs[:3]
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.all(t.grad == 0)
+
+
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
 def test_attention_gradcheck_fp64(backend):
     (q, k, v), kw = make_inputs(1, 4, 2, 5, 7, 8, {"causal": True, "alibi": "batch_heads",
