@@ -17,6 +17,7 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _ext
 
@@ -159,11 +160,25 @@ def requested(backend: Optional[str] = None) -> str:
     return check_name(backend or _selected.get() or os.environ.get(ENV_VAR) or "auto")
 
 
+def composite_needed() -> bool:
+    """True while, in eager mode, a functorch transform (torch.func.grad / vjp / jvp / jacrev /
+    jacfwd / hessian / vmap) or a forward-mode AD level (torch.autograd.forward_ad.dual_level)
+    is active. The custom ops carry reverse-mode formulas only, which those cannot use
+    (torch.library's autograd raises under transforms, and a C++ kernel would drop tangents
+    without a word), so then every op runs the "reference" backend as plain PyTorch code,
+    which the transforms batch and differentiate themselves (select / call / apply)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
 def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
     """Resolves the backend for one call of op family `family` on tensors like `x`; raises
     BackendError naming what is missing when the requested backend cannot serve it. Under
-    torch.compile the choice is made once, at trace time, and baked into the graph."""
-    return _select(family, backend, x.device.type, x.dtype)
+    torch.compile the choice is made once, at trace time, and baked into the graph. Under a
+    functorch transform or forward-mode AD (composite_needed) the answer is "reference"."""
+    name = _select(family, backend, x.device.type, x.dtype)
+    return "reference" if composite_needed() else name
 
 
 @torch.compiler.assume_constant_result
@@ -350,6 +365,8 @@ def apply(op, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     f = _formulas(op)
+    if f and composite_needed() and any(type(a) is str and a == "reference" for a in args):
+        return f.impl(*args)  # plain PyTorch, differentiated by the transform / forward AD
     if not f or len(args) != f.n_args or not _plain_eager(args):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -366,6 +383,8 @@ def call(op, family: str, which: str, name: str, *args):
     op. Whenever a gradient may flow, and for the Python backends under torch.compile, the op
     itself runs (through `apply`: in plain eager mode, its implementation and formulas without
     the dispatcher)."""
+    if name == "reference" and composite_needed():
+        return kernel(family, name, which)(*args)
     if (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)) or (
             torch.compiler.is_compiling() and name not in ("cpu", "cuda")):
         return apply(op, *args, name)

@@ -79,7 +79,7 @@ def embedding(indices: Tensor, weight: Tensor, padding_idx: Optional[int] = None
         pad = padding_idx % n if n else -1
     else:
         raise ValueError(f"padding_idx must be within [-{n}, {n}), got {padding_idx}")
-    if not (weight.requires_grad and torch.is_grad_enabled()):
+    if not (weight.requires_grad and torch.is_grad_enabled()) or backends.composite_needed():
         return F.embedding(indices, weight, None if pad < 0 else pad)
     return backends.apply(embedding_op, weight, indices, pad)
 
