@@ -66,6 +66,12 @@ def test_eps_none_uses_dtype_eps():
     y = RMSNorm(4, eps=None, elementwise_affine=False)(x)
     expected = x / torch.sqrt(torch.tensor(1e-8) + torch.finfo(torch.float32).eps)
     torch.testing.assert_close(y, expected)
+    # bfloat16 / float16: torch's kernel computes in float32 and takes float32's epsilon
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 1e-2).to(dtype)
+        for affine in (False, True):
+            torch.testing.assert_close(RMSNorm(64, elementwise_affine=affine).to(dtype)(x),
+                                       torch.nn.RMSNorm(64, elementwise_affine=affine).to(dtype)(x))
 
 
 def test_bad_shape():

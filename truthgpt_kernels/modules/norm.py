@@ -20,11 +20,19 @@ except ImportError:  # pragma: no cover - older/newer torch without it
         return torch.contiguous_format
 
 
+def _default_eps(dtype: torch.dtype) -> float:
+    """torch.nn.RMSNorm's eps=None: the machine epsilon of the dtype its kernel computes in
+    (ATen's opmath type: float32 for bfloat16 / float16 x, which torch's docs call
+    finfo(x.dtype).eps; bfloat16's own 7.8e-3 would change small inputs' outputs by ~90%)."""
+    return torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims.
 
     Same constructor, `weight` parameter, state_dict and results as torch.nn.RMSNorm (eps=None
-    means torch.finfo(x.dtype).eps); statistics are computed in float32. `backend` picks the
+    means, as there, the epsilon of the computation's dtype: float32's for bfloat16 / float16
+    x, torch.finfo(x.dtype).eps otherwise); statistics are computed in float32. `backend` picks the
     kernel (None: whatever use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
 
     def __init__(self, normalized_shape, eps: Optional[float] = None,
@@ -52,7 +60,7 @@ class RMSNorm(nn.Module):
         if x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
             raise ValueError(f"RMSNorm over {list(self.normalized_shape)} got input of shape "
                              f"{tuple(x.shape)}: its last dims must match")
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        eps = _default_eps(x.dtype) if self.eps is None else self.eps
         weight = self.weight
         if weight is not None:
             if weight.dtype not in (x.dtype, torch.float32):
@@ -94,7 +102,7 @@ def add_norm(norm: nn.Module, x: Tensor, residual: Tensor):
     if (isinstance(norm, RMSNorm) and len(norm.normalized_shape) == 1 and x.shape == residual.shape
             and (x.dtype == residual.dtype or (residual.dtype == torch.float32 and x.dtype in _LOW))
             and _fused_add_rms_norm(norm.backend, residual.device.type, residual.dtype)):
-        eps = torch.finfo(residual.dtype).eps if norm.eps is None else norm.eps
+        eps = _default_eps(residual.dtype) if norm.eps is None else norm.eps
         weight = norm.weight
         if weight is not None and weight.dtype not in (residual.dtype, torch.float32):
             weight = weight.to(residual.dtype)
