@@ -55,6 +55,10 @@ def test_gradcheck_and_opcheck():
     idx = torch.tensor([[1, 2, 2], [8, 0, 1]])
     # (no padding_idx here: its row is looked up but gets no gradient, by definition)
     assert torch.autograd.gradcheck(lambda w: tk.embedding(idx, w), (w,))
+    # double backward (the CPU kernel's gradient is not differentiable: create_graph takes
+    # torch's; it used to return a weight gradient detached from grad_output, silently)
+    assert torch.autograd.gradgradcheck(lambda w: tk.embedding(idx, w), (w,))
+    assert torch.autograd.gradgradcheck(lambda w: tk.embedding(idx, w, padding_idx=2), (w,))
     torch.library.opcheck(torch.ops.truthgpt.embedding.default, (w, idx, 2))
 
 

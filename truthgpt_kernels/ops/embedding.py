@@ -41,7 +41,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     (indices,) = ctx.saved_tensors
     num_weights = ctx.weight_shape[0]
-    if _cpu_kernel(grad, ctx.weight_shape):
+    # create_graph (double backward): torch's backward, which is differentiable in grad
+    if _cpu_kernel(grad, ctx.weight_shape) and not torch.is_grad_enabled():
         dw = torch.ops.truthgpt.embedding_bwd(grad, indices, num_weights, ctx.padding_idx)
     else:
         dw = torch.ops.aten.embedding_dense_backward(grad, indices, num_weights, ctx.padding_idx, False)
