@@ -74,8 +74,8 @@ def test_eps_none_uses_dtype_eps():
                                        torch.nn.RMSNorm(64, elementwise_affine=affine).to(dtype)(x))
 
 
-def test_bad_shape():
-    with pytest.raises(ValueError, match="last dims must match"):
+def test_bad_shape():  # torch's own exception, as torch.nn.RMSNorm (a drop-in)
+    with pytest.raises(RuntimeError, match=r"expected input with shape \[\*"):
         RMSNorm(8)(torch.randn(2, 7))
 
 
@@ -157,3 +157,30 @@ def test_output_memory_format_like_torch(shape, layout):
     ya.backward(dy)
     yb.backward(dy)
     torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_drop_in_forwards_take_torchs_argument_names_and_raise_torchs_exceptions():
+    """nn.Linear / nn.LayerNorm / nn.Embedding's forward(input=...), nn.RMSNorm's forward(x=...);
+    inputs the ops do not take run torch's function: its result, or its exception type."""
+    import truthgpt_kernels as tk
+    from truthgpt_kernels.modules.embeddings import Embedding
+    torch.manual_seed(0)
+    pairs = [(tk.modules.Linear(8, 3), torch.nn.Linear(8, 3)), (tk.modules.LayerNorm(8), torch.nn.LayerNorm(8)),
+             (tk.modules.RMSNorm(8), torch.nn.RMSNorm(8)), (Embedding(10, 8), torch.nn.Embedding(10, 8))]
+    for ours, theirs in pairs:
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randint(0, 10, (2, 3)) if isinstance(theirs, torch.nn.Embedding) else torch.randn(2, 8)
+        kw = "x" if isinstance(theirs, torch.nn.RMSNorm) else "input"
+        torch.testing.assert_close(ours(**{kw: x}), theirs(**{kw: x}))
+        bad = [x.float()] if isinstance(theirs, torch.nn.Embedding) else [torch.randn(2, 7), x.double(), x.int()]
+        for b in bad:
+            try:
+                want = theirs(b)
+            except Exception as e:  # noqa: BLE001 - whatever torch raises, ours must too
+                with pytest.raises(type(e)):
+                    ours(b)
+            else:
+                torch.testing.assert_close(ours(b), want)
+    lin = pairs[0]
+    x = torch.randn(1, 1, 1, 1, 1, 1, 1, 1, 2, 8)  # 10 dims: beyond tk.linear's 8, F.linear's result
+    torch.testing.assert_close(lin[0](x), lin[1](x))

@@ -175,4 +175,7 @@ class Embedding(nn.Embedding):
     def forward(self, input: Tensor) -> Tensor:
         if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
             return super().forward(input)
-        return embedding(input, self.weight, self.padding_idx)
+        try:
+            return embedding(input, self.weight, self.padding_idx)
+        except (TypeError, ValueError):  # bad indices: torch's own exception, as nn.Embedding
+            return super().forward(input)

@@ -5,6 +5,7 @@ import numbers
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
@@ -57,9 +58,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.normalized_shape)
-        if x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
-            raise ValueError(f"RMSNorm over {list(self.normalized_shape)} got input of shape "
-                             f"{tuple(x.shape)}: its last dims must match")
+        if not isinstance(x, Tensor) or x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape \
+                or not x.is_floating_point():  # torch's own exception, as torch.nn.RMSNorm
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         eps = _default_eps(x.dtype) if self.eps is None else self.eps
         weight = self.weight
         if weight is not None:
@@ -146,16 +147,17 @@ class LayerNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.is_nested:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
+        if isinstance(x, Tensor) and x.is_nested:
             return self._nested_forward(x)
         n = len(self.normalized_shape)
-        if x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape:
-            raise ValueError(f"LayerNorm over {list(self.normalized_shape)} got input of shape "
-                             f"{tuple(x.shape)}: its last dims must match")
-        params = [p if p is None or p.dtype in (x.dtype, torch.float32) else p.to(x.dtype)
-                  for p in (self.weight, self.bias)]
-        weight, bias = [p.reshape(-1) if p is not None else None for p in params]
+        if not isinstance(x, Tensor) or x.dim() < n or tuple(x.shape[x.dim() - n:]) != self.normalized_shape \
+                or not x.is_floating_point() or any(  # torch's own exception, as torch.nn.LayerNorm
+                    p is not None and p.dtype != x.dtype and not (p.dtype == torch.float32 and x.dtype in _LOW)
+                    for p in (self.weight, self.bias)):  # (mixed: low-precision x, float32 parameters)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight, bias = [p.reshape(-1) if p is not None else None for p in (self.weight, self.bias)]
         if n == 1:
             return layer_norm(x, weight, bias, self.eps, backend=self.backend)
         flat = x.reshape(*x.shape[:x.dim() - n], math.prod(self.normalized_shape))
