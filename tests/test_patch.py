@@ -196,3 +196,32 @@ def test_replace_modules_embedding_keeps_parameter_and_options():
     replace_modules(sparse)
     assert type(sparse[0]) is nn.Embedding
     assert any("sparse" in why for _, why in sparse.truthgpt_report.skipped)
+
+
+def test_replace_modules_keeps_hooks_and_leaves_hook_computed_weights():
+    """The user's forward / pre-forward / state_dict hooks serve the new module (their handles
+    still remove them); pruned and (old-style) weight-normed layers, whose weight a pre-hook
+    recomputes, are left with the reason (the converter used to fail on them with TypeError)."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Embedding(5, 8))
+    seen = []
+    handle = m[0].register_forward_hook(lambda mod, args, out: out * 0 + 1)
+    m[1].register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__module__))
+    m[4].register_forward_hook(lambda mod, args, out: seen.append("emb"))
+    m[0]._register_state_dict_hook(lambda mod, sd, prefix, meta: sd.__setitem__(prefix + "extra", torch.ones(1)))
+    prune.l1_unstructured(m[2], "weight", 0.5)
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(m[3])
+    x = torch.randn(2, 8)
+    want = m[:4](x).detach()
+    replace_modules(m)
+    left = dict(m.truthgpt_report.skipped)
+    assert [n for n, _ in m.truthgpt_report.swapped] == ["0", "1", "4"]
+    assert "weight_mask, weight_orig" in left["2"] and "weight_g, weight_v" in left["3"]
+    torch.testing.assert_close(m[:4](x), want)
+    m[4](torch.tensor([1]))
+    assert seen == ["torch.nn.modules.normalization", "truthgpt_kernels.modules.norm", "emb"]
+    assert "0.extra" in m.state_dict()
+    handle.remove()
+    assert not torch.equal(m[0](x), torch.ones(2, 8))

@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 log = logging.getLogger("truthgpt_kernels")
@@ -79,6 +80,43 @@ def _convert_embedding(m: nn.Embedding):
     return new
 
 
+# the hook dicts of nn.Module a swap carries over (the dict objects themselves, so the handles
+# a user holds still remove them)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _check_plain(m: nn.Module) -> None:
+    """Raises ValueError (the module is then left, with the reason) when m's weights are not its
+    own plain Parameters: a parametrization (weight_norm, spectral_norm, orthogonal) or the
+    pre-hook kind (old weight_norm, pruning: `weight` recomputed from weight_orig / weight_g)."""
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        raise ValueError("parametrized (weight_norm / spectral_norm / ...): torch's module keeps its parametrization")
+    names = {n for n, _ in m.named_parameters(recurse=False)} | {n for n, _ in m.named_buffers(recurse=False)}
+    extra = names - {"weight", "bias", "in_proj_weight", "in_proj_bias", "q_proj_weight",
+                     "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"}
+    if extra or not all(isinstance(getattr(m, n, None), (nn.Parameter, type(None))) for n in ("weight", "bias")
+                        if hasattr(m, n)):
+        raise ValueError(f"weights computed by a hook (pruning / weight_norm: {', '.join(sorted(extra)) or 'weight'}): "
+                         "torch's module keeps them")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The user's hooks of `old` (forward, pre-forward, backward, state_dict) serve `new`."""
+    if new is old:
+        return
+    for attr in _HOOK_DICTS:
+        theirs, ours = getattr(old, attr, None), getattr(new, attr, None)
+        if theirs is None or ours is None:
+            continue
+        theirs.update(ours)  # ours (e.g. LayerNorm's _keep_own_forward) after the user's
+        setattr(new, attr, theirs)
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 # exact type -> converter; subclasses are left alone (they may change behaviour: LoRA,
 # quantized layers, MultiheadAttention's out_proj, which our MultiheadAttention serves itself)
 CONVERTERS: Dict[type, Callable[[nn.Module], nn.Module]] = {
@@ -117,12 +155,14 @@ def replace_modules(model: nn.Module, *, include: Optional[Iterable[str]] = None
                                    "wrap it in a container"))
             continue
         try:
-            plan.append((name, convert(module)))
+            _check_plain(module)
+            plan.append((name, module, convert(module)))
         except ValueError as e:
             report.skipped.append((name, str(e)))
-    for name, new in plan:
+    for name, old, new in plan:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        _carry_hooks(old, new)
         setattr(parent, attr, new)
         report.swapped.append((name, type(new).__name__))
     model.truthgpt_report = report
