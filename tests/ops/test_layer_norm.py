@@ -176,6 +176,10 @@ def test_layer_norm_gradcheck_cpu():
     assert torch.autograd.gradcheck(lambda a, c, d: tk.layer_norm(a, c, d, backend="cpu"), (x, w, b))
     assert torch.autograd.gradcheck(lambda a: tk.layer_norm(a, backend="cpu"), (x,))
     assert torch.autograd.gradcheck(lambda a, d: tk.layer_norm(a, None, d, backend="cpu"), (x, b))
+    # double backward (create_graph), as torch's layer_norm has
+    assert torch.autograd.gradgradcheck(lambda a, c, d: tk.layer_norm(a, c, d, backend="cpu"), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda a, c: tk.layer_norm(a, c, None, backend="cpu"), (x, w))
+    assert torch.autograd.gradgradcheck(lambda c, d: tk.layer_norm(x.detach(), c, d, backend="cpu"), (w, b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

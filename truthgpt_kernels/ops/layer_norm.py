@@ -43,14 +43,31 @@ def _(grad, x, weight, bias, mean, rstd, backend):
 def _setup(ctx, inputs, output):
     x, weight, bias, eps, backend = inputs
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
-    ctx.backend = backend
+    ctx.backend, ctx.eps = backend, eps
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: a backward that is differentiable itself
+        return _composite_backward(ctx, grad, x, weight, bias)
     dx, dweight, dbias = backends.apply(layer_norm_backward_op, grad, x, weight, bias, mean, rstd, ctx.backend)
     return dx, (dweight if weight is not None else None), (dbias if bias is not None else None), None, None
+
+
+def _composite_backward(ctx, grad, x, weight, bias):
+    """The gradients as autograd computes them through the reference's layer norm (plain torch
+    ops, statistics in float32 / float64): with create_graph they carry their own graph, so
+    double backward (gradient penalties, gradgradcheck) works as with torch's layer_norm."""
+    from .reference import layer_norm as composite
+    inputs = (x, weight, bias)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    out = composite(x, weight, bias, ctx.eps)
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    result = [None] * 5
+    for i, g in zip(wanted, grads):
+        result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(result)
 
 
 backends.register_autograd(layer_norm_op, _backward, _setup)
