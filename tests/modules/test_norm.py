@@ -184,3 +184,15 @@ def test_drop_in_forwards_take_torchs_argument_names_and_raise_torchs_exceptions
     lin = pairs[0]
     x = torch.randn(1, 1, 1, 1, 1, 1, 1, 1, 2, 8)  # 10 dims: beyond tk.linear's 8, F.linear's result
     torch.testing.assert_close(lin[0](x), lin[1](x))
+
+
+def test_norms_are_subclasses_of_torchs():
+    """isinstance(m, nn.LayerNorm / nn.RMSNorm) holds (weight-decay groups, HF's _init_weights),
+    and replace_modules does not convert ours again (exact types only)."""
+    import truthgpt_kernels as tk
+    ln, rms = tk.modules.LayerNorm(8, bias=False), RMSNorm(8, eps=1e-5)
+    assert isinstance(ln, torch.nn.LayerNorm) and isinstance(rms, torch.nn.RMSNorm)
+    assert ln.bias is None and rms.eps == 1e-5 and torch.equal(rms.weight, torch.ones(8))
+    model = torch.nn.Sequential(ln, rms)
+    tk.replace_modules(model)
+    assert model[0] is ln and model[1] is rms and not model.truthgpt_report.swapped

@@ -1,7 +1,6 @@
 """RMSNorm and LayerNorm (drop-ins for torch.nn.RMSNorm / torch.nn.LayerNorm on the fused
 tk.rms_norm / tk.layer_norm ops) and the norm factory."""
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -28,33 +27,20 @@ def _default_eps(dtype: torch.dtype) -> float:
     return torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims.
 
     Same constructor, `weight` parameter, state_dict and results as torch.nn.RMSNorm (eps=None
     means, as there, the epsilon of the computation's dtype: float32's for bfloat16 / float16
-    x, torch.finfo(x.dtype).eps otherwise); statistics are computed in float32. `backend` picks the
-    kernel (None: whatever use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
+    x, torch.finfo(x.dtype).eps otherwise); statistics are computed in float32. A subclass of
+    torch.nn.RMSNorm, so isinstance checks (weight-decay groups, weight init) see one. `backend`
+    picks the kernel (None: whatever use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
 
     def __init__(self, normalized_shape, eps: Optional[float] = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
                  backend: Optional[str] = None):
-        super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
         self.backend = backend
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.normalized_shape)
@@ -112,40 +98,20 @@ def add_norm(norm: nn.Module, x: Tensor, residual: Tensor):
     return norm(h), h
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(nn.LayerNorm):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last len(normalized_shape)
     dims (biased variance), on the fused tk.layer_norm op.
 
     A drop-in for torch.nn.LayerNorm: same constructor (normalized_shape, eps, elementwise_affine,
     bias, device, dtype), `weight` / `bias` parameters, state_dict keys, repr and results;
-    statistics are computed in float32. `backend` picks the kernel (None: whatever
-    use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
+    statistics are computed in float32. A subclass of torch.nn.LayerNorm, so isinstance checks
+    (weight-decay groups, transformers' weight init) see one. `backend` picks the kernel (None:
+    whatever use_backend() / TRUTHGPT_BACKEND / "auto" say)."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None):
-        super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
         self.backend = backend
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
