@@ -175,6 +175,20 @@ def test_malformed_inputs_raise_like_torch(kind, need_weights, monkeypatch):
     assert f"`{name}`" in str(e.value) or f"{name} " in str(e.value), str(e.value)
 
 
+def test_inputs_of_another_dtype_than_the_weights_raise_like_torch():
+    """float32 inputs into a float64 module: torch's RuntimeError (ours used to raise TypeError)."""
+    x = torch.randn(2, 5, E)
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=True).double()
+    ours = tk.MultiheadAttention.from_torch(copy.deepcopy(ref))
+    for m in (ref, ours):
+        with pytest.raises(RuntimeError):
+            m(x, x, x, need_weights=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes: served
+        y = ours.float()(x, x, x, need_weights=False)[0]
+    assert y.dtype == torch.bfloat16
+
+
 def test_is_causal_needs_attn_mask_like_torch():
     x = torch.randn(2, 5, E)
     for m in (nn.MultiheadAttention(E, H, batch_first=True), tk.MultiheadAttention(E, H, batch_first=True)):

@@ -193,8 +193,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise _InputError("Need attn_mask if specifying the is_causal hint (as torch): "
                               "`attn_mask` must be the causal mask, e.g. nn.Transformer."
                               "generate_square_subsequent_mask(L)")
+        w = self.in_proj_weight if self.in_proj_weight is not None else self.q_proj_weight
         fast = (servable and not need_weights and not self.add_zero_attn
-                and not (causal and self.bias_k is not None))
+                and not (causal and self.bias_k is not None)
+                # inputs of another dtype than the weights: torch's own result or exception
+                and (query.dtype == key.dtype == value.dtype == w.dtype
+                     or torch.is_autocast_enabled(query.device.type)))
         if not fast:
             _logs.warn_once("multihead-fallback", _logs.MULTIHEAD_FALLBACK, need_weights, servable, logger="modules")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
