@@ -107,6 +107,8 @@ def padded_batch(kind, seq=SEQ):
     mask = torch.ones_like(ids)
     if kind == "left":
         mask[0, :5], mask[2, :2] = 0, 0
+    elif kind == "deep_left":  # padding still inside a 6-key window after the prompt
+        mask[0, :seq - 3], mask[2, :2] = 0, 0
     elif kind == "right":
         mask[0, -5:], mask[2, -2:] = 0, 0
     return ids, mask
@@ -131,14 +133,17 @@ def test_logits_and_gradients_equal_unpatched(name, padding, spy):
         torch.testing.assert_close(a.grad, b.grad, rtol=10 * t, atol=t, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("padding", ["left", "none"])
+@pytest.mark.parametrize("padding", ["left", "deep_left", "none"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_generate_equals_unpatched(name, cache, padding, spy):
     """Greedy generate past the sliding window from a (left-padded) batch: the same tokens and
     the same logits at every step. static: the keys past the mask (unfilled slots) are kept
     out, so the causal alignment sits on the last filled one (before this mask function, a
-    static-cache prefill without padding got no mask and attended to the unfilled slots)."""
+    static-cache prefill without padding got no mask and attended to the unfilled slots).
+    deep_left: padding inside the window of the decoding steps; generate makes a static
+    sliding cache's masks ahead and the forward passes ours in again, already cut to the
+    window (Mistral's tokens diverged from the second step before that case was recognised)."""
     model = make(name)
     ref = copy.deepcopy(model)
     hf.apply_to(model)
@@ -149,7 +154,7 @@ def test_generate_equals_unpatched(name, cache, padding, spy):
         kw["max_length"] = None
     got = model.generate(ids, **kw)
     full_layers = name != "mistral"  # Mistral: every layer slides (a static cache of the window)
-    assert_served(spy, padding == "left" or (cache == "static" and full_layers))
+    assert_served(spy, padding != "none" or (cache == "static" and full_layers))
     if cache == "static" and full_layers:  # full-attention layers: cut to the filled slots
         assert any(out is not None and out.shape[1] < kv for _, kv, out, _ in spy["masks"])
     exp = ref.generate(ids, **kw)

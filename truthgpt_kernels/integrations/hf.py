@@ -290,6 +290,11 @@ def padding_mask(*args, **kwargs):
     causal = pattern[0]
     # tokens the mask covers: [0, end); the keys are positions [kv_offset, end)
     end = mask.shape[-1] if mask is not None else q_offset + q_length if causal else kv_offset + kv_length
+    start = 0  # the position of the mask's first column
+    if causal and mask is not None and kv_offset > 0 and end == q_offset + q_length - kv_offset:
+        # our own output passed in again, already cut to the keys [kv_offset, end): generate
+        # makes a static sliding cache's masks ahead, then the model's forward once more
+        start, end = kv_offset, q_offset + q_length
     length = end - kv_offset
     if (causal and end != q_offset + q_length) or not 0 < length <= kv_length:
         return sdpa_mask(**kwargs)
@@ -298,7 +303,7 @@ def padding_mask(*args, **kwargs):
             return None
         mask = torch.ones(kwargs["batch_size"], length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
     else:
-        mask = mask[:, kv_offset:end]  # a new tensor object: the tag stays off the caller's mask
+        mask = mask[:, kv_offset - start:end - start]  # a new tensor: the tag stays off the caller's mask
         if length == kv_length and bool(mask.all()):
             return None
     setattr(mask, _PATTERN, pattern)
