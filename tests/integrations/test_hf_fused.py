@@ -136,3 +136,24 @@ def test_revert_removes_the_loss_patch():
     assert "forward" not in model.__dict__
     ids, labels = batch()
     assert model(ids, labels=labels).logits is not None
+
+
+def test_patched_model_pickles_and_keeps_the_forward_signature():
+    """pickle / torch.save round trips (the patched forwards were bound methods of functions the
+    unpickled modules could not find), the copy still patched and revertible; the CausalLM
+    forward shows the replaced forward's parameters (the Trainer and generate read them)."""
+    import inspect
+    import pickle
+    model = make("llama").train()
+    ref = copy.deepcopy(model)
+    want = inspect.signature(model.forward)
+    hf.apply_to(model)
+    assert inspect.signature(model.forward) == want
+    ids, labels = batch()
+    again = pickle.loads(pickle.dumps(model))
+    assert again.truthgpt_patched["loss"] == 1 and inspect.signature(again.forward) == want
+    out, exp = again(ids, labels=labels), ref(ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.float(), exp.loss, rtol=1e-6, atol=1e-6)
+    hf.revert(again)
+    assert again(ids, labels=labels).logits is not None

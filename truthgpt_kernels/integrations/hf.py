@@ -59,7 +59,6 @@ import functools
 import inspect
 import sys
 import threading
-import types
 import warnings
 import weakref
 
@@ -97,6 +96,37 @@ _KNOWN_ARGS = {"self", "hidden_states", "position_embeddings", "attention_mask",
                *_CACHE_ARGS}
 _STATE = "_truthgpt_hf_state"
 _patched_models = weakref.WeakSet()
+
+
+class _BoundForward(functools.partial):
+    """A patched forward bound to its module, as types.MethodType(fn, module) but picklable (a
+    bound method pickles as getattr(module, fn.__name__), which the unpickled module lacks, so
+    pickle / torch.save(model) round trips failed). `signature_of`: the replaced forward, whose
+    signature it shows (transformers and the Trainer read the forward's parameters)."""
+
+    def __new__(cls, fn, *args, signature_of=None):
+        self = super().__new__(cls, fn, *args)
+        self.signature_of = signature_of
+        return self
+
+    @property
+    def __self__(self):
+        return self.args[0]
+
+    @property
+    def __func__(self):
+        return self.func
+
+    @property
+    def __name__(self):
+        return "forward"
+
+    @property
+    def __signature__(self):
+        if self.signature_of is None:
+            return None  # inspect: the function's signature without the module
+        sig = inspect.signature(self.signature_of)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def check_transformers_version(version=None):
@@ -807,7 +837,7 @@ def _plan(model, config, model_type, fused_loss):
                     plan[kind].append((module, *got))
                 break
     if fused_loss and _fusable_loss(model):
-        plan["loss"].append((model, functools.wraps(type(model).forward)(_causal_lm_forward), {}))
+        plan["loss"].append((model, _causal_lm_forward, {"_truthgpt_signature_of": type(model).forward}))
     for kind in left:
         plan[kind] = []
     return plan, left
@@ -858,8 +888,9 @@ def apply_to(model, *, fused_loss: bool = True):
     state = {"attn_implementation": config._attn_implementation, "modules": [], "tower": tower}
     patched = {kind: len(entries) for kind, entries in plan.items()}
     for module, forward, attrs in (entry for entries in plan.values() for entry in entries):
+        signature_of = attrs.pop("_truthgpt_signature_of", None)
         state["modules"].append((module, module.__dict__.get("forward"), list(attrs)))
-        module.forward = types.MethodType(forward, module)
+        module.forward = _BoundForward(forward, module, signature_of=signature_of)
         for name, value in attrs.items():
             setattr(module, name, value)
     if plan["attention"]:
