@@ -54,7 +54,7 @@ inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Ten
   const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
   at::Tensor out = at::zeros(q.sizes(), q.options());
   at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(),
-                            q.options().dtype(at::kFloat));
+                            q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   for (size_t b = 0; b + 1 < oq.size(); ++b) {
     const int64_t q0 = oq[b], nq = oq[b + 1] - oq[b], k0 = ok[b], nk = ok[b + 1] - ok[b];
     if (nq == 0 || nk == 0) continue;

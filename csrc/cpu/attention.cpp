@@ -85,6 +85,11 @@ void ensure_keys(KeyPack<T>& kp, const Problem& P, GemmImpl impl, int want, cons
   pack_keys<T>(kp, impl, want, t.b, t.kvh, lo, hi, P.D, kbase + lo * ksS, ksS, vbase + lo * vsS, vsS);
 }
 
+// The saved log-sum-exp: float32, float64 for float64 inputs (a float32 lse would leave the
+// backward's recomputed P of a float64 call off by a float32 rounding).
+template <typename T>
+using lse_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 template <typename T>
 void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         at::Tensor& out, at::Tensor& lse, const Isa& isa, const Extras<acc_t<T>>& ex) {
@@ -99,7 +104,7 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
   const T* vp = v.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t osB = out.stride(0), osH = out.stride(1), osS = out.stride(2);
-  float* lp = lse.data_ptr<float>();
+  lse_t<T>* lp = lse.data_ptr<lse_t<T>>();
   const int64_t qsB = q.stride(0), qsH = q.stride(1), qsS = q.stride(2);
   const int64_t ksB = k.stride(0), ksH = k.stride(1), ksS = k.stride(2);
   const int64_t vsB = v.stride(0), vsH = v.stride(1), vsS = v.stride(2);
@@ -171,11 +176,11 @@ void attention_fwd_impl(const Problem& P, const at::Tensor& q, const at::Tensor&
       const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
       T* o = op + t.b * osB + h * osH + i * osS;
       const Acc* a = acc + r * D;
-      float* lo = lp + (t.b * P.Hq + h) * P.Sq + i;
+      lse_t<T>* lo = lp + (t.b * P.Hq + h) * P.Sq + i;
       if (l[r] != Acc(0)) {  // (NaN: a NaN reached the row; it propagates)
         const Acc inv = Acc(1) / l[r] * ex.inv_keep;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(a[d] * inv);
-        *lo = static_cast<float>((static_cast<double>(m[r]) + std::log2(static_cast<double>(l[r]))) * kLn2);
+        *lo = static_cast<lse_t<T>>((static_cast<double>(m[r]) + std::log2(static_cast<double>(l[r]))) * kLn2);
       } else {
         for (int64_t d = 0; d < D; ++d) o[d] = T(0);
         *lo = kNegInf;
@@ -260,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const ExtraArgs xa = extra_args(P, q.scalar_type(), rel_bias, dropout_p, dropout_seed);
   // out in q's memory order (see new_output_bhsd), like flash-attn's (B, S, H, D) output
   at::Tensor out = cpu::new_output_bhsd({P.B, P.Hq, P.Sq, P.D}, q.scalar_type(), q_);
-  at::Tensor lse = at::empty({P.B, P.Hq, P.Sq}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({P.B, P.Hq, P.Sq}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (out.numel() == 0) return {out, lse};
   auto run = [&](auto tag, const at::Tensor& qq, const at::Tensor& kk, const at::Tensor& vv, at::Tensor& oo) {
     using T = decltype(tag);
@@ -312,7 +317,7 @@ struct BwdCtx {
   Acc qk_alpha, scale;
   const T *q, *k, *v, *dout, *out;
   int64_t qsB, qsH, qsS, ksB, ksH, ksS, vsB, vsH, vsS, dsB, dsH, dsS, osB, osH, osS;
-  const float* lse;  // (B, Hq, Sq) contiguous
+  const lse_t<T>* lse;  // (B, Hq, Sq) contiguous
 };
 
 // The key a row sees when it sees exactly one, else -1 (none, or several). Such a row's
@@ -387,7 +392,7 @@ void bwd_tile(const BwdCtx<T>& c, BwdState<T>& st, const Tile& t, int64_t L0, in
     if (r + kAhead < R) prefetch_rows(r + kAhead);
     const int64_t h = t.h0 + r / nr, i = t.i0 + r % nr;
     const int64_t idx = (t.b * P.Hq + h) * P.Sq + i;
-    const float l = c.lse[idx];
+    const lse_t<T> l = c.lse[idx];
     st.ri[r].lse2 = std::isinf(l) && l < 0 ? -std::numeric_limits<Acc>::infinity() : static_cast<Acc>(l * kLog2e);
     // delta = rowsum(dO * O), in the accumulation precision (one-key rows: see below)
     st.ri[r].delta = c.rows.dot(c.dout + t.b * c.dsB + h * c.dsH + i * c.dsS,
@@ -495,7 +500,7 @@ void attention_bwd_impl(const Problem& P, const at::Tensor& dout, const at::Tens
   c.dsB = dout.stride(0), c.dsH = dout.stride(1), c.dsS = dout.stride(2);
   c.out = out.const_data_ptr<T>();
   c.osB = out.stride(0), c.osH = out.stride(1), c.osS = out.stride(2);
-  c.lse = lse.const_data_ptr<float>();
+  c.lse = lse.const_data_ptr<lse_t<T>>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
   const int64_t dksB = dk.stride(0), dksH = dk.stride(1), dksS = dk.stride(2);
@@ -640,7 +645,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     return {dq, dk, dv, drel};
   }
   // (no torch ops with intra-op threads in here: on a busy machine each one costs milliseconds)
-  const at::Tensor lse = lse_.scalar_type() == at::kFloat && lse_.is_contiguous() ? lse_ : lse_.to(at::kFloat).contiguous();
+  const at::ScalarType lse_dt = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor lse = lse_.scalar_type() == lse_dt && lse_.is_contiguous() ? lse_ : lse_.to(lse_dt).contiguous();
   const at::Tensor out = rows_unit(out_.to(q.scalar_type()));
   auto run = [&](auto tag, const at::Tensor& ddo, const at::Tensor& qq, const at::Tensor& kk, const at::Tensor& vv,
                  const at::Tensor& oo, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv) {

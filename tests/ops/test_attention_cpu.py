@@ -68,7 +68,7 @@ def check(B, Hq, Hkv, Sq, Sk, D, opts, dtypes=(f32, bf16, f16), kw_override=None
         assert torch.equal(torch.isinf(lse), empty)
         assert torch.all(out[empty] == 0)
         tol = 1e-5 if dtype == f32 else 2e-2
-        torch.testing.assert_close(lse[~empty], ref_lse[~empty], rtol=tol, atol=tol)
+        torch.testing.assert_close(lse[~empty], ref_lse[~empty].to(lse.dtype), rtol=tol, atol=tol)
         for name, a, r, b in zip("qkv", ours_in, ref_in, base_in):
             assert_close(f"d{name}[{dtype}]", a.grad, r.grad, b.grad, atol=ATOL[dtype])
 
@@ -242,3 +242,29 @@ def test_split_keys_forward(monkeypatch, splits, case):
     monkeypatch.setenv("TRUTHGPT_ATTN_BK", "16")
     B, Hq, Hkv, Sq, Sk, D, opts = CASES[case]
     check(B, Hq, Hkv, Sq, Sk, D, opts)
+
+
+def test_float64_gradients_are_float64_exact():
+    """float64 saves a float64 lse (it was float32 on every dtype, which left the backward's
+    recomputed P of a float64 call off by a float32 rounding: gradients ~1e-6 relative off,
+    the forward exact); dense and varlen against the reference's float64 backward."""
+    (q, k, v), kw = make_inputs(2, 4, 2, 37, 45, 16, {"causal": True, "alibi": "heads", "softcap": 5.0},
+                                torch.float64, "cpu")
+    grads = {}
+    for backend in ("cpu", "reference"):
+        ins = leaves((q, k, v), torch.float64)
+        out, lse = tk.attention(*ins, backend=backend, return_lse=True, **kw)
+        assert lse.dtype == torch.float64
+        out.backward(torch.ones_like(out))
+        grads[backend] = [t.grad for t in ins]
+    for a, b in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32)
+    for backend in ("cpu", "reference"):
+        ins = [t.detach()[0].transpose(0, 1).contiguous()[:37].requires_grad_() for t in (q, k, k)]
+        out, lse = tk.attention_varlen(*ins, cu, cu, 20, 20, causal=True, return_lse=True, backend=backend)
+        assert lse.dtype == torch.float64
+        out.backward(torch.ones_like(out))
+        grads[backend] = [t.grad for t in ins]
+    for a, b in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -26,7 +26,8 @@ def test_attention_matches_sdpa(causal, hkv):
     s = (q @ kr.transpose(-1, -2)) / 4.0
     if causal:
         s = s.masked_fill(torch.ones(33, 33, dtype=torch.bool).triu(1), -math.inf)
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1).float())
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).to(lse.dtype))
+    assert lse.dtype == R.lse_dtype(q.dtype)
 
 
 def test_attention_masks_match_sdpa_masks():

@@ -11,7 +11,7 @@ from .. import backends
 from ..validation import (check_attention_options, check_float, check_head_dim, check_int, check_rel_bias,
                           check_same_dtype, check_tensor)
 from .reference import alibi_slopes  # noqa: F401  (re-exported as tk.alibi_slopes)
-from .reference import rel_bias_by_distance
+from .reference import lse_dtype, rel_bias_by_distance
 
 
 @torch.library.custom_op("truthgpt::attention", mutates_args=())
@@ -20,7 +20,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, window_left: int
                  block_size: int, key_mask: Optional[Tensor], softcap: float,
                  rel_bias: Optional[Tensor], dropout_p: float, dropout_seed: Optional[Tensor],
                  backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (out (B,Hq,Sq,D) like q, lse float32 (B,Hq,Sq)). Arguments as normalised by
+    """Returns (out (B,Hq,Sq,D) like q, lse float32 (float64 for float64 q) (B,Hq,Sq)). Arguments as normalised by
     `attention` below (causal folded into window_right; rel_bias by distance (Hq, Sq+Sk-1))."""
     return backends.kernel("attention", backend, "fwd")(
         q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size,
@@ -30,7 +30,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, window_left: int
 @backends.register_fake(attention_op, "attention", "fwd")
 def _(q, k, v, scale, window_left, window_right, alibi_slopes, block_mask, block_size, key_mask,
       softcap, rel_bias, dropout_p, dropout_seed, backend):
-    return backends.empty_bhsd(q, q.shape, backend), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return backends.empty_bhsd(q, q.shape, backend), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("truthgpt::attention_backward", mutates_args=())

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import backends
 from ..validation import (check_attention_options, check_head_dim, check_int, check_same_dtype,
                           check_tensor)
+from .reference import lse_dtype
 
 
 def _check_lengths(name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str):
@@ -40,7 +41,7 @@ def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, c
                         max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                         window_right: int, alibi_slopes: Optional[Tensor], softcap: float,
                         backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (out (Tq, Hq, D) like q, lse float32 (Hq, Tq)); arguments as normalised by
+    """Returns (out (Tq, Hq, D) like q, lse float32 (float64 for float64 q) (Hq, Tq)); arguments as normalised by
     `attention_varlen` below (causal folded into window_right)."""
     _check_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     _check_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
@@ -52,7 +53,7 @@ def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, c
 @attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
       window_right, alibi_slopes, softcap, backend):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("truthgpt::attention_varlen_backward", mutates_args=())
@@ -102,7 +103,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     cu_seqlens_q / cu_seqlens_k int32 (B + 1,) cumulative lengths (0 first, total last),
     max_seqlen_q / max_seqlen_k at least the longest length. Per sequence the semantics of
     tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq)). Returns out
-    (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q) when return_lse."""
+    (total_q, Hq, D), or (out, lse) with lse float32 (float64 for float64 q) (Hq, total_q) when
+    return_lse."""
     Tq, Hq, D = check_tensor("q", q, ndim=3).shape
     check_tensor("k", k, ndim=3, device=q.device)
     check_tensor("v", v, ndim=3, device=q.device, shape=tuple(k.shape))

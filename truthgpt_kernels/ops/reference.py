@@ -17,6 +17,12 @@ import torch
 from torch import Tensor
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The attention ops' log-sum-exp: float32, float64 for float64 inputs (so the backward's
+    recomputed probabilities of a float64 call are float64-exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -188,7 +194,7 @@ def _attention(q, k, v, *, causal, scale, alibi_slopes, window, block_mask, bloc
     if keep is not None:
         p = torch.where(keep, p / (1 - dropout_p), 0.0)
     out = torch.where(any_visible, p @ vf, 0.0).to(q.dtype)  # (0 even if a masked v is NaN)
-    lse = torch.where(any_visible, lse, float("-inf")).squeeze(-1).to(torch.float32)
+    lse = torch.where(any_visible, lse, float("-inf")).squeeze(-1).to(lse_dtype(q.dtype))
     return (out, lse) if return_lse else out
 
 
@@ -315,8 +321,8 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     gradients summed over the query heads sharing a kv head; the bias-by-distance gradient is
     dS summed along each diagonal (and over the batch).
 
-    P is recomputed here in the accumulation precision (the saved lse is float32: in float64
-    it would leave P off by a rounding). delta = rowsum(P * dP), from the very dP values the
+    P is recomputed here in the accumulation precision (a float32 lse, saved for the other
+    dtypes, would leave a float64 P off by a rounding). delta = rowsum(P * dP), from the very dP values the
     subtraction uses, instead of the equal rowsum(dO * O): so a row whose probability mass
     sits on one key (P == 1 there, 0 elsewhere) gets dS exactly 0, as the constant softmax of
     one key must, rather than the rounding difference of two dot products. NaN/Inf reach the
@@ -617,7 +623,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          window_left, window_right, alibi_slopes, softcap):
     """Packed sequences, each through attention_fwd: out like q (Tq, Hq, D), lse (Hq, Tq)."""
     out = torch.zeros_like(q)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
             slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
