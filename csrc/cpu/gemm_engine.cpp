@@ -169,6 +169,9 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight, const c10::
       !use_onednn_fp32()) {
     return at::linear(x, weight, bias);
   }
+  // oneDNN's linear reads the bias as dense memory: a strided or expanded (stride-0) bias would
+  // be read past its elements (silently wrong values, reads outside its storage)
+  if (biased && !bias->is_contiguous()) return onednn_linear(x, weight, bias->contiguous());
   return onednn_linear(x, weight, bias);
 }
 

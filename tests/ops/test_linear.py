@@ -168,6 +168,29 @@ def test_linear_float32_gemm_engines(monkeypatch, engine):
     assert_close(f"strided dx[{engine}]", dx, g64 @ w64, gy @ w)
     assert_close(f"strided dw[{engine}]", dw, g64.t() @ x64, gy.t() @ x)
     assert_close(f"strided db[{engine}]", db, g64.sum(0), gy.sum(0))
+    # a strided and an expanded (stride-0) bias: oneDNN reads a bias as dense memory (it used to
+    # get the view's storage: wrong values, and reads past a 1-element storage)
+    x = torch.randn(40, 32)
+    w = torch.randn(48, 32)
+    for b in (torch.randn(48, 2)[:, 0], torch.tensor(0.5).expand(48)):
+        assert not b.is_contiguous()
+        torch.testing.assert_close(tk.linear(x, w, b), F.linear(x, w, b))
+        torch.testing.assert_close(tk.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()),
+                                   F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()), rtol=2e-2, atol=5e-2)
+
+
+def test_linear_exports_with_dynamic_rows():
+    """torch.export / compile(dynamic=True) keep tk.linear's row count symbolic (torch.Size.numel
+    specialised it: exporting a model with a dynamic sequence length failed)."""
+    w = torch.randn(16, 8)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return tk.linear(x, w)
+    S = torch.export.Dim("S", min=2, max=64)
+    ep = torch.export.export(M(), (torch.randn(2, 10, 8),), dynamic_shapes={"x": {1: S}})
+    x = torch.randn(2, 23, 8)
+    torch.testing.assert_close(ep.module()(x), F.linear(x, w))
 
 
 def test_linear_gemm_engine_choice(monkeypatch):

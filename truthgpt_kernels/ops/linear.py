@@ -13,6 +13,7 @@ Two cases where torch's CPU GEMM leaves speed behind:
   in `tk.explain("linear", x, w)` and `TRUTHGPT_CPU_GEMM=auto|blas|onednn` overrides it).
 Otherwise the work is at::linear / at::mm. When a gradient may flow in float32 (elsewhere) /
 float64, or on a GPU, tk.linear is F.linear itself (torch's GEMM and autograd)."""
+import math
 import os
 from typing import Optional, Tuple
 
@@ -162,6 +163,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
             and not own_cpu_backward(x)):
         return F.linear(x, weight, bias)
     name = backends.select(FAMILY, backend, x)
-    rows = x.shape[:-1].numel()  # (not -1: K may be 0)
+    rows = math.prod(x.shape[:-1])  # (not -1: K may be 0; not Size.numel(), which specialises
+    # symbolic sizes: torch.export / compile(dynamic=True) would fix the row count)
     out = backends.call(linear_op, FAMILY, "fwd", name, x.reshape(rows, K), weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
