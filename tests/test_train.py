@@ -189,3 +189,10 @@ def test_cli_save_resume_and_report(tmp_path, capsys):
         assert "matplotlib is not installed" in out
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_train_rejects_arguments_it_would_ignore():
+    with pytest.raises(ValueError, match="parallel must be 'ddp' or 'fsdp'"):
+        train(tiny(), steps=1, parallel="bogus", **COMMON)
+    with pytest.raises(ValueError, match="seq_len sets the window of text data"):
+        train(tiny(), steps=1, seq_len=32, **COMMON)

@@ -350,6 +350,11 @@ def train(config: TransformerConfig, *, steps: int = 200, batch_size: int = 32, 
                     ("profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "grad_accum" else 0):
             raise ValueError(f"{name} must be an int >= {1 if name == 'grad_accum' else 0}, got {v!r}")
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    if seq_len is not None and data is None:
+        raise ValueError("seq_len sets the window of text data (data=...); the reversal task's "
+                         "length comes from n_digits")
     if config.model_type != "decoder":
         raise ValueError(f"train() trains decoder models; config.model_type is {config.model_type!r}")
     if config.vocab_size < ByteTokenizer.vocab_size:

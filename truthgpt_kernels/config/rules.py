@@ -7,6 +7,7 @@ allowed choices, then the rules that tie fields together (heads, windows, sparsi
 scaling), then the total parameter count.
 """
 import difflib
+import math
 import typing
 from dataclasses import fields
 from typing import Dict, List, Tuple, Union
@@ -223,12 +224,12 @@ def problems(cfg) -> List[Tuple[str, str]]:
                                                  f"{cfg.relative_max_distance}"))
     if ok("norm_eps") and not 0.0 < cfg.norm_eps < 1.0:
         out.append(("norm_eps", f"must lie in (0, 1), got {cfg.norm_eps}"))
-    for name in ("softcap", "moe_aux_loss_weight"):
-        if ok(name) and getattr(cfg, name) < 0:
-            out.append((name, f"must be >= 0, got {getattr(cfg, name)}"))
+    for name in ("softcap", "moe_aux_loss_weight"):  # (not x >= 0: NaN fails too)
+        if ok(name) and not 0 <= getattr(cfg, name) < math.inf:
+            out.append((name, f"must be finite and >= 0, got {getattr(cfg, name)}"))
     for name in ("rope_base", "init_std"):
-        if ok(name) and getattr(cfg, name) <= 0:
-            out.append((name, f"must be positive, got {getattr(cfg, name)}"))
+        if ok(name) and not 0 < getattr(cfg, name) < math.inf:
+            out.append((name, f"must be finite and positive, got {getattr(cfg, name)}"))
 
     if ok("window"):
         out += [("window", m) for m in _window_problems(cfg.window)]

@@ -193,7 +193,7 @@ class Transformer(nn.Module):
             where = f" at cache position {offset}" if offset else ""
             raise ValueError(f"{name}: sequence length {S}{where} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"{name}: token ids must lie in [0, {self.config.vocab_size}) "
@@ -505,8 +505,9 @@ def _compiled_decode_step(model: Transformer):
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
