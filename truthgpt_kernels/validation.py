@@ -79,6 +79,17 @@ def check_head_dim(name: str, d: int):
         raise ValueError(f"{name}: head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
 
 
+def autocast_qkv(q, k, v):
+    """(q, k, v) as F.scaled_dot_product_attention takes them under torch.autocast: float32
+    operands in the autocast dtype (the op is on autocast's lower-precision list), others as
+    they are."""
+    dev = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return q.to(dt), k.to(dt), v.to(dt)
+    return q, k, v
+
+
 def check_window(causal: bool, window) -> Tuple[int, int]:
     """(left, right) key offsets around a query's position, -1 = unbounded; causal means
     right <= 0."""

@@ -187,6 +187,27 @@ def test_attention_zero_sized(backend, shapes):
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_attention_autocast_dtype_like_sdpa(backend):
+    """Under torch.autocast float32 q/k/v run in the autocast dtype, as SDPA (on autocast's
+    lower-precision list) does; float64 stays; gradients reach the float32 leaves in float32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 9, 16, requires_grad=True) for _ in range(3))
+    for dt in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dt):
+            out = tk.attention(q, k, v, causal=True, backend=backend)
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            packed = tk.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                         torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32),
+                                         9, 9, causal=True, backend=backend)
+            assert tk.attention(q.double(), k.double(), v.double(), backend=backend).dtype == torch.float64
+        assert out.dtype == want.dtype == packed.dtype == dt
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(packed, out[0].transpose(0, 1), rtol=2e-2, atol=2e-2)
+        out.float().sum().backward()
+        assert q.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
 def test_attention_gradcheck_fp64(backend):
     (q, k, v), kw = make_inputs(1, 4, 2, 5, 7, 8, {"causal": True, "alibi": "batch_heads",
                                                   "key_mask": "random", "softcap": 3.0}, torch.float64, "cpu")

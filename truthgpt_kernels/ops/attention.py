@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import (check_attention_options, check_float, check_head_dim, check_int, check_rel_bias,
-                          check_same_dtype, check_tensor)
+from ..validation import (autocast_qkv, check_attention_options, check_float, check_head_dim, check_int,
+                          check_rel_bias, check_same_dtype, check_tensor)
 from .reference import alibi_slopes  # noqa: F401  (re-exported as tk.alibi_slopes)
 from .reference import lse_dtype, rel_bias_by_distance
 
@@ -99,6 +99,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     check_tensor("k", k, ndim=4, device=q.device)
     check_tensor("v", v, ndim=4, device=q.device, shape=tuple(k.shape))
     check_same_dtype("q", q, k=k, v=v)
+    q, k, v = autocast_qkv(q, k, v)
     Bk, Hkv, Sk, Dk = k.shape
     if Bk != B:
         raise ValueError(f"k and v must have the batch size of q ({B}), got {Bk}")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import (check_attention_options, check_head_dim, check_int, check_same_dtype,
+from ..validation import (autocast_qkv, check_attention_options, check_head_dim, check_int, check_same_dtype,
                           check_tensor)
 from .reference import lse_dtype
 
@@ -109,6 +109,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     check_tensor("k", k, ndim=3, device=q.device)
     check_tensor("v", v, ndim=3, device=q.device, shape=tuple(k.shape))
     check_same_dtype("q", q, k=k, v=v)
+    q, k, v = autocast_qkv(q, k, v)
     Tk, Hkv, Dk = k.shape
     if Dk != D:
         raise ValueError(f"k and v must have the head dim of q ({D}), got {Dk}")
