@@ -167,9 +167,9 @@ def composite_needed() -> bool:
     (torch.library's autograd raises under transforms, and a C++ kernel would drop tangents
     without a word), so then every op runs the "reference" backend as plain PyTorch code,
     which the transforms batch and differentiate themselves (select / call / apply)."""
-    if torch.compiler.is_compiling():
-        return False
-    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    if _forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active():
+        return False  # (the common case first: this runs on every op call)
+    return not torch.compiler.is_compiling()
 
 
 def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
