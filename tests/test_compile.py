@@ -170,3 +170,22 @@ def test_compile_fullgraph_multihead_attention_masks(kind, need_weights, monkeyp
     out.sum().backward()
     expected.sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_first_compiled_call_does_not_recompile():
+    """A fresh process whose first call of an op is a compiled one compiles once, not twice
+    (Dynamo guarded on the C++-kernel cache that its own trace filled)."""
+    import subprocess
+    import sys
+    code = ("import torch, truthgpt_kernels as tk\n"
+            "from torch._dynamo.testing import CompileCounterWithBackend\n"
+            "cnt = CompileCounterWithBackend('aot_eager')\n"
+            "w = torch.randn(16)\n"
+            "f = torch.compile(lambda x: tk.rms_norm(x, w) * 2, backend=cnt)\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(3):\n"
+            "        f(torch.randn(4, 16))\n"
+            "print(cnt.frame_count)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1", out.stdout

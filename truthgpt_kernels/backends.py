@@ -123,6 +123,8 @@ def kernel(family: str, name: str, which: str) -> Callable:
     """The `family_which` kernel ("fwd" or "bwd") of a concrete backend."""
     fn_name = f"{family}_{which}"
     if name in ("cpu", "cuda"):  # the same torch op object for the life of the process
+        if torch.compiler.is_compiling():  # (no cache in a traced call: Dynamo would guard on the
+            return getattr(torch.ops.truthgpt, fn_name).default  # cache filling and recompile)
         fn = _CPP_KERNELS.get((fn_name, name))
         if fn is None:
             fn = _CPP_KERNELS[(fn_name, name)] = getattr(torch.ops.truthgpt, fn_name).default
