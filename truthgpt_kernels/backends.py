@@ -130,11 +130,32 @@ def kernel(family: str, name: str, which: str) -> Callable:
             fn = _CPP_KERNELS[(fn_name, name)] = getattr(torch.ops.truthgpt, fn_name).default
         return fn
     if name == "reference":
-        from .ops import reference
-        return getattr(reference, fn_name)
+        if torch.compiler.is_compiling():
+            return _reference_kernel(fn_name)
+        fn = _CPP_KERNELS.get((fn_name, name))
+        if fn is None:
+            fn = _CPP_KERNELS[(fn_name, name)] = _reference_kernel(fn_name)
+        return fn
     if name == "triton":
         return getattr(_triton_module(family), fn_name)
     raise BackendError(f"no kernels for backend {name!r}")
+
+
+def _reference_kernel(fn_name: str) -> Callable:
+    """The reference backend's kernel `fn_name`, run with autocast off: like the C++ and Triton
+    kernels it computes in its own accumulation dtype (autocast would run its float32 products
+    in bfloat16; the ops' Python side applies autocast to their inputs first)."""
+    from .ops import reference
+    raw = getattr(reference, fn_name)
+
+    @functools.wraps(raw)
+    def run(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(dev):
+            return raw(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return raw(*args, **kwargs)
+    return run
 
 
 def packed_gated_bwd(family: str, name: str, grad: torch.Tensor, gate_up: torch.Tensor, *extra):
@@ -304,6 +325,14 @@ def _formulas(op):
         impl = getattr(op, "_init_fn", None)
         f = _FORMULAS[op] = _Formulas(op, impl, None, None) if callable(impl) else False
     return f
+
+
+def saveable(*tensors):
+    """The tensors, for ctx.save_for_backward: an inference-mode tensor (made under
+    torch.inference_mode, e.g. a batch from an inference-mode data pipeline) is cloned, since
+    autograd cannot save it, while torch's own composite ops (F.rms_norm, F.silu(g) * u) save
+    tensors derived from it and work. The common case costs one flag check per tensor."""
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:

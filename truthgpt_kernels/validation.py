@@ -53,11 +53,13 @@ def check_same_dtype(ref_name: str, ref: Tensor, **others: Optional[Tensor]):
             raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
-def check_int(name: str, value, *, minimum=None) -> int:
+def check_int(name: str, value, *, minimum=None, maximum=None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

@@ -15,9 +15,10 @@ inline void set_rel_and_dropout(Problem& pr, const at::Device& device, const std
                                 double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   if (rel_bias.has_value()) {
     const at::Tensor& r = *rel_bias;
+    const int64_t L = std::max<int64_t>(pr.Sq + pr.Sk - 1, 0);  // (0 when Sq = Sk = 0)
     TORCH_CHECK(r.device() == device && r.scalar_type() == at::kFloat && r.dim() == 2 && r.size(0) == pr.Hq &&
-                    r.size(1) == pr.Sq + pr.Sk - 1 && r.stride(1) == 1,
-                "truthgpt attention: rel_bias must be float32 (", pr.Hq, ", ", pr.Sq + pr.Sk - 1,
+                    r.size(1) == L && r.stride(1) == 1,
+                "truthgpt attention: rel_bias must be float32 (", pr.Hq, ", ", L,
                 ") with unit inner stride on ", device, ", got ", r.scalar_type(), " ", r.sizes(), " on ",
                 r.device());
     pr.rel = r.data_ptr<float>();

@@ -632,7 +632,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                 bm_keep, km_keep);
   plan_tiles(P);
   const ExtraArgs xa = extra_args(P, q.scalar_type(), rel_bias, dropout_p, dropout_seed);
-  at::Tensor drel = xa.rel.defined() ? at::zeros({P.Hq, P.Sq + P.Sk - 1}, xa.rel.options())
+  at::Tensor drel = xa.rel.defined() ? at::zeros({P.Hq, std::max<int64_t>(P.Sq + P.Sk - 1, 0)}, xa.rel.options())
                                      : at::empty({0}, q_.options().dtype(at::kFloat));
   // each gradient in its input's memory order (see new_output_bhsd)
   at::Tensor dq = cpu::new_output_bhsd({P.B, P.Hq, P.Sq, P.D}, q.scalar_type(), q_);

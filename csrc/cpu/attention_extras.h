@@ -47,8 +47,9 @@ ExtraArgs extra_args(const Problem& P, at::ScalarType qtype, const c10::optional
     const at::ScalarType want = qtype == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(rel_bias->scalar_type() == want, "attention (cpu): rel_bias must be ", want, " for ", qtype,
                 " inputs, got ", rel_bias->scalar_type());
-    TORCH_CHECK(rel_bias->dim() == 2 && rel_bias->size(0) == P.Hq && rel_bias->size(1) == P.Sq + P.Sk - 1,
-                "attention (cpu): rel_bias must have shape (Hq, Sq + Sk - 1) = (", P.Hq, ", ", P.Sq + P.Sk - 1,
+    const int64_t L = std::max<int64_t>(P.Sq + P.Sk - 1, 0);  // (0 when Sq = Sk = 0)
+    TORCH_CHECK(rel_bias->dim() == 2 && rel_bias->size(0) == P.Hq && rel_bias->size(1) == L,
+                "attention (cpu): rel_bias must have shape (Hq, Sq + Sk - 1) = (", P.Hq, ", ", L,
                 "), got ", rel_bias->sizes());
     a.rel = rel_bias->contiguous();
   }

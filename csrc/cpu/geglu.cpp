@@ -151,13 +151,19 @@ inline V tanh_gate(const V& g) {
 template <bool Tanh, bool Bwd, class V, class A>
 inline V gelu(const V& g, V* d) {
   if constexpr (Tanh) {
-    const V s = tanh_gate<V, A>(g);
+    // The tanh form is at its asymptotes beyond |g| = 12 (float) / 25 (double): gelu = 0 or g,
+    // gelu' = 0 or 1 in that precision. g is clamped there: float's saturating exp has a floor
+    // (s >= 4e-39, not 0) that g^3 in gelu' would multiply back up (gelu'(-1e13) = -0.9), and
+    // g^3 overflows to inf beyond 7e12 (inf * 0). A NaN stays NaN (vmax keeps its second).
+    const V c = V::set1(A(std::is_same_v<A, double> ? -25.0 : -12.0));
+    const V gc = V::zero() - vmax(c, V::zero() - vmax(c, g));
+    const V s = tanh_gate<V, A>(gc);
     if constexpr (Bwd) {
       const V one = V::set1(A(1));
-      const V k = V::fma(g * g, V::set1(A(6 * kSqrt2OverPi * kGeluCubic)), V::set1(A(2 * kSqrt2OverPi)));
-      *d = V::fma(g * s * (one - s), k, s);
+      const V k = V::fma(gc * gc, V::set1(A(6 * kSqrt2OverPi * kGeluCubic)), V::set1(A(2 * kSqrt2OverPi)));
+      *d = V::fma(gc * s * (one - s), k, s);
     }
-    return g * s;
+    return vmax(gc, g) * s;  // g above the clamp (s = 1 there), gc below it
   } else {
     V cdf, e;
     normal_cdf<V, A>(g, cdf, e);

@@ -293,7 +293,9 @@ void lce_rows(S* L, int64_t ld, const LceRowArgs<T>& a, int64_t i0, int64_t i1) 
     const T zt = to_acc<T>(z[t]);
     const T zterm = a.z_loss * lse * lse;
     a.zrows[i] = zterm;
-    a.loss[i] = lse - (1 - a.eps) * zt - a.eps / static_cast<T>(n) * sz + zterm;
+    // (the smoothing term only with smoothing: a -inf logit makes sz -inf, and 0 * -inf is NaN)
+    const T smooth = a.eps != 0 ? a.eps / static_cast<T>(n) * sz : T(0);
+    a.loss[i] = lse - (1 - a.eps) * zt - smooth + zterm;
     if (a.scale == nullptr) continue;
     // gradient, in place
     const T s = a.scale[i];

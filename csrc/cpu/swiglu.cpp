@@ -61,18 +61,28 @@ TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
 
 #include "cpu/gated_activation_kernels.h"
 
+// x clamped below at -100 (float) / -750 (double), where silu and its derivative are 0 in
+// that precision: float's saturating exp has a floor (sigmoid >= 4e-39, not 0) that a huge
+// negative x would multiply back up (silu(-1e38) = -0.4), and -inf * 0 is NaN. A NaN stays NaN.
+template <class V, class A>
+inline V silu_arg(const V& x) {
+  return vmax(V::set1(A(std::is_same_v<A, double> ? -750.0 : -100.0)), x);
+}
+
 template <>
 struct GatedAct<SiluKey> {
   template <class V, class A>
   static V fwd(const V& x) {
-    return x * V::sigmoid(x);
+    const V xc = silu_arg<V, A>(x);
+    return xc * V::sigmoid(xc);
   }
   template <class V, class A>
   static void bwd(const V& y, const V& x, const V& u, V& dg, V& du) {
     const V one = V::set1(A(1));
-    const V s = V::sigmoid(x);
-    du = y * x * s;
-    dg = y * u * s * V::fma(x, one - s, one);
+    const V xc = silu_arg<V, A>(x);
+    const V s = V::sigmoid(xc);
+    du = y * xc * s;
+    dg = y * u * s * V::fma(xc, one - s, one);
   }
 };
 

@@ -94,7 +94,8 @@ struct FloatVec {
   static FloatVec swap_pairs(FloatVec a) { return {_mm512_permute_ps(a.v, 0xB1)}; }
   float hsum() const { return _mm512_reduce_add_ps(v); }
   static FloatVec exp(FloatVec a) {
-    const __m512 x = _mm512_min_ps(_mm512_max_ps(a.v, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
+    // (vmaxps / vminps return their second operand when either is NaN: a NaN input stays NaN)
+    const __m512 x = _mm512_min_ps(_mm512_set1_ps(kExpHi), _mm512_max_ps(_mm512_set1_ps(kExpLo), a.v));
     const __m512 magic = _mm512_set1_ps(kRoundMagic);
     const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), magic), magic);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);

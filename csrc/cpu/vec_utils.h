@@ -559,7 +559,8 @@ struct FloatVec {
     return _mm_cvtss_f32(s);
   }
   static FloatVec exp(FloatVec a) {
-    const __m256 x = _mm256_min_ps(_mm256_max_ps(a.v, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+    // (vmaxps / vminps return their second operand when either is NaN: a NaN input stays NaN)
+    const __m256 x = _mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), a.v));
     const __m256 magic = _mm256_set1_ps(kRoundMagic);
     const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), magic), magic);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);

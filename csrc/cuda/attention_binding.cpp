@@ -181,11 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  auto drel = at::empty({rel_bias.has_value() ? q.size(1) * (q.size(2) + k.size(2) - 1) : 0},
+  const int64_t rel_len = std::max<int64_t>(q.size(2) + k.size(2) - 1, 0);
+  auto drel = at::empty({rel_bias.has_value() ? q.size(1) * rel_len : 0},
                         q.options().dtype(at::kFloat));
   p.drel = rel_bias.has_value() ? drel.data_ptr<float>() : nullptr;
   check_launch(attention_bwd(p, c10::cuda::getCurrentCUDAStream()), "attention_bwd");
-  return {dq, dk, dv, rel_bias.has_value() ? drel.view({q.size(1), q.size(2) + k.size(2) - 1}) : drel};
+  return {dq, dk, dv, rel_bias.has_value() ? drel.view({q.size(1), rel_len}) : drel};
 }
 
 }  // namespace

@@ -86,7 +86,9 @@ __global__ void __launch_bounds__(kThreads) lce_rows_kernel(int64_t V, LceRows a
   const float zterm = o.z_loss * lse * lse;
   if (threadIdx.x == 0) {
     a.zrows[row] = zterm;
-    a.loss[row] = lse - (1.f - eps) * zt - eps / static_cast<float>(V) * sz + zterm;
+    // (the smoothing term only with smoothing: a -inf logit makes sz -inf, 0 * -inf is NaN)
+    const float smooth = eps != 0.f ? eps / static_cast<float>(V) * sz : 0.f;
+    a.loss[row] = lse - (1.f - eps) * zt - smooth + zterm;
   }
   if (a.grad_scale == nullptr) return;
   __syncthreads();  // every thread has read z[t] before it is overwritten

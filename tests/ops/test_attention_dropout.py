@@ -128,6 +128,26 @@ def test_dropout_bad_input():
             tk.attention(q, q, q, dropout_p=p)
     with pytest.raises(ValueError, match="dropout_seed"):
         tk.attention(q, q, q, dropout_p=0.1, dropout_seed=-1)
+    with pytest.raises(ValueError, match="dropout_seed must be <= 18446744073709551615"):
+        tk.attention(q, q, q, dropout_p=0.1, dropout_seed=2 ** 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_64_bit_seeds(backend):
+    """Any 64-bit Philox key is a seed (2**63 and up raised an OverflowError-like ValueError
+    from int64 conversion); the mask is the reference's for the same 64 bits."""
+    device = device_for(backend)
+    B, H, Sq, Sk, p = 1, 2, 3, 37, 0.4
+    q = torch.zeros(B, H, Sq, 40, device=device)
+    k = torch.zeros(B, H, Sk, 40, device=device)
+    v = torch.eye(Sk, 40, device=device).expand(B, H, Sk, 40).contiguous()
+    masks = []
+    for seed in (2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1):
+        out = tk.attention(q, k, v, dropout_p=p, dropout_seed=seed, backend=backend)
+        keep = reference.dropout_keep_mask(seed, (B, H, Sq, Sk), p, device)
+        assert torch.equal(out[..., :Sk] > 0, keep), seed
+        masks.append(keep)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
 
 
 # ---- the C++ CPU kernel's own paths (csrc/cpu/attention.cpp)

@@ -119,6 +119,30 @@ def test_non_finite_inputs_propagate(monkeypatch, backend, rows, case, which, po
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_whose_visible_scores_are_all_minus_inf(backend, causal):
+    """-inf in q against positive keys: every visible score of the row is -inf, and the row is
+    one with no visible key (zeros, lse -inf), as in flash-attn's and SDPA's kernels, on every
+    backend (the reference gave NaN, the CPU kernel zeros); the other rows are untouched."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.randn(1, 2, 6, 16, generator=g), torch.randn(1, 2, 6, 16, generator=g)
+    k = torch.randn(1, 2, 6, 16, generator=g).abs()
+    q[0, 1, 2, 3] = float("-inf")
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), causal=causal, return_lse=True)
+    assert torch.all(ref[0, 1, 2] == 0) and ref_lse[0, 1, 2] == float("-inf")
+    fine = torch.ones(1, 2, 6, dtype=torch.bool)
+    fine[0, 1, 2] = False
+    for dtype in _dtypes(backend):
+        out, lse = tk.attention(*(x.to(dtype=dtype, device=device) for x in (q, k, v)), causal=causal,
+                                return_lse=True, backend=backend)
+        out, lse = out.cpu(), lse.cpu()
+        assert torch.all(out[0, 1, 2] == 0) and lse[0, 1, 2] == float("-inf"), dtype
+        tol = 1e-4 if dtype == f32 else 3e-2
+        torch.testing.assert_close(out[fine].double(), ref[fine], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_a_row_without_visible_keys_stays_zero(backend):
     """Causal with Sq > Sk: the first rows see no key; a NaN in their q, or in the v of a key
     that other rows of their tiles see, changes nothing: they output zeros, lse -inf."""

@@ -168,3 +168,29 @@ def test_geglu_bad_input():
     for bad in ("erf", "Tanh", None, True):
         with pytest.raises(ValueError, match="approximate must be one of 'tanh', 'none'"):
             tk.geglu(torch.randn(3, 4), torch.randn(3, 4), bad)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("approximate", FORMS)
+def test_geglu_cpu_huge_and_nan_gates(isa, approximate, monkeypatch):
+    """Gates far past exp's range: gelu and its derivative at their limits (0 below, g and 1
+    above), not the saturating exp's floor times g^3 (the tanh form's gelu'(-1e13) was -0.9,
+    gelu'(1e20) NaN); the tanh form gives 0 at -inf (torch: NaN); a NaN gate gives NaN in
+    the output and both gradients."""
+    list(gated_isa_inputs(isa, monkeypatch))  # sets TRUTHGPT_CPU_ISA, skips without the extension
+    big = [-1e38, -1e20, -1e13, -1e11, -3e3, 3e3, 1e11, 1e13, 1e20, 1e38]
+    if approximate == "tanh":
+        big = [-float("inf")] + big
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        g = torch.tensor(big + [float("nan")] * 3, dtype=dtype).requires_grad_()
+        u = torch.ones_like(g).requires_grad_()
+        out = tk.geglu(g, u, approximate=approximate, backend="cpu")
+        out.backward(torch.full_like(out, 0.5))
+        n = len(big)
+        pos = g.detach()[:n] > 0
+        gd = g.detach()[:n]
+        torch.testing.assert_close(out.detach()[:n], torch.where(pos, gd, 0.0), rtol=1e-2, atol=1e-30)
+        torch.testing.assert_close(g.grad[:n], torch.where(pos, 0.5, 0.0).to(dtype), rtol=1e-2, atol=1e-30)
+        torch.testing.assert_close(u.grad[:n], torch.where(pos, 0.5 * gd, 0.0), rtol=1e-2, atol=1e-30)
+        for name, t in (("out", out.detach()), ("dgate", g.grad), ("dup", u.grad)):
+            assert t[n:].isnan().all(), (dtype, name, t[n:])

@@ -442,3 +442,52 @@ def test_target_out_of_range(backend):
             tk.linear_cross_entropy(x, w, t, backend=backend)
         with pytest.raises(ValueError, match="target must hold class indices"):
             tk.linear_cross_entropy(x.requires_grad_(), w, t, reduction="none", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_inputs_like_pytorch(backend):
+    """A NaN in x, the weight or the bias: NaN in the loss and in exactly the gradients where
+    PyTorch has them (the CPU kernel's vector exp turned a NaN logit into 0, so its gradients
+    stayed finite); a -inf bias on a class (a class masked out of the softmax): a finite loss
+    equal to PyTorch's (0 * -inf in the unused label-smoothing term made it NaN)."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 5, 67, 50
+    x = torch.randn(N, d, generator=g, dtype=torch.float64).to(dev)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64).to(dev)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dev)
+    t = torch.tensor([32, 18, 49, 41, 22], device=dev)
+
+    def run(fn, xs, dtype, **kw):
+        ls = [leaf(v, dtype) for v in xs]
+        loss = fn(*ls, **kw)
+        loss.sum().backward()
+        return loss.detach(), [v.grad for v in ls]
+
+    def ours(x, w, b, **kw):
+        return tk.linear_cross_entropy(x, w, t, bias=b, backend=backend, **kw)
+
+    def theirs(x, w, b, **kw):
+        return F.cross_entropy(F.linear(x, w, b), t, **kw)
+
+    nan, ninf = float("nan"), float("-inf")
+    cases = {"x": (0, (0, 3), nan), "weight": (1, (0, 0), nan), "bias": (2, (0,), nan),
+             "bias -inf": (2, (26,), ninf)}
+    for dtype in _dtypes(backend):
+        for name, (which, idx, val) in cases.items():
+            xs = [x.clone(), w.clone(), b.clone()]
+            xs[which][idx] = val
+            for kw in ({}, {"reduction": "none"}, {"label_smoothing": 0.1}):
+                got_loss, got = run(ours, xs, dtype, **kw)
+                ref_loss, ref = run(theirs, [v.to(dtype) for v in xs], torch.float64, **kw)
+                where = f"[{dtype} {name} {kw}]"
+                # (bfloat16: the logits and their gradient rounded to bfloat16 on the way; the
+                # point here is which values are NaN, and the finite ones staying right)
+                tol = dict(rtol=5e-2, atol=8e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got_loss.double(), ref_loss, **tol,
+                                           equal_nan=True, msg=lambda m: where + " loss: " + m)
+                for gname, a, r in zip(("dx", "dweight", "dbias"), got, ref):
+                    assert torch.equal(a.isnan(), r.isnan()), (where, gname, a.isnan().sum(), r.isnan().sum())
+                    fin = r.isfinite()
+                    torch.testing.assert_close(a.double()[fin], r[fin], **tol,
+                                               msg=lambda m: f"{where} {gname}: {m}")

@@ -49,7 +49,7 @@ def _(grad, grad_residual, h, weight, rstd, x_dtype, backend):
 
 def _setup(ctx, inputs, output):
     x, residual, weight, eps, backend = inputs
-    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.save_for_backward(*backends.saveable(output[1], weight, output[2]))
     ctx.x_dtype, ctx.backend = x.dtype, backend
     ctx.mark_non_differentiable(output[2])
 

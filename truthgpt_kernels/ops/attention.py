@@ -61,7 +61,7 @@ _REL = 11  # position of rel_bias in attention_op's inputs
 
 def _setup(ctx, inputs, output):
     q, k, v = inputs[:3]
-    ctx.save_for_backward(q, k, v, *output)
+    ctx.save_for_backward(*backends.saveable(q, k, v, *output))
     ctx.args = inputs[3:]  # scale .. softcap, rel_bias, dropout_p, dropout_seed, backend
     ctx.mark_non_differentiable(output[1])
 
@@ -132,8 +132,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     seed = None
     if dropout_p > 0:
-        seed = (torch.randint(0, 2 ** 62, (), dtype=torch.int64) if dropout_seed is None else
-                torch.tensor(check_int("dropout_seed", dropout_seed, minimum=0), dtype=torch.int64))
+        if dropout_seed is None:
+            seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+        else:  # any 64-bit Philox key; stored as the int64 of the same bits
+            key = check_int("dropout_seed", dropout_seed, minimum=0, maximum=2 ** 64 - 1)
+            seed = torch.tensor(key - 2 ** 64 if key >= 2 ** 63 else key, dtype=torch.int64)
     name = backends.select("attention", backend, q)
     out, lse = backends.call(attention_op, "attention", "fwd", name, q, k, v, scale, left, right,
                              alibi_slopes, block_mask, block_size, key_mask, softcap, rel_vec,

@@ -75,7 +75,7 @@ def _(grad_out, q, k, v, *args):
 
 def _setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k = inputs[:5]
-    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
+    ctx.save_for_backward(*backends.saveable(q, k, v, *output, cu_q, cu_k))
     ctx.args = inputs[5:]  # max_q, max_k, scale, window_left, window_right, alibi, softcap, backend
     ctx.mark_non_differentiable(output[1])
 

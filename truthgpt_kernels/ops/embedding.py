@@ -33,7 +33,7 @@ def _cpu_kernel(grad: Tensor, weight_shape) -> bool:
 
 def _setup(ctx, inputs, output):
     weight, indices, padding_idx = inputs
-    ctx.save_for_backward(indices)
+    ctx.save_for_backward(*backends.saveable(indices))
     ctx.weight_shape = tuple(weight.shape)
     ctx.padding_idx = padding_idx
 

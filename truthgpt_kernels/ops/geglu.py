@@ -33,7 +33,7 @@ def _(grad, gate, up, approximate, backend):
 
 def _setup(ctx, inputs, output):
     gate, up, approximate, backend = inputs
-    ctx.save_for_backward(gate, up)
+    ctx.save_for_backward(*backends.saveable(gate, up))
     ctx.approximate, ctx.backend = approximate, backend
 
 
@@ -70,7 +70,7 @@ def _(grad, gate_up, approximate, backend):
 
 def _setup_packed(ctx, inputs, output):
     gate_up, approximate, backend = inputs
-    ctx.save_for_backward(gate_up)
+    ctx.save_for_backward(*backends.saveable(gate_up))
     ctx.approximate, ctx.backend = approximate, backend
 
 

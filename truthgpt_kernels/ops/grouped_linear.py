@@ -50,7 +50,7 @@ def _(grad, x, weight, offsets, need_x, need_weight, backend):
 
 def _setup(ctx, inputs, output):
     x, weight, offsets, backend = inputs
-    ctx.save_for_backward(x, weight, offsets)
+    ctx.save_for_backward(*backends.saveable(x, weight, offsets))
     ctx.backend = backend
 
 

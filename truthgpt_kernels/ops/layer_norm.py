@@ -42,7 +42,7 @@ def _(grad, x, weight, bias, mean, rstd, backend):
 
 def _setup(ctx, inputs, output):
     x, weight, bias, eps, backend = inputs
-    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.save_for_backward(*backends.saveable(x, weight, bias, output[1], output[2]))
     ctx.backend, ctx.eps = backend, eps
     ctx.mark_non_differentiable(output[1], output[2])
 

@@ -54,7 +54,7 @@ def _(grad, x, weight, need_x, need_weight, need_bias, backend):
 
 def _setup(ctx, inputs, output):
     x, weight, bias, backend = inputs
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(*backends.saveable(x, weight))
     ctx.has_bias = bias is not None
     ctx.backend = backend
 
@@ -72,7 +72,7 @@ backends.register_autograd(linear_op, _backward, _setup)
 
 def _setup_backward(ctx, inputs, output):
     grad, x, weight, need_x, need_weight, need_bias, _backend = inputs
-    ctx.save_for_backward(grad, x, weight)
+    ctx.save_for_backward(*backends.saveable(grad, x, weight))
 
 
 def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias):

@@ -148,9 +148,9 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap, need_dweight, chunk_size, backend)
     if reduction == _NONE:
-        ctx.save_for_backward(x, weight, bias, target)
+        ctx.save_for_backward(*backends.saveable(x, weight, bias, target))
     else:
-        ctx.save_for_backward(dx, dw, db)
+        ctx.save_for_backward(*backends.saveable(dx, dw, db))
 
 
 def _scaled(saved: Tensor, grad: Tensor) -> Tensor:

@@ -99,11 +99,13 @@ def rel_bias_by_distance(rel_bias: Tensor, Sq: int, Sk: int, bidirectional: bool
     """The kernels' form of a T5 bias table: (Hq, Sq + Sk - 1) float32 with entry
     [h, j - i + Sq - 1] = rel_bias[h, bucket(j - i')], i' = i + Sk - Sq (bottom-right aligned
     like causal). A gather through a one-hot matrix, so its gradient (the kernels return the
-    gradient by distance) folds back into the buckets by a deterministic matmul."""
-    dist = torch.arange(Sq + Sk - 1, device=rel_bias.device) - (Sk - 1)  # j - i'
+    gradient by distance) folds back into the buckets by a deterministic matmul, in the
+    table's dtype also under autocast (a gather must not round the table to bfloat16)."""
+    dist = torch.arange(max(Sq + Sk - 1, 0), device=rel_bias.device) - (Sk - 1)  # j - i'
     bucket = t5_relative_bucket(dist, bidirectional, num_buckets, max_distance)
     onehot = torch.nn.functional.one_hot(bucket, num_buckets).to(rel_bias.dtype)  # (L, nb)
-    return rel_bias @ onehot.T
+    with torch.autocast(rel_bias.device.type, enabled=False):
+        return rel_bias @ onehot.T
 
 
 # Philox4x32-10 in int64 tensor arithmetic: the stream of csrc/common/philox.h, bit for bit.
@@ -187,8 +189,9 @@ def _attention(q, k, v, *, causal, scale, alibi_slopes, window, block_mask, bloc
                                block_mask=block_mask, block_size=block_size,
                                key_mask=key_mask, device=q.device)
     s = s.masked_fill(~vis, float("-inf"))
-    any_visible = vis.any(-1, keepdim=True).expand(B, Hq, Sq, 1)
-    # rows with no visible key: lse = -inf, output 0, zero gradients (never NaN)
+    # rows with no visible key, or whose every visible score is -inf (an -inf in q; a NaN
+    # counts as seen): lse = -inf, output 0, zero gradients, as flash-attn's and SDPA's kernels
+    any_visible = (s != float("-inf")).any(-1, keepdim=True)
     lse = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
     p = torch.exp(s - lse)  # exactly 0 where masked
     if keep is not None:
@@ -208,7 +211,9 @@ def _bias_matrix_grad(ds: Tensor, Sq: int, Sk: int) -> Tensor:
     """Adjoint of _bias_matrix: (B, Hq, Sq, Sk) -> (Hq, Sq + Sk - 1), the sum of each diagonal
     over the batch and the rows, in a fixed order (a skewed view: no scatter, no atomics)."""
     x = ds.sum(0)  # (Hq, Sq, Sk)
-    Hq, L = x.shape[0], Sq + Sk - 1
+    Hq, L = x.shape[0], max(Sq + Sk - 1, 0)
+    if Sq == 0 or Sk == 0:
+        return x.new_zeros(Hq, L)
     y = x.new_zeros(Hq, Sq, L)
     y.as_strided((Hq, Sq, Sk), (Sq * L, L - 1, 1), storage_offset=Sq - 1).copy_(x)
     return y.sum(1)
@@ -346,7 +351,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
                                block_mask=block_mask, block_size=block_size,
                                key_mask=key_mask, device=q.device).expand(B, Hq, Sq, Sk)
     s = s.masked_fill(~vis, float("-inf"))
-    any_visible = vis.any(-1, keepdim=True)
+    any_visible = (s != float("-inf")).any(-1, keepdim=True)  # (as the forward's)
     lse_acc = torch.logsumexp(torch.where(any_visible, s, 0.0), dim=-1, keepdim=True)
     p = torch.where(vis, torch.exp(s - lse_acc), 0.0)
     dp = do @ vr.transpose(-1, -2)
@@ -512,7 +517,8 @@ def linear_cross_entropy_fwd(x, weight, bias, target, grad_scale, ignore_index, 
     zt = z.gather(1, t[:, None])[:, 0]
     eps = label_smoothing
     zrow = torch.where(valid, z_loss * lse * lse, 0.0)
-    loss = torch.where(valid, lse - (1 - eps) * zt - eps / V * z.sum(-1), 0.0) + zrow
+    smooth = eps / V * z.sum(-1) if eps != 0 else 0.0  # (a -inf logit: 0 * -inf would be NaN)
+    loss = torch.where(valid, lse - (1 - eps) * zt - smooth, 0.0) + zrow
     if grad_scale is None:
         return loss, zrow, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     g = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - eps / V

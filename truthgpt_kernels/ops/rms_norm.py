@@ -33,7 +33,7 @@ def _(grad, x, weight, rstd, backend):
 
 def _setup(ctx, inputs, output):
     x, weight, eps, backend = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.save_for_backward(*backends.saveable(x, weight, output[1]))
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
 
@@ -66,7 +66,7 @@ class _Rstd(torch.autograd.Function):
 
 def _setup_backward(ctx, inputs, output):
     grad, x, weight, rstd, _backend = inputs
-    ctx.save_for_backward(grad, x, weight, rstd)
+    ctx.save_for_backward(*backends.saveable(grad, x, weight, rstd))
 
 
 def _double_backward(ctx, grad_dx, grad_dweight):

@@ -30,7 +30,7 @@ def _(grad, gate, up, backend):
 
 def _setup(ctx, inputs, output):
     gate, up, backend = inputs
-    ctx.save_for_backward(gate, up)
+    ctx.save_for_backward(*backends.saveable(gate, up))
     ctx.backend = backend
 
 
@@ -68,7 +68,7 @@ def _(grad, gate_up, backend):
 
 def _setup_packed(ctx, inputs, output):
     gate_up, backend = inputs
-    ctx.save_for_backward(gate_up)
+    ctx.save_for_backward(*backends.saveable(gate_up))
     ctx.backend = backend
 
 

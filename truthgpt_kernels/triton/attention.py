@@ -1003,7 +1003,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, scale, window_left, window_right,
     Hkv, Sk = k.shape[1], k.shape[2]
     rel_bias = _rel_contig(rel_bias)
     drel = (torch.empty(0, dtype=torch.float32, device=q.device) if rel_bias is None
-            else torch.zeros((Hq, Sq + Sk - 1), dtype=torch.float32, device=q.device))
+            else torch.zeros((Hq, max(Sq + Sk - 1, 0)), dtype=torch.float32, device=q.device))
     dq = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Sk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Sk, D), dtype=v.dtype, device=v.device)

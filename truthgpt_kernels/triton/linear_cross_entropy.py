@@ -58,7 +58,9 @@ def _lce_rows_kernel(L_ptr, ld, b_ptr, t_ptr, s_ptr, loss_ptr, zr_ptr, V, ignore
         zt = _softcapped(z_ptr, b_ptr, t, True, cap, HAS_BIAS, CAPPED)
         zterm = z_loss * lse * lse
         tl.store(zr_ptr + row, zterm)
-        tl.store(loss_ptr + row, lse - (1.0 - eps) * zt - eps / V * sz + zterm)
+        # (the smoothing term only with smoothing: a -inf logit makes sz -inf, 0 * -inf is NaN)
+        smooth = tl.where(eps != 0.0, eps / V * sz, 0.0)
+        tl.store(loss_ptr + row, lse - (1.0 - eps) * zt - smooth + zterm)
         if GRAD:
             s = tl.load(s_ptr + row).to(tl.float32)
             coef = s * (1.0 + 2.0 * z_loss * lse)
