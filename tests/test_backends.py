@@ -54,6 +54,11 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 def test_cuda_backend_on_cpu_tensors_says_why():
     with pytest.raises(tk.BackendError, match="backend 'cuda' is unavailable: .*"):
         tk.swiglu(torch.randn(2, 4), backend="cuda")
+    # ... and which backends could serve the call (README, Backend selection)
+    cpu = ["cpu"] if tk.available_backends()["cpu"]["available"] else []
+    with pytest.raises(tk.BackendError, match=r"backends that can serve this call: \[.*'reference'\]") as e:
+        tk.swiglu(torch.randn(2, 4), backend="cuda")
+    assert all(f"'{b}'" in str(e.value) for b in cpu)
 
 
 def test_backend_device_and_dtype_mismatch_errors(monkeypatch):
@@ -75,7 +80,7 @@ def test_backend_device_and_dtype_mismatch_errors(monkeypatch):
 def test_backend_without_kernel_names_those_that_have_one(monkeypatch):
     monkeypatch.setattr(backends, "implements", lambda family, name: name == "reference")
     backends._resolve.cache_clear()
-    with pytest.raises(tk.BackendError, match=r"has no swiglu kernel; backends with one here: \['reference'\]"):
+    with pytest.raises(tk.BackendError, match=r"has no swiglu kernel; backends that can serve this call: \['reference'\]"):
         tk.swiglu(torch.randn(2, 4), backend="cpu")
 
 

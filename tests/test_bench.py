@@ -328,3 +328,23 @@ def test_run_case_times_cpu_impls_round_robin():
     assert r["impls"]["ours"]["max_err"] == 0.0
     assert "late failure" in r["impls"]["flaky"]["error"] and "median_ms" not in r["impls"]["flaky"]
     assert r["speedup"]["base"] > 0
+
+
+def test_git_commit_only_of_this_checkout(monkeypatch, tmp_path):
+    """An installed copy inside some other git repository (a venv in the user's project) reports
+    no commit, not that repository's HEAD; a checkout of this project reports its own."""
+    import shutil
+    import subprocess
+
+    from truthgpt_kernels.bench import report
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    pkg = tmp_path / "venv" / "site-packages" / "truthgpt_kernels" / "bench"
+    pkg.mkdir(parents=True)
+    (pkg / "report.py").write_text("")
+    subprocess.run(git + ["-C", str(tmp_path), "add", "-A"], check=True)
+    subprocess.run(git + ["-C", str(tmp_path), "commit", "-q", "-m", "x"], check=True)
+    monkeypatch.setattr(report, "__file__", str(pkg / "report.py"))
+    assert report._git_commit() is None

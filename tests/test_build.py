@@ -64,3 +64,21 @@ def test_shipped_extension_holds_no_test_code():
             "print(hasattr(torch.ops.truthgpt_test, 'attention_host_fwd'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_sdist_holds_every_source_and_header(tmp_path):
+    """An sdist made without CUDA (TRUTHGPT_BUILD_CUDA=0) still holds every C++/CUDA source and
+    header, so that it builds elsewhere (before MANIFEST.in it held no header at all)."""
+    import glob
+    import tarfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRUTHGPT_BUILD_CUDA="0")
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=root, env=env,
+                   capture_output=True, check=True, timeout=600)
+    (tarball,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(tarball) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    sources = {os.path.relpath(p, root) for ext in ("h", "cuh", "cu", "cpp")
+               for p in glob.glob(os.path.join(root, "csrc", "**", f"*.{ext}"), recursive=True)}
+    assert sources and not sources - names, sorted(sources - names)
+    assert {"README.md", "DESIGN.md", "setup.py", "pyproject.toml"} <= names

@@ -248,6 +248,14 @@ def test_unknown_keys_and_presets_with_hints():
         C.from_dict(["n_heads", 4])
 
 
+def test_unknown_keys_and_bad_values_reported_together():
+    """Every problem at once (README): an unknown key no longer hides the known keys' bad values."""
+    with pytest.raises(ConfigError) as info:
+        C.from_yaml("n_layer: 3\nd_model: -1\nposition: rop\n")
+    assert set(info.value.fields) == {"n_layer", "d_model", "position"}
+    assert str(info.value).startswith("invalid TransformerConfig (3 problems)")
+
+
 def test_validation_runs_before_allocation():
     from truthgpt_kernels.modules import Transformer
     with pytest.raises(ConfigError, match="absurdly large"):

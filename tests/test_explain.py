@@ -166,6 +166,11 @@ def test_cli(capsys, tmp_path):
     assert main(["explain", "--config", "configs/tiny.yaml", "--json", "--dtype", "bfloat16"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["dtype"] for r in rows} == {"bfloat16"} and rows[0]["op"] == "attention"
+    assert main(["explain", "--config", "configs/tiny.yaml", "--json", "--dtype", "bf16"]) == 0  # bench's aliases
+    assert {r["dtype"] for r in json.loads(capsys.readouterr().out)} == {"bfloat16"}
+    for bad_dtype in ("int8", "bogus"):  # (a traceback / silently accepted before)
+        assert main(["explain", "--config", "configs/tiny.yaml", "--dtype", bad_dtype]) == 2
+        assert f"--dtype {bad_dtype!r} is not a float dtype" in capsys.readouterr().err
     assert main(["explain", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not a file" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"

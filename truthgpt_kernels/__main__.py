@@ -110,12 +110,19 @@ def cmd_explain(args):
     from truthgpt_kernels.config import ConfigError
     from truthgpt_kernels.explain import explain
 
+    from truthgpt_kernels.bench import canonical_dtype
+
     if not os.path.isfile(args.config):
         print(f"error: --config {args.config!r} is not a file", file=sys.stderr)
         return 2
+    dtype = canonical_dtype(args.dtype) if args.dtype else None
+    if args.dtype and dtype is None:
+        print(f"error: --dtype {args.dtype!r} is not a float dtype; choose from float32 (fp32), "
+              "bfloat16 (bf16), float16 (fp16), float64 (fp64)", file=sys.stderr)
+        return 2
     try:
         result = explain(args.config, device=args.device, batch_size=args.batch_size, seq_len=args.seq_len,
-                         dtype=getattr(torch, args.dtype) if args.dtype else None)
+                         dtype=getattr(torch, dtype) if dtype else None)
     except (ConfigError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -241,20 +241,26 @@ def decide(family: str, name: str, device_type: str, dtype: torch.dtype) -> Tupl
                 return cand, tuple(skipped)
             skipped.append((cand, why))
         return "reference", tuple(skipped)
+    def servers():  # the backends that could serve this call instead
+        return [b for b in BACKENDS if b != name and not unavailable_reason(b) and _runs_on(b, device)
+                and implements(family, b) and dtype in DTYPES[b]]
+
     reason = unavailable_reason(name)
     if reason:
-        raise BackendError(f"backend {name!r} is unavailable: {reason}")
+        raise BackendError(f"backend {name!r} is unavailable: {reason}; backends that can serve "
+                           f"this call: {servers()}")
     if not _runs_on(name, device):
         need = {"cpu": "CPU tensors", "cuda": "CUDA tensors",
                 "triton": "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"}[name]
-        raise BackendError(f"backend {name!r} needs {need}, but the inputs are on {device}")
+        raise BackendError(f"backend {name!r} needs {need}, but the inputs are on {device}; "
+                           f"backends that can serve this call: {servers()}")
     if not implements(family, name):
-        have = [b for b in BACKENDS if not unavailable_reason(b) and implements(family, b)]
-        raise BackendError(f"backend {name!r} has no {family} kernel; backends with one here: {have}")
+        raise BackendError(f"backend {name!r} has no {family} kernel; backends that can serve "
+                           f"this call: {servers()}")
     if dtype not in DTYPES[name]:
         takes = [str(d).replace("torch.", "") for d in DTYPES[name]]
-        others = [b for b in BACKENDS if dtype in DTYPES[b] and b != name]
-        raise BackendError(f"backend {name!r} takes {takes}, got {dtype}; backends that take it: {others}")
+        raise BackendError(f"backend {name!r} takes {takes}, got {dtype}; backends that can serve "
+                           f"this call: {servers()}")
     return name, ()
 
 

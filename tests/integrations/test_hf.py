@@ -266,3 +266,17 @@ def test_apply_to_refuses_unsupported_transformers(version, monkeypatch):
 @pytest.mark.parametrize("version", ["4.53.3", "4.57.6", "5.3.0", "5.24.0", "5.24.1.dev0"])
 def test_version_check_compares_versions_not_strings(version):
     assert str(hf.check_transformers_version(version)) == version
+
+
+def test_output_attentions_from_the_config():
+    """A config built with output_attentions=True (transformers' test_attention_outputs): the
+    patched model returns the weights (transformers 5 passes output_attentions=None to the
+    attention function then; the weights came back as an empty tuple)."""
+    model = make("llama", "eager", output_attentions=True).float()
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask = left_padded()
+    got, exp = model(ids, attention_mask=mask), ref(ids, attention_mask=mask)
+    assert got.attentions is not None and len(got.attentions) == 2
+    for a, b in zip(got.attentions, exp.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

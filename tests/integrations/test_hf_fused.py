@@ -157,3 +157,22 @@ def test_patched_model_pickles_and_keeps_the_forward_signature():
     torch.testing.assert_close(out.loss.float(), exp.loss, rtol=1e-6, atol=1e-6)
     hf.revert(again)
     assert again(ids, labels=labels).logits is not None
+
+
+def test_fused_loss_forward_compiles_with_fullgraph():
+    """transformers' test_torch_compile_for_training: torch.compile(model, fullgraph=True) of a
+    patched training step (the fused loss's forward read dataclasses.fields, which Dynamo does
+    not trace: "dataclass fields failure"); loss and gradients equal eager."""
+    torch._dynamo.reset()
+    model = make("llama").float().train()
+    hf.apply_to(model)
+    ids, labels = batch()
+    eager = model(ids, labels=labels).loss
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = torch.compile(model, fullgraph=True)(ids, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")

@@ -87,3 +87,27 @@ def test_restarting_positions_with_a_padding_mask_are_not_packed(monkeypatch):
         exp = ref(ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
     assert calls == []
     torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_prefix_4d_mask_is_not_packed_documents(monkeypatch):
+    """transformers' test_custom_4d_attention_mask: three continuations of a shared prefix in
+    one row, position ids [0 1 2 3 3 3] and a float 4-D mask where each continuation sees the
+    prefix. The restarting positions are not separate documents (only a block-diagonal mask
+    is): the patched model equals the unpatched one, and the batch of the three sequences."""
+    calls = _spy(monkeypatch)
+    model = make()
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 14], [10, 11, 12, 15]])
+    shared = torch.cat([ids[0, :-1], ids[:, -1]])[None]
+    allowed = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                            [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1]])
+    mask = (allowed == 0).to(torch.float64)[None, None] * torch.finfo(torch.float64).min
+    pos = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    with torch.no_grad():
+        got = model(shared, attention_mask=mask, position_ids=pos).logits
+        exp = ref(shared, attention_mask=mask, position_ids=pos).logits
+        batch = model(ids, position_ids=torch.arange(4).expand(3, 4)).logits
+    assert calls == []
+    torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0, -3:], batch[:, -1], rtol=1e-6, atol=1e-6)

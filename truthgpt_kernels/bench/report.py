@@ -82,8 +82,16 @@ def machine_info(device: str) -> Dict[str, Any]:
 
 
 def _git_commit() -> Optional[str]:
+    """This checkout's commit; None for an installed copy (site-packages inside some other git
+    repository would otherwise report that repository's commit)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(here)
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if top.returncode != 0 or not os.path.isfile(os.path.join(top.stdout.strip(), "setup.py")) or \
+                os.path.realpath(os.path.join(top.stdout.strip(), "truthgpt_kernels")) != os.path.realpath(package):
+            return None
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,

@@ -15,6 +15,7 @@ MAX_REPS, MIN_REPS in timing.py, which also holds the timer and the number forma
 """
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import re
@@ -489,8 +490,10 @@ def cli(args) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.device == "cpu" and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton impls (if any) on the CPU
+    if args.device == "cpu" and not torch.cuda.is_available() and importlib.util.find_spec("numpy"):
+        # Triton impls (if any) on the CPU; Triton's interpreter needs numpy (the dev extra),
+        # which a plain install lacks: without it, no Triton rows, and everything else runs
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     load, load_warning = _busy_machine_warning() if args.device == "cpu" else (None, None)

@@ -168,7 +168,16 @@ class TransformerConfig:
         """Fields from a dict; an optional `preset` key names the base values."""
         if not isinstance(d, dict):
             raise ConfigError([("<config>", f"expected a mapping of fields, got {type(d).__name__}")])
-        return cls(**loading.resolve(d, cls.field_names()))
+        names = cls.field_names()
+        try:
+            return cls(**loading.resolve(d, names))
+        except ConfigError as e:
+            found = e.problems  # unknown keys (or preset): the known ones' values too, at once
+        try:
+            cls(**loading.resolve({k: v for k, v in d.items() if k in names or k == "preset"}, names))
+        except ConfigError as e:
+            found = found + [p for p in e.problems if p not in found]
+        raise ConfigError(found)
 
     @classmethod
     def from_json(cls, path_or_text: str) -> "TransformerConfig":

@@ -206,7 +206,7 @@ def _dead_rows(out, dead, module, query, key, value, kwargs, causal, window):
     return out.index_put((rows_b, order[real]), part[real].to(out.dtype))
 
 
-def _documents(query, key, attention_mask, kwargs):
+def _documents(query, key, attention_mask, kwargs, causal=True, window=None):
     """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when this call holds packed documents, else
     None. Two spellings: flash-attn's keyword arguments cu_seq_lens_q/k and max_length_q/k
     (one row, e.g. DataCollatorWithFlattening with return_flash_attn_kwargs=True), trusted as
@@ -232,12 +232,20 @@ def _documents(query, key, attention_mask, kwargs):
     pos = pos.expand(B, Sq)
     if not bool((pos[:, 1:] != pos[:, :-1] + 1).any()):
         return None
+    vis = _visible(attention_mask[..., -Sk:])
+    if vis.shape[1] != 1 or vis.shape[0] not in (1, B):
+        return None
     packed = Packed.from_position_ids(pos)
-    starts = packed.cu_seqlens[:-1].long()
-    starts = starts[starts % Sq != 0]  # documents that start inside a row
-    b, i = starts // Sq, starts % Sq
-    mask = attention_mask[..., -Sk:]
-    if bool(_visible(mask[b % mask.shape[0], 0, i, i - 1]).any()):
+    # the mask must be exactly the documents' block-diagonal pattern (with the layer's causal
+    # and window): a mask where a later document also sees a shared prefix (transformers'
+    # test_custom_4d_attention_mask: position ids [0 1 2 3 3 3]) is not packed documents
+    doc = torch.zeros(B * Sq, dtype=torch.int32, device=pos.device)
+    doc[packed.cu_seqlens[1:-1].long()] = 1
+    doc = doc.cumsum(0).view(B, Sq)
+    from ..ops.reference import attention_visibility
+    expected = (doc[:, :, None] == doc[:, None, :]) & attention_visibility(
+        1, 1, Sq, Sk, causal=causal, window=window, device=pos.device)[0]
+    if not torch.equal(vis[:, 0].expand(B, Sq, Sk), expected):
         return None
     return packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen
 
@@ -374,6 +382,16 @@ def _fallback_mask(key_mask, B, Sq, Sk, causal, window, device):
     return torch.nn.functional.pad(vis, (0, Sk - L), value=False)
 
 
+def _wants_weights(module, kwargs) -> bool:
+    """output_attentions of the call, else of the module's config: transformers 5 passes the
+    argument of a call, and None when the flag comes from the config (the weights are then
+    collected from the attention modules' outputs)."""
+    flag = kwargs.get("output_attentions")
+    if flag is None:
+        flag = getattr(getattr(module, "config", None), "output_attentions", False)
+    return bool(flag)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """transformers attention-function signature: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D);
@@ -391,14 +409,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             causal, window = pattern[0], _window(pattern[1])
         return _padding_attention(module, query, key, value, attention_mask, causal, window,
                                   scaling, softcap, fn_kwargs)
-    if kwargs.get("output_attentions", False):  # only the eager function returns weights
+    if _wants_weights(module, kwargs):  # only the eager function returns weights
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         return _run("eager", module, query, key, value, attention_mask, causal=causal,
                     window=window, **fn_kwargs)
     if torch.compiler.is_compiling():
         return _traced_4d(module, query, key, value, attention_mask, causal, window, scaling,
                           softcap, fn_kwargs)
-    docs = _documents(query, key, attention_mask, kwargs) if dropout == 0.0 else None
+    docs = _documents(query, key, attention_mask, kwargs, causal, window) if dropout == 0.0 else None
     if docs is not None:
         return _varlen(query, key, value, docs, causal, scaling, window, softcap), None
     key_mask = None
@@ -461,8 +479,9 @@ def _padding_attention(module, query, key, value, key_mask, causal, window, scal
     dropout = fn_kwargs["dropout"]
     if key_mask is not None and key_mask.shape[1] > Sk:  # not from padding_mask: its last Sk keys
         key_mask = key_mask[:, -Sk:]
-    if kwargs.get("output_attentions", False) or dropout != 0.0:
-        kind = "eager" if kwargs.get("output_attentions", False) else _replaced(module)
+    weights = _wants_weights(module, kwargs)
+    if weights or dropout != 0.0:
+        kind = "eager" if weights else _replaced(module)
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         mask = None
         # as transformers' sdpa mask: None only where sdpa's is_causal gives the pattern
@@ -705,10 +724,24 @@ def _causal_lm_forward(self, *args, skip_logits=None, **kwargs):
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    extra = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values") if name in fields}
+    extra = {name: getattr(outputs, name, None) for name in _CACHE_FIELDS or _cache_fields()}
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions, **extra)
+
+
+_CACHE_FIELDS = None  # (a tuple once set)
+
+
+def _cache_fields() -> tuple:
+    """The cache field of transformers' CausalLMOutputWithPast ("cache" in 5.x, before that
+    "past_key_values"), kept in _CACHE_FIELDS; apply_to calls this first, so that
+    torch.compile(fullgraph=True) of a patched forward reads a constant (dataclasses.fields
+    does not trace)."""
+    global _CACHE_FIELDS
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    _CACHE_FIELDS = tuple(name for name in ("cache", "past_key_values") if name in fields)
+    return _CACHE_FIELDS
 
 
 def _fusable_loss(model):
@@ -837,6 +870,7 @@ def _plan(model, config, model_type, fused_loss):
                     plan[kind].append((module, *got))
                 break
     if fused_loss and _fusable_loss(model):
+        _cache_fields()  # (now, outside any compiled region)
         plan["loss"].append((model, _causal_lm_forward, {"_truthgpt_signature_of": type(model).forward}))
     for kind in left:
         plan[kind] = []

@@ -86,7 +86,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
               return_lse: bool = False, backend: Optional[str] = None):
     """Attention over q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), SDPA layout, any strides.
-    Semantics: ../shared/DESIGN.md (bottom-right causal alignment, masks combine with AND,
+    Semantics: DESIGN.md (bottom-right causal alignment, masks combine with AND,
     rows with no visible key give zeros). Returns out, or (out, lse) with return_lse.
 
     rel_bias: T5 relative position bias, float32 (Hq, num_buckets), added to the score of

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every op: the executable spec (../shared/DESIGN.md).
+"""Pure-PyTorch reference of every op: the executable spec (DESIGN.md).
 
 Two layers:
 - the public-signature functions (`attention`, `alibi_slopes`, `rotary_cos_sin`,
