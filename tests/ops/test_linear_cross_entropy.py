@@ -21,6 +21,7 @@ from truthgpt_kernels import backends
 from truthgpt_kernels.ops import reference
 
 from ..helpers import assert_close, backend_params, device_for, leaf
+from .interpreter import bf16_rounding_known
 
 FAMILY = "linear_cross_entropy"
 BACKENDS = backend_params(FAMILY)
@@ -491,3 +492,45 @@ def test_non_finite_inputs_like_pytorch(backend):
                     fin = r.isfinite()
                     torch.testing.assert_close(a.double()[fin], r[fin], **tol,
                                                msg=lambda m: f"{where} {gname}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weights_like_torch(backend, reduction):
+    """ce_weight = F.cross_entropy's weight (Liger's ce_weight): rows scaled by the target's
+    weight, "mean" over the sum of the counted rows' weights; loss and every gradient against
+    torch's weighted cross-entropy in float64 (the DESIGN rule in the tested dtype), with
+    ignored rows, a bias and a softcap; the module takes it as a buffer."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(13, 24, 40, dev)
+    cw64 = torch.rand(40, dtype=torch.float64, device=dev) * 2 + 0.1
+    for dtype in _dtypes(backend):
+        for softcap in (0.0, 5.0):
+            x, w, b = (leaf(v, dtype) for v in (x64, w64, b64))
+            loss = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, logit_softcap=softcap,
+                                           ce_weight=cw64.to(dtype), chunk_size=4, backend=backend)
+            gy = torch.randn(loss.shape, dtype=torch.float64, device=dev) + 0.5
+            ins = {}
+            for name, dt in (("ref", torch.float64), ("base", dtype)):
+                rx, rw, rb = (leaf(v.to(dtype).to(dt)) for v in (x64, w64, b64))
+                z = F.linear(rx, rw, rb)
+                if softcap:
+                    z = softcap * torch.tanh(z / softcap)
+                out = F.cross_entropy(z, t, weight=cw64.to(dtype).to(dt), reduction=reduction)
+                out.backward(gy.to(dt))
+                ins[name] = (out, rx.grad, rw.grad, rb.grad)
+            loss.backward(gy.to(dtype))
+            tag = f"[{backend} {dtype} {reduction} cap={softcap}]"
+            with bf16_rounding_known(backend, dtype):
+                for i, (name, got) in enumerate((("loss", loss), ("dx", x.grad), ("dweight", w.grad),
+                                                 ("dbias", b.grad))):
+                    assert_close(name + tag, got, ins["ref"][i], ins["base"][i])
+    module = tk.modules.FusedLinearCrossEntropyLoss(reduction=reduction, ce_weight=cw64.float(), backend=backend)
+    assert "ce_weight" in dict(module.named_buffers())
+    torch.testing.assert_close(module(x64.float(), w64.float(), t, b64.float()),
+                               F.cross_entropy(F.linear(x64, w64, b64), t, weight=cw64, reduction=reduction).float(),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="ce_weight with label_smoothing"):
+        tk.linear_cross_entropy(x64, w64, t, ce_weight=cw64, label_smoothing=0.1, backend=backend)
+    with pytest.raises(ValueError, match="ce_weight"):
+        tk.linear_cross_entropy(x64, w64, t, ce_weight=cw64[:5], backend=backend)

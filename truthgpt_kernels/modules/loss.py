@@ -20,8 +20,10 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, z_loss: float = 0.0, logit_softcap: float = 0.0,
                  return_z_loss: bool = False, chunk_size: Optional[int] = None,
-                 loss_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+                 loss_dtype: Optional[torch.dtype] = None, ce_weight: Optional[Tensor] = None,
+                 backend: Optional[str] = None):
         super().__init__()
+        self.register_buffer("ce_weight", ce_weight)  # (as nn.CrossEntropyLoss's weight)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.logit_softcap = label_smoothing, z_loss, logit_softcap
         self.return_z_loss, self.chunk_size, self.backend = return_z_loss, chunk_size, backend
@@ -37,7 +39,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
             x, weight, target, bias=bias, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss,
             logit_softcap=self.logit_softcap, return_z_loss=self.return_z_loss,
-            chunk_size=self.chunk_size, loss_dtype=self.loss_dtype, backend=self.backend)
+            chunk_size=self.chunk_size, loss_dtype=self.loss_dtype, ce_weight=self.ce_weight,
+            backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "

@@ -223,7 +223,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
                          logit_softcap: float = 0.0, return_z_loss: bool = False,
                          chunk_size: Optional[int] = None, loss_dtype: Optional[torch.dtype] = None,
-                         backend: Optional[str] = None):
+                         ce_weight: Optional[Tensor] = None, backend: Optional[str] = None):
     """F.cross_entropy(F.linear(x, weight, bias), target, ignore_index=, reduction=,
     label_smoothing=) without materialising the (N, V) logits.
 
@@ -241,9 +241,33 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     transformers' ForCausalLMLoss computes from upcast logits; float64 stays float64).
     chunk_size: rows per chunk (default: one chunk's logits take about 64 MiB in float32 on
     GPUs; on the CPU 128 MiB in the dtype they are kept in, for bf16/fp16 at d > 1024
-    d / 512 x 64 MiB, at most 256 MiB). Gradients flow to x, weight and bias."""
+    d / 512 x 64 MiB, at most 256 MiB). Gradients flow to x, weight and bias.
+    ce_weight (V,): F.cross_entropy's `weight` (Liger's ce_weight), a float weight per class:
+    each row's loss (z-loss term included) is scaled by ce_weight[target], and "mean" divides
+    by the sum of those weights over the counted rows, as torch does; not with label_smoothing
+    (torch's weighted smoothing term needs every class's weight in the kernel). It runs the
+    rows' losses (reduction "none") and weights them: the backward recomputes the logits."""
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
            logit_softcap, chunk_size, loss_dtype)
+    if ce_weight is not None:
+        check_tensor("ce_weight", ce_weight, shape=(weight.shape[0],), device=x.device)
+        if label_smoothing:
+            raise ValueError("ce_weight with label_smoothing > 0 is not supported (torch's weighted "
+                             "smoothing term); use one or the other")
+        rows, zrows = linear_cross_entropy(
+            x, weight, target, bias=bias, ignore_index=ignore_index, reduction="none", z_loss=z_loss,
+            logit_softcap=logit_softcap, return_z_loss=True, chunk_size=chunk_size, loss_dtype=loss_dtype,
+            backend=backend)
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        valid = target != ignore_index
+        w = torch.where(valid, ce_weight.to(acc)[torch.where(valid, target, 0)], 0.0)
+
+        def reduce(r):
+            r = r.to(acc) * w
+            r = r if reduction == "none" else r.sum() if reduction == "sum" else r.sum() / w.sum()
+            return r.to(rows.dtype)
+        loss = reduce(rows)
+        return (loss, reduce(zrows)) if return_z_loss else loss
     if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32 == weight.dtype:
         dt = torch.get_autocast_dtype(x.device.type)
         if dt in _LOW:
