@@ -10,7 +10,7 @@ import sys
 
 # ---- build flags: each declared once, here (README lists them) --------------------
 BUILD_CUDA = os.environ.get("TRUTHGPT_BUILD_CUDA", "auto").lower()  # auto | 0 | 1
-CUDA_ARCHS = os.environ.get("TRUTHGPT_CUDA_ARCHS", "8.0;9.0")       # ';'-separated
+CUDA_ARCHS = os.environ.get("TRUTHGPT_CUDA_ARCHS", "8.0;9.0+PTX")  # ';'-separated; +PTX: also PTX (newer GPUs JIT it)
 DEBUG = os.environ.get("TRUTHGPT_DEBUG", "0") == "1"                # -O0 -g + ASan (CPU)
 CPU_NATIVE = os.environ.get("TRUTHGPT_CPU_NATIVE", "0") == "1"      # opt-in -march=native
 MAX_JOBS = os.environ.get("MAX_JOBS")                               # default: cores/memory
@@ -136,6 +136,8 @@ if WITH_CUDA:
     for arch in filter(None, (a.strip() for a in CUDA_ARCHS.split(";"))):
         num = arch.replace(".", "").replace("+PTX", "")
         arch_flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            arch_flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     ext_modules.append(
         CUDAExtension(
             "truthgpt_kernels._cuda",

@@ -157,3 +157,18 @@ def test_eager_fast_path_keeps_double_backward():
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: tk.linear(a, b, backend="reference"), (x, w))
+
+
+@pytest.mark.parametrize("archs,cc,ok", [
+    ("8.0;9.0+PTX", (8, 0), True), ("8.0;9.0+PTX", (8, 6), True), ("8.0;9.0+PTX", (8, 9), True),
+    ("8.0;9.0+PTX", (9, 0), True), ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (12, 0), True),
+    ("8.0;9.0+PTX", (7, 5), False), ("8.0;9.0", (10, 0), False), ("8.0;9.0", (12, 0), False),
+    ("9.0", (8, 0), False), ("9.0", (9, 0), True), ("8.6", (8, 0), False), ("", (8, 0), True)])
+def test_cuda_backend_needs_code_for_the_gpu(archs, cc, ok):
+    """"auto" must not pick a _cuda build without code for the GPU (SASS runs within its major
+    version, PTX on newer GPUs; sm_80 at least): it would fail every launch ("no kernel image")
+    instead of falling back to Triton."""
+    reason = backends.cuda_arch_reason(f"archs={archs}" if archs else "", cc)
+    assert (reason == "") == ok, reason
+    if not ok:
+        assert f"{cc[0]}.{cc[1]}" in reason

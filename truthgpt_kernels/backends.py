@@ -65,6 +65,30 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cuda_arch_reason(build_info: str, capability: Tuple[int, int]) -> str:
+    """'' when the _cuda build (its build info holds "archs=8.0;9.0+PTX", TRUTHGPT_CUDA_ARCHS)
+    has code for a GPU of compute `capability`, else why not: SASS for sm_XY runs on X.Y' with
+    Y' >= Y (the same major), PTX ("+PTX") JIT-compiles on any newer GPU; the kernels need
+    sm_80 (bf16 mma.sync) at least. Without this, "auto" picked _cuda on a B200, an RTX 50xx
+    or a T4 and every launch failed with "no kernel image is available"."""
+    cc = f"{capability[0]}.{capability[1]}"
+    if capability < (8, 0):
+        return f"the CUDA kernels need compute capability 8.0 or newer (this GPU: {cc})"
+    archs = next((part[len("archs="):] for part in build_info.split() if part.startswith("archs=")), None)
+    if not archs:
+        return ""  # (a build that does not say: trust it)
+    for arch in filter(None, (a.strip() for a in archs.split(";"))):
+        try:
+            major, minor = (int(v) for v in arch.replace("+PTX", "").split("."))
+        except ValueError:
+            continue
+        if (major == capability[0] and minor <= capability[1]) or (
+                arch.endswith("+PTX") and (major, minor) <= tuple(capability)):
+            return ""
+    return (f"_cuda was built for {archs} (TRUTHGPT_CUDA_ARCHS), which has no code for this GPU "
+            f"(compute {cc}); rebuild with TRUTHGPT_CUDA_ARCHS including {cc} or an older arch + '+PTX'")
+
+
 def unavailable_reason(name: str) -> str:
     """'' when the backend can run here, else why not."""
     if name == "reference":
@@ -75,7 +99,9 @@ def unavailable_reason(name: str) -> str:
         mod, why = _ext.load("_cuda")
         if mod is None:
             return f"the CUDA extension _cuda is {why}"
-        return "" if torch.cuda.is_available() else "no CUDA device is visible to torch"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
+        return cuda_arch_reason(why, torch.cuda.get_device_capability())
     if name == "triton":
         try:
             import triton  # noqa: F401
@@ -137,8 +163,28 @@ def kernel(family: str, name: str, which: str) -> Callable:
             fn = _CPP_KERNELS[(fn_name, name)] = _reference_kernel(fn_name)
         return fn
     if name == "triton":
-        return getattr(_triton_module(family), fn_name)
+        if torch.compiler.is_compiling():
+            return _on_tensor_device(getattr(_triton_module(family), fn_name))
+        fn = _CPP_KERNELS.get((f"{family}.{fn_name}", name))
+        if fn is None:
+            fn = _CPP_KERNELS[(f"{family}.{fn_name}", name)] = _on_tensor_device(
+                getattr(_triton_module(family), fn_name))
+        return fn
     raise BackendError(f"no kernels for backend {name!r}")
+
+
+def _on_tensor_device(fn: Callable) -> Callable:
+    """A Triton launcher run with its first tensor argument's CUDA device current: Triton
+    launches on the current device and its stream, so tensors on cuda:1 while cuda:0 is
+    current (a model split over GPUs in one process) would run on the wrong GPU."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or not t.is_cuda or t.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+    return run
 
 
 def _reference_kernel(fn_name: str) -> Callable:

@@ -7,3 +7,15 @@
 #else
 #define TG_HD inline
 #endif
+
+#include <cmath>
+
+namespace truthgpt {
+// tanh with ~1e-7 absolute error also under nvcc's --use_fast_math, which turns tanhf into the
+// hardware tanh.approx.f32 (~2^-11 relative: a softcap of 50 off by 0.025): 1 - 2 / (e^{2|x|} + 1)
+// with the sign restored (NaN stays NaN, +-inf gives +-1).
+TG_HD float tanh_precise(float x) {
+  const float e = expf(-2.f * fabsf(x));
+  return copysignf((1.f - e) / (1.f + e), x);
+}
+}  // namespace truthgpt

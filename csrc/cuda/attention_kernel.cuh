@@ -656,7 +656,13 @@ cudaError_t launch(Kernel kernel, int64_t blocks, int threads, size_t smem, cons
                    cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  // the tiles are sized for sm_80 / sm_90 (up to 160 KiB); sm_86 / sm_89 allow 99 KiB per block
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(optin)) return cudaErrorLaunchOutOfResources;  // (check_launch says why)
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
   return cudaGetLastError();

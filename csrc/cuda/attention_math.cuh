@@ -189,7 +189,7 @@ TG_HD float score(const Problem& p, float dot, float slope, int64_t i_abs, int64
   float s = p.scale * dot;
   float t = 0.f;
   if (p.softcap > 0.f) {
-    t = tanhf(s / p.softcap);
+    t = tanh_precise(s / p.softcap);  // (not tanhf: --use_fast_math makes it approximate)
     s = p.softcap * t;
   }
   *tanh_out = t;

@@ -27,7 +27,12 @@ inline at::Tensor as_rows(const at::Tensor& t) {
 inline Rows rows_of(const at::Tensor& t) { return Rows{const_cast<void*>(t.data_ptr()), t.stride(0)}; }
 
 inline void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, what, " CUDA launch failed: ", cudaGetErrorString(err),
+              err == cudaErrorLaunchOutOfResources
+                  ? " (this head dim and dtype need more shared memory per block than this GPU allows, e.g. "
+                    "head dim > 192 in 16-bit or > 96 in float32 on sm_86 / sm_89 (99 KiB); backend=\"triton\" "
+                    "serves the call)"
+                  : "");
 }
 
 }  // namespace truthgpt::cuda

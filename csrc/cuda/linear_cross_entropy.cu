@@ -6,6 +6,7 @@
 #include <cfloat>
 
 #include "common.cuh"
+#include "common/host_device.h"
 #include "linear_cross_entropy.h"
 
 namespace truthgpt::cuda {
@@ -49,7 +50,7 @@ template <typename T>
 __device__ __forceinline__ float logit(const T* z, const T* bias, int64_t j, float cap) {
   float y = to_float(z[j]);
   if (bias != nullptr) y += to_float(bias[j]);
-  return cap > 0.f ? cap * tanhf(y / cap) : y;
+  return cap > 0.f ? cap * tanh_precise(y / cap) : y;  // (not tanhf: --use_fast_math)
 }
 
 template <typename T>

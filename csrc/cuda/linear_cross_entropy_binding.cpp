@@ -17,7 +17,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     double label_smoothing, double z_loss, double softcap, bool need_dweight, int64_t chunk_size) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tgt = target.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  // (the row kernel reads the bias in the logits' dtype, x's: a float32 master bias beside
+  // bfloat16 x is rounded to it, as the weight is for the GEMMs)
+  const at::Tensor b = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : at::Tensor();
   const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(at::kFloat).contiguous() : at::Tensor();
   const LceOptions opts{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                         static_cast<float>(softcap)};

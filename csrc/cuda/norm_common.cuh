@@ -11,7 +11,11 @@
 namespace truthgpt::cuda::norm {
 namespace {
 
-constexpr size_t kSmemAccBytes = 48 * 1024;  // partial-sum accumulators in shared memory, at most
+// Partial-sum accumulators in shared memory, at most: the 48 KiB a launch may take without
+// opting in, less the backward kernels' static team-sum buffer (red[kMaxTeams * 32]): the
+// limit counts static and dynamic shared memory together (a 16-bit LayerNorm backward at
+// n = 768 asked for exactly 48 KiB of accumulators and failed to launch).
+constexpr size_t kSmemAccBytes = 48 * 1024 - rms::kMaxTeams * 32 * sizeof(float);
 
 // Sum of v over the tpr = blockDim.x threads of this thread's team (threadIdx.y), in a fixed
 // order. Every thread of the block must call it (it synchronises when a team spans warps).

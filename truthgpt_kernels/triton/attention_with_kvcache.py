@@ -99,7 +99,7 @@ def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, 
         page_size = k_cache.shape[1]
         kst = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
         vst = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
-        bt = block_table
+        bt = block_table.contiguous()  # (the kernel reads a row's entries at unit stride)
     else:  # (B, Hkv, S_max, D): page b of S_max slots
         page_size = k_cache.shape[2]
         kst = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
