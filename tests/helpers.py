@@ -93,3 +93,22 @@ def check_module_against_torch(ours, theirs, ref, x, params, *, param_atol=None)
     for name in params:
         assert_close(f"d{name}", getattr(ours, name).grad, getattr(ref, name).grad,
                      getattr(theirs, name).grad, atol=param_atol)
+
+
+def check_gated_limits(op, big, dtypes=(torch.float32, torch.bfloat16, torch.float64)):
+    """A gated activation op(gate, up) (SiLU / GELU forms) at gates far past exp's range: out,
+    dgate, dup at their limits (0 below, g and 1 above; up = 1, grad 0.5), and NaN in all three
+    for NaN gates (three of them after `big`)."""
+    for dtype in dtypes:
+        g = torch.tensor(list(big) + [float("nan")] * 3, dtype=dtype).requires_grad_()
+        u = torch.ones_like(g).requires_grad_()
+        out = op(g, u)
+        out.backward(torch.full_like(out, 0.5))
+        n = len(big)
+        gd = g.detach()[:n]
+        pos = gd > 0
+        torch.testing.assert_close(out.detach()[:n], torch.where(pos, gd, 0.0), rtol=1e-2, atol=1e-30)
+        torch.testing.assert_close(g.grad[:n], torch.where(pos, 0.5, 0.0).to(dtype), rtol=1e-2, atol=1e-30)
+        torch.testing.assert_close(u.grad[:n], torch.where(pos, 0.5 * gd, 0.0), rtol=1e-2, atol=1e-30)
+        for name, t in (("out", out.detach()), ("dgate", g.grad), ("dup", u.grad)):
+            assert t[n:].isnan().all(), (dtype, name, t[n:])
