@@ -154,3 +154,21 @@ def test_attention_64bit_offsets_cpu():
     dense = [t.clone() for t in (q, k, v)]
     expected = tk.attention(*dense, backend="cpu")
     assert torch.equal(out, expected)
+
+
+def test_ops_on_meta_tensors():
+    """Shape inference on meta tensors (no values): the ops give meta outputs of the right shape
+    (attention's autocast check asked torch.autocast about the meta device and raised)."""
+    import truthgpt_kernels as tk
+    m = "meta"
+    x, q = torch.randn(4, 8, device=m), torch.randn(1, 2, 4, 8, device=m)
+    for name, out, shape in [
+            ("rms_norm", tk.rms_norm(x), (4, 8)), ("add_rms_norm", tk.add_rms_norm(x, x)[0], (4, 8)),
+            ("layer_norm", tk.layer_norm(x), (4, 8)), ("swiglu", tk.swiglu(x, x), (4, 8)),
+            ("geglu", tk.geglu(x, x), (4, 8)), ("linear", tk.linear(x, torch.randn(3, 8, device=m)), (4, 3)),
+            ("attention", tk.attention(q, q, q, causal=True), (1, 2, 4, 8)),
+            ("linear_cross_entropy", tk.linear_cross_entropy(
+                x, torch.randn(10, 8, device=m), torch.zeros(4, dtype=torch.long, device=m)), ())]:
+        assert out.device.type == "meta" and tuple(out.shape) == shape, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast on for the CPU, not for meta)
+        assert tk.attention(q, q, q).dtype == torch.float32

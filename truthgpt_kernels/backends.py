@@ -196,8 +196,9 @@ def _reference_kernel(fn_name: str) -> Callable:
 
     @functools.wraps(raw)
     def run(*args, **kwargs):
+        from .validation import autocast_dtype
         dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-        if not torch.is_autocast_enabled(dev):
+        if autocast_dtype(dev) is None:
             return raw(*args, **kwargs)
         with torch.autocast(dev, enabled=False):
             return raw(*args, **kwargs)

@@ -81,13 +81,24 @@ def check_head_dim(name: str, d: int):
         raise ValueError(f"{name}: head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
 
 
+# Device types torch.autocast knows (torch.is_autocast_enabled raises for others, e.g. meta).
+AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu"})
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for tensors of `device_type`; None when autocast is off
+    there or does not know the device (meta tensors: shape inference runs as without it)."""
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def autocast_qkv(q, k, v):
     """(q, k, v) as F.scaled_dot_product_attention takes them under torch.autocast: float32
     operands in the autocast dtype (the op is on autocast's lower-precision list), others as
     they are."""
-    dev = q.device.type
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = autocast_dtype(q.device.type) if q.dtype == torch.float32 else None
+    if dt is not None:
         return q.to(dt), k.to(dt), v.to(dt)
     return q, k, v
 
@@ -142,7 +153,10 @@ def check_rel_bias(rel_bias: Tensor, rel_buckets, Hq: int, device, causal: bool)
 
 def check_class_targets(target: Tensor, num_classes: int, ignore_index: int):
     """Every target is a class in [0, num_classes) or ignore_index. Reads the values (a device
-    sync on GPUs), so kernels call it inside their op, where torch.compile does not trace."""
+    sync on GPUs), so kernels call it inside their op, where torch.compile does not trace.
+    Meta tensors (shape inference) have no values to check."""
+    if target.device.type == "meta":
+        return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import logs as _logs
 from ..ops.attention import attention
 from ..ops.linear import linear
+from ..validation import autocast_dtype
 
 
 def _project(module: nn.Linear, x: Tensor) -> Tensor:
@@ -198,7 +199,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 and not (causal and self.bias_k is not None)
                 # inputs of another dtype than the weights: torch's own result or exception
                 and (query.dtype == key.dtype == value.dtype == w.dtype
-                     or torch.is_autocast_enabled(query.device.type)))
+                     or autocast_dtype(query.device.type) is not None))
         if not fast:
             _logs.warn_once("multihead-fallback", _logs.MULTIHEAD_FALLBACK, need_weights, servable, logger="modules")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import TransformerConfig
 from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..validation import autocast_dtype
 from .attention import Attention, KVCache
 from .embeddings import (Embedding, LearnedPositionalEmbedding, RelativePositionBias,
                          SinusoidalPositionalEmbedding)
@@ -315,8 +316,8 @@ class Transformer(nn.Module):
         head = self.lm_head
         h2 = h.reshape(-1, h.shape[-1])
         weight, bias = head.weight, head.bias
-        if torch.is_autocast_enabled(h.device.type):  # GEMMs in its dtype, as F.linear under it
-            dt = torch.get_autocast_dtype(h.device.type)
+        dt = autocast_dtype(h.device.type)
+        if dt is not None:  # GEMMs in its dtype, as F.linear under it
             h2 = h2.to(dt)
             if weight.dtype != torch.float32:  # (a float32 weight stays: dW in float32)
                 weight = weight.to(dt)

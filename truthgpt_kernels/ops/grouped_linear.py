@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import check_same_dtype, check_tensor
+from ..validation import autocast_dtype, check_same_dtype, check_tensor
 
 FAMILY = "grouped_linear"
 
@@ -68,8 +68,8 @@ backends.register_autograd(grouped_linear_op, _backward, _setup)
 def _check_offsets(offsets: Tensor, rows: int) -> None:
     """Non-decreasing ends within [0, rows] (read on the host; not while compiling, where the
     values are not known: the kernel checks them again)."""
-    if offsets.numel() == 0 or torch.compiler.is_compiling():
-        return
+    if offsets.numel() == 0 or torch.compiler.is_compiling() or offsets.device.type == "meta":
+        return  # (meta tensors, shape inference: no values)
     o = offsets.detach().to("cpu", torch.int64)
     if int(o[0]) < 0 or bool((o[1:] < o[:-1]).any()) or int(o[-1]) > rows:
         raise ValueError(f"offsets must be non-decreasing group ends in [0, {rows}] (the rows of x), "
@@ -85,8 +85,8 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, *, backend: Optio
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int32, torch.int64), device=x.device,
                  shape=(weight.shape[0],))
     _check_offsets(offsets, x.shape[0])
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device.type)
+    if dt is not None:
         x, weight = x.to(dt), weight.to(dt)
     check_same_dtype("x", x, weight=weight)
     name = backends.select(FAMILY, backend, x)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, backends
-from ..validation import FLOAT_DTYPES, check_same_dtype, check_tensor
+from ..validation import FLOAT_DTYPES, autocast_dtype, check_same_dtype, check_tensor
 
 FAMILY = "linear"
 
@@ -154,8 +154,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     check_tensor("weight", weight, ndim=2, device=x.device, shape=(None, K))
     if bias is not None:
         check_tensor("bias", bias, ndim=1, device=x.device, shape=(weight.shape[0],))
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device.type)
+    if dt is not None:
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     check_same_dtype("x", x, weight=weight, bias=bias)

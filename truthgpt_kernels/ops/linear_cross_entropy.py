@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import check_float, check_int, check_same_dtype, check_tensor
+from ..validation import autocast_dtype, check_float, check_int, check_same_dtype, check_tensor
 from .reference import LCE_REDUCTIONS
 
 FAMILY = "linear_cross_entropy"
@@ -56,7 +56,7 @@ def _call_kernel(backend, x, weight, bias, *args):
         weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
     fn = backends.kernel(FAMILY, backend, "fwd")
-    if torch.is_autocast_enabled(x.device.type):  # the dtypes are decided: no casts inside
+    if autocast_dtype(x.device.type) is not None:  # the dtypes are decided: no casts inside
         with torch.autocast(x.device.type, enabled=False):
             loss, z, dx, dw, db = fn(x, weight, bias, *args)
     else:
@@ -268,8 +268,8 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
             return r.to(rows.dtype)
         loss = reduce(rows)
         return (loss, reduce(zrows)) if return_z_loss else loss
-    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32 == weight.dtype:
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device.type)
+    if dt is not None and x.dtype == torch.float32 == weight.dtype:
         if dt in _LOW:
             x = x.to(dt)
     name = backends.select(FAMILY, backend, x)
