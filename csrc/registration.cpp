@@ -42,7 +42,10 @@
 //   attention_with_kvcache: cache (B,Hkv,S_max,D), or paged (num_pages,page_size,Hkv,D) with
 //     block_table int32 (B,max_pages); cache_seqlens int32 (B,); k_new/v_new (B,Hkv,S_new,D) are
 //     written into k_cache/v_cache (mutated) at cache_seqlens first; window as attention with
-//     i' = i + L_b - Sq, L_b = cache_seqlens[b] + S_new. Returns out (B,Hq,Sq,D).
+//     i' = i + L_b - Sq, L_b = cache_seqlens[b] + S_new. cache_batch_idx int32 (B,) (contiguous
+//     cache only): sequence b uses cache row cache_batch_idx[b]; cache_leftpad int32 (B,): keys
+//     before cache_leftpad[b] are not attended. Returns out (B,Hq,Sq,D) and lse (B,Hq,Sq)
+//     (float32; float64 for float64), -inf for a row with no visible key.
 #include <torch/library.h>
 
 TORCH_LIBRARY(truthgpt, m) {
@@ -78,8 +81,9 @@ TORCH_LIBRARY(truthgpt, m) {
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
         "int window_left, int window_right, Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor, Tensor)");
   m.def("attention_with_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cache_seqlens, Tensor? block_table, Tensor? k_new, Tensor? v_new, float scale, "
-        "int window_left, int window_right, Tensor? alibi_slopes, float softcap) -> Tensor");
+        "Tensor cache_seqlens, Tensor? block_table, Tensor? k_new, Tensor? v_new, "
+        "Tensor? cache_batch_idx, Tensor? cache_leftpad, float scale, int window_left, "
+        "int window_right, Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor)");
   m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "

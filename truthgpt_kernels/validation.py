@@ -203,6 +203,43 @@ def check_kvcache_lengths(cache_seqlens: Tensor, block_table: Optional[Tensor], 
                              f"in [0, {num_pages})")
 
 
+def check_kvcache_rows(cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor],
+                       cache_rows: int, s_new: int, *, in_graph: bool = False):
+    """The values of flash-attn's two cache remappings: cache_batch_idx (sequence b uses cache row
+    cache_batch_idx[b]) within [0, cache_rows) and, when new tokens are written, no row twice (two
+    sequences would append into one row); cache_leftpad (the first key of sequence b) within
+    [0, cache_seqlens[b]]. Same reading rules as check_kvcache_lengths."""
+    if in_graph:
+        msg = (f"attention_with_kvcache: cache_batch_idx must hold distinct rows in [0, {cache_rows}) and "
+               "cache_leftpad values in [0, cache_seqlens]")
+        if cache_batch_idx is not None:
+            idx = cache_batch_idx.long()
+            torch._assert_async(((idx >= 0) & (idx < cache_rows)).all(), msg)
+            if s_new and idx.numel() > 1:
+                torch._assert_async((idx.sort().values.diff() != 0).all(), msg)
+        if cache_leftpad is not None:
+            pad = cache_leftpad.long()
+            torch._assert_async(((pad >= 0) & (pad <= cache_seqlens.long())).all(), msg)
+        return
+    if cache_batch_idx is not None:
+        idx = cache_batch_idx.long()
+        bad = (idx < 0) | (idx >= cache_rows)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cache_batch_idx[{b}] = {int(idx[b])} is not a row of k_cache/v_cache "
+                             f"(expected [0, {cache_rows}))")
+        if s_new and idx.unique().numel() != idx.numel():
+            raise ValueError("cache_batch_idx must not repeat a cache row when k_new/v_new are written "
+                             f"(two sequences would append into one row), got {idx.tolist()}")
+    if cache_leftpad is not None:
+        pad, lens = cache_leftpad.long(), cache_seqlens.long()
+        bad = (pad < 0) | (pad > lens)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"cache_leftpad[{b}] = {int(pad[b])} must lie in [0, cache_seqlens[{b}] = "
+                             f"{int(lens[b])}]")
+
+
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         want = ", ".join(repr(c) for c in choices)

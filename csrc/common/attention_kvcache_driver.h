@@ -3,7 +3,9 @@
 // (contiguous slice, or its pages through block_table) and run that device's dense attention
 // kernel (truthgpt::attention_fwd, reached through the dispatcher) on them. Bottom-right
 // alignment of the dense kernel puts query i at L_b - Sq + i, L_b = cache_seqlens[b] + S_new,
-// which is the op's contract. Inputs are validated in Python before any kernel runs
+// which is the op's contract; cache_leftpad[b] drops the first keys (the alignment counts from the
+// end, so it is unchanged), cache_batch_idx[b] picks the cache row of a contiguous cache. The
+// rows' lse comes from the dense kernel. Inputs are validated in Python before any kernel runs
 // (truthgpt_kernels/ops/attention_with_kvcache.py): shapes, dtypes, lengths within capacity,
 // block_table entries inside the page pool.
 #pragma once
@@ -11,6 +13,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -36,45 +39,54 @@ inline std::tuple<at::Tensor, at::Tensor> slots(const at::Tensor& block_table, i
   return {page, at::remainder(pos, page_size)};
 }
 
-inline at::Tensor fwd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                      const Opt& block_table, const Opt& k_new, const Opt& v_new, double scale, int64_t window_left,
-                      int64_t window_right, const Opt& alibi, double softcap) {
+inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                              const at::Tensor& cache_seqlens, const Opt& block_table,
+                                              const Opt& k_new, const Opt& v_new, const Opt& cache_batch_idx,
+                                              const Opt& cache_leftpad, double scale, int64_t window_left,
+                                              int64_t window_right, const Opt& alibi, double softcap) {
   static const auto dense =
       c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_fwd", "").typed<DenseFwd>();
   const bool paged = block_table.has_value();
   const std::vector<int64_t> lens = host_ints(cache_seqlens);
   const int64_t B = q.size(0), S_new = k_new.has_value() ? k_new->size(2) : 0;
   const int64_t page_size = paged ? k_cache.size(1) : 0;
+  std::vector<int64_t> rows(static_cast<size_t>(B)), leftpad(static_cast<size_t>(B), 0);
+  if (cache_batch_idx.has_value()) rows = host_ints(*cache_batch_idx);
+  else for (int64_t b = 0; b < B; ++b) rows[b] = b;
+  if (cache_leftpad.has_value()) leftpad = host_ints(*cache_leftpad);
   at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({B, q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
+                            q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = lens[b] + S_new;
+    const int64_t L = lens[b] + S_new, row = rows[b], lp = leftpad[b];
     if (S_new > 0) {  // append in place: (Hkv, S_new, D) rows at positions lens[b] ..
       if (paged) {
         auto [page, slot] = slots(*block_table, b, lens[b], S_new, page_size);
         k_cache.index_put_({page, slot}, k_new->select(0, b).transpose(0, 1));
         v_cache.index_put_({page, slot}, v_new->select(0, b).transpose(0, 1));
       } else {
-        k_cache.select(0, b).narrow(1, lens[b], S_new).copy_(k_new->select(0, b));
-        v_cache.select(0, b).narrow(1, lens[b], S_new).copy_(v_new->select(0, b));
+        k_cache.select(0, row).narrow(1, lens[b], S_new).copy_(k_new->select(0, b));
+        v_cache.select(0, row).narrow(1, lens[b], S_new).copy_(v_new->select(0, b));
       }
     }
-    if (L == 0 || q.size(2) == 0) continue;
+    if (L - lp <= 0 || q.size(2) == 0) continue;
     at::Tensor k, v;
     if (paged) {  // (L, Hkv, D) gathered from the pages -> (1, Hkv, L, D)
       const int64_t n_pages = (L + page_size - 1) / page_size;
       const at::Tensor pages = block_table->select(0, b).narrow(0, 0, n_pages).to(at::kLong);
-      k = k_cache.index_select(0, pages).flatten(0, 1).narrow(0, 0, L).transpose(0, 1).unsqueeze(0);
-      v = v_cache.index_select(0, pages).flatten(0, 1).narrow(0, 0, L).transpose(0, 1).unsqueeze(0);
+      k = k_cache.index_select(0, pages).flatten(0, 1).narrow(0, lp, L - lp).transpose(0, 1).unsqueeze(0);
+      v = v_cache.index_select(0, pages).flatten(0, 1).narrow(0, lp, L - lp).transpose(0, 1).unsqueeze(0);
     } else {
-      k = k_cache.narrow(0, b, 1).narrow(2, 0, L);
-      v = v_cache.narrow(0, b, 1).narrow(2, 0, L);
+      k = k_cache.narrow(0, row, 1).narrow(2, lp, L - lp);
+      v = v_cache.narrow(0, row, 1).narrow(2, lp, L - lp);
     }
     const Opt slopes = alibi.has_value() ? Opt(alibi->narrow(0, b, 1)) : Opt();
-    auto [o, lse] = dense.call(q.narrow(0, b, 1), k, v, scale, window_left, window_right, slopes, Opt(), 64, Opt(),
-                               softcap, Opt(), 0.0, Opt());
+    auto [o, l] = dense.call(q.narrow(0, b, 1), k, v, scale, window_left, window_right, slopes, Opt(), 64, Opt(),
+                             softcap, Opt(), 0.0, Opt());
     out.narrow(0, b, 1).copy_(o);
+    lse.narrow(0, b, 1).copy_(l.view({1, q.size(1), q.size(2)}));
   }
-  return out;
+  return {out, lse};
 }
 
 }  // namespace kvcache

@@ -1,9 +1,11 @@
 // Attention against a KV cache on the CPU (decoding and chunked prefill), contiguous or paged:
 // truthgpt::attention_with_kvcache_fwd. Semantics: truthgpt_kernels/ops/attention_with_kvcache.py.
 //
-// One kernel serves both layouts: a contiguous cache (B, Hkv, S_max, D) is addressed as one
-// "page" of S_max tokens per sequence (page b), a paged cache (num_pages, page_size, Hkv, D)
-// through block_table; keys are read as (page, slot, head) strides, so neither layout copies.
+// One kernel serves both layouts: a contiguous cache (B_cache, Hkv, S_max, D) is addressed as one
+// "page" of S_max tokens per sequence (page cache_batch_idx[b], or b), a paged cache (num_pages,
+// page_size, Hkv, D) through block_table; keys are read as (page, slot, head) strides, so neither
+// layout copies. Keys before cache_leftpad[b] are left out of each item's key range. Returns the
+// output and the rows' logsumexp (float32; float64 for float64).
 //   1. append: k_new/v_new rows are copied into their (page, slot) of the cache, in place;
 //   2. work items (sequence b, kv heads [h, h + nh), block of query positions, range of keys):
 //      each item loads its queries (all G query heads of each kv head: one pass over the keys
@@ -30,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "cpu/tensor_utils.h"
@@ -51,7 +54,8 @@ struct Args {
   const void* k;
   const void* v;
   int64_t k_page, k_slot, k_head, v_page, v_slot, v_head;
-  const int32_t* block_table;  // (B, max_pages) contiguous, or null: page b, page_size S_max
+  const int32_t* block_table;  // (B, max_pages) contiguous, or null: page cache_row[b], page_size S_max
+  const int64_t* cache_row;    // (B,) contiguous cache: the cache row of sequence b (cache_batch_idx)
   int64_t max_pages, page_size;
   const int64_t* lens;         // keys per sequence after the append
   int64_t Hq, Sq, D, G;
@@ -60,6 +64,7 @@ struct Args {
   const float* slopes;         // ALiBi (B, Hq) with strides, or null
   int64_t sl_b, sl_h;
   void* out;                   // (B, Hq, Sq, D) contiguous
+  void* lse;                   // (B, Hq, Sq) contiguous, of the accumulation type
 };
 
 // Query positions [i0, i1) of kv heads [h, h + nh) of sequence b against keys [k0, k1);
@@ -91,7 +96,7 @@ namespace {
 using namespace cpu;
 
 int64_t key_page(const kvc::Args& a, int64_t b, int64_t t) {
-  return a.block_table == nullptr ? b : a.block_table[b * a.max_pages + t / a.page_size];
+  return a.block_table == nullptr ? a.cache_row[b] : a.block_table[b * a.max_pages + t / a.page_size];
 }
 
 // Copies the S_new new rows of every (sequence, kv head) into their cache slots.
@@ -123,6 +128,7 @@ void merge_parts(const kvc::Args& a, const std::vector<kvc::Item>& items,
   using A = acc_t<T>;
   const int64_t D = a.D;
   T* out = static_cast<T*>(a.out);
+  A* lse = static_cast<A*>(a.lse);
   at::parallel_for(0, static_cast<int64_t>(splits.size()), 1, [&](int64_t g0, int64_t g1) {
     std::vector<A> acc(static_cast<size_t>(D));
     for (int64_t g = g0; g < g1; ++g) {
@@ -147,20 +153,21 @@ void merge_parts(const kvc::Args& a, const std::vector<kvc::Item>& items,
           }
         }
         const int64_t hq = first.h * a.G + r / nq, i = first.i0 + r % nq;
-        T* o = out + ((first.b * a.Hq + hq) * a.Sq + i) * D;
+        const int64_t row = (first.b * a.Hq + hq) * a.Sq + i;
+        T* o = out + row * D;
         for (int64_t d = 0; d < D; ++d) o[d] = from_acc<T>(l == A(0) ? A(0) : acc[d] / l);
+        lse[row] = l == A(0) ? -std::numeric_limits<A>::infinity() : M + std::log(l);
       }
     }
   });
 }
 
-at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                                      const at::Tensor& cache_seqlens,
-                                      const c10::optional<at::Tensor>& block_table,
-                                      const c10::optional<at::Tensor>& k_new,
-                                      const c10::optional<at::Tensor>& v_new, double scale,
-                                      int64_t window_left, int64_t window_right,
-                                      const c10::optional<at::Tensor>& alibi_slopes, double softcap) {
+std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_fwd(
+    const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& k_new,
+    const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_batch_idx,
+    const c10::optional<at::Tensor>& cache_leftpad, double scale, int64_t window_left, int64_t window_right,
+    const c10::optional<at::Tensor>& alibi_slopes, double softcap) {
   const char* op = "attention_with_kvcache_fwd";
   TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
               ": q must be (B, Hq, Sq, D) and k_cache/v_cache 4-D of one shape");
@@ -170,7 +177,9 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Sq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = paged ? k_cache.size(2) : k_cache.size(1);
   const int64_t page_size = paged ? k_cache.size(1) : k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && Hkv >= 1 && Hq % Hkv == 0 && (paged || k_cache.size(0) == B), op,
+  const bool remap = cache_batch_idx.has_value();
+  TORCH_CHECK(!(paged && remap), op, ": cache_batch_idx needs a contiguous cache (not block_table)");
+  TORCH_CHECK(k_cache.size(3) == D && Hkv >= 1 && Hq % Hkv == 0 && (paged || remap || k_cache.size(0) == B), op,
               ": cache shape does not match q");
   TORCH_CHECK(D <= 1 || (k_cache.stride(3) == 1 && v_cache.stride(3) == 1), op,
               ": k_cache and v_cache need a unit stride in the head dim");
@@ -192,11 +201,23 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
   }
   const int64_t max_pages = paged ? bt.size(1) : 1;
   const int64_t capacity = paged ? max_pages * page_size : page_size;
-  const auto seq = cache_seqlens.to(at::kLong).contiguous();
-  std::vector<int64_t> start(seq.const_data_ptr<int64_t>(), seq.const_data_ptr<int64_t>() + B), lens(B);
+  auto host_longs = [&](const c10::optional<at::Tensor>& t, const char* name, int64_t fill) {
+    if (!t.has_value()) return std::vector<int64_t>(static_cast<size_t>(B), fill);
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == B, op, ": ", name,
+                " must be int32 (B,)");
+    const auto c = t->to(at::kLong).contiguous();
+    return std::vector<int64_t>(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + B);
+  };
+  const std::vector<int64_t> start = host_longs(cache_seqlens, "cache_seqlens", 0);
+  const std::vector<int64_t> leftpad = host_longs(cache_leftpad, "cache_leftpad", 0);
+  std::vector<int64_t> rows = host_longs(cache_batch_idx, "cache_batch_idx", 0), lens(B);
   for (int64_t b = 0; b < B; ++b) {  // (validated in Python; re-checked here: memory safety)
     lens[b] = start[b] + S_new;
     TORCH_CHECK(start[b] >= 0 && lens[b] <= capacity, op, ": cache_seqlens[", b, "] out of range");
+    TORCH_CHECK(leftpad[b] >= 0 && leftpad[b] <= start[b], op, ": cache_leftpad[", b, "] out of range");
+    if (!remap) rows[b] = b;
+    TORCH_CHECK(paged || (rows[b] >= 0 && rows[b] < k_cache.size(0)), op, ": cache_batch_idx[", b,
+                "] out of range");
     for (int64_t p = 0; paged && p * page_size < lens[b]; ++p) {
       const int32_t pg = bt.const_data_ptr<int32_t>()[b * max_pages + p];
       TORCH_CHECK(pg >= 0 && pg < k_cache.size(0), op, ": block_table[", b, ", ", p, "] out of range");
@@ -205,6 +226,7 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
 
   const auto q = q_in.stride(3) == 1 || D <= 1 ? q_in : q_in.contiguous();
   auto out = new_output(q.sizes(), q.scalar_type());
+  auto lse = at::empty({B, Hq, Sq}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   kvc::Args a{};
   a.q = q.const_data_ptr();
   a.q_b = q.stride(0), a.q_h = q.stride(1), a.q_s = q.stride(2);
@@ -216,6 +238,7 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
   a.k_head = paged ? k_cache.stride(2) : k_cache.stride(1);
   a.v_head = paged ? v_cache.stride(2) : v_cache.stride(1);
   a.block_table = paged ? bt.const_data_ptr<int32_t>() : nullptr;
+  a.cache_row = rows.data();
   a.max_pages = max_pages, a.page_size = page_size;
   a.lens = lens.data();
   a.Hq = Hq, a.Sq = Sq, a.D = D, a.G = Hq / Hkv;
@@ -226,6 +249,7 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
     a.slopes = sl.const_data_ptr<float>(), a.sl_b = sl.stride(0), a.sl_h = sl.stride(1);
   }
   a.out = out.mutable_data_ptr();
+  a.lse = lse.mutable_data_ptr();
 
   if (S_new > 0) {
     append(a, k_cache, *k_new, start, a.k_page, a.k_slot, a.k_head);
@@ -233,7 +257,7 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
   }
   a.k = k_cache.const_data_ptr();
   a.v = v_cache.const_data_ptr();
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity())};
 
   // work items: (b, h, query block) groups, each one key range or several chunks of it
   const int64_t G = a.G, qb = std::max<int64_t>(1, kvc::kQueryRows / G);
@@ -246,7 +270,8 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
     for (int64_t i0 = 0; i0 < Sq; i0 += qb) {
       const int64_t i1 = std::min(Sq, i0 + qb);
       const int64_t p0 = lens[b] - Sq + i0, p1 = lens[b] - Sq + i1 - 1;  // positions
-      const int64_t k0 = window_left >= 0 ? std::max<int64_t>(0, p0 - window_left) : 0;
+      // keys before cache_leftpad[b] are not part of the sequence (left padding)
+      const int64_t k0 = std::max(leftpad[b], window_left >= 0 ? p0 - window_left : 0);
       int64_t k1 = window_right >= 0 ? std::min(lens[b], p1 + window_right + 1) : lens[b];
       k1 = std::max(k1, k0);
       const int64_t nh = std::max<int64_t>(1, std::min(Hkv, kvc::kQueryRows / (G * (i1 - i0))));
@@ -300,7 +325,7 @@ at::Tensor attention_with_kvcache_fwd(const at::Tensor& q_in, at::Tensor& k_cach
     });
     if (parts > 0) merge_parts<T>(a, items, splits, pm.data(), pl.data(), pacc.data());
   });
-  return out;
+  return {out, lse};
 }
 
 }  // namespace
@@ -428,7 +453,7 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
     const int64_t slot = k0 % a.page_size;
     const int64_t n = std::min({KB, a.page_size - slot, it.k1 - k0});
     const int64_t pg = k0 / a.page_size;
-    const int64_t page = a.block_table == nullptr ? it.b : a.block_table[it.b * a.max_pages + pg];
+    const int64_t page = a.block_table == nullptr ? a.cache_row[it.b] : a.block_table[it.b * a.max_pages + pg];
     // the next block: its keys are prefetched while this block's values are multiplied
     const int64_t k0n = k0 + n;
     const int64_t nn = std::min({KB, a.page_size - k0n % a.page_size, it.k1 - k0n});
@@ -521,8 +546,11 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
     return;
   }
   T* out = static_cast<T*>(a.out);
+  A* lse = static_cast<A*>(a.lse);
   for (int64_t r = 0; r < rows; ++r) {
-    T* o = out + ((it.b * a.Hq + it.h * G + r / nq) * a.Sq + it.i0 + r % nq) * D;
+    const int64_t row = (it.b * a.Hq + it.h * G + r / nq) * a.Sq + it.i0 + r % nq;
+    T* o = out + row * D;
+    lse[row] = l[r] == A(0) ? kNegInf : m[r] + std::log(l[r]);
     if (l[r] == A(0)) {
       for (int64_t d = 0; d < D; ++d) o[d] = from_acc<T>(A(0));
       continue;

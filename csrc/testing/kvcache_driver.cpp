@@ -9,8 +9,9 @@ namespace truthgpt::testing {
 
 TORCH_LIBRARY_FRAGMENT(truthgpt_test, m) {
   m.def("attention_kvcache_driver(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-        "Tensor? block_table, Tensor? k_new, Tensor? v_new, float scale, int window_left, "
-        "int window_right, Tensor? alibi_slopes, float softcap) -> Tensor");
+        "Tensor? block_table, Tensor? k_new, Tensor? v_new, Tensor? cache_batch_idx, "
+        "Tensor? cache_leftpad, float scale, int window_left, int window_right, Tensor? alibi_slopes, "
+        "float softcap) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(truthgpt_test, CPU, m) {

@@ -35,14 +35,20 @@ def _case(paged, s_new, seed):
 @pytest.mark.parametrize("opts", [dict(wl=-1, wr=0, alibi=False, softcap=0.0),
                                   dict(wl=4, wr=0, alibi=True, softcap=0.0),
                                   dict(wl=-1, wr=-1, alibi=False, softcap=5.0)])
-def test_kvcache_driver_matches_reference(paged, s_new, opts):
+@pytest.mark.parametrize("remap", [False, True], ids=["", "leftpad_rows"])
+def test_kvcache_driver_matches_reference(paged, s_new, opts, remap):
     q, k, v, lens, table, k_new, v_new = _case(paged, s_new, seed=s_new + 10 * paged)
     alibi = torch.rand(q.shape[0], q.shape[1]) if opts["alibi"] else None
-    args = (lens, table, k_new, v_new, 0.25, opts["wl"], opts["wr"], alibi, opts["softcap"])
+    rows = pad = None
+    if remap:  # cache_batch_idx (contiguous caches only; the case's cache has B rows) and cache_leftpad
+        rows = None if paged else torch.tensor([2, 0, 1], dtype=torch.int32)
+        pad = torch.tensor([3, 0, 9], dtype=torch.int32)
+    args = (lens, table, k_new, v_new, rows, pad, 0.25, opts["wl"], opts["wr"], alibi, opts["softcap"])
     k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
-    out = T.attention_kvcache_driver(q, k1, v1, *args)
-    exp = reference.attention_with_kvcache_fwd(q, k2, v2, *args)
+    out, lse = T.attention_kvcache_driver(q, k1, v1, *args)
+    exp, exp_lse = reference.attention_with_kvcache_fwd(q, k2, v2, *args)
     torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-6)  # lse of the dense kernel is float32
+    torch.testing.assert_close(lse, exp_lse, rtol=1e-6, atol=1e-6)
     assert torch.equal(k1, k2) and torch.equal(v1, v2), "the appended cache differs"
     if s_new:
         assert not torch.equal(k1, k), "k_new was not written"

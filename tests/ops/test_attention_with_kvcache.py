@@ -192,6 +192,152 @@ def test_kvcache_nan_propagates(backend):
     assert torch.isnan(out[0]).all()
 
 
+# ------------------------------------------- flash-attn's options: rotary, cache_batch_idx, cache_leftpad, lse
+def _rotate64(x, cos, sin, pos, interleaved):
+    """Rotary embedding in float64 written out (independent of the kernels): x (B, H, S, D),
+    pos (B, S) int64, cos/sin (P, R/2)."""
+    half = cos.shape[1]
+    c, s_ = cos.double()[pos][:, None], sin.double()[pos][:, None]  # (B, 1, S, R/2)
+    x = x.double().clone()
+    if interleaved:
+        x1, x2 = x[..., 0:2 * half:2].clone(), x[..., 1:2 * half:2].clone()
+        x[..., 0:2 * half:2], x[..., 1:2 * half:2] = x1 * c - x2 * s_, x2 * c + x1 * s_
+    else:
+        x1, x2 = x[..., :half].clone(), x[..., half:2 * half].clone()
+        x[..., :half], x[..., half:2 * half] = x1 * c - x2 * s_, x2 * c + x1 * s_
+    return x
+
+
+# name: (layout, remap rows, leftpad, rotary (None / "neox" / "gptj"), options)
+FLASH_CASES = {
+    "rows_leftpad": ("contiguous", True, True, None, {}),
+    "rows_strided_rotary": ("strided", True, False, "neox", {}),
+    "leftpad_paged_rotary_gptj": ("paged16", False, True, "gptj", {}),
+    "rows_leftpad_rotary_window_alibi": ("contiguous", True, True, "neox", {"window": (9, 0), "alibi": True}),
+    "leftpad_noncausal_rotary": ("paged48", False, True, "neox", {"causal": False}),
+}
+
+
+def run_flash_case(backend, name, dtype):
+    layout, remap, leftpad, rotary, opts = FLASH_CASES[name]
+    B, Hq, Hkv, Sq, S_new, D, cap = 3, 4, 2, 3, 3, 32, 64
+    lens = [4, 0, 40]
+    device = device_for(backend)
+    case = make_case(B, Hq, Hkv, Sq, S_new, D, lens, cap, layout, dtype, "cpu", gen_seed=7)
+    g = torch.Generator().manual_seed(11)
+    pad = torch.tensor([3, 0, 17], dtype=torch.int32) if leftpad else None
+    if pad is not None:  # keys before the left padding are never to be read
+        for t in case["logical"]:
+            for b in range(B):
+                t[b, :, :int(pad[b])] = float("nan")
+        case = dict(case, caches=None)
+        fresh = make_case(B, Hq, Hkv, Sq, S_new, D, lens, cap, layout, dtype, "cpu", gen_seed=7)
+        case["caches"], case["block_table"] = fresh["caches"], fresh["block_table"]
+        for c in case["caches"]:  # write the NaN padding into the physical cache too
+            for b in range(B):
+                for tok in range(int(pad[b])):
+                    if case["block_table"] is None:
+                        c[b, :, tok] = float("nan")
+                    else:
+                        ps = c.shape[1]
+                        c[int(case["block_table"][b, tok // ps]), tok % ps] = float("nan")
+    rows = None
+    if remap:  # the cache holds B + 2 rows; sequence b lives in row rows[b], the others are NaN
+        rows = torch.tensor([3, 0, 4], dtype=torch.int32)
+        big = []
+        for c in case["caches"]:
+            full = torch.full((B + 2,) + tuple(c.shape[1:]), float("nan"), dtype=c.dtype)
+            full[rows.long()] = c
+            if layout == "strided":
+                full = full.transpose(1, 2).contiguous().transpose(1, 2)
+            big.append(full)
+        case["caches"] = big
+    kw = {"causal": opts.get("causal", True), "window": opts.get("window")}
+    if opts.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(B, Hq, generator=g)
+    cos = sin = None
+    # the ground truth takes the inputs rounded to dtype (lse is compared without slack for rounding)
+    q64, kn64 = case["q64"].to(dtype).double(), case["k_new64"].to(dtype).double()
+    if rotary:
+        cos, sin = tk.rotary_cos_sin(cap, 16)  # rotary dim 16 of 32: half the head dim passes through
+        seq = case["lens"].long()[:, None]
+        steps = kw["causal"] or kw["window"] is not None
+        qpos = seq + (torch.arange(Sq) if steps else torch.zeros(Sq, dtype=torch.long))
+        # the kernels rotate q and k_new in their dtype: the ground truth rotates the rounded inputs
+        q64 = _rotate64(q64, cos, sin, qpos, rotary == "gptj").to(dtype).double()
+        kn64 = _rotate64(kn64, cos, sin, seq + torch.arange(S_new), rotary == "gptj").to(dtype).double()
+    to = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    k_cache, v_cache = (c.to(device) for c in case["caches"])
+    out, lse = tk.attention_with_kvcache(
+        case["q64"].to(dtype).to(device), k_cache, v_cache, cache_seqlens=case["lens"].to(device),
+        block_table=None if case["block_table"] is None else case["block_table"].to(device),
+        k_new=case["k_new64"].to(dtype).to(device), v_new=case["v_new64"].to(dtype).to(device),
+        cache_batch_idx=None if rows is None else rows.to(device),
+        cache_leftpad=None if pad is None else pad.to(device),
+        rotary_cos=None if cos is None else cos.to(device), rotary_sin=None if sin is None else sin.to(device),
+        rotary_interleaved=rotary == "gptj", return_lse=True, backend=backend, **to)
+    assert out.shape == (B, Hq, Sq, D) and out.dtype == dtype and lse.shape == (B, Hq, Sq)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # the appended tokens sit in the right row / pages, at cache_seqlens[b] ..
+    for b in range(B):
+        for s in range(S_new):
+            tok = int(case["lens"][b]) + s
+            for cache, new in ((k_cache, kn64), (v_cache, case["v_new64"])):
+                if case["block_table"] is None:
+                    got = cache[b if rows is None else int(rows[b]), :, tok]
+                else:
+                    ps = cache.shape[1]
+                    got = cache[int(case["block_table"][b, tok // ps]), tok % ps]
+                torch.testing.assert_close(got.cpu().double(), new[b, :, s].to(dtype).double(),
+                                           rtol=0, atol=2 * ATOL[dtype], msg=f"appended token {tok} of {b}")
+    for b in range(B):
+        start = 0 if pad is None else int(pad[b])
+        n = int(case["lens"][b])
+        kv = [torch.cat([t[b:b + 1, :, start:n].to(dtype).double(), new[b:b + 1].to(dtype).double()], 2)
+              for t, new in zip(case["logical"], (kn64, case["v_new64"]))]
+        sl = None if "alibi_slopes" not in kw else kw["alibi_slopes"][b:b + 1]
+        ref, ref_lse = tk.attention(q64[b:b + 1], *kv, causal=kw["causal"], window=kw["window"],
+                                    alibi_slopes=sl, return_lse=True, backend="reference")
+        base = eager_attention(q64[b:b + 1].to(dtype), *(x.to(dtype) for x in kv), causal=kw["causal"],
+                               window=kw["window"], alibi_slopes=sl)
+        assert_close(f"{name} out[{dtype}, sequence {b}]", out[b:b + 1].cpu(), ref, base, atol=ATOL[dtype])
+        # rotated inputs may round differently (by an ulp of dtype) in the kernels
+        tol = ATOL[dtype] if rotary and dtype != f32 else 1e-5
+        torch.testing.assert_close(lse[b:b + 1].cpu().double(), ref_lse.double(), rtol=tol, atol=tol,
+                                   msg=f"{name} lse of sequence {b}")
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "triton"])
+@pytest.mark.parametrize("name", list(FLASH_CASES))
+def test_kvcache_flash_attn_options(backend, name):
+    for dtype in DTYPES[backend]:
+        run_flash_case(backend, name, dtype)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("name", ["rows_leftpad", "leftpad_paged_rotary_gptj"])
+def test_kvcache_flash_attn_options_triton(backend, name):
+    run_flash_case(backend, name, f32)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_kvcache_lse_of_empty_rows_and_int_seqlens(backend):
+    """lse is -inf where a row sees nothing (an empty sequence; every key left-padded away), and
+    an int cache_seqlens means that length for every sequence."""
+    a = _inputs(False)
+    a.update(k_new=None, v_new=None, cache_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    a["cache_leftpad"] = torch.tensor([0, 5], dtype=torch.int32)
+    out, lse = tk.attention_with_kvcache(**a, return_lse=True, backend=backend)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    b = _inputs(False)
+    c = dict(b, k_cache=b["k_cache"].clone(), v_cache=b["v_cache"].clone())
+    want = tk.attention_with_kvcache(**dict(b, cache_seqlens=torch.tensor([4, 4], dtype=torch.int32)),
+                                     backend=backend)
+    got = tk.attention_with_kvcache(**dict(c, cache_seqlens=4), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(c["k_cache"], b["k_cache"], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def _inputs(paged=True):
     B, Hq, Hkv, D = 2, 4, 2, 8
@@ -252,6 +398,29 @@ BAD = [
     ("alibi shape", True, lambda a: dict(a, alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes must have shape"),
     ("window", True, lambda a: dict(a, window=(-2, 0)), ValueError, r"window\[0\] must be >= -1"),
     ("softcap", True, lambda a: dict(a, softcap=-1.0), ValueError, "softcap must be >= 0"),
+    ("rows with pages", True, lambda a: dict(a, cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32)),
+     ValueError, "cache_batch_idx selects rows of a contiguous cache"),
+    ("rows dtype", False, lambda a: dict(a, cache_batch_idx=torch.tensor([0, 1])), TypeError,
+     "cache_batch_idx must have dtype int32"),
+    ("rows out of range", False, lambda a: dict(a, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
+     ValueError, r"cache_batch_idx\[1\] = 2 is not a row of k_cache/v_cache \(expected \[0, 2\)\)"),
+    ("rows repeated", False, lambda a: dict(a, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)),
+     ValueError, "cache_batch_idx must not repeat a cache row"),
+    ("leftpad shape", True, lambda a: dict(a, cache_leftpad=torch.tensor([0], dtype=torch.int32)), ValueError,
+     "cache_leftpad must have shape"),
+    ("leftpad past seqlens", True, lambda a: dict(a, cache_leftpad=torch.tensor([0, 6], dtype=torch.int32)),
+     ValueError, r"cache_leftpad\[1\] = 6 must lie in \[0, cache_seqlens\[1\] = 5\]"),
+    ("leftpad negative", False, lambda a: dict(a, cache_leftpad=torch.tensor([-1, 0], dtype=torch.int32)),
+     ValueError, r"cache_leftpad\[0\] = -1"),
+    ("rotary alone", True, lambda a: dict(a, rotary_cos=torch.ones(16, 4)), ValueError,
+     "rotary_cos and rotary_sin must be given together"),
+    ("rotary without k_new", True, lambda a: dict(a, k_new=None, v_new=None, rotary_cos=torch.ones(16, 4),
+                                                  rotary_sin=torch.zeros(16, 4)), ValueError, "they need k_new"),
+    ("rotary too short", True, lambda a: dict(a, rotary_cos=torch.ones(6, 4), rotary_sin=torch.zeros(6, 4)),
+     ValueError, r"cover 6 positions, but cache_seqlens \(max 5\) \+ 2 new positions need 7"),
+    ("rotary too wide", True, lambda a: dict(a, rotary_cos=torch.ones(16, 5), rotary_sin=torch.zeros(16, 5)),
+     ValueError, "exceeds the head dim"),
+    ("seqlens negative int", True, lambda a: dict(a, cache_seqlens=-1), ValueError, "cache_seqlens must be >= 0"),
 ]
 
 
@@ -283,7 +452,7 @@ def test_kvcache_op_checks_values_too(backend):
     with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
         torch.ops.truthgpt.attention_with_kvcache(
             a["q"], a["k_cache"], a["v_cache"], torch.tensor([-1, 0], dtype=torch.int32), a["block_table"],
-            a["k_new"], a["v_new"], 0.5, -1, 0, None, 0.0, backend)
+            a["k_new"], a["v_new"], None, None, 0.5, -1, 0, None, 0.0, backend)
     assert torch.equal(a["k_cache"], before)
 
 
@@ -296,8 +465,9 @@ def test_kvcache_opcheck(backend, paged):
             pytest.skip(mark.kwargs["reason"])
     a = _inputs(paged)
     dev = device_for(backend)
+    rows = None if paged else torch.tensor([1, 0], dtype=torch.int32)  # cache_batch_idx (contiguous only)
     args = (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"], a["k_new"], a["v_new"],
-            0.3, 4, 0, tk.alibi_slopes(4).expand(2, 4), 5.0, backend)
+            rows, torch.tensor([2, 1], dtype=torch.int32), 0.3, 4, 0, tk.alibi_slopes(4).expand(2, 4), 5.0, backend)
     args = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in args)
     torch.library.opcheck(torch.ops.truthgpt.attention_with_kvcache.default, args)
 
@@ -311,6 +481,25 @@ def test_kvcache_under_compile():
     got = fn(q, k_cache, v_cache, **a)
     torch.testing.assert_close(got, want)
     assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_kvcache_flash_options_under_compile(backend):
+    """cache_batch_idx, cache_leftpad, rotary and return_lse in a fullgraph compiled call; the
+    value checks become asserts that still fire."""
+    a = _inputs(False)
+    a.update(cache_batch_idx=torch.tensor([1, 0], dtype=torch.int32), cache_leftpad=torch.tensor([1, 2], dtype=torch.int32))
+    cos, sin = tk.rotary_cos_sin(16, 8)
+    q, k_cache, v_cache = a.pop("q"), a.pop("k_cache"), a.pop("v_cache")
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    kw = dict(rotary_cos=cos, rotary_sin=sin, return_lse=True, backend=backend)
+    want = tk.attention_with_kvcache(q, k_eager, v_eager, **a, **kw)
+    fn = torch.compile(lambda *t, **k: tk.attention_with_kvcache(*t, **k, **kw), fullgraph=True)
+    got = fn(q, k_cache, v_cache, **a)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+    with pytest.raises(RuntimeError, match="cache_leftpad values in"):
+        fn(q, k_cache, v_cache, **dict(a, cache_leftpad=torch.tensor([9, 0], dtype=torch.int32)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -664,24 +664,27 @@ def kvcache_token_slots(n: int, start, block_table: Optional[Tensor], b: int, pa
     return block_table[b, t // page_size].long(), t % page_size
 
 
-def kvcache_gather(cache: Tensor, block_table: Optional[Tensor], b: int, n: int) -> Tensor:
-    """The first n tokens of sequence b as (1, Hkv, n, D)."""
-    if block_table is None:  # (B, Hkv, S_max, D)
-        return cache[b:b + 1, :, :n]
-    pages, slots = kvcache_token_slots(n, 0, block_table, b, cache.shape[1])
+def kvcache_gather(cache: Tensor, block_table: Optional[Tensor], b: int, n: int, start: int = 0) -> Tensor:
+    """Tokens start .. n - 1 of sequence b (for a contiguous cache: of cache row b) as
+    (1, Hkv, n - start, D)."""
+    if block_table is None:  # (B_cache, Hkv, S_max, D)
+        return cache[b:b + 1, :, start:n]
+    pages, slots = kvcache_token_slots(n - start, start, block_table, b, cache.shape[1])
     return cache[pages, slots].permute(1, 0, 2)[None]  # (n, Hkv, D) -> (1, Hkv, n, D)
 
 
-def kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new):
-    """Writes k_new/v_new (B, Hkv, S_new, D) in place at positions cache_seqlens[b] ..."""
+def kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx=None):
+    """Writes k_new/v_new (B, Hkv, S_new, D) in place at positions cache_seqlens[b] ... of
+    sequence b (of cache row cache_batch_idx[b] in a contiguous cache, when given)."""
     if k_new is None:
         return
     S_new = k_new.shape[2]
     for b in range(k_new.shape[0]):
         start = int(cache_seqlens[b])
         if block_table is None:
-            k_cache[b, :, start:start + S_new] = k_new[b]
-            v_cache[b, :, start:start + S_new] = v_new[b]
+            row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+            k_cache[row, :, start:start + S_new] = k_new[b]
+            v_cache[row, :, start:start + S_new] = v_new[b]
         else:
             pages, slots = kvcache_token_slots(S_new, start, block_table, b, k_cache.shape[1])
             k_cache[pages, slots] = k_new[b].transpose(0, 1)
@@ -689,16 +692,23 @@ def kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new):
 
 
 def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
-                               scale, window_left, window_right, alibi_slopes, softcap):
-    """Appends k_new/v_new to the cache (in place), then per sequence b attends q[b] to its
-    first cache_seqlens[b] + S_new keys with the dense reference (bottom-right alignment)."""
-    kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new)
+                               cache_batch_idx, cache_leftpad, scale, window_left, window_right,
+                               alibi_slopes, softcap):
+    """Appends k_new/v_new to the cache (in place), then per sequence b attends q[b] to its keys
+    cache_leftpad[b] (or 0) .. cache_seqlens[b] + S_new - 1 with the dense reference
+    (bottom-right alignment: the left padding shifts no position). Returns (out, lse)."""
+    kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx)
     S_new = 0 if k_new is None else k_new.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
     for b in range(q.shape[0]):
         n = int(cache_seqlens[b]) + S_new
-        k, v = kvcache_gather(k_cache, block_table, b, n), kvcache_gather(v_cache, block_table, b, n)
-        out[b] = attention(q[b:b + 1], k, v, scale=scale, window=(window_left, window_right),
-                           alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
-                           softcap=softcap)[0]
-    return out
+        start = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        row = b if cache_batch_idx is None or block_table is not None else int(cache_batch_idx[b])
+        k, v = (kvcache_gather(c, block_table, row, n, start) for c in (k_cache, v_cache))
+        o, l = attention(q[b:b + 1], k, v, scale=scale, window=(window_left, window_right),
+                         alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
+                         softcap=softcap, return_lse=True)
+        out[b], lse[b] = o[0], l[0]
+    return out, lse
