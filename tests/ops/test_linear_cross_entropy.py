@@ -530,7 +530,182 @@ def test_class_weights_like_torch(backend, reduction):
     torch.testing.assert_close(module(x64.float(), w64.float(), t, b64.float()),
                                F.cross_entropy(F.linear(x64, w64, b64), t, weight=cw64, reduction=reduction).float(),
                                rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="ce_weight with label_smoothing"):
-        tk.linear_cross_entropy(x64, w64, t, ce_weight=cw64, label_smoothing=0.1, backend=backend)
+    with pytest.raises(ValueError, match="ce_weight.*label_smoothing.*logit_softcap"):
+        tk.linear_cross_entropy(x64, w64, t, ce_weight=cw64, label_smoothing=0.1, logit_softcap=3.0,
+                                backend=backend)
     with pytest.raises(ValueError, match="ce_weight"):
         tk.linear_cross_entropy(x64, w64, t, ce_weight=cw64[:5], backend=backend)
+
+
+def _weighted_torch(x, w, b, t, cw, reduction, label_smoothing, z_loss=0.0):
+    """Plain PyTorch with the logits materialised, in the inputs' dtype: F.cross_entropy with
+    weight=cw and label_smoothing=, plus cw[target] * z_loss * logsumexp^2 per counted row
+    ("mean" over the counted rows' weights). Returns (loss, z-loss term reduced like it)."""
+    logits = F.linear(x, w, b)
+    valid = t != -100
+    wy = torch.where(valid, cw[torch.where(valid, t, 0)], 0.0)
+    zrows = wy * z_loss * torch.logsumexp(logits, -1) ** 2
+    if z_loss == 0:
+        loss = F.cross_entropy(logits, t, weight=cw, reduction=reduction, label_smoothing=label_smoothing)
+        rows = None
+    else:
+        rows = F.cross_entropy(logits, t, weight=cw, reduction="none", label_smoothing=label_smoothing)
+        rows = rows + zrows
+    if reduction == "none":
+        return (rows if rows is not None else loss), zrows
+    div = wy.sum() if reduction == "mean" else 1
+    return (rows.sum() / div if rows is not None else loss), zrows.sum() / div
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weights_with_smoothing_like_torch(backend, reduction):
+    """ce_weight with label_smoothing (torch's weighted smoothing term (eps / V) sum_c
+    ce_weight[c] (-log p_c), from the fused rows' logsumexp and the linear sum_c ce_weight[c]
+    logit_c): loss and the gradients to x, weight and bias against torch's F.cross_entropy in
+    float64 (the DESIGN rule in the tested dtype, against torch in that dtype), with ignored
+    rows, a bias, chunks, eps 0.1 and 1 (smoothing only), and negative class weights (torch
+    allows them); loss_dtype=float32 is the same loss unrounded; the module takes both."""
+    dev = device_for(backend)
+    x64, w64, b64, t = _make(15, 24, 50, dev)
+    t[[0, 6]] = -100
+    cw_pos = torch.rand(50, dtype=torch.float64, device=dev) * 2 + 0.1
+    cw_neg = cw_pos.clone()
+    cw_neg[::3] *= -1
+    runs = [(dtype, cw_pos, eps) for dtype in _dtypes(backend) for eps in (0.1, 1.0)]
+    runs.append((_dtypes(backend)[-1], cw_neg, 0.3))  # float64 (float32 on Triton)
+    for dtype, cw64, eps in runs:
+        x, w, b = (leaf(v, dtype) for v in (x64, w64, b64))
+        cw = cw64.to(dtype)
+        loss = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=eps,
+                                       ce_weight=cw, chunk_size=4, backend=backend)
+        gy = torch.randn(loss.shape, dtype=torch.float64, device=dev) + 0.5
+        ins = {}
+        for name, dt in (("ref", torch.float64), ("base", dtype)):
+            rx, rw, rb = (leaf(v.to(dtype).to(dt)) for v in (x64, w64, b64))
+            out, _ = _weighted_torch(rx, rw, rb, t, cw.to(dt), reduction, eps)
+            out.backward(gy.to(dt))
+            ins[name] = (out, rx.grad, rw.grad, rb.grad)
+        loss.backward(gy.to(dtype))
+        tag = f"[{backend} {dtype} {reduction} eps={eps} negative={bool((cw64 < 0).any())}]"
+        with bf16_rounding_known(backend, dtype):
+            for i, (name, got) in enumerate((("loss", loss), ("dx", x.grad), ("dweight", w.grad),
+                                             ("dbias", b.grad))):
+                assert_close(name + tag, got, ins["ref"][i], ins["base"][i])
+        if dtype == torch.bfloat16:
+            high = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=eps,
+                                           ce_weight=cw, chunk_size=4, loss_dtype=torch.float32,
+                                           backend=backend)
+            assert high.dtype == torch.float32
+            torch.testing.assert_close(high.to(dtype), loss, rtol=0, atol=0)
+    module = tk.modules.FusedLinearCrossEntropyLoss(reduction=reduction, ce_weight=cw_pos.float(),
+                                                    label_smoothing=0.1, backend=backend)
+    expected, _ = _weighted_torch(x64, w64, b64, t, cw_pos, reduction, 0.1)
+    torch.testing.assert_close(module(x64.float(), w64.float(), t, b64.float()), expected.float(),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_weights_with_smoothing_mixed_precision(backend, reduction):
+    """bfloat16 x with a float32 weight and bias: the gather-dot x . W[y] + b[y] and W^T ce_weight
+    use the weight and bias rounded to bfloat16, as the kernels' logits do (so lse is theirs);
+    loss, dweight and dbias in float32, against the float64 reference on the rounded weight and
+    plain PyTorch under autocast; float32 x under autocast gives what bfloat16 x gives."""
+    dev, dtype = device_for(backend), torch.bfloat16
+    x64, w64, b64, t = _make(21, 40, 333, dev)
+    t[0] = -100
+    x64, w64, b64 = x64.to(dtype).double(), w64.float().double(), b64.float().double()
+    cw = torch.rand(333, device=dev) * 2 + 0.1
+    opts = dict(reduction=reduction, label_smoothing=0.1, ce_weight=cw)
+    x, w, b = leaf(x64, dtype), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    loss = tk.linear_cross_entropy(x, w, t, bias=b, chunk_size=7, backend=backend, **opts)
+    assert loss.dtype == torch.float32
+    rx, rw, rb = leaf(x64), leaf(w64.to(dtype).double()), leaf(b64.to(dtype).double())
+    ref, _ = _weighted_torch(rx, rw, rb, t, cw.double(), reduction, 0.1)
+    bx, bw, bb = leaf(x64, dtype), leaf(w64, torch.float32), leaf(b64, torch.float32)
+    with torch.autocast(dev, dtype=dtype):
+        base, _ = _weighted_torch(bx, bw, bb, t, cw, reduction, 0.1)
+    gy64 = torch.randn(loss.shape, dtype=torch.float64, device=dev) + 0.5
+    for out, gy in ((loss, gy64.float()), (ref, gy64), (base, gy64.float())):
+        out.backward(gy)
+    assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    with bf16_rounding_known(backend, dtype):
+        assert_close(f"loss[{backend} mixed]", loss, ref, base.float())
+        assert_close(f"dx[{backend} mixed]", x.grad, rx.grad, bx.grad)
+        assert_close(f"dweight[{backend} mixed]", w.grad, rw.grad, bw.grad)
+        assert_close(f"dbias[{backend} mixed]", b.grad, rb.grad, bb.grad)
+    results = []
+    for auto in (True, False):
+        x, w = leaf(x64, torch.float32), leaf(w64, torch.float32)
+        with torch.autocast(dev, dtype=dtype, enabled=auto):
+            xin = x if auto else x.to(dtype)
+            loss = tk.linear_cross_entropy(xin, w, t, chunk_size=7, backend=backend, **opts)
+        loss.backward(gy64.float())
+        results.append((loss, x.grad, w.grad))
+    for p, q in zip(*results):
+        assert p.dtype == q.dtype == torch.float32
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_with_smoothing_z_loss(backend):
+    """z_loss with ce_weight and label smoothing: each counted row's z_loss * lse^2 scaled by
+    ce_weight[target] (as without smoothing), "mean" over the weights, with its gradient;
+    return_z_loss gives that term reduced like the loss, without gradient (zeros for
+    z_loss=0); logit_softcap as well is refused, naming the three arguments."""
+    dev = device_for(backend)
+    dtype = _dtypes(backend)[-1]  # float64 (float32 on Triton)
+    x64, w64, b64, t = _make(14, 16, 60, dev)
+    t[3] = -100
+    cw64 = torch.rand(60, dtype=torch.float64, device=dev) * 2 + 0.1
+    for reduction in ("mean", "sum", "none"):
+        x, w, b = (leaf(v, dtype) for v in (x64, w64, b64))
+        loss, z = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=0.2,
+                                          z_loss=0.02, return_z_loss=True, ce_weight=cw64.to(dtype),
+                                          chunk_size=5, backend=backend)
+        assert not z.requires_grad and z.dtype == loss.dtype == dtype
+        gy = torch.randn(loss.shape, dtype=torch.float64, device=dev) + 0.5
+        ins = {}
+        for name, dt in (("ref", torch.float64), ("base", dtype)):
+            rx, rw, rb = (leaf(v.to(dtype).to(dt)) for v in (x64, w64, b64))
+            out, rz = _weighted_torch(rx, rw, rb, t, cw64.to(dtype).to(dt), reduction, 0.2, z_loss=0.02)
+            out.backward(gy.to(dt))
+            ins[name] = (out, rz.detach(), rx.grad, rw.grad, rb.grad)
+        loss.backward(gy.to(dtype))
+        tag = f"[{backend} {dtype} {reduction}]"
+        for i, (name, got) in enumerate((("loss", loss), ("z", z), ("dx", x.grad), ("dweight", w.grad),
+                                         ("dbias", b.grad))):
+            assert_close(name + tag, got, ins["ref"][i], ins["base"][i])
+        _, z0 = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=0.2,
+                                        return_z_loss=True, ce_weight=cw64.to(dtype), backend=backend)
+        assert torch.equal(z0, torch.zeros_like(z0)) and z0.shape == z.shape
+    with pytest.raises(ValueError, match="ce_weight.*label_smoothing.*logit_softcap"):
+        tk.linear_cross_entropy(x, w, t, ce_weight=cw64.to(dtype), label_smoothing=0.1,
+                                logit_softcap=3.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_class_weights_with_smoothing_compile_fullgraph(backend, autocast):
+    """The ce_weight + label_smoothing path compiles without graph breaks. Compiled == eager in
+    float32; under bf16 autocast up to bfloat16 rounding: Inductor skips the float32 -> bfloat16
+    -> float32 round trips of x and the weight (emulate_precision_casts off), which the kernels'
+    logits do have, so the gather-dot is then that of the unrounded values."""
+    torch._dynamo.reset()
+    x64, w64, b64, t = _make(8, 8, 30, "cpu")
+    t[0] = -100
+    cw = torch.rand(30) + 0.1
+
+    def fn(x, w, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return tk.linear_cross_entropy(x, w, t, bias=b, label_smoothing=0.1, z_loss=0.01,
+                                           ce_weight=cw, backend=backend)
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        x, w, b = leaf(x64, torch.float32), leaf(w64, torch.float32), leaf(b64, torch.float32)
+        loss = f(x, w, b)
+        results.append((loss,) + torch.autograd.grad(2 * loss, (x, w, b)))
+    tol = dict(rtol=8e-3, atol=8e-3) if autocast else {}
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, **tol)

@@ -20,6 +20,7 @@ dweight in float32, dweight accumulated in float32 over the chunks (autocast wou
 x's dtype first). Under autocast, float32 x and weight take this path with x converted to the
 autocast dtype: the same GEMM dtype as F.linear under autocast.
 """
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -218,6 +219,84 @@ def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_
         raise TypeError(f"loss_dtype must be None (the loss in x's dtype) or torch.float32, got {loss_dtype!r}")
 
 
+def _as_kernel_reads(t: Tensor, dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """t (the weight or bias, or rows of it) in acc with the values the kernels use: rounded to
+    x's dtype first where it is a float32 master copy; the gradient passes unrounded (in float32,
+    as the kernels' dweight)."""
+    r = t.to(dtype).to(acc)
+    if t.dtype == dtype:
+        return r
+    t = t.to(acc)
+    return t + (r - t).detach()
+
+
+def _weighted_classes(weight: Tensor, cw: Tensor, dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """weight^T cw, (d,) in acc, with weight as the kernels read it; a weight of another dtype is
+    converted in blocks of rows (about 64 MiB in float32), never whole."""
+    V, d = weight.shape
+    if weight.dtype == dtype == acc:
+        return cw @ weight
+    rows = max(1, (1 << 24) // d)
+    out = None
+    for s in range(0, V, rows):
+        part = cw[s:s + rows] @ _as_kernel_reads(weight[s:s + rows], dtype, acc)
+        out = part if out is None else out + part
+    return out
+
+
+def _weighted_smoothing(x, weight, target, bias, ce_weight, ignore_index, reduction, eps, z_loss,
+                        return_z_loss, chunk_size, loss_dtype, backend):
+    """ce_weight with label_smoothing eps > 0, torch's semantics: per counted row i (w = ce_weight,
+    z_i the logits, lse_i their logsumexp, V classes)
+      loss_i = (1 - eps) w[y_i] (lse_i - z_iy) + (eps / V) sum_c w_c (lse_i - z_ic)
+               (+ z_loss w[y_i] lse_i^2, as without smoothing),
+    "mean" divided by sum_i w[y_i]. The fused op (reduction "none", no smoothing) gives
+    nll_i = lse_i - z_iy; z_iy = x_i . W[y_i] + b[y_i] (a gather-dot) gives lse_i = nll_i + z_iy;
+    sum_c w_c z_ic = x_i . (W^T w) + b . w is linear in x, W, b: O(N d + V d) more work, no
+    (N, V) logits, no new kernel. Gradients flow through all three (the kernels' softmax - onehot
+    plus the gather's onehot is softmax). z_iy and W^T w use W and b as the kernels read them
+    (rounded to x's dtype for a float32 master weight), in float32 (float64 for float64), so
+    lse_i is the kernels' own up to float32 rounding. Extra memory: two (N, d) float32 tensors
+    (x and the gathered W rows, saved for the backward)."""
+    dt = autocast_dtype(x.device.type)
+    if dt in _LOW and x.dtype == torch.float32 == weight.dtype:
+        x = x.to(dt)  # as linear_cross_entropy converts it: the logits' dtype is decided here
+    out_dtype = _loss_dtype(x, weight, loss_dtype is not None)
+    # the float32 rows for bfloat16/float16 x: not rounded to x's dtype before the sums below
+    nll = linear_cross_entropy(x, weight, target, bias=bias, ignore_index=ignore_index,
+                               reduction="none", chunk_size=chunk_size, loss_dtype=torch.float32,
+                               backend=backend)
+    acc = _acc(x.dtype)
+    V = weight.shape[0]
+    no_autocast = (torch.autocast(x.device.type, enabled=False) if dt is not None
+                   else contextlib.nullcontext())
+    with no_autocast:  # (the products below in acc, not in the autocast dtype)
+        valid = target != ignore_index
+        t = torch.where(valid, target, 0)
+        cw = ce_weight.to(acc)
+        wy = torch.where(valid, cw[t], 0.0)
+        xa = x.to(acc)  # (one tensor: x's gradient summed in acc, converted once)
+        zy = (xa * _as_kernel_reads(weight[t], x.dtype, acc)).sum(-1)
+        wz = xa @ _weighted_classes(weight, cw, x.dtype, acc)  # sum_c w_c z_ic
+        if bias is not None:
+            b = _as_kernel_reads(bias, x.dtype, acc)
+            zy = zy + b[t]
+            wz = wz + b @ cw
+        lse = nll + zy
+        rows = (1 - eps) * wy * nll + (eps / V) * torch.where(valid, cw.sum() * lse - wz, 0.0)
+        zrows = wy * torch.where(valid, z_loss * lse * lse, 0.0) if z_loss else None
+        if zrows is not None:
+            rows = rows + zrows
+
+        def reduce(r):
+            r = r if reduction == "none" else r.sum() if reduction == "sum" else r.sum() / wy.sum()
+            return r.to(out_dtype)
+        loss = reduce(rows)
+        if not return_z_loss:
+            return loss
+        return loss, reduce(torch.zeros_like(wy) if zrows is None else zrows.detach())
+
+
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -244,16 +323,24 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     d / 512 x 64 MiB, at most 256 MiB). Gradients flow to x, weight and bias.
     ce_weight (V,): F.cross_entropy's `weight` (Liger's ce_weight), a float weight per class:
     each row's loss (z-loss term included) is scaled by ce_weight[target], and "mean" divides
-    by the sum of those weights over the counted rows, as torch does; not with label_smoothing
-    (torch's weighted smoothing term needs every class's weight in the kernel). It runs the
-    rows' losses (reduction "none") and weights them: the backward recomputes the logits."""
+    by the sum of those weights over the counted rows, as torch does. It runs the rows' losses
+    (reduction "none") and weights them: the backward recomputes the logits. With
+    label_smoothing, torch's weighted smoothing term (eps / V) sum_c ce_weight[c] (-log p_c)
+    comes from the rows' logsumexp and the linear sum_c ce_weight[c] logit_c (see
+    _weighted_smoothing); not with logit_softcap (the logits are then not linear in weight)."""
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
            logit_softcap, chunk_size, loss_dtype)
     if ce_weight is not None:
         check_tensor("ce_weight", ce_weight, shape=(weight.shape[0],), device=x.device)
         if label_smoothing:
-            raise ValueError("ce_weight with label_smoothing > 0 is not supported (torch's weighted "
-                             "smoothing term); use one or the other")
+            if logit_softcap:
+                raise ValueError("ce_weight with label_smoothing > 0 and logit_softcap > 0 is not "
+                                 "supported (torch's weighted smoothing term of softcapped logits "
+                                 "needs every logit); drop one of ce_weight, label_smoothing, "
+                                 "logit_softcap")
+            return _weighted_smoothing(x, weight, target, bias, ce_weight, ignore_index, reduction,
+                                       float(label_smoothing), float(z_loss), return_z_loss,
+                                       chunk_size, loss_dtype, backend)
         rows, zrows = linear_cross_entropy(
             x, weight, target, bias=bias, ignore_index=ignore_index, reduction="none", z_loss=z_loss,
             logit_softcap=logit_softcap, return_z_loss=True, chunk_size=chunk_size, loss_dtype=loss_dtype,
