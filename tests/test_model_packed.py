@@ -92,3 +92,29 @@ def test_packed_bad_input():
     with pytest.raises(ValueError, match="not both"):
         model(tok, position_ids=torch.zeros(2, 16, dtype=torch.long),
               cu_seqlens=torch.tensor([0, 16, 32], dtype=torch.int32))
+
+
+def test_packed_step_with_attention_dropout():
+    """attn_dropout in training reaches packed documents (tk.attention_varlen's dropout): the
+    loss changes in training, repeats under the same torch seed, has gradients, and eval mode
+    drops nothing (equal to the model without attn_dropout)."""
+    cfg = TransformerConfig.preset("tiny", dtype="float64", max_seq_len=32, attn_dropout=0.3)
+    torch.manual_seed(2)
+    model = Transformer(cfg)
+    tok, pos = _packed_batch(_docs(cfg.vocab_size))
+    tgt = _targets(tok, pos)
+    model.eval()
+    _, eval_loss = model(tok, tgt, position_ids=pos)
+    plain = Transformer(TransformerConfig.preset("tiny", dtype="float64", max_seq_len=32))
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    torch.testing.assert_close(plain(tok, tgt, position_ids=pos)[1], eval_loss, rtol=0, atol=0)
+    model.train()
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        _, loss = model(tok, tgt, position_ids=pos)
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1]) and not torch.allclose(losses[0], eval_loss)
+    losses[0].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

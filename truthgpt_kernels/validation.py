@@ -203,6 +203,21 @@ def check_kvcache_lengths(cache_seqlens: Tensor, block_table: Optional[Tensor], 
                              f"in [0, {num_pages})")
 
 
+def check_dropout(dropout_p, dropout_seed) -> Tuple[float, Optional[Tensor]]:
+    """(dropout_p in [0, 1), the Philox key as a one-element CPU int64 tensor, or None without
+    dropout). dropout_seed: any int in [0, 2^64) (stored as the int64 of the same bits), or None:
+    drawn from torch's CPU generator, so torch.manual_seed makes runs reproducible."""
+    dropout_p = check_float("dropout_p", dropout_p, minimum=0.0)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0:
+        return dropout_p, None
+    if dropout_seed is None:
+        return dropout_p, torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+    key = check_int("dropout_seed", dropout_seed, minimum=0, maximum=2 ** 64 - 1)
+    return dropout_p, torch.tensor(key - 2 ** 64 if key >= 2 ** 63 else key, dtype=torch.int64)
+
+
 def check_kvcache_rows(cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor],
                        cache_rows: int, s_new: int, *, in_graph: bool = False):
     """The values of flash-attn's two cache remappings: cache_batch_idx (sequence b uses cache row

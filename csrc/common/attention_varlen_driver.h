@@ -8,6 +8,9 @@
 // runs: cu_seqlens int32 (B + 1,), 0 first, non-decreasing, last = total; alibi float32 (B, Hq).
 // A sequence's outputs are written into its rows of the packed outputs; sequences with no
 // query rows are skipped, sequences with no keys give zero rows, lse -inf and zero gradients.
+// Dropout: sequence b runs the dense kernel's Philox stream on its own (1, Hq, len_q, len_k)
+// scores with key seq_seed(seed, b) (a Weyl step per sequence), so sequences never share words
+// and a one-sequence batch draws what tk.attention draws with the same seed.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -45,10 +48,19 @@ inline Opt slopes_of(const Opt& alibi, int64_t b) {
   return alibi.has_value() ? Opt(alibi->narrow(0, b, 1)) : Opt();
 }
 
+// The dropout key of sequence b: seed + b * 0x9E3779B97F4A7C15 (mod 2^64), as a one-element CPU
+// int64 tensor (the dense kernels' dropout_seed); none without dropout.
+inline Opt seq_seed(double dropout_p, const Opt& seed, int64_t b) {
+  if (dropout_p <= 0 || !seed.has_value()) return Opt();
+  const uint64_t key = static_cast<uint64_t>(seed->item<int64_t>()) + static_cast<uint64_t>(b) * 0x9E3779B97F4A7C15ull;
+  return Opt(at::scalar_tensor(static_cast<int64_t>(key), at::TensorOptions().dtype(at::kLong)));
+}
+
 inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/,
                                               int64_t /*max_k*/, double scale, int64_t window_left,
-                                              int64_t window_right, const Opt& alibi, double softcap) {
+                                              int64_t window_right, const Opt& alibi, double softcap,
+                                              double dropout_p, const Opt& dropout_seed) {
   static const auto dense =
       c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_fwd", "").typed<FwdFn>();
   const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
@@ -60,7 +72,7 @@ inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Ten
     if (nq == 0 || nk == 0) continue;
     auto [o, l] = dense.call(seq_view(q, q0, nq), seq_view(k, k0, nk), seq_view(v, k0, nk), scale, window_left,
                              window_right, slopes_of(alibi, static_cast<int64_t>(b)), Opt(), 64, Opt(), softcap,
-                             Opt(), 0.0, Opt());
+                             Opt(), dropout_p, seq_seed(dropout_p, dropout_seed, static_cast<int64_t>(b)));
     out.narrow(0, q0, nq).copy_(o.select(0, 0).transpose(0, 1));
     lse.narrow(1, q0, nq).copy_(l.select(0, 0));
   }
@@ -70,7 +82,8 @@ inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Ten
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
-    double scale, int64_t window_left, int64_t window_right, const Opt& alibi, double softcap) {
+    double scale, int64_t window_left, int64_t window_right, const Opt& alibi, double softcap, double dropout_p,
+    const Opt& dropout_seed) {
   static const auto dense =
       c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_bwd", "").typed<BwdFn>();
   const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
@@ -83,7 +96,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     auto [gq, gk, gv, unused] = dense.call(seq_view(grad_out, q0, nq), seq_view(q, q0, nq), seq_view(k, k0, nk),
                                    seq_view(v, k0, nk), seq_view(out, q0, nq), lse.narrow(1, q0, nq).unsqueeze(0),
                                    scale, window_left, window_right, slopes_of(alibi, static_cast<int64_t>(b)),
-                                   Opt(), 64, Opt(), softcap, Opt(), 0.0, Opt());
+                                   Opt(), 64, Opt(), softcap, Opt(), dropout_p,
+                                   seq_seed(dropout_p, dropout_seed, static_cast<int64_t>(b)));
     dq.narrow(0, q0, nq).copy_(gq.select(0, 0).transpose(0, 1));
     dk.narrow(0, k0, nk).copy_(gk.select(0, 0).transpose(0, 1));
     dv.narrow(0, k0, nk).copy_(gv.select(0, 0).transpose(0, 1));

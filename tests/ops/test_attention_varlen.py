@@ -111,6 +111,75 @@ def test_attention_varlen_matches_reference(backend, case):
             assert_close(f"d{name}[{dtype}]", a.grad, r.grad, b.grad, atol=ATOL[dtype])
 
 
+def _sequence_key(seed: int, b: int) -> int:
+    """Sequence b's dropout key as an int in [0, 2^64)."""
+    return int(reference.varlen_dropout_seed(seed, b)) % 2 ** 64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["causal", "sq_ne_sk_causal_gqa", "window_alibi_softcap"])
+def test_attention_varlen_dropout(backend, case):
+    """Dropout: sequence b drops what tk.attention drops on that sequence alone with the key
+    dropout_seed + b * 0x9E3779B97F4A7C15; values and gradients against the float64 reference
+    (the tolerance rule's baseline: the dense kernel of the same backend and dtype)."""
+    device = device_for(backend)
+    (q64, k64, v64), (lq, lk), kw = make_inputs(case, device)
+    if kw.get("alibi_slopes") is not None:
+        kw["alibi_slopes"] = kw["alibi_slopes"].expand(len(lq), -1)
+    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+    seed = 1234567
+    do64 = torch.randn_like(q64)
+    ref = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
+    slopes = kw.pop("alibi_slopes", None)
+
+    def dense(q, k, v, be):  # each sequence through tk.attention with its own key: the definition
+        outs, q0, k0 = [], 0, 0
+        for b, (nq, nk) in enumerate(zip(lq, lk)):
+            view = (lambda t, s, n: t[s:s + n].transpose(0, 1).unsqueeze(0))
+            o = tk.attention(view(q, q0, nq), view(k, k0, nk), view(v, k0, nk), dropout_p=0.25,
+                             dropout_seed=_sequence_key(seed, b), backend=be,
+                             alibi_slopes=None if slopes is None else slopes[b:b + 1], **kw)
+            outs.append(o[0].transpose(0, 1))
+            q0, k0 = q0 + nq, k0 + nk
+        return torch.cat(outs)
+    ref_out = dense(*ref, "reference")
+    ref_out.backward(do64)
+    for dtype in DTYPES[backend]:
+        ours = [t.detach().to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+        out = tk.attention_varlen(*ours, cu_q, cu_k, max(lq), max(lk), dropout_p=0.25, dropout_seed=seed,
+                                  alibi_slopes=slopes, backend=backend, **kw)
+        out.backward(do64.to(dtype))
+        base = [t.detach().to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+        base_out = dense(*base, backend)
+        base_out.backward(do64.to(dtype))
+        assert_close(f"out[{dtype}]", out, ref_out, base_out, atol=ATOL[dtype])
+        for name, a, r, b in zip("qkv", ours, ref, base):
+            assert_close(f"d{name}[{dtype}]", a.grad, r.grad, b.grad, atol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_attention_varlen_dropout_streams(backend):
+    """Identical sequences draw different masks (their own keys); about 1 - p of the weights are
+    kept; one sequence equals tk.attention with the same seed; the same seed repeats exactly."""
+    n, H, p = 64, 2, 0.3
+    q, k = torch.randn(n, H, n), torch.randn(n, H, n)
+    v = torch.eye(n)[:, None, :].expand(n, H, n).contiguous()  # out = the dropped probabilities themselves
+    q2, k2, v2 = (torch.cat([t, t]) for t in (q, k, v))
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
+    out = tk.attention_varlen(q2, k2, v2, cu, cu, n, n, dropout_p=p, dropout_seed=99, backend=backend)
+    kept = [(out[i * n:(i + 1) * n] != 0) for i in range(2)]
+    assert not torch.equal(kept[0], kept[1]), "two sequences drew the same dropout mask"
+    frac = torch.cat(kept).float().mean().item()
+    assert abs(frac - (1 - p)) < 0.03, frac
+    again = tk.attention_varlen(q2, k2, v2, cu, cu, n, n, dropout_p=p, dropout_seed=99, backend=backend)
+    assert torch.equal(out, again)
+    one = tk.attention_varlen(q, k, v, cu[:2], cu[:2], n, n, dropout_p=p, dropout_seed=99, backend=backend)
+    dense = tk.attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dropout_p=p,
+                         dropout_seed=99, backend=backend)
+    torch.testing.assert_close(one, dense[0].transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(one, out[:n], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_varlen_equals_padded_batch(backend):
     """The packed call equals tk.attention on the same documents padded one per row

@@ -43,7 +43,7 @@ def _attention_varlen_args(dev):
     cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=dev)
     cu_k = torch.tensor([0, 5, 6, 11], dtype=torch.int32, device=dev)
     slopes = tk.alibi_slopes(4, device=dev).expand(3, 4)
-    return (q, k, v, cu_q, cu_k, 6, 5, 0.3, 4, 0, slopes, 5.0)
+    return (q, k, v, cu_q, cu_k, 6, 5, 0.3, 4, 0, slopes, 5.0, 0.2, torch.tensor(7))  # dropout, fixed seed
 
 
 def _rotary_args(dev, qk):

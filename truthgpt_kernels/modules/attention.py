@@ -240,7 +240,8 @@ class Attention(nn.Module):
         y = attention_varlen(q.reshape(B * S, Hq, D), k.flatten(0, 1), v.flatten(0, 1),
                              packed.cu_seqlens, packed.cu_seqlens, n, n, causal=self.causal,
                              window=self.window, softcap=self.softcap, scale=self.scale, backend=self.backend,
-                             alibi_slopes=self.alibi() if self.alibi is not None else None)  # (B*S, Hq, D)
+                             alibi_slopes=self.alibi() if self.alibi is not None else None,
+                             dropout_p=self._attn_dropout_p())  # (B*S, Hq, D)
         return y.view(B, S, Hq * D)
 
     def _packed(self, x: Tensor, packed: Packed, cache: Optional[KVCache],
@@ -248,10 +249,6 @@ class Attention(nn.Module):
         if cache is not None or key_mask is not None or self.sparsity:
             raise ValueError("packed documents run without a KV cache, key_mask or block-sparse "
                              "layout (each document is its own sequence)")
-        if self._attn_dropout_p() > 0:
-            raise ValueError("attn_dropout in training runs on tk.attention; packed documents "
-                             "(tk.attention_varlen) do not take it yet: pass padded rows or set "
-                             "attn_dropout=0")
         q, k, v = self._rows(x, packed.position_ids)          # positions within each document
         return self.dropout(self.out(self._varlen(q, k, v, packed)))
 

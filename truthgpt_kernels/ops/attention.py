@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import (autocast_qkv, check_attention_options, check_float, check_head_dim, check_int,
+from ..validation import (autocast_qkv, check_attention_options, check_dropout, check_head_dim, check_int,
                           check_rel_bias, check_same_dtype, check_tensor)
 from .reference import alibi_slopes  # noqa: F401  (re-exported as tk.alibi_slopes)
 from .reference import lse_dtype, rel_bias_by_distance
@@ -127,16 +127,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         bidirectional, nb, max_distance = check_rel_bias(rel_bias, rel_buckets, Hq, q.device, causal)
         rel_vec = rel_bias_by_distance(rel_bias, Sq, Sk, bidirectional, nb, max_distance).to(
             torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
-    dropout_p = check_float("dropout_p", dropout_p, minimum=0.0)
-    if dropout_p >= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    seed = None
-    if dropout_p > 0:
-        if dropout_seed is None:
-            seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)
-        else:  # any 64-bit Philox key; stored as the int64 of the same bits
-            key = check_int("dropout_seed", dropout_seed, minimum=0, maximum=2 ** 64 - 1)
-            seed = torch.tensor(key - 2 ** 64 if key >= 2 ** 63 else key, dtype=torch.int64)
+    dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     name = backends.select("attention", backend, q)
     out, lse = backends.call(attention_op, "attention", "fwd", name, q, k, v, scale, left, right,
                              alibi_slopes, block_mask, block_size, key_mask, softcap, rel_vec,

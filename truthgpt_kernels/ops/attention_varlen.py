@@ -5,8 +5,10 @@
 q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence b owns rows cu_seqlens_q[b] ..
 cu_seqlens_q[b + 1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of k and v, and gets exactly
 tk.attention's semantics on them (bottom-right causal alignment per sequence, GQA, ALiBi,
-window, softcap; a sequence without keys gives zero rows). No padding and no mask across
-sequences exist. The lengths are read inside the op (never traced), so torch.compile sees one
+window, softcap, dropout; a sequence without keys gives zero rows). No padding and no mask across
+sequences exist. Dropout: sequence b draws tk.attention's Philox stream of its own
+(1, Hq, len_q, len_k) scores with the key dropout_seed + b * 0x9E3779B97F4A7C15 (mod 2^64)
+(reference.varlen_dropout_seed), so a one-sequence batch drops what tk.attention drops. The lengths are read inside the op (never traced), so torch.compile sees one
 opaque op whatever the lengths."""
 from typing import Optional, Tuple
 
@@ -14,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import (autocast_qkv, check_attention_options, check_head_dim, check_int, check_same_dtype,
-                          check_tensor)
+from ..validation import (autocast_qkv, check_attention_options, check_dropout, check_head_dim, check_int,
+                          check_same_dtype, check_tensor)
 from .reference import lse_dtype
 
 
@@ -40,19 +42,19 @@ def _check_lengths(name: str, cu: Tensor, total: int, max_seqlen: int, max_name:
 def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                         max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                         window_right: int, alibi_slopes: Optional[Tensor], softcap: float,
-                        backend: str) -> Tuple[Tensor, Tensor]:
+                        dropout_p: float, dropout_seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (out (Tq, Hq, D) like q, lse float32 (float64 for float64 q) (Hq, Tq)); arguments as normalised by
     `attention_varlen` below (causal folded into window_right)."""
     _check_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     _check_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     return backends.kernel("attention_varlen", backend, "fwd")(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-        window_right, alibi_slopes, softcap)
+        window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
 
 
 @attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, alibi_slopes, softcap, backend):
+      window_right, alibi_slopes, softcap, dropout_p, dropout_seed, backend):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype))
 
 
@@ -61,11 +63,11 @@ def attention_varlen_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                                  lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, scale: float,
                                  window_left: int, window_right: int,
-                                 alibi_slopes: Optional[Tensor], softcap: float,
-                                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                                 alibi_slopes: Optional[Tensor], softcap: float, dropout_p: float,
+                                 dropout_seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     return backends.kernel("attention_varlen", backend, "bwd")(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        scale, window_left, window_right, alibi_slopes, softcap)
+        scale, window_left, window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
 
 
 @attention_varlen_backward_op.register_fake
@@ -76,7 +78,8 @@ def _(grad_out, q, k, v, *args):
 def _setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k = inputs[:5]
     ctx.save_for_backward(*backends.saveable(q, k, v, *output, cu_q, cu_k))
-    ctx.args = inputs[5:]  # max_q, max_k, scale, window_left, window_right, alibi, softcap, backend
+    ctx.args = inputs[5:]  # max_q, max_k, scale, window_left, window_right, alibi, softcap, dropout_p,
+    #                        dropout_seed, backend
     ctx.mark_non_differentiable(output[1])
 
 
@@ -98,11 +101,14 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      scale: Optional[float] = None, window=None,
                      alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                     dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                      return_lse: bool = False, backend: Optional[str] = None):
     """Attention over packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D),
     cu_seqlens_q / cu_seqlens_k int32 (B + 1,) cumulative lengths (0 first, total last),
     max_seqlen_q / max_seqlen_k at least the longest length. Per sequence the semantics of
-    tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq)). Returns out
+    tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq); dropout_p / dropout_seed
+    as tk.attention's, sequence b drawing with the key dropout_seed + b * 0x9E3779B97F4A7C15).
+    Returns out
     (total_q, Hq, D), or (out, lse) with lse float32 (float64 for float64 q) (Hq, total_q) when
     return_lse."""
     Tq, Hq, D = check_tensor("q", q, ndim=3).shape
@@ -126,8 +132,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale, softcap, (left, right), alibi_slopes = check_attention_options(
         D, n - 1, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
         alibi_slopes=alibi_slopes)
+    dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     name = backends.select("attention_varlen", backend, q)
     out, lse = backends.apply(attention_varlen_op, _unit_rows(q), _unit_rows(k), _unit_rows(v), cu_seqlens_q,
-                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-                                   alibi_slopes, softcap, name)
+                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                              alibi_slopes, softcap, dropout_p, seed, name)
     return (out, lse) if return_lse else out

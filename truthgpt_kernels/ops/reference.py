@@ -625,30 +625,47 @@ def _seq(t, start, end):
     return t[start:end].transpose(0, 1).unsqueeze(0)
 
 
+VARLEN_SEED_STEP = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl step between sequences' keys
+
+
+def varlen_dropout_seed(dropout_seed: Optional[Tensor], b: int) -> Optional[Tensor]:
+    """The dropout key of packed sequence b: dropout_seed + b * VARLEN_SEED_STEP (mod 2^64), as
+    the one-element int64 tensor of the same bits (None stays None)."""
+    if dropout_seed is None:
+        return None
+    key = (int(dropout_seed) + b * VARLEN_SEED_STEP) % 2 ** 64
+    return torch.tensor(key - 2 ** 64 if key >= 2 ** 63 else key, dtype=torch.int64)
+
+
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, alibi_slopes, softcap):
-    """Packed sequences, each through attention_fwd: out like q (Tq, Hq, D), lse (Hq, Tq)."""
+                         window_left, window_right, alibi_slopes, softcap, dropout_p=0.0,
+                         dropout_seed=None):
+    """Packed sequences, each through attention_fwd (dropout with its own key,
+    varlen_dropout_seed): out like q (Tq, Hq, D), lse (Hq, Tq)."""
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
             slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
             o, l = attention_fwd(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), scale, window_left,
-                                 window_right, slopes, None, 64, None, softcap)
+                                 window_right, slopes, None, 64, None, softcap, None, dropout_p,
+                                 varlen_dropout_seed(dropout_seed, b))
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
     return out, lse
 
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap):
+                         max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap,
+                         dropout_p=0.0, dropout_seed=None):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
             slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
             g = attention_bwd(_seq(grad_out, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
                               _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0), scale, window_left,
-                              window_right, slopes, None, 64, None, softcap)
+                              window_right, slopes, None, 64, None, softcap, None, dropout_p,
+                              varlen_dropout_seed(dropout_seed, b))
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g[:3])
     return dq, dk, dv
 

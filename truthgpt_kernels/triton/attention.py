@@ -26,7 +26,8 @@ when Sk % 4 == 0 (DROP4).
 VARLEN (constexpr; triton/attention_varlen.py launches it): packed rows, batch strides 0; the
 program of sequence b reads its first rows and lengths from CU_Q / CU_K, returns when its tile
 starts past the sequence, and writes out/dq/dk/dv in the packed (T, H, D) layout and the row
-statistics as (Hq, Tq). The dense path compiles without any of it.
+statistics as (Hq, Tq). Its dropout reads the sequence's Philox key from SEEDS (int32 lo/hi
+pairs) and numbers the sequence's scores as batch 0 of (1, Hq, Sq, Sk). The dense path compiles without any of it.
 
 Which tiles a program visits:
 - without a block mask, the window (causal is window_right = 0) gives a contiguous range of
@@ -280,7 +281,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
               sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
               sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
               Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
-              REL, seed_lo, seed_hi, dthresh, dscale,
+              REL, SEEDS, seed_lo, seed_hi, dthresh, dscale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -294,10 +295,15 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
     pid_bh = b * Hq + h
     hk = h // G
     m0 = pid_m * BLOCK_M
+    drop_bh = pid_bh  # the dropout stream's (batch, head) row block
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0)
         q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if m0 >= Sq:
             return
+        if HAS_DROPOUT:  # sequence b: its own key, its scores as batch 0 of (1, Hq, Sq, Sk)
+            seed_lo = tl.load(SEEDS + 2 * b)
+            seed_hi = tl.load(SEEDS + 2 * b + 1)
+            drop_bh = h
         Q = Q + q_start * sqs
         K = K + k_start * sks
         V = V + k_start * svs
@@ -355,7 +361,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # of the undropped P: lse and the normaliser
         if HAS_DROPOUT:
-            keep = _dropout_tile(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
+            keep = _dropout_tile(drop_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
                                  DROP4)
             p = tl.where(keep, p * dscale, 0.0)
         p = p.to(V.dtype.element_ty).to(DOT_T)
@@ -411,7 +417,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
                    sdb, sdh, sds, sdd,
                    sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
                    Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
-                   REL, seed_lo, seed_hi, dthresh, dscale,
+                   REL, SEEDS, seed_lo, seed_hi, dthresh, dscale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -425,10 +431,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
     pid_bk = b * (Hq // G) + hk
     n0l = pid_n * BLOCK_N
     n0 = n0l.to(tl.int32)
+    drop_b = b  # the dropout stream's batch index
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
         q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if n0l >= Sk:
             return
+        if HAS_DROPOUT:  # sequence b: its own key, its scores as batch 0 of (1, Hq, Sq, Sk)
+            seed_lo = tl.load(SEEDS + 2 * b)
+            seed_hi = tl.load(SEEDS + 2 * b + 1)
+            drop_b = b * 0
         Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
                                                      sqs, sks, svs, sds)
     pos_off = Sk - Sq
@@ -496,10 +507,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
             dp = tl.dot(v, tl.trans(do), input_precision=PREC)
             if HAS_DROPOUT:  # dV = (P Z / (1 - p))^T dO, dP = (dO V^T) Z / (1 - p)
                 if DROP4:
-                    keep = tl.trans(_dropout_keep4((b * Hq + h) * Sq, offs_m, n0, Sk, seed_lo, seed_hi,
+                    keep = tl.trans(_dropout_keep4((drop_b * Hq + h) * Sq, offs_m, n0, Sk, seed_lo, seed_hi,
                                                    dthresh, BLOCK_M, BLOCK_N))
                 else:
-                    keep = _dropout_keep((b * Hq + h) * Sq, offs_m[None, :], j2, Sk, seed_lo, seed_hi,
+                    keep = _dropout_keep((drop_b * Hq + h) * Sq, offs_m[None, :], j2, Sk, seed_lo, seed_hi,
                                          dthresh)
                 dv += tl.dot(tl.where(keep, p * dscale, 0.0).to(DO.dtype.element_ty).to(DOT_T), do,
                              input_precision=PREC)
@@ -529,7 +540,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
                  sdb, sdh, sds, sdd,
                  sab, sah, sbmb, sbmh, sbmq, sbmk, skmb, skms, slb, slh, slt, scb, sch,
                  Hq, G, Sq, Sk, scale, softcap, wl, wr, block_size, SQ_KEY, SK_KEY, TQ,
-                 REL, seed_lo, seed_hi, dthresh, dscale,
+                 REL, SEEDS, seed_lo, seed_hi, dthresh, dscale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
                  HAS_RIGHT: tl.constexpr, HAS_LIST: tl.constexpr, HAS_KMASK: tl.constexpr,
@@ -551,10 +562,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     pid_bh = b * Hq + h
     hk = h // G
     m0 = pid_m * BLOCK_M
+    drop_bh = pid_bh  # the dropout stream's (batch, head) row block
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
         q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if m0 >= Sq:
             return
+        if HAS_DROPOUT:  # sequence b: its own key, its scores as batch 0 of (1, Hq, Sq, Sk)
+            seed_lo = tl.load(SEEDS + 2 * b)
+            seed_hi = tl.load(SEEDS + 2 * b + 1)
+            drop_bh = h
         Q, K, V, DO, LSE, DELTA, ONE = _seq_bwd_ptrs(Q, K, V, DO, LSE, DELTA, ONE, q_start, k_start,
                                                      sqs, sks, svs, sds)
     pos_off = Sk - Sq
@@ -627,7 +643,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if HAS_DROPOUT:  # dP = (dO V^T) Z / (1 - p)
-            keep = _dropout_tile(pid_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
+            keep = _dropout_tile(drop_bh * Sq, offs_m, n0, Sk, seed_lo, seed_hi, dthresh, BLOCK_M, BLOCK_N,
                                  DROP4)
             dp = tl.where(keep, dp * dscale, 0.0)
         if HAS_ONE:  # one-key rows: delta = dP at the key (see _one_key_rows)
@@ -927,7 +943,7 @@ def _mask_args(q, k, scale, wl, wr, alibi_slopes, block_mask, block_size, key_ma
         a.update(KMASK=km, skmb=km.stride(0), skms=km.stride(1))
     else:
         a.update(KMASK=q, skmb=0, skms=0)
-    a.update(REL=rel_bias if rel_bias is not None else q, HAS_REL=rel_bias is not None,
+    a.update(REL=rel_bias if rel_bias is not None else q, SEEDS=q, HAS_REL=rel_bias is not None,
              HAS_DROPOUT=dropout_p > 0, DROP4=dropout_p > 0 and Sk % 4 == 0, seed_lo=0, seed_hi=0,
              dthresh=0, dscale=1.0)
     if dropout_p > 0:  # 32-bit words passed as int32 (one specialisation), read back as uint32

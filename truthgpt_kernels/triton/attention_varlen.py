@@ -11,6 +11,7 @@ strides in, contiguous out; lse and the backward's row statistics (Hq, Tq) float
 import torch
 import triton
 
+from ..ops.reference import varlen_dropout_seed
 from . import attention as _dense
 
 
@@ -21,10 +22,22 @@ def _sdpa_view(t):
                                         (0, t.stride(1), t.stride(0), t.stride(2)))
 
 
+def _seeds(dropout_seed, B, device):
+    """(B, 2) int32: the lo/hi words of each sequence's dropout key (reference.varlen_dropout_seed)."""
+    words = []
+    for b in range(B):
+        key = int(varlen_dropout_seed(dropout_seed, b)) % 2 ** 64
+        words += [_dense._i32(key), _dense._i32(key >> 32)]
+    return torch.tensor(words, dtype=torch.int32).view(B, 2).to(device)
+
+
 def _args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-          window_right, alibi_slopes, softcap):
+          window_right, alibi_slopes, softcap, dropout_p, dropout_seed):
     q4, k4, v4 = _sdpa_view(q), _sdpa_view(k), _sdpa_view(v)
-    a = _dense._mask_args(q4, k4, scale, window_left, window_right, alibi_slopes, None, 0, None, softcap)
+    a = _dense._mask_args(q4, k4, scale, window_left, window_right, alibi_slopes, None, 0, None, softcap,
+                          None, dropout_p, dropout_seed)
+    if dropout_p > 0:  # per-sequence keys; lengths vary, so one Philox call per element
+        a.update(SEEDS=_seeds(dropout_seed, cu_seqlens_q.shape[0] - 1, q.device), DROP4=False)
     _dense._set_lists(a, None, None)
     a.update(Q=q, K=k, V=v, **_dense._strides("sq", q4), **_dense._strides("sk", k4),
              **_dense._strides("sv", v4),
@@ -51,7 +64,7 @@ def _device(q):
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, alibi_slopes, softcap):
+                         window_left, window_right, alibi_slopes, softcap, dropout_p=0.0, dropout_seed=None):
     _check(q, k, cu_seqlens_q)
     Tq, Hq, D = q.shape
     out = torch.empty((Tq, Hq, D), dtype=q.dtype, device=q.device)
@@ -59,7 +72,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     a = _args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-              window_right, alibi_slopes, softcap)
+              window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
     a.update(O=out, LSE=lse)
     B = cu_seqlens_q.shape[0] - 1
     with _device(q):
@@ -84,7 +97,8 @@ def _one_key_rows(cu_seqlens_q, cu_seqlens_k, Tq, Hq, wl, wr):
 
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap):
+                         max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap,
+                         dropout_p=0.0, dropout_seed=None):
     _check(q, k, cu_seqlens_q)
     Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[0], k.shape[1]
@@ -96,7 +110,7 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
     out = out.contiguous()
     lse = lse.contiguous()
     a = _args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-              window_right, alibi_slopes, softcap)
+              window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
     bd = a["BLOCK_D"]
     delta = torch.empty((Hq, Tq), dtype=torch.float32, device=q.device)
     B = cu_seqlens_q.shape[0] - 1
