@@ -203,6 +203,86 @@ def test_attention_varlen_equals_padded_batch(backend):
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
+def _paged(lk, Hkv, D, page_size, device, seed=0):
+    """A paged cache holding sequences of lengths lk in shuffled pages (spare pages and unused
+    slots NaN: never to be read) and their packed (total_k, Hkv, D) keys / values."""
+    g = torch.Generator().manual_seed(seed)
+    per = max(-(-n // page_size) for n in lk)
+    num_pages = len(lk) * per + 2
+    table = torch.randperm(num_pages, generator=g)[:len(lk) * per].view(len(lk), per).to(torch.int32)
+    caches = [torch.full((num_pages, page_size, Hkv, D), float("nan"), dtype=torch.float64) for _ in range(2)]
+    packed = [torch.randn(sum(lk), Hkv, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    row = 0
+    for b, n in enumerate(lk):
+        for t in range(n):
+            for c, p in zip(caches, packed):
+                c[table[b, t // page_size], t % page_size] = p[row]
+            row += 1
+    return [c.to(device) for c in caches], table.to(device), [p.to(device) for p in packed]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_attention_varlen_paged_kv(backend, page_size):
+    """block_table (flash-attn's paged varlen): keys and values read from a paged cache equal
+    the packed call on the same tokens; values and gradients (they reach the pages)."""
+    device = device_for(backend)
+    lq, lk, Hq, Hkv, D = [3, 0, 9, 1], [10, 4, 17, 1], 4, 2, 32
+    (kc, vc), table, (k, v) = _paged(lk, Hkv, D, page_size, device)
+    q = torch.randn(sum(lq), Hq, D, dtype=torch.float64, device=device)
+    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+    dtype = DTYPES[backend][-1] if backend != "reference" else torch.float64
+    kc, vc = (t.to(dtype).requires_grad_(True) for t in (kc, vc))
+    qd, kd, vd = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    kw = dict(causal=True, window=(6, -1), alibi_slopes=tk.alibi_slopes(Hq, device=device), backend=backend)
+    out, lse = tk.attention_varlen(qd, kc, vc, cu_q, cu_k, max(lq), max(lk), block_table=table, return_lse=True, **kw)
+    want, want_lse = tk.attention_varlen(qd, kd, vd, cu_q, cu_k, max(lq), max(lk), return_lse=True, **kw)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    dkc, dvc = torch.autograd.grad(out, (kc, vc), g)
+    dk, dv = torch.autograd.grad(want, (kd, vd), g)
+    flat = []
+    for b, n in enumerate(lk):
+        flat += [int(table[b, t // page_size]) * page_size + t % page_size for t in range(n)]
+    flat = torch.tensor(flat, device=device)
+    for got, exp in ((dkc, dk), (dvc, dv)):
+        got = got.flatten(0, 1)
+        torch.testing.assert_close(got[flat], exp, rtol=0, atol=0)
+        rest = torch.ones(got.shape[0], dtype=torch.bool, device=device)
+        rest[flat] = False
+        assert torch.all(got[rest] == 0), "slots no sequence uses got a gradient"
+
+
+def test_attention_varlen_paged_kv_bad_input():
+    (kc, vc), table, _ = _paged([3, 7], 2, 16, 4, "cpu")  # page size 4: 2 pages each
+    q = torch.randn(4, 4, 16, dtype=torch.float64)
+    cu_q, cu_k = _cu([2, 2], "cpu"), _cu([3, 7], "cpu")
+    call = (lambda **kw: tk.attention_varlen(q, kw.pop("k", kc), kw.pop("v", vc), cu_q, kw.pop("cu_k", cu_k), 2,
+                                              kw.pop("max_k", 7), block_table=kw.pop("table", table)))
+    with pytest.raises(ValueError, match="k must have 4 dimensions"):
+        call(k=kc[0], v=vc[0])
+    with pytest.raises(TypeError, match="block_table must have dtype int32"):
+        call(table=table.long())
+    with pytest.raises(ValueError, match="block_table must have shape"):
+        call(table=table[:1])
+    bad = table.clone()
+    bad[1, 1] = 99
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 99 is not a page index"):
+        call(table=bad)
+    with pytest.raises(ValueError, match="exceeds what block_table can address"):
+        call(cu_k=_cu([3, 9], "cpu"), max_k=9)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        call(cu_k=torch.tensor([0, 5, 4], dtype=torch.int32))
+    unused = table.clone()
+    unused[0, 0] = -1  # sequence 0 (3 tokens, page size 4) uses page 0 ...
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = -1"):
+        call(table=unused)
+    unused = table.clone()
+    unused[0, 1] = -1  # ... but not page 1: anything may sit there
+    assert torch.isfinite(call(table=unused)).all()
+
+
 def _args(device="cpu"):
     q = torch.randn(10, 4, 16, device=device)
     k = torch.randn(12, 2, 16, device=device)

@@ -97,26 +97,59 @@ def _unit_rows(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _gather_pages(k: Tensor, v: Tensor, cu_seqlens_k: Tensor, block_table: Tensor, max_seqlen_k: int):
+    """Keys and values of a paged cache (num_pages, page_size, Hkv, D), sequence b's token t in
+    page block_table[b, t // page_size], slot t % page_size, gathered into the packed
+    (total_k, Hkv, D) layout (one copy; index_select, so gradients reach the pages). Checks
+    cu_seqlens_k and the block_table entries the tokens use first (reads them: a host sync)."""
+    num_pages, page_size = k.shape[0], k.shape[1]
+    B = cu_seqlens_k.shape[0] - 1
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=k.device, shape=(B, None))
+    cu = cu_seqlens_k.long()
+    _check_lengths("cu_seqlens_k", cu_seqlens_k, int(cu[-1]), max_seqlen_k, "max_seqlen_k")
+    capacity = block_table.shape[1] * page_size
+    if max_seqlen_k > capacity:
+        raise ValueError(f"max_seqlen_k ({max_seqlen_k}) exceeds what block_table can address: "
+                         f"{block_table.shape[1]} pages of {page_size} tokens")
+    total = int(cu[-1])
+    t = torch.arange(total, device=k.device)
+    b = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each packed key row
+    pos = t - cu[b]
+    page = block_table.long()[b, pos // page_size]
+    bad = (page < 0) | (page >= num_pages)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"block_table[{int(b[r])}, {int(pos[r]) // page_size}] = {int(page[r])} is not a page "
+                         f"index in [0, {num_pages})")
+    flat = page * page_size + pos % page_size
+    return k.flatten(0, 1).index_select(0, flat), v.flatten(0, 1).index_select(0, flat)
+
+
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      scale: Optional[float] = None, window=None,
                      alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
                      dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                     block_table: Optional[Tensor] = None,
                      return_lse: bool = False, backend: Optional[str] = None):
     """Attention over packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D),
     cu_seqlens_q / cu_seqlens_k int32 (B + 1,) cumulative lengths (0 first, total last),
     max_seqlen_q / max_seqlen_k at least the longest length. Per sequence the semantics of
     tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq); dropout_p / dropout_seed
     as tk.attention's, sequence b drawing with the key dropout_seed + b * 0x9E3779B97F4A7C15).
+    block_table int32 (B, max_pages) (flash-attn's paged varlen): k and v are a paged cache
+    (num_pages, page_size, Hkv, D) and sequence b's keys are its first
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] tokens there; they are gathered into the packed layout
+    first (one copy of the keys and values; gradients flow back to the pages).
     Returns out
     (total_q, Hq, D), or (out, lse) with lse float32 (float64 for float64 q) (Hq, total_q) when
     return_lse."""
     Tq, Hq, D = check_tensor("q", q, ndim=3).shape
-    check_tensor("k", k, ndim=3, device=q.device)
-    check_tensor("v", v, ndim=3, device=q.device, shape=tuple(k.shape))
+    paged = block_table is not None  # k, v (num_pages, page_size, Hkv, D)
+    check_tensor("k", k, ndim=4 if paged else 3, device=q.device)
+    check_tensor("v", v, ndim=k.dim(), device=q.device, shape=tuple(k.shape))
     check_same_dtype("q", q, k=k, v=v)
-    q, k, v = autocast_qkv(q, k, v)
-    Tk, Hkv, Dk = k.shape
+    Hkv, Dk = k.shape[-2:]
     if Dk != D:
         raise ValueError(f"k and v must have the head dim of q ({D}), got {Dk}")
     if Hkv < 1 or Hq % Hkv:
@@ -129,6 +162,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=q.device, shape=(n,))
     check_int("max_seqlen_q", max_seqlen_q, minimum=0)
     check_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    if paged:
+        k, v = _gather_pages(k, v, cu_seqlens_k, block_table, max_seqlen_k)
+    q, k, v = autocast_qkv(q, k, v)
     scale, softcap, (left, right), alibi_slopes = check_attention_options(
         D, n - 1, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
         alibi_slopes=alibi_slopes)
