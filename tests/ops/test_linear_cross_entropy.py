@@ -494,6 +494,24 @@ def test_non_finite_inputs_like_pytorch(backend):
                                                msg=lambda m: f"{where} {gname}: {m}")
 
 
+def _check_against_torch(torch_loss, ours, inputs64, dtype, backend, tag):
+    """ours = (loss, x, weight, bias) (leaves of dtype, loss not yet backpropagated): loss and the
+    three gradients against torch_loss(x, weight, bias, dt) run in float64 (the reference) and in
+    dtype (the baseline of the tolerance rule), all from the same random grad_output."""
+    loss, x, w, b = ours
+    gy = torch.randn(loss.shape, dtype=torch.float64, device=loss.device) + 0.5
+    ins = {}
+    for name, dt in (("ref", torch.float64), ("base", dtype)):
+        rx, rw, rb = (leaf(v.to(dtype).to(dt)) for v in inputs64)
+        out = torch_loss(rx, rw, rb, dt)
+        out.backward(gy.to(dt))
+        ins[name] = (out, rx.grad, rw.grad, rb.grad)
+    loss.backward(gy.to(dtype))
+    with bf16_rounding_known(backend, dtype):
+        for i, (name, got) in enumerate((("loss", loss), ("dx", x.grad), ("dweight", w.grad), ("dbias", b.grad))):
+            assert_close(name + tag, got, ins["ref"][i], ins["base"][i])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_class_weights_like_torch(backend, reduction):
@@ -509,22 +527,13 @@ def test_class_weights_like_torch(backend, reduction):
             x, w, b = (leaf(v, dtype) for v in (x64, w64, b64))
             loss = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, logit_softcap=softcap,
                                            ce_weight=cw64.to(dtype), chunk_size=4, backend=backend)
-            gy = torch.randn(loss.shape, dtype=torch.float64, device=dev) + 0.5
-            ins = {}
-            for name, dt in (("ref", torch.float64), ("base", dtype)):
-                rx, rw, rb = (leaf(v.to(dtype).to(dt)) for v in (x64, w64, b64))
+            def torch_loss(rx, rw, rb, dt):
                 z = F.linear(rx, rw, rb)
                 if softcap:
                     z = softcap * torch.tanh(z / softcap)
-                out = F.cross_entropy(z, t, weight=cw64.to(dtype).to(dt), reduction=reduction)
-                out.backward(gy.to(dt))
-                ins[name] = (out, rx.grad, rw.grad, rb.grad)
-            loss.backward(gy.to(dtype))
-            tag = f"[{backend} {dtype} {reduction} cap={softcap}]"
-            with bf16_rounding_known(backend, dtype):
-                for i, (name, got) in enumerate((("loss", loss), ("dx", x.grad), ("dweight", w.grad),
-                                                 ("dbias", b.grad))):
-                    assert_close(name + tag, got, ins["ref"][i], ins["base"][i])
+                return F.cross_entropy(z, t, weight=cw64.to(dtype).to(dt), reduction=reduction)
+            _check_against_torch(torch_loss, (loss, x, w, b), (x64, w64, b64), dtype, backend,
+                                 f"[{backend} {dtype} {reduction} cap={softcap}]")
     module = tk.modules.FusedLinearCrossEntropyLoss(reduction=reduction, ce_weight=cw64.float(), backend=backend)
     assert "ce_weight" in dict(module.named_buffers())
     torch.testing.assert_close(module(x64.float(), w64.float(), t, b64.float()),
@@ -579,19 +588,9 @@ def test_class_weights_with_smoothing_like_torch(backend, reduction):
         cw = cw64.to(dtype)
         loss = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=eps,
                                        ce_weight=cw, chunk_size=4, backend=backend)
-        gy = torch.randn(loss.shape, dtype=torch.float64, device=dev) + 0.5
-        ins = {}
-        for name, dt in (("ref", torch.float64), ("base", dtype)):
-            rx, rw, rb = (leaf(v.to(dtype).to(dt)) for v in (x64, w64, b64))
-            out, _ = _weighted_torch(rx, rw, rb, t, cw.to(dt), reduction, eps)
-            out.backward(gy.to(dt))
-            ins[name] = (out, rx.grad, rw.grad, rb.grad)
-        loss.backward(gy.to(dtype))
-        tag = f"[{backend} {dtype} {reduction} eps={eps} negative={bool((cw64 < 0).any())}]"
-        with bf16_rounding_known(backend, dtype):
-            for i, (name, got) in enumerate((("loss", loss), ("dx", x.grad), ("dweight", w.grad),
-                                             ("dbias", b.grad))):
-                assert_close(name + tag, got, ins["ref"][i], ins["base"][i])
+        _check_against_torch(lambda rx, rw, rb, dt: _weighted_torch(rx, rw, rb, t, cw.to(dt), reduction, eps)[0],
+                             (loss, x, w, b), (x64, w64, b64), dtype, backend,
+                             f"[{backend} {dtype} {reduction} eps={eps} negative={bool((cw64 < 0).any())}]")
         if dtype == torch.bfloat16:
             high = tk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, label_smoothing=eps,
                                            ce_weight=cw, chunk_size=4, loss_dtype=torch.float32,
