@@ -336,6 +336,12 @@ def test_kvcache_lse_of_empty_rows_and_int_seqlens(backend):
     got = tk.attention_with_kvcache(**dict(c, cache_seqlens=4), backend=backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(c["k_cache"], b["k_cache"], rtol=0, atol=0)
+    full = _inputs(True)  # None: the whole cache (3 pages of 4 tokens), as flash-attn's default
+    full.update(k_new=None, v_new=None)
+    want = tk.attention_with_kvcache(**dict(full, cache_seqlens=torch.tensor([12, 12], dtype=torch.int32)),
+                                     backend=backend)
+    torch.testing.assert_close(tk.attention_with_kvcache(**dict(full, cache_seqlens=None), backend=backend), want,
+                               rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -124,7 +124,7 @@ def _check_rotary(q, cache_seqlens, k_new, rotary_cos, rotary_sin, steps):
 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
-                           cache_seqlens: Union[Tensor, int],
+                           cache_seqlens: Union[Tensor, int, None] = None,
                            block_table: Optional[Tensor] = None, k_new: Optional[Tensor] = None,
                            v_new: Optional[Tensor] = None, causal: bool = True,
                            scale: Optional[float] = None, window=None,
@@ -138,7 +138,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
     Cache: contiguous k_cache/v_cache (B, Hkv, S_max, D), or paged (num_pages, page_size, Hkv, D)
     with block_table (B, max_pages) int32: token t of sequence b sits in page
     block_table[b, t // page_size], slot t % page_size. Both need a unit stride in the last dim.
-    cache_seqlens int32 (B,) (or an int for every sequence): tokens already cached per sequence.
+    cache_seqlens int32 (B,) (or an int for every sequence; None: the cache is full, as
+    flash-attn's default): tokens already cached per sequence.
     k_new/v_new (B, Hkv, S_new, D) (both or neither) are written IN PLACE into the cache at
     positions cache_seqlens[b] .. cache_seqlens[b] + S_new - 1, then q attends to the first
     L_b = cache_seqlens[b] + S_new keys of sequence b; cache_seqlens is not updated (the caller
@@ -155,6 +156,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
     causal alignment and ALiBi distances are unchanged, as in flash-attn.
     Forward only (no autograd formula). Returns out (B, Hq, Sq, D) in q's dtype, or (out, lse)
     with return_lse: lse (B, Hq, Sq) float32 (float64 for float64), -inf for rows that see nothing."""
+    if cache_seqlens is None:  # the whole cache: its capacity (contiguous S_max, paged pages x size)
+        check_tensor("k_cache", k_cache, ndim=4)
+        cache_seqlens = k_cache.shape[2] if block_table is None else (
+            check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,)).shape[1] * k_cache.shape[1])
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         check_int("cache_seqlens", cache_seqlens, minimum=0)
         cache_seqlens = torch.full((q.shape[0] if q.dim() else 0,), cache_seqlens, dtype=torch.int32,
