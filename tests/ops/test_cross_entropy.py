@@ -289,9 +289,10 @@ def test_opcheck(backend, reduction):
     dev = device_for(backend)
     l64, t = _make((6, 20), dev)
     x = leaf(l64, torch.float32)
-    for fp32_loss in (False, True):
+    rw = torch.where(t != -100, torch.rand(6, device=dev) + 0.5, 0.0)
+    for fp32_loss, row_weight in ((False, None), (True, None), (False, rw)):
         for need_grad in (True, False):
-            args = (x, t, -100, reduction, 0.1, 0.01, 3.0, need_grad, backend, fp32_loss)
+            args = (x, t, row_weight, -100, reduction, 0.1, 0.01, 3.0, need_grad, backend, fp32_loss)
             torch.library.opcheck(torch.ops.truthgpt.cross_entropy.default, args)
 
 

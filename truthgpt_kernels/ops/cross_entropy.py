@@ -34,19 +34,25 @@ def _loss_dtype(logits: Tensor, fp32_loss: bool) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32) if fp32_loss else logits.dtype
 
 
-def _forward_impl(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                  need_grad, backend, fp32_loss):
+def _forward_impl(logits, target, row_weight, ignore_index, reduction, label_smoothing, z_loss,
+                  softcap, need_grad, backend, fp32_loss):
     """(loss, z-loss term, dlogits): the reduced loss and term in _loss_dtype, and with
     need_grad d loss / d logits (mean/sum: of the reduced loss; none: of each row's own loss,
-    row by row), else an empty tensor."""
+    row by row), else an empty tensor. row_weight (N,) (ce_weight[target], 0 on ignored rows)
+    or None: the rows' losses are multiplied by it and "mean" divides by its sum (torch's
+    class weights); the kernels get it in grad_scale, so the gradient is rounded once."""
     N = logits.shape[0]
     acc = _acc(logits.dtype)
-    valid = target != ignore_index
-    count = valid.sum().to(acc)
+    if row_weight is None:
+        count = (target != ignore_index).sum().to(acc)
+    else:
+        row_weight = row_weight.to(acc)
+        count = row_weight.sum()
     grad_scale = None
     if need_grad:
         one = torch.ones((), dtype=acc, device=logits.device)
-        grad_scale = (one / count if reduction == _MEAN else one).expand(N).contiguous()
+        scale = one / count if reduction == _MEAN else one
+        grad_scale = scale.expand(N).contiguous() if row_weight is None else (row_weight * scale).contiguous()
     fn = backends.kernel(FAMILY, backend, "fwd")
     args = (logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
     if autocast_dtype(logits.device.type) is not None:  # the kernels keep their own dtypes
@@ -54,6 +60,8 @@ def _forward_impl(logits, target, ignore_index, reduction, label_smoothing, z_lo
             loss, z, dl = fn(*args)
     else:
         loss, z, dl = fn(*args)
+    if row_weight is not None:
+        loss, z = loss * row_weight, z * row_weight
     if reduction == _SUM:
         loss, z = loss.sum(), z.sum()
     elif reduction == _MEAN:
@@ -63,16 +71,16 @@ def _forward_impl(logits, target, ignore_index, reduction, label_smoothing, z_lo
 
 
 @torch.library.custom_op("truthgpt::cross_entropy", mutates_args=())
-def cross_entropy_op(logits: Tensor, target: Tensor, ignore_index: int, reduction: int,
-                     label_smoothing: float, z_loss: float, softcap: float, need_grad: bool,
-                     backend: str, fp32_loss: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                         need_grad, backend, fp32_loss)
+def cross_entropy_op(logits: Tensor, target: Tensor, row_weight: Optional[Tensor], ignore_index: int,
+                     reduction: int, label_smoothing: float, z_loss: float, softcap: float,
+                     need_grad: bool, backend: str, fp32_loss: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _forward_impl(logits, target, row_weight, ignore_index, reduction, label_smoothing,
+                         z_loss, softcap, need_grad, backend, fp32_loss)
 
 
 @cross_entropy_op.register_fake
-def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, need_grad,
-      backend, fp32_loss):
+def _(logits, target, row_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      need_grad, backend, fp32_loss):
     shape = (logits.shape[0],) if reduction == _NONE else ()
     dl = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
     out = _loss_dtype(logits, fp32_loss)
@@ -92,7 +100,7 @@ if backends._ext.load("_C")[0] is not None and hasattr(torch.ops.truthgpt, "cros
 
 
 def _setup(ctx, inputs, output):
-    reduction = inputs[3]
+    reduction = inputs[4]
     _, z, dl = output
     ctx.mark_non_differentiable(z, dl)
     ctx.reduction = reduction
@@ -112,11 +120,11 @@ def _scaled(saved: Tensor, grad: Tensor, reduction: int) -> Tensor:
 
 def _backward(ctx, grad, grad_z, grad_dl):
     if grad is None:  # the loss itself took no part in what is differentiated
-        return (None,) * 10
+        return (None,) * 11
     (dl,) = ctx.saved_tensors
     if dl.dim() == 1:  # the (0,) "not computed" placeholder (need_grad was False)
-        return (None,) * 10
-    return (_scaled(dl, grad, ctx.reduction),) + (None,) * 9
+        return (None,) * 11
+    return (_scaled(dl, grad, ctx.reduction),) + (None,) * 10
 
 
 backends.register_autograd(cross_entropy_op, _backward, _setup)
@@ -146,15 +154,15 @@ def _check(logits, target, ignore_index, reduction, label_smoothing, z_loss, log
         check_tensor("ce_weight", ce_weight, shape=(V,), device=logits.device)
 
 
-def _weighted(logits, target, ce_weight, ignore_index, reduction, eps, z_loss, softcap,
-              return_z_loss, loss_dtype, backend):
-    """ce_weight (w), torch's semantics: each counted row's loss (z-loss term included) is
-    w[y_i] times its own, "mean" divides by sum_i w[y_i]; with label smoothing eps > 0 torch's
+def _weighted_smoothing(logits, target, ce_weight, ignore_index, reduction, eps, z_loss, softcap,
+                        return_z_loss, loss_dtype, backend):
+    """ce_weight (w) with label smoothing eps > 0, torch's semantics: per counted row
       loss_i = (1 - eps) w[y_i] (lse_i - z_iy) + (eps / V) sum_c w_c (lse_i - z_ic)
-    (+ z_loss w[y_i] lse_i^2), z the (softcapped) logits. The fused op gives the rows
-    (reduction "none"); with smoothing it gives nll_i = lse_i - z_iy, and lse_i = nll_i + z_iy
-    (a gather) and sum_c w_c z_ic (a matvec: one more read of the logits, in float32) are
-    plain torch, through which the gradient flows (softmax - onehot, plus onehot, is softmax)."""
+    (+ z_loss w[y_i] lse_i^2, as without smoothing), z the (softcapped) logits, "mean" divided
+    by sum_i w[y_i]. The fused op (reduction "none", no smoothing) gives nll_i = lse_i - z_iy, and lse_i = nll_i + z_iy
+    (a gather) and sum_c w_c z_ic (a matvec) are plain torch, through which the gradient flows
+    (softmax - onehot, plus onehot, is softmax); that path runs on a float32 copy of bfloat16 /
+    float16 logits (one more (N, V) float32 tensor, and its gradient)."""
     out_dtype = _loss_dtype(logits, loss_dtype is not None)
     acc = _acc(logits.dtype)
     valid = target != ignore_index
@@ -165,18 +173,15 @@ def _weighted(logits, target, ce_weight, ignore_index, reduction, eps, z_loss, s
     def reduce(r):  # r: weighted rows in acc
         r = r if reduction == "none" else r.sum() if reduction == "sum" else r.sum() / wy.sum()
         return r.to(out_dtype)
-    if not eps:
-        rows, zrows = cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
-                                    z_loss=z_loss, logit_softcap=softcap, return_z_loss=True,
-                                    loss_dtype=torch.float32, backend=backend)
-        loss = reduce(rows.to(acc) * wy)
-        return (loss, reduce(zrows.to(acc) * wy)) if return_z_loss else loss
-    nll = cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
-                        logit_softcap=softcap, loss_dtype=torch.float32, backend=backend).to(acc)
+    # the logits in acc, once: the fused rows and the terms below read it, so the gradient's
+    # three parts (which cancel at the target: (1 - eps) w_y (p - onehot) and the gather's
+    # onehot) are summed in float32 and rounded to the logits' dtype once (in bfloat16 apart,
+    # each part's rounding would leak into the small difference)
+    x = logits.to(acc)
+    nll = cross_entropy(x, target, ignore_index=ignore_index, reduction="none",
+                        logit_softcap=softcap, backend=backend)
     V = logits.shape[-1]
-    z = logits.to(acc)
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
+    z = softcap * torch.tanh(x / softcap) if softcap else x
     zy = z.gather(1, t[:, None])[:, 0]
     wz = z @ cw  # sum_c w_c z_ic
     lse = nll + zy
@@ -209,17 +214,25 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     gradient: as Liger). loss_dtype=torch.float32 returns them in float32 for bfloat16/float16
     logits (the float32 row losses reduced in float32; float64 stays float64). Math in float32
     (float64 for float64). The gradient flows to logits (first order), in logits' dtype.
-    ce_weight (V,): F.cross_entropy's `weight` (see _weighted), with every option."""
+    ce_weight (V,): F.cross_entropy's `weight`, with every option: each counted row's loss
+    (z-loss term included) is ce_weight[target] times its own and "mean" divides by the sum of
+    those weights (as tk.linear_cross_entropy); without smoothing the kernels take the row
+    weights in their gradient scale, with smoothing see _weighted_smoothing. No gradient flows
+    to ce_weight."""
     _check(logits, target, ignore_index, reduction, label_smoothing, z_loss, logit_softcap,
            loss_dtype, ce_weight)
     shape = target.shape
     logits2, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-    if ce_weight is not None:
-        out = _weighted(logits2, target, ce_weight, ignore_index, reduction, float(label_smoothing),
+    if ce_weight is not None and label_smoothing:
+        out = _weighted_smoothing(logits2, target, ce_weight, ignore_index, reduction, float(label_smoothing),
                         float(z_loss), float(logit_softcap), return_z_loss, loss_dtype, backend)
     else:
         name = backends.select(FAMILY, backend, logits2)
-        args = (logits2, target, ignore_index, LCE_REDUCTIONS.index(reduction),
+        row_weight = None
+        if ce_weight is not None:  # torch's class weights: a weight per row
+            valid = target != ignore_index
+            row_weight = torch.where(valid, ce_weight.to(_acc(logits.dtype))[torch.where(valid, target, 0)], 0.0)
+        args = (logits2, target, row_weight, ignore_index, LCE_REDUCTIONS.index(reduction),
                 float(label_smoothing), float(z_loss), float(logit_softcap))
         need_grad = torch.is_grad_enabled() and logits.requires_grad
         fp32_loss = loss_dtype is not None
