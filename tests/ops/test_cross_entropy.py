@@ -401,3 +401,13 @@ def test_module_like_torch(backend):
         tk.CrossEntropyLoss()(x64, torch.softmax(x64, -1))
     with pytest.raises(ValueError, match="target must have shape"):
         tk.CrossEntropyLoss()(x64, t[:, :2])
+
+
+def test_func_transforms_run_the_reference():
+    """Under torch.func.grad (a functorch transform) the op runs the reference backend as plain
+    PyTorch, which the transform differentiates."""
+    l64, t = _make((6, 10), "cpu")
+    g = torch.func.grad(lambda x: tk.cross_entropy(x, t, label_smoothing=0.1, z_loss=0.01))(l64)
+    rx = leaf(l64)
+    _torch(rx, t, label_smoothing=0.1, z_loss=0.01).backward()
+    torch.testing.assert_close(g, rx.grad)
