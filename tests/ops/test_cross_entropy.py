@@ -308,13 +308,16 @@ def test_opcheck_cpp_kernel():
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(backend, reduction):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compile_fullgraph(backend, reduction, weighted):
     torch._dynamo.reset()
     l64, t = _make((8, 30), "cpu")
+    cw = torch.rand(30) + 0.5 if weighted else None
+    ls = 0.0 if weighted and reduction == "none" else 0.1  # (weighted: both paths)
 
     def fn(x):
-        return tk.cross_entropy(x, t, label_smoothing=0.1, z_loss=0.01, reduction=reduction,
-                                backend=backend).sum()
+        return tk.cross_entropy(x, t, label_smoothing=ls, z_loss=0.01, reduction=reduction,
+                                ce_weight=cw, backend=backend).sum()
     results = []
     for f in (fn, torch.compile(fn, fullgraph=True)):
         x = leaf(l64, torch.float32)
