@@ -25,6 +25,10 @@
 //     (loss, z-loss term) in float32 (float64 for float64 x), 0 on ignored rows, and when
 //     grad_scale (N,) is given the gradients (dx, dweight, dbias) of sum_i grad_scale_i loss_i
 //     (dweight/dbias empty unless need_dweight and a bias); chunk_size 0 = auto.
+//   cross_entropy: logits (N,V) (unit inner stride, or copied), target int64 (N,). Returns per-row
+//     (loss, z-loss term) as linear_cross_entropy's (float32; float64 for float64 logits), and
+//     when grad_scale (N,) is given, in a new (N,V) tensor of logits' dtype, the gradient of
+//     sum_i grad_scale_i loss_i w.r.t. the logits (else an empty tensor); logits are not written.
 //   layer_norm: mean, rstd of x.shape[:-1], float32 (float64 for float64 x); weight and bias
 //     have x's dtype or float32; dweight / dbias are empty tensors when weight / bias is None.
 //   attention_varlen: q (Tq,Hq,D), k/v (Tk,Hkv,D) packed, cu_seqlens int32 (B+1,) (0 first,
@@ -90,6 +94,8 @@ TORCH_LIBRARY(truthgpt, m) {
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? grad_scale, int ignore_index, "
+        "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)");
   m.def("embedding_bwd(Tensor grad, Tensor indices, int num_weights, int padding_idx) -> Tensor");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight, "

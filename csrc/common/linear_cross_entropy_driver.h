@@ -39,6 +39,16 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Every target is a class in [0, V) or ignore_index (reads the values: a sync on GPUs).
+inline void check_targets(const at::Tensor& target, int64_t V, int64_t ignore_index) {
+  const auto bad = ((target < 0) | (target >= V)) & (target != ignore_index);
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "target must hold class indices in [0, ", V, ") or ignore_index (",
+                      ignore_index, "); got ", target[i].item<int64_t>(), " at position ", i);
+  }
+}
+
 inline void check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
                        int64_t ignore_index) {
@@ -57,13 +67,7 @@ inline void check_args(const at::Tensor& x, const at::Tensor& w, const c10::opti
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == x.size(0), "linear_cross_entropy_fwd: grad_scale must have N elements");
   }
-  const int64_t V = w.size(0);
-  const auto bad = ((target < 0) | (target >= V)) & (target != ignore_index);
-  if (bad.any().item<bool>()) {
-    const int64_t i = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "target must hold class indices in [0, ", V, ") or ignore_index (",
-                      ignore_index, "); got ", target[i].item<int64_t>(), " at position ", i);
-  }
+  check_targets(target, w.size(0), ignore_index);
 }
 
 inline int64_t rows_per_chunk(int64_t chunk_size, int64_t N, int64_t V, int64_t elem) {

@@ -7,11 +7,15 @@
 //   with gradients: z <- s (p (1 + 2 z_loss lse) - eps/V - (1 - eps) [j == t]) (1 - (z'/cap)^2)
 // (p = exp(z' - lse), s the row's grad_scale; ignored rows: loss 0, gradient 0.)
 // Vectorised per instruction set (cpu/vec_utils.h); math in float (double for double).
+// The same row kernel serves truthgpt::cross_entropy_fwd (given logits, no GEMM; below).
 #ifndef TRUTHGPT_KERNEL_SECTION  // ================================================ host part
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cstring>
+#include <vector>
 
 #include "common/linear_cross_entropy_driver.h"
 #include "cpu/gemm_engine.h"
@@ -208,9 +212,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   return run(Tag<float>{});
 }
 
+// truthgpt::cross_entropy_fwd: the same row kernel on given logits (N, V) (tk.cross_entropy).
+// Per row, in one task: with a gradient the row is copied into its row of the new gradient
+// buffer (logits' dtype and shape; the user's logits are never written) and the kernel runs in
+// place there, while the row is in cache; without one it reads the logits themselves (it writes
+// a row only with a gradient or a softcap: then into a per-thread scratch row). No bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
+    const at::Tensor& logits_in, const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  TORCH_CHECK(logits_in.dim() == 2, "cross_entropy_fwd: logits must be (N, V), got ", logits_in.sizes());
+  const auto xt = logits_in.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf,
+              "cross_entropy_fwd: logits must be float32, float64, bfloat16 or float16, got ", xt);
+  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N && target.scalar_type() == at::kLong,
+              "cross_entropy_fwd: target must be int64 (N,)");
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == N, "cross_entropy_fwd: grad_scale must have N elements");
+  }
+  lce::check_targets(target, V, ignore_index);
+  const auto acc = lce::acc_type(xt);
+  const at::Tensor logits = logits_in.stride(1) == 1 || V <= 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor tgt = target.contiguous();
+  const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(acc).contiguous() : at::Tensor();
+  at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
+  at::Tensor zrows = at::empty({N}, logits.options().dtype(acc));
+  const bool grad = scale.defined();
+  at::Tensor dlogits = grad ? new_output({N, V}, xt) : at::empty({0}, logits.options());
+  if (N == 0 || V == 0) return {loss, zrows, dlogits};
+  const Isa isa = active_isa();
+  const int64_t ld = logits.stride(0);
+  const bool copy = grad || softcap > 0;  // the kernel writes the row
+  auto run = [&](auto ttag, auto stag) {
+    using T = typename decltype(ttag)::type;
+    using S = typename decltype(stag)::type;
+    const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T, S>);
+    const S* src = cptr<S>(logits);
+    S* dst = grad ? mptr<S>(dlogits) : nullptr;
+    at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<S> scratch(copy && !grad ? V : 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        LceRowArgs<T> a{nullptr,
+                        tgt.const_data_ptr<int64_t>() + i,
+                        grad ? cptr<T>(scale) + i : nullptr,
+                        mptr<T>(loss) + i,
+                        mptr<T>(zrows) + i,
+                        V,
+                        ignore_index,
+                        static_cast<T>(label_smoothing),
+                        static_cast<T>(z_loss),
+                        static_cast<T>(softcap)};
+        const S* row = src + i * ld;
+        S* z = grad ? dst + i * V : copy ? scratch.data() : const_cast<S*>(row);  // (only read)
+        if (z != row) std::memcpy(z, row, sizeof(S) * V);
+        fn(z, 0, a, 0, 1);
+      }
+    });
+  };
+  if (xt == at::kDouble) {
+    run(Tag<double>{}, Tag<double>{});
+  } else if (xt == at::kBFloat16) {
+    run(Tag<float>{}, Tag<bf16>{});
+  } else if (xt == at::kHalf) {
+    run(Tag<float>{}, Tag<f16>{});
+  } else {
+    run(Tag<float>{}, Tag<float>{});
+  }
+  return {loss, zrows, dlogits};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(truthgpt, CPU, m) { m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd); }
+TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
+  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd);
+}
 
 }  // namespace truthgpt
 

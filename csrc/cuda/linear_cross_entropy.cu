@@ -1,4 +1,4 @@
-// Fused linear cross-entropy CUDA row kernel: one thread block per row of a chunk's logits,
+// Fused linear cross-entropy CUDA row kernel (also tk.cross_entropy's: cross_entropy_binding.cpp): one thread block per row of a chunk's logits,
 // float32 math. Pass 1: online max and sum of exp (and the sum of the logits for label
 // smoothing) over the block's strided columns, reduced over the block; pass 2 (with
 // grad_scale): d loss / d logits written in place, in the logits' dtype. Formulas: see
@@ -56,7 +56,8 @@ __device__ __forceinline__ float logit(const T* z, const T* bias, int64_t j, flo
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lce_rows_kernel(int64_t V, LceRows a, LceOptions o) {
   const int64_t row = blockIdx.x;
-  T* z = static_cast<T*>(a.logits) + row * a.ld;
+  const T* z = static_cast<const T*>(a.logits) + row * a.ld;
+  T* g = static_cast<T*>(a.grad) + row * a.ldg;  // (z itself for the fused linear CE)
   const T* bias = static_cast<const T*>(a.bias);
   const int64_t t = a.target[row];
   if (t == o.ignore_index) {
@@ -65,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) lce_rows_kernel(int64_t V, LceRows a
       a.zrows[row] = 0.f;
     }
     if (a.grad_scale != nullptr) {
-      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) z[j] = from_float<T>(0.f);
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_float<T>(0.f);
     }
     return;
   }
@@ -97,12 +98,12 @@ __global__ void __launch_bounds__(kThreads) lce_rows_kernel(int64_t V, LceRows a
   const float coef = sc * (1.f + 2.f * o.z_loss * lse), off = sc * eps / static_cast<float>(V);
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
     const float y = logit(z, bias, j, o.softcap);
-    float g = __expf(y - lse) * coef - off - (j == t ? sc * (1.f - eps) : 0.f);
+    float gj = __expf(y - lse) * coef - off - (j == t ? sc * (1.f - eps) : 0.f);
     if (o.softcap > 0.f) {
       const float u = y / o.softcap;
-      g *= 1.f - u * u;
+      gj *= 1.f - u * u;
     }
-    z[j] = from_float<T>(g);
+    g[j] = from_float<T>(gj);
   }
 }
 

@@ -6,13 +6,15 @@
 namespace truthgpt::cuda {
 
 struct LceRows {
-  void* logits;             // (rows, V) of `dtype`, row stride ld; gradients are written in place
+  void* logits;             // (rows, V) of `dtype`, row stride ld (read)
   int64_t ld;
   const void* bias;         // (V,) of `dtype`, or nullptr
   const int64_t* target;    // (rows,)
   const float* grad_scale;  // (rows,), or nullptr: the losses only
   float* loss;              // (rows,)
   float* zrows;             // (rows,)
+  void* grad;               // (rows, V) of `dtype`, row stride ldg: the gradients (with grad_scale);
+  int64_t ldg;              // == logits for the fused linear cross-entropy (in place)
 };
 
 struct LceOptions {

@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     LceRows rows{L.data_ptr(), L.stride(0), b.defined() ? b.data_ptr() : nullptr,
                  tgt.const_data_ptr<int64_t>() + r0,
                  scale.defined() ? scale.const_data_ptr<float>() + r0 : nullptr,
-                 loss.mutable_data_ptr<float>() + r0, zrows.mutable_data_ptr<float>() + r0};
+                 loss.mutable_data_ptr<float>() + r0, zrows.mutable_data_ptr<float>() + r0,
+                 L.data_ptr(), L.stride(0)};  // (the gradients in place)
     check_launch(linear_cross_entropy_rows(dtype_of(L), nc, L.size(1), rows, opts,
                                            c10::cuda::getCurrentCUDAStream()),
                  "linear_cross_entropy_fwd");

@@ -13,7 +13,8 @@ def test_family_cases_load(op):
     assert cases and all(isinstance(c, Case) and c.op == op for c in cases)
 
 
-@pytest.mark.parametrize("op", ["geglu", "layer_norm", "linear", "grouped_linear", "swiglu", "rms_norm"])
+@pytest.mark.parametrize("op", ["geglu", "layer_norm", "linear", "grouped_linear", "swiglu", "rms_norm",
+                                "cross_entropy"])
 def test_quick_cases_run(op):
     for case in load_family(op, "cpu", quick=True):
         inputs = case.setup()

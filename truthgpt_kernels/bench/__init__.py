@@ -40,7 +40,7 @@ import torch
 from .. import backends
 
 FAMILIES = ("attention", "attention_varlen", "rotary", "swiglu", "rms_norm", "layer_norm", "geglu", "linear", "grouped_linear",
-            "linear_cross_entropy", "model", "dropin")
+            "linear_cross_entropy", "cross_entropy", "model", "dropin")
 
 DTYPES = {  # accepted spellings -> canonical torch name
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",

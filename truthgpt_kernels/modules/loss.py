@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_cross_entropy import linear_cross_entropy
 
 
@@ -48,4 +49,52 @@ class FusedLinearCrossEntropyLoss(nn.Module):
                 f"logit_softcap={self.logit_softcap}")
 
 
-__all__ = ["FusedLinearCrossEntropyLoss"]
+class CrossEntropyLoss(nn.Module):
+    """Drop-in for torch.nn.CrossEntropyLoss(weight=None, ignore_index=-100, reduction="mean",
+    label_smoothing=0.0) on tk.cross_entropy (Liger-Kernel's LigerCrossEntropyLoss), with class-
+    index targets, plus the keyword extras z_loss (Liger's lse_square_scale), logit_softcap
+    (Liger's softcap), return_z_loss, loss_dtype and backend.
+
+    Input layouts: (N, C) with target (N,); (C,) with target (); (..., C) with target (...) (the
+    class dim last, as LM logits (B, S, V): an extension, torch reads a 3-D input as (N, C, d1));
+    and torch's (N, C, d1, ...) with target (N, d1, ...), where the class dim is moved last (a
+    copy of the input) and a "none" loss comes back as (N, d1, ...). An input whose leading dims
+    match target's is read class-last. Class-probability (float) targets raise ValueError."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, logit_softcap: float = 0.0, return_z_loss: bool = False,
+                 loss_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+        super().__init__()
+        if size_average is not None or reduce is not None:  # torch's deprecated pair
+            reduction = torch.nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.logit_softcap, self.return_z_loss = z_loss, logit_softcap, return_z_loss
+        self.loss_dtype, self.backend = loss_dtype, backend
+
+    def forward(self, input: Tensor, target: Tensor):
+        if isinstance(target, Tensor) and target.is_floating_point():
+            raise ValueError("CrossEntropyLoss (truthgpt_kernels) takes class-index targets (int64); "
+                             "class-probability (float) targets are not supported: use "
+                             "torch.nn.CrossEntropyLoss")
+        if (isinstance(input, Tensor) and isinstance(target, Tensor) and input.dim() > 2
+                and target.shape != input.shape[:-1]):
+            if target.shape != input.shape[:1] + input.shape[2:]:
+                raise ValueError(f"target must have shape {tuple(input.shape[:-1])} (input's leading "
+                                 f"dims, classes last) or {tuple(input.shape[:1] + input.shape[2:])} "
+                                 f"(torch's (N, C, d1, ...) layout), got {tuple(target.shape)}")
+            input = input.movedim(1, -1)  # torch's (N, C, d1, ...): classes last
+        return cross_entropy(
+            input, target, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            logit_softcap=self.logit_softcap, return_z_loss=self.return_z_loss,
+            ce_weight=self.weight, loss_dtype=self.loss_dtype, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"logit_softcap={self.logit_softcap}")
+
+
+__all__ = ["FusedLinearCrossEntropyLoss", "CrossEntropyLoss"]

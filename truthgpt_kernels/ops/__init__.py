@@ -4,6 +4,7 @@ from .attention import alibi_slopes, attention
 from .attention_varlen import attention_varlen
 from .attention_with_kvcache import attention_with_kvcache
 from .embedding import embedding
+from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .geglu import geglu
 from .grouped_linear import grouped_linear
@@ -16,4 +17,4 @@ from .swiglu import swiglu
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "alibi_slopes", "apply_rotary",
            "apply_rotary_qk", "rotary_cos_sin",
            "swiglu", "rms_norm", "add_rms_norm", "geglu", "layer_norm", "linear", "grouped_linear",
-           "linear_cross_entropy", "embedding"]
+           "linear_cross_entropy", "cross_entropy", "embedding"]

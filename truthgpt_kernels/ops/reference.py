@@ -536,6 +536,60 @@ def linear_cross_entropy_fwd(x, weight, bias, target, grad_scale, ignore_index, 
     return loss, zrow, dx, dw, db
 
 
+# ------------------------------------------------------------------------------ cross-entropy
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, logit_softcap: float = 0.0,
+                  return_z_loss: bool = False):
+    """tk.cross_entropy's spec: F.cross_entropy on logits (..., V) (class dim last), target (...),
+    plus the softcap and z-loss of linear_cross_entropy; computed in float32 (float64 for
+    float64), the loss returned in logits' dtype."""
+    z = logits.reshape(-1, logits.shape[-1]).to(_acc(logits.dtype))
+    target = target.reshape(-1)
+    if logit_softcap > 0:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    ce = torch.nn.functional.cross_entropy(z, target, ignore_index=ignore_index,
+                                           reduction="none", label_smoothing=label_smoothing)
+    valid = target != ignore_index
+    zr = torch.where(valid, z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    rows = ce + zr
+    if reduction == "sum":
+        rows, zr = rows.sum(), zr.sum()
+    elif reduction == "mean":
+        n = valid.sum()
+        rows, zr = rows.sum() / n, zr.sum() / n
+    out = rows.to(logits.dtype), zr.to(logits.dtype)
+    return out if return_z_loss else out[0]
+
+
+def cross_entropy_fwd(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """Kernel-level reference of truthgpt::cross_entropy_fwd: per-row (loss, z-loss term) in the
+    accumulation dtype and, with grad_scale, d sum_i grad_scale_i loss_i / d logits in logits'
+    dtype (the formulas of linear_cross_entropy_fwd, with logits given)."""
+    from ..validation import check_class_targets
+    N, V = logits.shape
+    check_class_targets(target, V, ignore_index)
+    acc = _acc(logits.dtype)
+    z = logits.to(acc)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    lse = torch.logsumexp(z, -1)
+    zt = z.gather(1, t[:, None])[:, 0] if V else lse
+    eps = label_smoothing
+    zrow = torch.where(valid, z_loss * lse * lse, 0.0)
+    smooth = eps / V * z.sum(-1) if eps != 0 else 0.0
+    loss = torch.where(valid, lse - (1 - eps) * zt - smooth, 0.0) + zrow
+    if grad_scale is None:
+        return loss, zrow, logits.new_empty(0)
+    g = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - eps / V
+    g = g - (1 - eps) * torch.nn.functional.one_hot(t, V).to(acc)
+    g = torch.where(valid[:, None], g * grad_scale.to(acc)[:, None], 0.0)
+    if softcap > 0:
+        g = g * (1 - (z / softcap) ** 2)
+    return loss, zrow, g.to(logits.dtype).contiguous()
+
+
 # ----------------------------------------------------------------------------- layer_norm, geglu
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:

@@ -26,11 +26,12 @@ def _softcapped(z_ptr, b_ptr, cols, mask, cap, HAS_BIAS: tl.constexpr, CAPPED: t
 
 
 @triton.jit
-def _lce_rows_kernel(L_ptr, ld, b_ptr, t_ptr, s_ptr, loss_ptr, zr_ptr, V, ignore_index, eps, z_loss,
+def _lce_rows_kernel(L_ptr, ld, G_ptr, ldg, b_ptr, t_ptr, s_ptr, loss_ptr, zr_ptr, V, ignore_index, eps, z_loss,
                      cap, HAS_BIAS: tl.constexpr, CAPPED: tl.constexpr, GRAD: tl.constexpr,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_ptr = L_ptr + row * ld
+    g_ptr = G_ptr + row * ldg  # the gradient's row (the logits' own in LCE: in place)
     t = tl.load(t_ptr + row)
     offs = tl.arange(0, BLOCK)
     if t == ignore_index:
@@ -39,7 +40,7 @@ def _lce_rows_kernel(L_ptr, ld, b_ptr, t_ptr, s_ptr, loss_ptr, zr_ptr, V, ignore
         if GRAD:
             for v0 in range(0, V, BLOCK):
                 cols = v0 + offs
-                tl.store(z_ptr + cols, tl.zeros([BLOCK], tl.float32).to(L_ptr.dtype.element_ty),
+                tl.store(g_ptr + cols, tl.zeros([BLOCK], tl.float32).to(G_ptr.dtype.element_ty),
                          mask=cols < V)
     else:
         # online max and sum of exp, and the sum of the logits (label smoothing)
@@ -73,14 +74,17 @@ def _lce_rows_kernel(L_ptr, ld, b_ptr, t_ptr, s_ptr, loss_ptr, zr_ptr, V, ignore
                 if CAPPED:
                     u = z / cap
                     g = g * (1.0 - u * u)
-                tl.store(z_ptr + cols, g.to(L_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_ptr + cols, g.to(G_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(L, bias, target, grad_scale, loss, zrows, ignore_index, eps, z_loss, softcap):
+def _rows(L, bias, target, grad_scale, loss, zrows, ignore_index, eps, z_loss, softcap, out=None):
+    """Per row of L (nc, V): loss, z-loss term and, with grad_scale, the scaled gradient written
+    into `out` (nc, V) (default: over L, in place). Unit inner strides."""
     nc, V = L.shape
     block = min(triton.next_power_of_2(V), MAX_BLOCK)
+    out = L if out is None else out
     _lce_rows_kernel[(nc,)](
-        L, L.stride(0), bias if bias is not None else L, target, grad_scale if grad_scale is not None else L,
+        L, L.stride(0), out, out.stride(0), bias if bias is not None else L, target, grad_scale if grad_scale is not None else L,
         loss, zrows, V, ignore_index, eps, z_loss, softcap, HAS_BIAS=bias is not None,
         CAPPED=softcap > 0, GRAD=grad_scale is not None, BLOCK=block, num_warps=8)
 
