@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import autocast_dtype, check_float, check_int, check_tensor
+from ..validation import autocast_dtype, check_tensor
+from .linear_cross_entropy import check_loss_options
 from .reference import LCE_REDUCTIONS
 
 FAMILY = "cross_entropy"
@@ -140,16 +141,7 @@ def _check(logits, target, ignore_index, reduction, label_smoothing, z_loss, log
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} (logits' leading dims: "
                          f"class indices, the class dim of logits last), got {tuple(target.shape)}")
-    check_int("ignore_index", ignore_index)
-    if reduction not in LCE_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(LCE_REDUCTIONS)}; got {reduction!r}")
-    ls = check_float("label_smoothing", label_smoothing, minimum=0.0)
-    if ls > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {ls}")
-    check_float("z_loss", z_loss, minimum=0.0)
-    check_float("logit_softcap", logit_softcap, minimum=0.0)
-    if loss_dtype not in (None, torch.float32):
-        raise TypeError(f"loss_dtype must be None (the loss in logits' dtype) or torch.float32, got {loss_dtype!r}")
+    check_loss_options(ignore_index, reduction, label_smoothing, z_loss, logit_softcap, loss_dtype, "logits")
     if ce_weight is not None:
         check_tensor("ce_weight", ce_weight, shape=(V,), device=logits.device)
 

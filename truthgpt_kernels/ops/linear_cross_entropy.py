@@ -205,6 +205,14 @@ def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_
         raise ValueError(f"target must have shape ({N},) (one class per row of x), got {tuple(target.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=(V,), device=x.device)
+    check_loss_options(ignore_index, reduction, label_smoothing, z_loss, logit_softcap, loss_dtype, "x")
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, minimum=1)
+
+
+def check_loss_options(ignore_index, reduction, label_smoothing, z_loss, logit_softcap, loss_dtype, input_name):
+    """The options linear_cross_entropy and cross_entropy share (input_name: the tensor whose
+    dtype the loss takes by default)."""
     check_int("ignore_index", ignore_index)
     if reduction not in LCE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(LCE_REDUCTIONS)}; got {reduction!r}")
@@ -213,10 +221,9 @@ def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_
         raise ValueError(f"label_smoothing must be in [0, 1], got {ls}")
     check_float("z_loss", z_loss, minimum=0.0)
     check_float("logit_softcap", logit_softcap, minimum=0.0)
-    if chunk_size is not None:
-        check_int("chunk_size", chunk_size, minimum=1)
     if loss_dtype not in (None, torch.float32):
-        raise TypeError(f"loss_dtype must be None (the loss in x's dtype) or torch.float32, got {loss_dtype!r}")
+        raise TypeError(f"loss_dtype must be None (the loss in {input_name}'s dtype) or torch.float32, "
+                        f"got {loss_dtype!r}")
 
 
 def _as_kernel_reads(t: Tensor, dtype: torch.dtype, acc: torch.dtype) -> Tensor:

@@ -477,20 +477,26 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
     acc = _acc(x.dtype)
     logits = torch.nn.functional.linear(x.to(acc), weight.to(acc),
                                         None if bias is None else bias.to(acc))
+    out = _loss_of_logits(logits, target, ignore_index, reduction, label_smoothing, z_loss, logit_softcap, x.dtype)
+    return out if return_z_loss else out[0]
+
+
+def _loss_of_logits(z, target, ignore_index, reduction, label_smoothing, z_loss, logit_softcap, dtype):
+    """(loss, z-loss term), reduced, in dtype, of logits z (N, V) in the accumulation dtype:
+    softcap, F.cross_entropy per row, z_loss * logsumexp^2 on the counted rows."""
     if logit_softcap > 0:
-        logits = logit_softcap * torch.tanh(logits / logit_softcap)
-    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index,
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    ce = torch.nn.functional.cross_entropy(z, target, ignore_index=ignore_index,
                                            reduction="none", label_smoothing=label_smoothing)
     valid = target != ignore_index
-    z = torch.where(valid, z_loss * torch.logsumexp(logits, -1) ** 2, 0.0)
-    rows = ce + z
+    zr = torch.where(valid, z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    rows = ce + zr
     if reduction == "sum":
-        rows, z = rows.sum(), z.sum()
+        rows, zr = rows.sum(), zr.sum()
     elif reduction == "mean":
         n = valid.sum()
-        rows, z = rows.sum() / n, z.sum() / n
-    out = rows.to(x.dtype), z.to(x.dtype)
-    return out if return_z_loss else out[0]
+        rows, zr = rows.sum() / n, zr.sum() / n
+    return rows.to(dtype), zr.to(dtype)
 
 
 def linear_cross_entropy_fwd(x, weight, bias, target, grad_scale, ignore_index, label_smoothing,
@@ -544,20 +550,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
     plus the softcap and z-loss of linear_cross_entropy; computed in float32 (float64 for
     float64), the loss returned in logits' dtype."""
     z = logits.reshape(-1, logits.shape[-1]).to(_acc(logits.dtype))
-    target = target.reshape(-1)
-    if logit_softcap > 0:
-        z = logit_softcap * torch.tanh(z / logit_softcap)
-    ce = torch.nn.functional.cross_entropy(z, target, ignore_index=ignore_index,
-                                           reduction="none", label_smoothing=label_smoothing)
-    valid = target != ignore_index
-    zr = torch.where(valid, z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
-    rows = ce + zr
-    if reduction == "sum":
-        rows, zr = rows.sum(), zr.sum()
-    elif reduction == "mean":
-        n = valid.sum()
-        rows, zr = rows.sum() / n, zr.sum() / n
-    out = rows.to(logits.dtype), zr.to(logits.dtype)
+    out = _loss_of_logits(z, target.reshape(-1), ignore_index, reduction, label_smoothing, z_loss, logit_softcap,
+                          logits.dtype)
     return out if return_z_loss else out[0]
 
 
