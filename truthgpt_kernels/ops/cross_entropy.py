@@ -104,6 +104,7 @@ def _setup(ctx, inputs, output):
     reduction = inputs[4]
     _, z, dl = output
     ctx.mark_non_differentiable(z, dl)
+    ctx.set_materialize_grads(False)  # no zero-filled logits-sized gradient for dl in the backward
     ctx.reduction = reduction
     ctx.save_for_backward(*backends.saveable(dl))
 
