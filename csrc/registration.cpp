@@ -33,7 +33,10 @@
 //     have x's dtype or float32; dweight / dbias are empty tensors when weight / bias is None.
 //   attention_varlen: q (Tq,Hq,D), k/v (Tk,Hkv,D) packed, cu_seqlens int32 (B+1,) (0 first,
 //     non-decreasing, last = total), per-sequence semantics of attention; alibi_slopes float32
-//     (B,Hq); lse float32 (Hq,Tq). Dropout: sequence b draws attention's Philox stream of its
+//     (B,Hq); lse float32 (Hq,Tq). rel_bias: one bias by distance (Hq, max_seqlen_q +
+//     max_seqlen_k - 1), entry (j - i') + max_seqlen_k - 1 (sequence b's dense vector is its
+//     columns max_seqlen_k - len_k ..); the backward returns its gradient (else an empty tensor).
+//     Dropout: sequence b draws attention's Philox stream of its
 //     own (1,Hq,len_q,len_k) scores with key dropout_seed + b * 0x9E3779B97F4A7C15 (mod 2^64).
 //   geglu: approximate is "tanh" or "none" (erf), as F.gelu.
 //   swiglu_bwd_packed / geglu_bwd_packed: gate_up (..., 2n) holds the [gate | up] halves (a
@@ -81,11 +84,12 @@ TORCH_LIBRARY(truthgpt, m) {
         "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
-        "Tensor? alibi_slopes, float softcap, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+        "Tensor? alibi_slopes, float softcap, Tensor? rel_bias, float dropout_p, Tensor? dropout_seed) "
+        "-> (Tensor, Tensor)");
   m.def("attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
-        "int window_left, int window_right, Tensor? alibi_slopes, float softcap, float dropout_p, "
-        "Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)");
+        "int window_left, int window_right, Tensor? alibi_slopes, float softcap, Tensor? rel_bias, "
+        "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_with_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor cache_seqlens, Tensor? block_table, Tensor? k_new, Tensor? v_new, "
         "Tensor? cache_batch_idx, Tensor? cache_leftpad, float scale, int window_left, "

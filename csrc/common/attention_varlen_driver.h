@@ -8,7 +8,8 @@
 // runs: cu_seqlens int32 (B + 1,), 0 first, non-decreasing, last = total; alibi float32 (B, Hq).
 // A sequence's outputs are written into its rows of the packed outputs; sequences with no
 // query rows are skipped, sequences with no keys give zero rows, lse -inf and zero gradients.
-// Dropout: sequence b runs the dense kernel's Philox stream on its own (1, Hq, len_q, len_k)
+// rel_bias: sequence b reads (and its gradient lands in) its slice of the call's one bias by
+// distance (rel_slice). Dropout: sequence b runs the dense kernel's Philox stream on its own (1, Hq, len_q, len_k)
 // scores with key seq_seed(seed, b) (a Weyl step per sequence), so sequences never share words
 // and a one-sequence batch draws what tk.attention draws with the same seed.
 #pragma once
@@ -48,6 +49,16 @@ inline Opt slopes_of(const Opt& alibi, int64_t b) {
   return alibi.has_value() ? Opt(alibi->narrow(0, b, 1)) : Opt();
 }
 
+// Sequence (nq, nk)'s bias by distance (Hq, nq + nk - 1) in the call's one vector
+// (Hq, max_q + max_k - 1) whose entry (j - i') + max_k - 1 holds distance j - i': its columns
+// from max_k - nk (the lengths are checked against max_q / max_k in Python).
+inline at::Tensor rel_slice(const at::Tensor& rel, int64_t max_k, int64_t nq, int64_t nk) {
+  return rel.narrow(1, max_k - nk, nq + nk - 1);
+}
+inline Opt rel_of(const Opt& rel, int64_t max_k, int64_t nq, int64_t nk) {
+  return rel.has_value() ? Opt(rel_slice(*rel, max_k, nq, nk)) : Opt();
+}
+
 // The dropout key of sequence b: seed + b * 0x9E3779B97F4A7C15 (mod 2^64), as a one-element CPU
 // int64 tensor (the dense kernels' dropout_seed); none without dropout.
 inline Opt seq_seed(double dropout_p, const Opt& seed, int64_t b) {
@@ -58,9 +69,9 @@ inline Opt seq_seed(double dropout_p, const Opt& seed, int64_t b) {
 
 inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/,
-                                              int64_t /*max_k*/, double scale, int64_t window_left,
+                                              int64_t max_k, double scale, int64_t window_left,
                                               int64_t window_right, const Opt& alibi, double softcap,
-                                              double dropout_p, const Opt& dropout_seed) {
+                                              const Opt& rel_bias, double dropout_p, const Opt& dropout_seed) {
   static const auto dense =
       c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_fwd", "").typed<FwdFn>();
   const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
@@ -72,37 +83,41 @@ inline std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Ten
     if (nq == 0 || nk == 0) continue;
     auto [o, l] = dense.call(seq_view(q, q0, nq), seq_view(k, k0, nk), seq_view(v, k0, nk), scale, window_left,
                              window_right, slopes_of(alibi, static_cast<int64_t>(b)), Opt(), 64, Opt(), softcap,
-                             Opt(), dropout_p, seq_seed(dropout_p, dropout_seed, static_cast<int64_t>(b)));
+                             rel_of(rel_bias, max_k, nq, nk), dropout_p,
+                             seq_seed(dropout_p, dropout_seed, static_cast<int64_t>(b)));
     out.narrow(0, q0, nq).copy_(o.select(0, 0).transpose(0, 1));
     lse.narrow(1, q0, nq).copy_(l.select(0, 0));
   }
   return {out, lse};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/, int64_t /*max_k*/,
-    double scale, int64_t window_left, int64_t window_right, const Opt& alibi, double softcap, double dropout_p,
-    const Opt& dropout_seed) {
+    const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t /*max_q*/, int64_t max_k,
+    double scale, int64_t window_left, int64_t window_right, const Opt& alibi, double softcap, const Opt& rel_bias,
+    double dropout_p, const Opt& dropout_seed) {
   static const auto dense =
       c10::Dispatcher::singleton().findSchemaOrThrow("truthgpt::attention_bwd", "").typed<BwdFn>();
   const std::vector<int64_t> oq = host_offsets(cu_q), ok = host_offsets(cu_k);
   at::Tensor dq = at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
+  at::Tensor drel = rel_bias.has_value() ? at::zeros(rel_bias->sizes(), rel_bias->options())
+                                         : at::empty({0}, q.options().dtype(at::kFloat));
   for (size_t b = 0; b + 1 < oq.size(); ++b) {
     const int64_t q0 = oq[b], nq = oq[b + 1] - oq[b], k0 = ok[b], nk = ok[b + 1] - ok[b];
     if (nq == 0 || nk == 0) continue;
-    auto [gq, gk, gv, unused] = dense.call(seq_view(grad_out, q0, nq), seq_view(q, q0, nq), seq_view(k, k0, nk),
+    auto [gq, gk, gv, gr] = dense.call(seq_view(grad_out, q0, nq), seq_view(q, q0, nq), seq_view(k, k0, nk),
                                    seq_view(v, k0, nk), seq_view(out, q0, nq), lse.narrow(1, q0, nq).unsqueeze(0),
                                    scale, window_left, window_right, slopes_of(alibi, static_cast<int64_t>(b)),
-                                   Opt(), 64, Opt(), softcap, Opt(), dropout_p,
+                                   Opt(), 64, Opt(), softcap, rel_of(rel_bias, max_k, nq, nk), dropout_p,
                                    seq_seed(dropout_p, dropout_seed, static_cast<int64_t>(b)));
     dq.narrow(0, q0, nq).copy_(gq.select(0, 0).transpose(0, 1));
     dk.narrow(0, k0, nk).copy_(gk.select(0, 0).transpose(0, 1));
     dv.narrow(0, k0, nk).copy_(gv.select(0, 0).transpose(0, 1));
+    if (rel_bias.has_value()) rel_slice(drel, max_k, nq, nk).add_(gr);
   }
-  return {dq, dk, dv};
+  return {dq, dk, dv, drel};
 }
 
 }  // namespace varlen

@@ -148,14 +148,15 @@ arch = int(sys.argv[1])
 FLAGS = ("HAS_ALIBI", "HAS_SOFTCAP", "HAS_LEFT", "HAS_RIGHT", "HAS_LIST", "HAS_KMASK")
 PTRS = {"LSE": "fp32", "DELTA": "fp32", "SLOPES": "fp32", "BMASK": "u8", "KMASK": "u8", "LIST": "i32",
         "CNT": "i32", "ONE": "i8", "CU_Q": "i32", "CU_K": "i32", "REL": "fp32", "DREL": "fp32",
-        "DSCR": "fp32"}
+        "DSCR": "fp32", "SEEDS": "i32"}
 out = []
 for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
-    for dt, D, on in (("bf16", 128, ("HAS_RIGHT",)), ("fp16", 64, FLAGS), ("fp32", 32, ("HAS_LEFT",))):
+    for dt, D, on, varlen in (("bf16", 128, ("HAS_RIGHT",), False), ("fp16", 64, FLAGS, False),
+                              ("fp32", 32, ("HAS_LEFT",), False), ("bf16", 64, ("HAS_RIGHT", "HAS_ALIBI"), True)):
         bm, bn = A._LIST_TILES["fwd" if kind == "fwd" else "bwd"][A._dclass(max(16, D))]
         warps, stages = A._LIST_WARPS[0]
-        consts = dict(HEAD_DIM=D, BLOCK_D=max(16, D), BLOCK_M=bm, BLOCK_N=bn, VARLEN=False,
-                      HAS_REL=True, HAS_DROPOUT=True, DROP4=dt != "bf16",
+        consts = dict(HEAD_DIM=D, BLOCK_D=max(16, D), BLOCK_M=bm, BLOCK_N=bn, VARLEN=varlen,
+                      HAS_REL=True, HAS_DROPOUT=True, DROP4=dt != "bf16" and not varlen,
                       PREC="tf32x3" if dt == "fp32" else "tf32",
                       DOT_T=getattr(tl, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt]),
                       **{f: f in on for f in FLAGS})
@@ -181,6 +182,6 @@ print(json.dumps(out))
 @pytest.mark.parametrize("arch", [80, 90])
 def test_rel_bias_dropout_kernels_compile_for_gpus(arch):
     """The interpreter checks semantics, not the GPU lowering: compile the three kernels with the
-    bias and dropout on (with every other option, and alone) to cubin for sm_80 and sm_90 in a
+    bias and dropout on (with every other option, alone, and packed: VARLEN) to cubin for sm_80 and sm_90 in a
     subprocess without TRITON_INTERPRET; they must use tensor cores and fit the shared memory."""
     compile_offline_and_check(_COMPILE_SCRIPT, arch, timeout=900)

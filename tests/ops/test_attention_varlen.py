@@ -157,6 +157,66 @@ def test_attention_varlen_dropout(backend, case):
             assert_close(f"d{name}[{dtype}]", a.grad, r.grad, b.grad, atol=ATOL[dtype])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["mixed", "causal", "sq_ne_sk_causal_gqa", "decode_rows", "window_alibi_softcap",
+                                  "window_both_sides"])
+def test_attention_varlen_rel_bias(backend, case):
+    """T5 relative bias: sequence b gets what tk.attention gives on that sequence alone with the
+    same table (each sequence buckets its own j - i'); values, q/k/v gradients and the table's
+    gradient (summed over the sequences) against the float64 reference (the tolerance rule's
+    baseline: the dense kernel of the same backend and dtype). max_seqlen_q / max_seqlen_k above
+    the longest lengths: the sequences' slices of the bias vector must not depend on them."""
+    device = device_for(backend)
+    (q64, k64, v64), (lq, lk), kw = make_inputs(case, device)
+    if kw.get("alibi_slopes") is not None:
+        kw["alibi_slopes"] = kw["alibi_slopes"].expand(len(lq), -1)
+    slopes = kw.pop("alibi_slopes", None)
+    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+    buckets = (not kw["causal"], 10, 12)  # small max_distance: the buckets change along every sequence
+    table64 = torch.randn(q64.shape[1], 10, dtype=torch.float64, device=device)
+    do64 = torch.randn_like(q64)
+
+    def dense(q, k, v, table, be):
+        outs, q0, k0 = [], 0, 0
+        for b, (nq, nk) in enumerate(zip(lq, lk)):
+            view = (lambda t, s, n: t[s:s + n].transpose(0, 1).unsqueeze(0))
+            o = tk.attention(view(q, q0, nq), view(k, k0, nk), view(v, k0, nk), rel_bias=table, rel_buckets=buckets,
+                             alibi_slopes=None if slopes is None else slopes[b:b + 1], backend=be, **kw)
+            outs.append(o[0].transpose(0, 1))
+            q0, k0 = q0 + nq, k0 + nk
+        return torch.cat(outs)
+    ref = [t.clone().requires_grad_(True) for t in (q64, k64, v64, table64)]
+    ref_out = dense(*ref, "reference")
+    ref_out.backward(do64)
+    for dtype in DTYPES[backend]:
+        ours = [t.detach().to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+        ours.append(table64.detach().float().requires_grad_(True))
+        out = tk.attention_varlen(*ours[:3], cu_q, cu_k, max(lq) + 3, max(lk) + 5, rel_bias=ours[3],
+                                  rel_buckets=buckets, alibi_slopes=slopes, backend=backend, **kw)
+        out.backward(do64.to(dtype))
+        base = [t.detach().to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+        base.append(table64.detach().float().requires_grad_(True))
+        base_out = dense(*base, backend)
+        base_out.backward(do64.to(dtype))
+        assert_close(f"out[{dtype}]", out, ref_out, base_out, atol=ATOL[dtype])
+        for name, a, r, b in zip(["q", "k", "v", "rel_bias"], ours, ref, base):
+            assert_close(f"d{name}[{dtype}]", a.grad, r.grad, b.grad, atol=ATOL[dtype])
+    # the bias matters: without it the output differs
+    plain = tk.attention_varlen(q64.float(), k64.float(), v64.float(), cu_q, cu_k, max(lq), max(lk),
+                                alibi_slopes=slopes, backend=backend, **kw)
+    assert (plain.double() - ref_out.detach()).abs().max() > 1e-2
+
+
+def test_attention_varlen_rel_bias_bad_input():
+    args = _args()
+    with pytest.raises(ValueError, match="rel_bias must have shape \\(4, num_buckets\\)"):
+        tk.attention_varlen(*args, rel_bias=torch.randn(2, 8))
+    with pytest.raises(TypeError, match="rel_bias must have dtype"):
+        tk.attention_varlen(*args, rel_bias=torch.randn(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="rel_bias has 8 buckets but rel_buckets says 16"):
+        tk.attention_varlen(*args, rel_bias=torch.randn(4, 8), rel_buckets=(True, 16, 32))
+
+
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
 def test_attention_varlen_dropout_streams(backend):
     """Identical sequences draw different masks (their own keys); about 1 - p of the weights are

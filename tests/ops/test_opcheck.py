@@ -36,14 +36,15 @@ def _rotary_bshd_args(dev):
     return (q, k, cos, sin, torch.arange(5, device=dev).expand(2, 5), False)
 
 
-def _attention_varlen_args(dev):
+def _attention_varlen_args(dev, rel=False):
     q = torch.randn(9, 4, 8, device=dev, requires_grad=True)
     k = torch.randn(11, 2, 8, device=dev, requires_grad=True)
     v = torch.randn(11, 2, 8, device=dev, requires_grad=True)
     cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=dev)
     cu_k = torch.tensor([0, 5, 6, 11], dtype=torch.int32, device=dev)
     slopes = tk.alibi_slopes(4, device=dev).expand(3, 4)
-    return (q, k, v, cu_q, cu_k, 6, 5, 0.3, 4, 0, slopes, 5.0, 0.2, torch.tensor(7))  # dropout, fixed seed
+    rel_vec = torch.randn(4, 6 + 5 - 1, device=dev, requires_grad=True) if rel else None  # (Hq, max_q + max_k - 1)
+    return (q, k, v, cu_q, cu_k, 6, 5, 0.3, 4, 0, slopes, 5.0, rel_vec, 0.2, torch.tensor(7))  # dropout, fixed seed
 
 
 def _rotary_args(dev, qk):
@@ -61,6 +62,8 @@ CASES = {
     "attention_rel_bias_dropout": ("attention", "attention", lambda dev: _attention_args(dev, extras=True)),
     "attention_bshd": ("attention", "attention", _attention_bshd_args),
     "attention_varlen": ("attention_varlen", "attention_varlen", _attention_varlen_args),
+    "attention_varlen_rel_bias": ("attention_varlen", "attention_varlen",
+                                  lambda dev: _attention_varlen_args(dev, rel=True)),
     "apply_rotary": ("apply_rotary", "rotary", lambda dev: _rotary_args(dev, False)),
     "apply_rotary_qk": ("apply_rotary_qk", "rotary", lambda dev: _rotary_args(dev, True)),
     "apply_rotary_qk_bshd": ("apply_rotary_qk", "rotary", _rotary_bshd_args),

@@ -5,8 +5,10 @@
 q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence b owns rows cu_seqlens_q[b] ..
 cu_seqlens_q[b + 1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of k and v, and gets exactly
 tk.attention's semantics on them (bottom-right causal alignment per sequence, GQA, ALiBi,
-window, softcap, dropout; a sequence without keys gives zero rows). No padding and no mask across
-sequences exist. Dropout: sequence b draws tk.attention's Philox stream of its own
+window, softcap, T5 relative bias, dropout; a sequence without keys gives zero rows). No padding and no mask across
+sequences exist. The relative bias reaches the kernels as one vector by distance
+(Hq, max_seqlen_q + max_seqlen_k - 1) (entry (j - i') + max_seqlen_k - 1), of which sequence b
+reads the columns from max_seqlen_k - len_k (reference.varlen_rel_slice). Dropout: sequence b draws tk.attention's Philox stream of its own
 (1, Hq, len_q, len_k) scores with the key dropout_seed + b * 0x9E3779B97F4A7C15 (mod 2^64)
 (reference.varlen_dropout_seed), so a one-sequence batch drops what tk.attention drops. The lengths are read inside the op (never traced), so torch.compile sees one
 opaque op whatever the lengths."""
@@ -17,8 +19,8 @@ from torch import Tensor
 
 from .. import backends
 from ..validation import (autocast_qkv, check_attention_options, check_dropout, check_head_dim, check_int,
-                          check_same_dtype, check_tensor)
-from .reference import lse_dtype
+                          check_rel_bias, check_same_dtype, check_tensor)
+from .reference import lse_dtype, rel_bias_by_distance
 
 
 def _check_lengths(name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str):
@@ -42,19 +44,20 @@ def _check_lengths(name: str, cu: Tensor, total: int, max_seqlen: int, max_name:
 def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                         max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                         window_right: int, alibi_slopes: Optional[Tensor], softcap: float,
-                        dropout_p: float, dropout_seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+                        rel_bias: Optional[Tensor], dropout_p: float, dropout_seed: Optional[Tensor],
+                        backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (out (Tq, Hq, D) like q, lse float32 (float64 for float64 q) (Hq, Tq)); arguments as normalised by
     `attention_varlen` below (causal folded into window_right)."""
     _check_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     _check_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     return backends.kernel("attention_varlen", backend, "fwd")(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-        window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
+        window_right, alibi_slopes, softcap, rel_bias, dropout_p, dropout_seed)
 
 
 @attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, alibi_slopes, softcap, dropout_p, dropout_seed, backend):
+      window_right, alibi_slopes, softcap, rel_bias, dropout_p, dropout_seed, backend):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype))
 
 
@@ -63,31 +66,41 @@ def attention_varlen_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                                  lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                  max_seqlen_q: int, max_seqlen_k: int, scale: float,
                                  window_left: int, window_right: int,
-                                 alibi_slopes: Optional[Tensor], softcap: float, dropout_p: float,
-                                 dropout_seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                                 alibi_slopes: Optional[Tensor], softcap: float,
+                                 rel_bias: Optional[Tensor], dropout_p: float, dropout_seed: Optional[Tensor],
+                                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d rel_bias) (the last empty when rel_bias is None)."""
     return backends.kernel("attention_varlen", backend, "bwd")(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        scale, window_left, window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
+        scale, window_left, window_right, alibi_slopes, softcap, rel_bias, dropout_p, dropout_seed)
 
 
 @attention_varlen_backward_op.register_fake
-def _(grad_out, q, k, v, *args):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      window_left, window_right, alibi_slopes, softcap, rel_bias, *args):
+    drel = rel_bias.new_empty(rel_bias.shape) if rel_bias is not None else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drel
 
 
 def _setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k = inputs[:5]
     ctx.save_for_backward(*backends.saveable(q, k, v, *output, cu_q, cu_k))
-    ctx.args = inputs[5:]  # max_q, max_k, scale, window_left, window_right, alibi, softcap, dropout_p,
-    #                        dropout_seed, backend
+    ctx.args = inputs[5:]  # max_q, max_k, scale, window_left, window_right, alibi, softcap, rel_bias,
+    #                        dropout_p, dropout_seed, backend
     ctx.mark_non_differentiable(output[1])
+
+
+_REL = 12  # position of rel_bias in attention_varlen_op's inputs
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = backends.apply(attention_varlen_backward_op, grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
-                                              *ctx.args)
-    return (dq, dk, dv, None, None) + (None,) * len(ctx.args)
+    dq, dk, dv, drel = backends.apply(attention_varlen_backward_op, grad_out.contiguous(), q, k, v, out, lse,
+                                      cu_q, cu_k, *ctx.args)
+    grads = [dq, dk, dv, None, None] + [None] * len(ctx.args)
+    if ctx.args[_REL - 5] is not None:
+        grads[_REL] = drel
+    return tuple(grads)
 
 
 backends.register_autograd(attention_varlen_op, _backward, _setup)
@@ -129,13 +142,16 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      scale: Optional[float] = None, window=None,
                      alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
+                     rel_bias: Optional[Tensor] = None, rel_buckets: Optional[Tuple[bool, int, int]] = None,
                      dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                      block_table: Optional[Tensor] = None,
                      return_lse: bool = False, backend: Optional[str] = None):
     """Attention over packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D),
     cu_seqlens_q / cu_seqlens_k int32 (B + 1,) cumulative lengths (0 first, total last),
     max_seqlen_q / max_seqlen_k at least the longest length. Per sequence the semantics of
-    tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq); dropout_p / dropout_seed
+    tk.attention (options alike; alibi_slopes float32 (Hq,) or (B, Hq); rel_bias / rel_buckets a
+    T5 table (Hq, num_buckets) shared by the sequences, each bucketing its own j - i';
+    dropout_p / dropout_seed
     as tk.attention's, sequence b drawing with the key dropout_seed + b * 0x9E3779B97F4A7C15).
     block_table int32 (B, max_pages) (flash-attn's paged varlen): k and v are a paged cache
     (num_pages, page_size, Hkv, D) and sequence b's keys are its first
@@ -168,9 +184,14 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale, softcap, (left, right), alibi_slopes = check_attention_options(
         D, n - 1, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
         alibi_slopes=alibi_slopes)
+    rel_vec = None
+    if rel_bias is not None:
+        bidirectional, nb, max_distance = check_rel_bias(rel_bias, rel_buckets, Hq, q.device, causal)
+        rel_vec = rel_bias_by_distance(rel_bias, max_seqlen_q, max_seqlen_k, bidirectional, nb, max_distance).to(
+            torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
     name = backends.select("attention_varlen", backend, q)
     out, lse = backends.apply(attention_varlen_op, _unit_rows(q), _unit_rows(k), _unit_rows(v), cu_seqlens_q,
                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-                              alibi_slopes, softcap, dropout_p, seed, name)
+                              alibi_slopes, softcap, rel_vec, dropout_p, seed, name)
     return (out, lse) if return_lse else out

@@ -685,18 +685,29 @@ def varlen_dropout_seed(dropout_seed: Optional[Tensor], b: int) -> Optional[Tens
     return torch.tensor(key - 2 ** 64 if key >= 2 ** 63 else key, dtype=torch.int64)
 
 
+def varlen_rel_slice(rel_bias: Optional[Tensor], max_seqlen_k: int, len_q: int, len_k: int):
+    """Sequence (len_q, len_k)'s bias by distance (Hq, len_q + len_k - 1) in the packed call's
+    one vector (Hq, max_seqlen_q + max_seqlen_k - 1), whose entry (j - i') + max_seqlen_k - 1
+    holds distance j - i' (i' = i + len_k - len_q): columns max_seqlen_k - len_k onwards."""
+    if rel_bias is None:
+        return None
+    return rel_bias.narrow(1, max_seqlen_k - len_k, len_q + len_k - 1)
+
+
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, alibi_slopes, softcap, dropout_p=0.0,
+                         window_left, window_right, alibi_slopes, softcap, rel_bias=None, dropout_p=0.0,
                          dropout_seed=None):
-    """Packed sequences, each through attention_fwd (dropout with its own key,
-    varlen_dropout_seed): out like q (Tq, Hq, D), lse (Hq, Tq)."""
+    """Packed sequences, each through attention_fwd (its slice of the bias by distance,
+    varlen_rel_slice; dropout with its own key, varlen_dropout_seed): out like q (Tq, Hq, D),
+    lse (Hq, Tq)."""
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
             slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
             o, l = attention_fwd(_seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1), scale, window_left,
-                                 window_right, slopes, None, 64, None, softcap, None, dropout_p,
+                                 window_right, slopes, None, 64, None, softcap,
+                                 varlen_rel_slice(rel_bias, max_seqlen_k, q1 - q0, k1 - k0), dropout_p,
                                  varlen_dropout_seed(dropout_seed, b))
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
@@ -705,17 +716,23 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap,
-                         dropout_p=0.0, dropout_seed=None):
+                         rel_bias=None, dropout_p=0.0, dropout_seed=None):
+    """(dq, dk, dv, d rel_bias) (the last empty without rel_bias): each sequence's bias gradient
+    lands in its slice of the vector's gradient."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    drel = torch.zeros_like(rel_bias) if rel_bias is not None else q.new_empty(0, dtype=torch.float32)
     for b, q0, q1, k0, k1 in _varlen_spans(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
             slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
             g = attention_bwd(_seq(grad_out, q0, q1), _seq(q, q0, q1), _seq(k, k0, k1), _seq(v, k0, k1),
                               _seq(out, q0, q1), lse[:, q0:q1].unsqueeze(0), scale, window_left,
-                              window_right, slopes, None, 64, None, softcap, None, dropout_p,
+                              window_right, slopes, None, 64, None, softcap,
+                              varlen_rel_slice(rel_bias, max_seqlen_k, q1 - q0, k1 - k0), dropout_p,
                               varlen_dropout_seed(dropout_seed, b))
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x[0].transpose(0, 1) for x in g[:3])
-    return dq, dk, dv
+            if rel_bias is not None:
+                varlen_rel_slice(drel, max_seqlen_k, q1 - q0, k1 - k0).add_(g[3])
+    return dq, dk, dv, drel
 
 
 # ----------------------------------------------------------------------------- KV cache

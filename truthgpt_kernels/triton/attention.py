@@ -1,6 +1,6 @@
 """Flash attention (FlashAttention-2 structure) in Triton: forward and backward with causal /
 sliding window, GQA/MQA, ALiBi, softcap, key padding mask, block-sparse masks, a relative-position
-bias by distance (T5) and Philox dropout (dense mode only; varlen compiles without them).
+bias by distance (T5) and Philox dropout.
 
 Kernels (the "triton" backend of tk.attention; signatures as ops/reference.py):
 - `_attn_fwd`: one program per (query tile, batch * query head); online softmax over the
@@ -296,6 +296,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
     hk = h // G
     m0 = pid_m * BLOCK_M
     drop_bh = pid_bh  # the dropout stream's (batch, head) row block
+    rel_w = Sq + Sk - 1  # the bias rows' length and key offset (VARLEN: of the longest lengths)
+    rel_k = Sk
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0)
         q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if m0 >= Sq:
@@ -318,8 +320,8 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, BMASK, KMASK, LIST, CNT, CU_Q, CU_K,
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * sab + h * sah)
-    if HAS_REL:
-        rel_ptr = REL + h * (Sq + Sk - 1)
+    if HAS_REL:  # VARLEN: the sequence's slice, from column rel_k - Sk (reference.varlen_rel_slice)
+        rel_ptr = REL + h * rel_w + (rel_k - Sk)
 
     if HAS_LIST:
         lst = LIST + b * slb + h * slh + pid_m * slt
@@ -432,6 +434,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
     n0l = pid_n * BLOCK_N
     n0 = n0l.to(tl.int32)
     drop_b = b  # the dropout stream's batch index
+    rel_w = Sq + Sk - 1  # as in _attn_fwd
+    rel_k = Sk
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
         q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if n0l >= Sk:
@@ -472,7 +476,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, ONE, DK, DV, SLOPES, BMASK, KMASK, L
         if HAS_ALIBI:
             slope = tl.load(SLOPES + b * sab + h * sah)
         if HAS_REL:
-            rel_ptr = REL + h * (Sq + Sk - 1)
+            rel_ptr = REL + h * rel_w + (rel_k - Sk)
         if HAS_LIST:
             lst = LIST + b * slb + h * slh + pid_n * slt
             n_iter = tl.load(CNT + b * scb + h * sch + pid_n)
@@ -551,7 +555,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     """dQ = scale dS K, dS = P (dO V^T - delta), over the key tiles the forward visited.
 
     HAS_REL: the bias's gradient by distance. Each program owns row (pid_bh, pid_m) of DREL
-    (sdrel floats; entry d = j - (i - m0) + BLOCK_M - 1) and a BLOCK_M x BLOCK_N scratch tile
+    (sdrel floats; entry d = j - (i - m0) + BLOCK_M - 1; VARLEN: the vector's own columns,
+    shifted by REL_W, so the sequences' rows add up directly) and a BLOCK_M x BLOCK_N scratch tile
     of DSCR. Per key tile: dS (before the softcap derivative) goes to the scratch, is read back
     skewed (REL_W = next power of two >= BLOCK_M + BLOCK_N - 1 diagonals) and summed over the
     rows, then added into the row at n0 (consecutive tiles overlap: barriers between). The
@@ -563,6 +568,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     hk = h // G
     m0 = pid_m * BLOCK_M
     drop_bh = pid_bh  # the dropout stream's (batch, head) row block
+    rel_w = Sq + Sk - 1  # as in _attn_fwd
+    rel_k = Sk
     if VARLEN:  # sequence b of the packed rows (the batch strides are 0), stats (Hq, Tq)
         q_start, Sq, k_start, Sk = _seq(CU_Q, CU_K, b)
         if m0 >= Sq:
@@ -597,7 +604,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * sab + h * sah)
     if HAS_REL:
-        rel_ptr = REL + h * (Sq + Sk - 1)
+        rel_ptr = REL + h * rel_w + (rel_k - Sk)
         prog = pid_bh * tl.num_programs(0) + pid_m
         drel_row = DREL + prog * sdrel
         scr = DSCR + prog * (BLOCK_M * BLOCK_N)
@@ -609,6 +616,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, ONE, DQ, SLOPES, BMASK, KMASK, LIST, C
         for w0 in range(0, sdrel, REL_W):  # zero the row here: a relaunch (autotuning) repeats it
             tl.store(drel_row + w0 + ar_w, tl.zeros([REL_W], dtype=tl.float32), mask=w0 + ar_w < sdrel)
         tl.debug_barrier()
+        if VARLEN:  # entry d goes to the vector's column d + Sq + rel_k - Sk - (pid_m + 1) BM, + REL_W
+            drel_row += REL_W + Sq + rel_k - Sk - (pid_m + 1) * BLOCK_M
     if HAS_LIST:
         lst = LIST + b * slb + h * slh + pid_m * slt
         n_iter = tl.load(CNT + b * scb + h * sch + pid_m)

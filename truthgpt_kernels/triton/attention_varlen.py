@@ -4,7 +4,9 @@ The dense kernels of triton/attention.py run with VARLEN set: the grid is
 (cdiv(max_seqlen, tile), heads, sequences); a program reads its sequence's first row and
 length from cu_seqlens_q / cu_seqlens_k (on the device: no host synchronisation), leaves at
 once when its tile starts past the sequence's end, and otherwise works exactly as the dense
-kernel on that sequence (bottom-right window, ALiBi per (sequence, head), softcap, GQA).
+kernel on that sequence (bottom-right window, ALiBi per (sequence, head), softcap, GQA, the
+relative bias from the sequence's slice of the one bias by distance, dropout with the
+sequence's own key).
 Layouts (flash-attn's varlen ones): q, dq, out (Tq, Hq, D); k, v, dk, dv (Tk, Hkv, D), any
 strides in, contiguous out; lse and the backward's row statistics (Hq, Tq) float32.
 """
@@ -32,10 +34,10 @@ def _seeds(dropout_seed, B, device):
 
 
 def _args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-          window_right, alibi_slopes, softcap, dropout_p, dropout_seed):
+          window_right, alibi_slopes, softcap, rel_bias, dropout_p, dropout_seed):
     q4, k4, v4 = _sdpa_view(q), _sdpa_view(k), _sdpa_view(v)
     a = _dense._mask_args(q4, k4, scale, window_left, window_right, alibi_slopes, None, 0, None, softcap,
-                          None, dropout_p, dropout_seed)
+                          _dense._rel_contig(rel_bias), dropout_p, dropout_seed)
     if dropout_p > 0:  # per-sequence keys; lengths vary, so one Philox call per element
         a.update(SEEDS=_seeds(dropout_seed, cu_seqlens_q.shape[0] - 1, q.device), DROP4=False)
     _dense._set_lists(a, None, None)
@@ -64,7 +66,8 @@ def _device(q):
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, alibi_slopes, softcap, dropout_p=0.0, dropout_seed=None):
+                         window_left, window_right, alibi_slopes, softcap, rel_bias=None, dropout_p=0.0,
+                         dropout_seed=None):
     _check(q, k, cu_seqlens_q)
     Tq, Hq, D = q.shape
     out = torch.empty((Tq, Hq, D), dtype=q.dtype, device=q.device)
@@ -72,7 +75,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     a = _args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-              window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
+              window_right, alibi_slopes, softcap, rel_bias, dropout_p, dropout_seed)
     a.update(O=out, LSE=lse)
     B = cu_seqlens_q.shape[0] - 1
     with _device(q):
@@ -98,19 +101,22 @@ def _one_key_rows(cu_seqlens_q, cu_seqlens_k, Tq, Hq, wl, wr):
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, scale, window_left, window_right, alibi_slopes, softcap,
-                         dropout_p=0.0, dropout_seed=None):
+                         rel_bias=None, dropout_p=0.0, dropout_seed=None):
+    """(dq, dk, dv, d rel_bias) (the last empty without rel_bias)."""
     _check(q, k, cu_seqlens_q)
     Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[0], k.shape[1]
     dq = torch.empty((Tq, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((Tk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((Tk, Hkv, D), dtype=v.dtype, device=v.device)
+    drel = (torch.empty(0, dtype=torch.float32, device=q.device) if rel_bias is None
+            else torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device))
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), drel
     out = out.contiguous()
     lse = lse.contiguous()
     a = _args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-              window_right, alibi_slopes, softcap, dropout_p, dropout_seed)
+              window_right, alibi_slopes, softcap, rel_bias, dropout_p, dropout_seed)
     bd = a["BLOCK_D"]
     delta = torch.empty((Hq, Tq), dtype=torch.float32, device=q.device)
     B = cu_seqlens_q.shape[0] - 1
@@ -127,7 +133,18 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
         _dense._launch(_dense._DKDV, _dense._attn_bwd_dkdv,
                        lambda bm, bn: triton.cdiv(max(max_seqlen_k, 1), bn), Hkv, B,
                        dict(a, DK=dk, DV=dv), tiles)
+        dq_args = dict(a, DQ=dq)
+        if rel_bias is not None:  # per-program rows in the vector's columns (tiles fixed to size them)
+            tiles = tiles or _dense._list_tiles("bwd", bd)
+            bm, bn = tiles
+            nqt = triton.cdiv(max(max_seqlen_q, 1), bm)
+            w = triton.next_power_of_2(bm + bn - 1)
+            L = drel.shape[1]
+            part = torch.zeros((B, Hq, nqt, L + 2 * w), dtype=torch.float32, device=q.device)
+            scratch = torch.empty((B * Hq * nqt, bm * bn), dtype=torch.float32, device=q.device)
+            dq_args.update(DREL=part, DSCR=scratch, sdrel=L + 2 * w, REL_W=w)
         _dense._launch(_dense._DQ, _dense._attn_bwd_dq,
-                       lambda bm, bn: triton.cdiv(max(max_seqlen_q, 1), bm), Hq, B,
-                       dict(a, DQ=dq), tiles)
-    return dq, dk, dv
+                       lambda bm, bn: triton.cdiv(max(max_seqlen_q, 1), bm), Hq, B, dq_args, tiles)
+        if rel_bias is not None:  # summed over the sequences and query tiles in a fixed order
+            drel = part.sum((0, 2))[:, w:w + L].contiguous()
+    return dq, dk, dv, drel
