@@ -36,7 +36,8 @@ def _targets(tok, pos):
 
 
 @pytest.mark.parametrize("position, model_type", [("rope", "decoder"), ("alibi", "decoder"),
-                                                  ("learned", "decoder"), ("rope", "encoder")])
+                                                  ("learned", "decoder"), ("rope", "encoder"),
+                                                  ("relative", "decoder"), ("relative", "encoder")])
 def test_packed_step_equals_padded_documents(position, model_type):
     cfg = TransformerConfig.preset("tiny", position=position, model_type=model_type,
                                    dtype="float64", max_seq_len=32, n_kv_heads=2)

@@ -185,16 +185,13 @@ class Attention(nn.Module):
         if (position_bias is not None) != (self.position == "relative" and context is None):
             raise ValueError("position_bias (from a RelativePositionBias) is what self-attention with "
                              "position='relative' takes, and only it")
-        if position_bias is not None and (packed is not None or isinstance(cache, PagedKVCache)):
-            raise ValueError("position='relative' runs on tk.attention: packed batches and paged "
-                             "caches (attention_varlen / attention_with_kvcache) do not take a "
-                             "relative bias yet")
+        rel = {} if position_bias is None else dict(zip(("rel_bias", "rel_buckets"), position_bias))
         if context is not None:
             return self._cross(x, context, cache, key_mask)
         if isinstance(cache, PagedKVCache):
-            return self._paged(x, cache, packed)
+            return self._paged(x, cache, packed, rel)
         if packed is not None:
-            return self._packed(x, packed, cache, key_mask)
+            return self._packed(x, packed, cache, key_mask, rel)
         B, S, _ = x.shape
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
@@ -208,14 +205,12 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)                         # (B, Hkv, offset + S, D)
         Sk = k.shape[2]
         block_mask = self._block_mask(S, Sk, x.device) if self.sparsity else None
-        rel_bias, rel_buckets = position_bias if position_bias is not None else (None, None)
         y = attention(q, k, v, causal=self.causal, window=self.window,
                       alibi_slopes=self.alibi() if self.alibi is not None else None,
                       block_mask=block_mask,
                       block_size=self.sparsity["block_size"] if self.sparsity else 64,
-                      key_mask=key_mask, softcap=self.softcap, scale=self.scale, rel_bias=rel_bias,
-                      rel_buckets=rel_buckets, dropout_p=self._attn_dropout_p(),
-                      backend=self.backend)                    # (B, Hq, S, D)
+                      key_mask=key_mask, softcap=self.softcap, scale=self.scale,
+                      dropout_p=self._attn_dropout_p(), backend=self.backend, **rel)  # (B, Hq, S, D)
         y = y.transpose(1, 2).reshape(B, S, Hq * D)           # (B, S, Hq * D)
         return self.dropout(self.out(y))
 
@@ -233,26 +228,27 @@ class Attention(nn.Module):
             q, k = q.transpose(1, 2), k.transpose(1, 2)       # (B, S, H, D)
         return q, k, v
 
-    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, packed: Packed) -> Tensor:
-        """Packed documents (B, S, H, D) -> (B, S, Hq * D), each attending within itself."""
+    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, packed: Packed, rel: dict) -> Tensor:
+        """Packed documents (B, S, H, D) -> (B, S, Hq * D), each attending within itself (rel:
+        the relative bias's rel_bias / rel_buckets, or nothing)."""
         B, S, Hq, D = q.shape
         n = packed.max_seqlen
         y = attention_varlen(q.reshape(B * S, Hq, D), k.flatten(0, 1), v.flatten(0, 1),
                              packed.cu_seqlens, packed.cu_seqlens, n, n, causal=self.causal,
                              window=self.window, softcap=self.softcap, scale=self.scale, backend=self.backend,
                              alibi_slopes=self.alibi() if self.alibi is not None else None,
-                             dropout_p=self._attn_dropout_p())  # (B*S, Hq, D)
+                             dropout_p=self._attn_dropout_p(), **rel)  # (B*S, Hq, D)
         return y.view(B, S, Hq * D)
 
     def _packed(self, x: Tensor, packed: Packed, cache: Optional[KVCache],
-                key_mask: Optional[Tensor]) -> Tensor:
+                key_mask: Optional[Tensor], rel: dict) -> Tensor:
         if cache is not None or key_mask is not None or self.sparsity:
             raise ValueError("packed documents run without a KV cache, key_mask or block-sparse "
                              "layout (each document is its own sequence)")
         q, k, v = self._rows(x, packed.position_ids)          # positions within each document
-        return self.dropout(self.out(self._varlen(q, k, v, packed)))
+        return self.dropout(self.out(self._varlen(q, k, v, packed, rel)))
 
-    def _paged(self, x: Tensor, cache: PagedKVCache, packed: Optional[Packed]) -> Tensor:
+    def _paged(self, x: Tensor, cache: PagedKVCache, packed: Optional[Packed], rel: dict) -> Tensor:
         """Prefill (packed prompts (1, T, d), written into empty caches) or one decoding step
         (x (B, 1, d): token b at position cache.seqlens[b], appended in place)."""
         if self.sparsity or not self.causal:
@@ -263,14 +259,14 @@ class Attention(nn.Module):
             seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=x.device), cu[1:] - cu[:-1],
                                           output_size=x.shape[1])
             cache.write(seq, packed.position_ids.flatten(), k[0], v[0])
-            return self.dropout(self.out(self._varlen(q, k, v, packed)))
+            return self.dropout(self.out(self._varlen(q, k, v, packed, rel)))
         B = x.shape[0]
         q, k, v = self._rows(x, cache.seqlens.long()[:, None])  # (B, 1, H, D)
         y = attention_with_kvcache(q.transpose(1, 2), cache.k, cache.v, cache_seqlens=cache.seqlens,
                                    block_table=cache.block_table, k_new=k.transpose(1, 2),
                                    v_new=v.transpose(1, 2), causal=True, window=self.window,
                                    softcap=self.softcap, scale=self.scale, backend=self.backend,
-                                   alibi_slopes=self.alibi() if self.alibi is not None else None)
+                                   alibi_slopes=self.alibi() if self.alibi is not None else None, **rel)
         return self.dropout(self.out(y.transpose(1, 2).reshape(B, 1, -1)))  # (B, 1, d)
 
     def _cross(self, x: Tensor, context: Tensor, cache: Optional[KVCache],

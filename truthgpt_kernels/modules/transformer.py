@@ -132,8 +132,10 @@ class Transformer(nn.Module):
         else:
             self.pos_embed = None
         self.drop = nn.Dropout(c.dropout)
-        # T5: one relative bias per stack, shared by its layers (encoders bidirectional)
-        rel = dict(num_buckets=c.relative_buckets, max_distance=c.relative_max_distance, device=device)
+        # T5: one relative bias per stack, shared by its layers (encoders bidirectional); its
+        # table in float32 (the kernels add it in float32), float64 in a float64 model
+        rel = dict(num_buckets=c.relative_buckets, max_distance=c.relative_max_distance, device=device,
+                   dtype=torch.float64 if dt == torch.float64 else torch.float32)
         self.rel_pos = (RelativePositionBias(c.n_heads, bidirectional=not c.causal, **rel)
                         if c.position == "relative" else None)
         self.encoder_rel_pos = (RelativePositionBias(c.n_heads, bidirectional=True, **rel)
