@@ -90,6 +90,52 @@ def test_apply_to_uses_truthgpt_attention(monkeypatch):
     assert len(calls) == 2 and calls[0]["window"] == (5, -1) and calls[0]["causal"]
 
 
+@pytest.mark.parametrize("inputs", ["plain", "left_padded", "packed"])
+def test_attention_dropout_in_training_runs_in_the_kernels(inputs, monkeypatch):
+    """attention_dropout in training: tk.attention / tk.attention_varlen drop in the kernel (no
+    fallback to the replaced function), keyed from torch's CPU generator (reproducible under
+    torch.manual_seed); the same seeds through the float64 reference backend give the same loss
+    and gradients (the kernels' dropout is tk.attention's); eval runs without dropout."""
+    model = hf.apply_to(make("llama", attention_dropout=0.25))
+    ids = torch.randint(0, 96, (2, 12))
+    kw = {"use_cache": False}
+    if inputs == "left_padded":
+        ids, kw["attention_mask"] = left_padded(seq=12, pads=(3, 0))
+    elif inputs == "packed":  # two documents in row 0 (positions restart), one in row 1
+        kw["position_ids"] = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
+    calls, backend = [], {}
+    for name in ("attention", "attention_varlen"):
+        real = getattr(hf.ops, name)
+        monkeypatch.setattr(hf.ops, name, lambda *a, _real=real, _name=name, **k: calls.append(
+            (_name, k.get("dropout_p"))) or _real(*a, **k, **backend))
+    if inputs == "plain":
+        monkeypatch.setattr(hf, "_run", lambda *a, **k: pytest.fail("fell back to the replaced function"))
+
+    def step(seed):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        loss = model(ids, labels=ids, **kw).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    model.train()
+    loss, grads = step(3)
+    kind = "attention_varlen" if inputs == "packed" else "attention"
+    assert calls == [(kind, 0.25)] * 2
+    again, grads_again = step(3)
+    assert torch.equal(loss, again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+    assert not torch.equal(loss, step(4)[0])
+    backend["backend"] = "reference"
+    ref, ref_grads = step(3)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    backend.clear()
+    calls.clear()
+    model.eval()
+    model(ids, **kw)
+    assert calls == [(kind, 0.0)] * 2
+
+
 def test_unsupported_model_is_left_with_warning():
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
     model = transformers.GPT2LMHeadModel(cfg)

@@ -10,9 +10,12 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
   (batch, keys) boolean padding mask, so no (S x S) mask is built; any other pattern
   (packed sequences' block-diagonal mask, image-token or chunked overlays, transformers 4.x
   calls) gets transformers' 4-D sdpa mask, which the attention function decomposes into
-  causal + sliding window + key padding mask and checks. A 4-D mask not of that form,
-  dropout in training, or `output_attentions=True` runs the function that the patch
-  replaced (the model's own eager function for attention weights), so results stay exact.
+  causal + sliding window + key padding mask and checks. Attention dropout in training runs in
+  the kernels (tk.attention's / tk.attention_varlen's Philox dropout, keyed from torch's CPU
+  generator: reproducible under torch.manual_seed, not the same draws as torch's). A 4-D mask
+  not of that form, dropout under torch.compile with a 4-D mask, or `output_attentions=True`
+  runs the function that the patch replaced (the model's own eager function for attention
+  weights), so results stay exact.
   Query rows that see no key at all (left padding) get what the replaced function gives
   them: the mean of V for eager (its additive mask turns into a uniform softmax), zeros for
   sdpa with current torch; it is computed by running that function on those rows only.
@@ -250,7 +253,7 @@ def _documents(query, key, attention_mask, kwargs, causal=True, window=None):
     return packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen
 
 
-def _varlen(query, key, value, docs, causal, scaling, window, softcap):
+def _varlen(query, key, value, docs, causal, scaling, window, softcap, dropout=0.0):
     """Packed documents through tk.attention_varlen: (B, Sq, Hq, D) as transformers expects."""
     B, Hq, Sq, D = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
@@ -258,7 +261,8 @@ def _varlen(query, key, value, docs, causal, scaling, window, softcap):
     def rows(t, H, S):
         return t.transpose(1, 2).reshape(B * S, H, D)  # (B * S, H, D)
     out = ops.attention_varlen(rows(query, Hq, Sq), rows(key, Hkv, Sk), rows(value, Hkv, Sk), *docs,
-                               causal=causal, scale=scaling, window=window, softcap=softcap or 0.0)
+                               causal=causal, scale=scaling, window=window, softcap=softcap or 0.0,
+                               dropout_p=dropout)
     return out.view(B, Sq, Hq, D)
 
 
@@ -416,29 +420,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if torch.compiler.is_compiling():
         return _traced_4d(module, query, key, value, attention_mask, causal, window, scaling,
                           softcap, fn_kwargs)
-    docs = _documents(query, key, attention_mask, kwargs, causal, window) if dropout == 0.0 else None
+    docs = _documents(query, key, attention_mask, kwargs, causal, window)
     if docs is not None:
-        return _varlen(query, key, value, docs, causal, scaling, window, softcap), None
+        return _varlen(query, key, value, docs, causal, scaling, window, softcap, dropout), None
     key_mask = None
-    vis = None
-    servable = dropout == 0.0
-    if servable:
-        vis = _visible(attention_mask)
-        if attention_mask.dtype != torch.bool and not torch.all(vis | (attention_mask <= torch.finfo(attention_mask.dtype).min / 2)):
-            servable = False  # an additive bias, not a mask
-        else:
-            vis = vis[..., -Sk:]
-            key_mask = vis.any(dim=-2)[:, 0]  # (B, Sk): keys some query may see
-            from ..ops.reference import attention_visibility
-            expected = attention_visibility(query.shape[0], 1, Sq, Sk, causal=causal, window=window,
-                                            key_mask=key_mask, device=query.device)
-            servable = vis.shape[1] == 1 and torch.equal(expected, vis)
+    vis = _visible(attention_mask)
+    if attention_mask.dtype != torch.bool and not torch.all(vis | (attention_mask <= torch.finfo(attention_mask.dtype).min / 2)):
+        servable = False  # an additive bias, not a mask
+    else:
+        vis = vis[..., -Sk:]
+        key_mask = vis.any(dim=-2)[:, 0]  # (B, Sk): keys some query may see
+        from ..ops.reference import attention_visibility
+        expected = attention_visibility(query.shape[0], 1, Sq, Sk, causal=causal, window=window,
+                                        key_mask=key_mask, device=query.device)
+        servable = vis.shape[1] == 1 and torch.equal(expected, vis)
     if not servable:
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         return _run(_replaced(module), module, query, key, value, attention_mask, causal=causal,
                     window=window, **fn_kwargs)
     out = ops.attention(query, key, value, causal=causal, scale=scaling, window=window,
-                        key_mask=key_mask, softcap=softcap or 0.0)
+                        key_mask=key_mask, softcap=softcap or 0.0, dropout_p=dropout)
     out = out.transpose(1, 2).contiguous()
     dead = ~vis[:, 0].any(dim=-1)  # (B, Sq)
     if dead.any():
@@ -470,31 +471,29 @@ def _padding_attention(module, query, key, value, key_mask, causal, window, scal
                        fn_kwargs):
     """attention_forward for no mask or a 2-D padding mask (B, L): tk.attention with key_mask,
     on the first L keys (a static cache's slots past L are unfilled; keeping them out puts the
-    bottom-right causal alignment on the last filled one). Packed documents, dropout and
-    attention weights as in the 4-D path; the replaced function then gets the equivalent 4-D
-    mask (the only (S x S) mask built on this path)."""
+    bottom-right causal alignment on the last filled one). Packed documents and dropout as in
+    the 4-D path; for attention weights the eager function gets the equivalent 4-D mask (the
+    only (S x S) mask built on this path)."""
     B, Sq, Sk = query.shape[0], query.shape[2], key.shape[2]
     kwargs = {k: v for k, v in fn_kwargs.items()
               if k not in ("dropout", "scaling", "sliding_window", "softcap", "is_causal")}
     dropout = fn_kwargs["dropout"]
     if key_mask is not None and key_mask.shape[1] > Sk:  # not from padding_mask: its last Sk keys
         key_mask = key_mask[:, -Sk:]
-    weights = _wants_weights(module, kwargs)
-    if weights or dropout != 0.0:
-        kind = "eager" if weights else _replaced(module)
+    if _wants_weights(module, kwargs):
         _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
         mask = None
         # as transformers' sdpa mask: None only where sdpa's is_causal gives the pattern
         if key_mask is not None or (window is not None and Sk - 1 > window[0]) or (Sq != Sk and Sq != 1):
             mask = _fallback_mask(key_mask, B, Sq, Sk, causal, window, query.device)
-        return _run(kind, module, query, key, value, mask, causal=causal, window=window, **fn_kwargs)
+        return _run("eager", module, query, key, value, mask, causal=causal, window=window, **fn_kwargs)
     if key_mask is None:
         docs = _documents(query, key, None, kwargs)
         if docs is not None:
-            return _varlen(query, key, value, docs, causal, scaling, window, softcap), None
+            return _varlen(query, key, value, docs, causal, scaling, window, softcap, dropout), None
     L = Sk if key_mask is None else key_mask.shape[1]
     out = ops.attention(query, key[:, :, :L], value[:, :, :L], causal=causal, scale=scaling,
-                        window=window, key_mask=key_mask, softcap=softcap or 0.0)
+                        window=window, key_mask=key_mask, softcap=softcap or 0.0, dropout_p=dropout)
     out = out.transpose(1, 2).contiguous()
     if key_mask is not None and not torch.compiler.is_compiling():  # compiled: zeros, as sdpa
         dead = _dead_queries(key_mask, Sq, causal, window)
