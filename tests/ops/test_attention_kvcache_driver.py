@@ -43,7 +43,7 @@ def test_kvcache_driver_matches_reference(paged, s_new, opts, remap):
     if remap:  # cache_batch_idx (contiguous caches only; the case's cache has B rows) and cache_leftpad
         rows = None if paged else torch.tensor([2, 0, 1], dtype=torch.int32)
         pad = torch.tensor([3, 0, 9], dtype=torch.int32)
-    args = (lens, table, k_new, v_new, rows, pad, 0.25, opts["wl"], opts["wr"], alibi, opts["softcap"])
+    args = (lens, table, k_new, v_new, rows, pad, 0.25, opts["wl"], opts["wr"], alibi, opts["softcap"], None)
     k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
     out, lse = T.attention_kvcache_driver(q, k1, v1, *args)
     exp, exp_lse = reference.attention_with_kvcache_fwd(q, k2, v2, *args)

@@ -458,7 +458,7 @@ def test_kvcache_op_checks_values_too(backend):
     with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
         torch.ops.truthgpt.attention_with_kvcache(
             a["q"], a["k_cache"], a["v_cache"], torch.tensor([-1, 0], dtype=torch.int32), a["block_table"],
-            a["k_new"], a["v_new"], None, None, 0.5, -1, 0, None, 0.0, backend)
+            a["k_new"], a["v_new"], None, None, 0.5, -1, 0, None, 0.0, None, backend)
     assert torch.equal(a["k_cache"], before)
 
 
@@ -473,7 +473,8 @@ def test_kvcache_opcheck(backend, paged):
     dev = device_for(backend)
     rows = None if paged else torch.tensor([1, 0], dtype=torch.int32)  # cache_batch_idx (contiguous only)
     args = (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"], a["k_new"], a["v_new"],
-            rows, torch.tensor([2, 1], dtype=torch.int32), 0.3, 4, 0, tk.alibi_slopes(4).expand(2, 4), 5.0, backend)
+            rows, torch.tensor([2, 1], dtype=torch.int32), 0.3, 4, 0, tk.alibi_slopes(4).expand(2, 4), 5.0,
+            torch.randn(4, 12), backend)  # rel_bias by distance: (Hq, Sq + capacity 12 - 1)
     args = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in args)
     torch.library.opcheck(torch.ops.truthgpt.attention_with_kvcache.default, args)
 
