@@ -52,8 +52,11 @@
 //     written into k_cache/v_cache (mutated) at cache_seqlens first; window as attention with
 //     i' = i + L_b - Sq, L_b = cache_seqlens[b] + S_new. cache_batch_idx int32 (B,) (contiguous
 //     cache only): sequence b uses cache row cache_batch_idx[b]; cache_leftpad int32 (B,): keys
-//     before cache_leftpad[b] are not attended. Returns out (B,Hq,Sq,D) and lse (B,Hq,Sq)
-//     (float32; float64 for float64), -inf for a row with no visible key.
+//     before cache_leftpad[b] are not attended. rel_bias: T5 bias by distance over the cache
+//     capacity S_cap (S_max, or max_pages*page_size), (Hq, Sq+S_cap-1) float32 (float64 for
+//     float64): the score of query i and key j gets rel_bias[h, j - i' + S_cap - 1]. Returns out
+//     (B,Hq,Sq,D) and lse (B,Hq,Sq) (float32; float64 for float64), -inf for a row with no
+//     visible key.
 #include <torch/library.h>
 
 TORCH_LIBRARY(truthgpt, m) {
@@ -93,7 +96,7 @@ TORCH_LIBRARY(truthgpt, m) {
   m.def("attention_with_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor cache_seqlens, Tensor? block_table, Tensor? k_new, Tensor? v_new, "
         "Tensor? cache_batch_idx, Tensor? cache_leftpad, float scale, int window_left, "
-        "int window_right, Tensor? alibi_slopes, float softcap) -> (Tensor, Tensor)");
+        "int window_right, Tensor? alibi_slopes, float softcap, Tensor? rel_bias) -> (Tensor, Tensor)");
   m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, "
         "float softcap, bool need_dweight, int chunk_size) "

@@ -4,7 +4,9 @@
 // One kernel serves both layouts: a contiguous cache (B_cache, Hkv, S_max, D) is addressed as one
 // "page" of S_max tokens per sequence (page cache_batch_idx[b], or b), a paged cache (num_pages,
 // page_size, Hkv, D) through block_table; keys are read as (page, slot, head) strides, so neither
-// layout copies. Keys before cache_leftpad[b] are left out of each item's key range. Returns the
+// layout copies. Keys before cache_leftpad[b] are left out of each item's key range. The T5 bias
+// (rel_bias) comes by distance over the cache capacity S_cap, (Hq, Sq + S_cap - 1): query
+// position p and key t read entry t - p + S_cap - 1, added with the ALiBi term. Returns the
 // output and the rows' logsumexp (float32; float64 for float64).
 //   1. append: k_new/v_new rows are copied into their (page, slot) of the cache, in place;
 //   2. work items (sequence b, kv heads [h, h + nh), block of query positions, range of keys):
@@ -63,6 +65,8 @@ struct Args {
   int64_t left, right;         // window, -1 = unbounded
   const float* slopes;         // ALiBi (B, Hq) with strides, or null
   int64_t sl_b, sl_h;
+  const void* rel;             // T5 bias by distance (Hq, Sq + S_cap - 1) of the accumulation type, or null
+  int64_t rel_h, rel_cap;      // its row stride (unit inner stride); S_cap (the cache capacity)
   void* out;                   // (B, Hq, Sq, D) contiguous
   void* lse;                   // (B, Hq, Sq) contiguous, of the accumulation type
 };
@@ -167,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_fwd(
     const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& k_new,
     const c10::optional<at::Tensor>& v_new, const c10::optional<at::Tensor>& cache_batch_idx,
     const c10::optional<at::Tensor>& cache_leftpad, double scale, int64_t window_left, int64_t window_right,
-    const c10::optional<at::Tensor>& alibi_slopes, double softcap) {
+    const c10::optional<at::Tensor>& alibi_slopes, double softcap, const c10::optional<at::Tensor>& rel_bias) {
   const char* op = "attention_with_kvcache_fwd";
   TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
               ": q must be (B, Hq, Sq, D) and k_cache/v_cache 4-D of one shape");
@@ -201,6 +205,16 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_fwd(
   }
   const int64_t max_pages = paged ? bt.size(1) : 1;
   const int64_t capacity = paged ? max_pages * page_size : page_size;
+  at::Tensor rel;
+  if (rel_bias.has_value()) {  // by distance over the capacity: position p, key t at t - p + capacity - 1
+    const at::ScalarType want = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const int64_t L = std::max<int64_t>(Sq + capacity - 1, 0);
+    TORCH_CHECK(rel_bias->scalar_type() == want && rel_bias->dim() == 2 && rel_bias->size(0) == Hq &&
+                    rel_bias->size(1) == L,
+                op, ": rel_bias must be ", want, " (Hq, Sq + cache capacity - 1) = (", Hq, ", ", L, "), got ",
+                rel_bias->scalar_type(), " ", rel_bias->sizes());
+    rel = rel_bias->contiguous();
+  }
   auto host_longs = [&](const c10::optional<at::Tensor>& t, const char* name, int64_t fill) {
     if (!t.has_value()) return std::vector<int64_t>(static_cast<size_t>(B), fill);
     TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == B, op, ": ", name,
@@ -248,6 +262,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_fwd(
     sl = alibi_slopes->to(at::kFloat).expand({B, Hq});
     a.slopes = sl.const_data_ptr<float>(), a.sl_b = sl.stride(0), a.sl_h = sl.stride(1);
   }
+  if (rel.defined()) a.rel = rel.const_data_ptr(), a.rel_h = rel.stride(0), a.rel_cap = capacity;
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr();
 
@@ -482,12 +497,14 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
       for (; r < r1; ++r, pf = nullptr)
         kvcache_scores<1>(qbuf + r * dp, dp, kh, a.k_slot, j0, j1, D, s + r * KB, pf, a.v_slot, n);
     });
-    // per row: softcap, ALiBi, window mask, then the online-softmax step
+    // per row: softcap, ALiBi, T5 bias, window mask, then the online-softmax step
     for (int64_t r = 0; r < rows; ++r) {
       A* sr = s + r * KB;
-      const int64_t pos = L - a.Sq + it.i0 + r % nq;
-      const A slope = a.slopes == nullptr ? A(0)
-                                          : static_cast<A>(a.slopes[it.b * a.sl_b + (it.h * G + r / nq) * a.sl_h]);
+      const int64_t pos = L - a.Sq + it.i0 + r % nq, hq = it.h * G + r / nq;
+      const A slope = a.slopes == nullptr ? A(0) : static_cast<A>(a.slopes[it.b * a.sl_b + hq * a.sl_h]);
+      // the bias of key t at rel[t] (t - pos + S_cap - 1 >= 0: pos < L <= S_cap)
+      const A* rel = a.rel == nullptr ? nullptr
+                                      : static_cast<const A*>(a.rel) + hq * a.rel_h + (a.rel_cap - 1 - pos);
       A mx = kNegInf;
       bool nan = false;
       for (int64_t j = 0; j < n; ++j) {
@@ -495,6 +512,7 @@ void kvcache_items(const kvc::Args& a, const kvc::Item& it, acc_t<T>* scratch, a
         A x = sr[j];
         if (softcap > 0) x = softcap * std::tanh(x / softcap);
         if (a.slopes != nullptr) x -= slope * static_cast<A>(pos > t ? pos - t : t - pos);
+        if (rel != nullptr) x += rel[t];
         const bool vis = (a.left < 0 || t >= pos - a.left) && (a.right < 0 || t <= pos + a.right);
         x = vis ? x : kNegInf;
         sr[j] = x;

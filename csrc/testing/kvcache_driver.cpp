@@ -11,7 +11,7 @@ TORCH_LIBRARY_FRAGMENT(truthgpt_test, m) {
   m.def("attention_kvcache_driver(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
         "Tensor? block_table, Tensor? k_new, Tensor? v_new, Tensor? cache_batch_idx, "
         "Tensor? cache_leftpad, float scale, int window_left, int window_right, Tensor? alibi_slopes, "
-        "float softcap) -> (Tensor, Tensor)");
+        "float softcap, Tensor? rel_bias) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(truthgpt_test, CPU, m) {

@@ -344,6 +344,193 @@ def test_kvcache_lse_of_empty_rows_and_int_seqlens(backend):
                                rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- T5 relative position bias
+# name: (B, Hq, Hkv, Sq, S_new, D, lens, cap, options); rel: rel_buckets (bidirectional,
+# num_buckets, max_distance), None: the default (not causal, 16, 128). Small max_distance: the
+# bucket (of a table of distinct random values) changes every few positions, so a bias read one
+# position off moves the output far beyond the tolerances. leftpad: cache_leftpad; rows:
+# cache_batch_idx (contiguous caches).
+REL_CASES = {
+    "decode_gqa": (3, 4, 2, 1, 1, 32, [0, 9, 40], 48, {"rel": (False, 8, 12)}),
+    "chunked_prefill": (2, 8, 2, 5, 5, 32, [3, 30], 48, {"rel": (False, 16, 20)}),
+    "cached_queries_sq_gt_len": (2, 4, 2, 3, 0, 32, [1, 33], 40, {"rel": (False, 8, 16)}),
+    "noncausal_bidirectional": (2, 4, 4, 3, 2, 32, [7, 25], 40, {"causal": False, "rel": (True, 16, 10)}),
+    "window_alibi_softcap": (2, 4, 2, 4, 4, 32, [10, 35], 48, {"window": (9, 0), "alibi": True, "softcap": 4.0,
+                                                               "rel": (False, 12, 14)}),
+    "leftpad_rows_default_buckets": (3, 4, 2, 2, 2, 32, [4, 0, 30], 40, {"leftpad": [3, 0, 11], "rows": True,
+                                                                         "rel": None}),
+}
+REL_LAYOUTS = ["contiguous", "paged16", "paged6"]
+
+
+def _token(cache, block_table, b, tok):
+    """The (Hkv, D) slot view of token tok of sequence b (cache row b of a contiguous cache)."""
+    if block_table is None:
+        return cache[b, :, tok]
+    ps = cache.shape[1]
+    return cache[int(block_table[b, tok // ps]), tok % ps]
+
+
+def rel_case_inputs(name, layout, dtype, *, gen_seed=3):
+    """(kwargs of tk.attention_with_kvcache on the CPU, the case of make_case, the float64 table,
+    the ground truth's options, cache_leftpad or None) of a REL_CASES case: keys before the left
+    padding and unused cache rows hold NaN (never to be read)."""
+    B, Hq, Hkv, Sq, S_new, D, lens, cap, o = REL_CASES[name]
+    case = make_case(B, Hq, Hkv, Sq, S_new, D, lens, cap, layout, dtype, "cpu", gen_seed=gen_seed)
+    g = torch.Generator().manual_seed(gen_seed + 1)
+    buckets = o["rel"]
+    table = torch.randn(Hq, 16 if buckets is None else buckets[1], generator=g, dtype=torch.float64) * 2
+    opts = {"causal": o.get("causal", True), "window": o.get("window"), "softcap": o.get("softcap", 0.0),
+            "rel_buckets": buckets,
+            "alibi_slopes": torch.rand(B, Hq, generator=g) if o.get("alibi") else None}
+    if opts["softcap"]:
+        case["q64"] = case["q64"] * 4
+    pad = torch.tensor(o["leftpad"], dtype=torch.int32) if "leftpad" in o else None
+    k_cache, v_cache = case["caches"]
+    for c in (k_cache, v_cache):
+        for b in range(B):
+            for tok in range(0 if pad is None else int(pad[b])):
+                _token(c, case["block_table"], b, tok).fill_(float("nan"))
+    rows = None
+    if o.get("rows") and case["block_table"] is None:  # B + 1 cache rows; sequence b in row rows[b]
+        rows = torch.tensor([3, 0, 2][:B], dtype=torch.int32)
+        k_cache, v_cache = (torch.full((B + 1,) + tuple(c.shape[1:]), float("nan"), dtype=dtype).index_copy_(
+            0, rows.long(), c) for c in (k_cache, v_cache))
+    new = {} if S_new == 0 else {"k_new": case["k_new64"].to(dtype), "v_new": case["v_new64"].to(dtype)}
+    kw = dict(q=case["q64"].to(dtype), k_cache=k_cache, v_cache=v_cache, cache_seqlens=case["lens"],
+              block_table=case["block_table"], cache_batch_idx=rows, cache_leftpad=pad,
+              rel_bias=table if dtype == torch.float64 else table.float(), **new, **opts)
+    return kw, case, table, opts, pad
+
+
+def rel_ground_truth(case, table, opts, pad, b, dtype=torch.float64):
+    """(out, lse) of sequence b: tk.attention(backend="reference") with the table on the keys
+    [cache_leftpad[b], L_b) gathered token by token (bottom-right alignment: the op's positions)."""
+    start = 0 if pad is None else int(pad[b])
+    k, v = (x[:, :, start:] for x in dense_kv(case, b, dtype))
+    sl = None if opts["alibi_slopes"] is None else opts["alibi_slopes"][b:b + 1]
+    return tk.attention(case["q64"][b:b + 1].to(dtype), k, v, causal=opts["causal"], window=opts["window"],
+                        softcap=opts["softcap"], alibi_slopes=sl,
+                        rel_bias=table if dtype == torch.float64 else table.float(),
+                        rel_buckets=opts["rel_buckets"], return_lse=True, backend="reference")
+
+
+def run_rel_case(backend, name, layout, dtype):
+    device = device_for(backend)
+    kw, case, table, opts, pad = rel_case_inputs(name, layout, dtype)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    out, lse = tk.attention_with_kvcache(**kw, return_lse=True, backend=backend)
+    assert out.shape == kw["q"].shape and out.dtype == dtype
+    for b in range(out.shape[0]):
+        ref, ref_lse = rel_ground_truth(case, table, opts, pad, b)
+        base = rel_ground_truth(case, table, opts, pad, b, dtype)[0]  # the reference on the rounded inputs
+        assert_close(f"{name} out[{dtype}, sequence {b}]", out[b:b + 1].cpu(), ref, base, atol=ATOL[dtype])
+        assert torch.equal(torch.isinf(lse[b:b + 1].cpu()), torch.isinf(ref_lse)), "rows seeing nothing: lse -inf"
+        if dtype in (f32, torch.float64):
+            fin = torch.isfinite(ref_lse)
+            tol = 1e-5 if dtype == f32 else 1e-10
+            torch.testing.assert_close(lse[b:b + 1].cpu().double()[fin], ref_lse[fin], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "triton"])
+@pytest.mark.parametrize("layout", REL_LAYOUTS)
+@pytest.mark.parametrize("name", list(REL_CASES))
+def test_kvcache_rel_bias(backend, layout, name):
+    # (float64: the CPU kernel's double path, with a float64 vector)
+    for dtype in DTYPES[backend] + ([torch.float64] if backend in ("cpu", "reference") else []):
+        run_rel_case(backend, name, layout, dtype)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("name,layout", [("decode_gqa", "paged16"), ("noncausal_bidirectional", "paged6"),
+                                         ("window_alibi_softcap", "contiguous"),
+                                         ("leftpad_rows_default_buckets", "contiguous")])
+def test_kvcache_rel_bias_triton(backend, name, layout):
+    run_rel_case(backend, name, layout, f32)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_kvcache_rel_bias_long_cache(backend):
+    """A long cache (the CPU kernel splits its keys into chunks, merged afterwards) with a bucket
+    range as long: every chunk reads the bias at its own keys' distances."""
+    B, Hq, Hkv, D, cap = 1, 4, 1, 64, 2048
+    case = make_case(B, Hq, Hkv, 1, 1, D, [1900], cap, "paged64", f32, "cpu")
+    table = torch.randn(Hq, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
+    opts = {"causal": True, "window": None, "softcap": 0.0, "rel_buckets": (False, 32, 1500), "alibi_slopes": None}
+    out = tk.attention_with_kvcache(case["q64"].float(), *case["caches"], cache_seqlens=case["lens"],
+                                    block_table=case["block_table"], k_new=case["k_new64"].float(),
+                                    v_new=case["v_new64"].float(), rel_bias=table.float(),
+                                    rel_buckets=opts["rel_buckets"], backend=backend)
+    ref = rel_ground_truth(case, table, opts, None, 0)[0]
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["decode_gqa", "noncausal_bidirectional"])
+def test_kvcache_rel_bias_position_exact(backend, name):
+    """The tests above would catch a bias read one position off, or not at all: the output is
+    within 1e-4 of the ground truth and far from the ground truth with every distance one too
+    small (a masked key appended after the keys moves the queries one position on), one too
+    large (non-causal: an extra query row after the queries moves them one position back) and
+    without the bias."""
+    device = device_for(backend)
+    kw, case, table, opts, pad = rel_case_inputs(name, "paged16", f32)
+    out = tk.attention_with_kvcache(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
+                                    backend=backend).cpu().double()
+    sl = opts["alibi_slopes"]
+    assert sl is None and opts["window"] is None and not opts["softcap"]
+    for b in range(out.shape[0]):
+        k, v = dense_kv(case, b)
+        q = case["q64"][b:b + 1]
+        Sq, L = q.shape[2], k.shape[2]
+        common = dict(causal=opts["causal"], rel_buckets=opts["rel_buckets"], backend="reference")
+        ref = tk.attention(q, k, v, rel_bias=table, **common)
+        torch.testing.assert_close(out[b:b + 1], ref, rtol=0, atol=1e-4)
+        zero = torch.zeros_like(k[:, :, :1])
+        key_mask = torch.arange(L + 1)[None, :] < L
+        wrong = {"no bias": tk.attention(q, k, v, **dict(common, rel_buckets=None)),
+                 "distances one too small": tk.attention(q, torch.cat([k, zero], 2), torch.cat([v, zero], 2),
+                                                         key_mask=key_mask, rel_bias=table, **common)}
+        if not opts["causal"]:
+            wrong["distances one too large"] = tk.attention(torch.cat([q, q[:, :, :1]], 2), k, v, rel_bias=table,
+                                                            **common)[:, :, :Sq]
+        for what, w in wrong.items():
+            if L > 1:  # (one key: softmax 1 whatever its bias)
+                assert (out[b:b + 1] - w).abs().max() > 1e-2, f"sequence {b}: {what} is not told apart"
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_kvcache_rel_bias_under_compile(backend):
+    """rel_bias (its vector by distance built in the graph) in a fullgraph compiled call, paged
+    and contiguous with cache_leftpad."""
+    for paged in (True, False):
+        a = _inputs(paged)
+        if not paged:
+            a["cache_leftpad"] = torch.tensor([1, 2], dtype=torch.int32)
+        q, k_cache, v_cache = a.pop("q"), a.pop("k_cache"), a.pop("v_cache")
+        k_eager, v_eager = k_cache.clone(), v_cache.clone()
+        kw = dict(rel_bias=torch.randn(4, 8), rel_buckets=(False, 8, 6), return_lse=True, backend=backend)
+        want = tk.attention_with_kvcache(q, k_eager, v_eager, **a, **kw)
+        fn = torch.compile(lambda *t, **k: tk.attention_with_kvcache(*t, **k, **kw), fullgraph=True)
+        got = fn(q, k_cache, v_cache, **a)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+
+
+def test_kvcache_cpu_kernel_checks_rel_bias():
+    """The C++ kernel (what a compiled graph calls) checks the vector's shape and dtype itself."""
+    if backends.unavailable_reason("cpu"):
+        pytest.skip(backends.unavailable_reason("cpu"))
+    a = _inputs(True)  # capacity 3 pages x 4 = 12, Sq 1: (Hq, 12)
+    args = (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"], a["k_new"], a["v_new"],
+            None, None, 0.5, -1, 0, None, 0.0)
+    before = a["k_cache"].clone()
+    for bad in (torch.zeros(4, 11), torch.zeros(3, 12), torch.zeros(4, 12, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match=r"rel_bias must be Float \(Hq, Sq \+ cache capacity - 1\) = \(4, 12\)"):
+            torch.ops.truthgpt.attention_with_kvcache_fwd(*args, bad)
+    assert torch.equal(a["k_cache"], before)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def _inputs(paged=True):
     B, Hq, Hkv, D = 2, 4, 2, 8
@@ -427,6 +614,23 @@ BAD = [
     ("rotary too wide", True, lambda a: dict(a, rotary_cos=torch.ones(16, 5), rotary_sin=torch.zeros(16, 5)),
      ValueError, "exceeds the head dim"),
     ("seqlens negative int", True, lambda a: dict(a, cache_seqlens=-1), ValueError, "cache_seqlens must be >= 0"),
+    ("rel_bias rows", True, lambda a: dict(a, rel_bias=torch.zeros(2, 8)), ValueError,
+     r"rel_bias must have shape \(4, num_buckets\) \(one row per query head\), got \(2, 8\)"),
+    ("rel_bias rank", False, lambda a: dict(a, rel_bias=torch.zeros(4, 8, 1)), ValueError,
+     "rel_bias must have 2 dimensions"),
+    ("rel_bias dtype", True, lambda a: dict(a, rel_bias=torch.zeros(4, 8, dtype=torch.bfloat16)), TypeError,
+     "rel_bias must have dtype"),
+    ("rel_bias device", True, lambda a: dict(a, rel_bias=torch.zeros(4, 8, device="meta")), ValueError,
+     "rel_bias must be on cpu"),
+    ("rel_buckets count", True, lambda a: dict(a, rel_bias=torch.zeros(4, 8), rel_buckets=(False, 16, 32)),
+     ValueError, "rel_bias has 8 buckets but rel_buckets says 16"),
+    ("rel_buckets bidirectional count", False, lambda a: dict(a, rel_bias=torch.zeros(4, 8), causal=False,
+                                                              rel_buckets=(True, 6, 32)),
+     ValueError, "rel_bias has 8 buckets but rel_buckets says 6"),
+    ("rel_buckets form", True, lambda a: dict(a, rel_bias=torch.zeros(4, 8), rel_buckets=(False, 8)), ValueError,
+     r"rel_buckets must be \(bidirectional, num_buckets, max_distance\)"),
+    ("rel_buckets max_distance", True, lambda a: dict(a, rel_bias=torch.zeros(4, 8), rel_buckets=(False, 8, 4)),
+     ValueError, r"rel_buckets\[2\] \(max_distance\) must be >= 5"),
 ]
 
 
@@ -458,7 +662,7 @@ def test_kvcache_op_checks_values_too(backend):
     with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
         torch.ops.truthgpt.attention_with_kvcache(
             a["q"], a["k_cache"], a["v_cache"], torch.tensor([-1, 0], dtype=torch.int32), a["block_table"],
-            a["k_new"], a["v_new"], None, None, 0.5, -1, 0, None, 0.0, backend)
+            a["k_new"], a["v_new"], None, None, 0.5, -1, 0, None, 0.0, None, backend)
     assert torch.equal(a["k_cache"], before)
 
 
@@ -473,7 +677,8 @@ def test_kvcache_opcheck(backend, paged):
     dev = device_for(backend)
     rows = None if paged else torch.tensor([1, 0], dtype=torch.int32)  # cache_batch_idx (contiguous only)
     args = (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"], a["k_new"], a["v_new"],
-            rows, torch.tensor([2, 1], dtype=torch.int32), 0.3, 4, 0, tk.alibi_slopes(4).expand(2, 4), 5.0, backend)
+            rows, torch.tensor([2, 1], dtype=torch.int32), 0.3, 4, 0, tk.alibi_slopes(4).expand(2, 4), 5.0,
+            torch.randn(4, 12), backend)  # rel_bias by distance: (Hq, Sq + capacity 12 - 1)
     args = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in args)
     torch.library.opcheck(torch.ops.truthgpt.attention_with_kvcache.default, args)
 

@@ -108,7 +108,7 @@ def test_opcheck_cpp_kvcache_kernel():
     torch.library.opcheck(torch.ops.truthgpt.attention_with_kvcache_fwd.default,
                           (a["q"], a["k_cache"], a["v_cache"], a["cache_seqlens"], a["block_table"],
                            a["k_new"], a["v_new"], None, torch.tensor([1, 0], dtype=torch.int32), 0.3, 4, 0,
-                           None, 5.0))
+                           None, 5.0, torch.randn(4, 12)))  # rel_bias by distance: (Hq, Sq + capacity - 1)
 
 
 @pytest.mark.skipif(bool(backends.unavailable_reason("cpu")), reason="needs the C++ extension")

@@ -1,15 +1,17 @@
 """tk.attention_with_kvcache: decoding / chunked-prefill attention against a KV cache, contiguous
 or paged, appending the new keys and values in place first (flash-attn's flash_attn_with_kvcache
 semantics, with its rotary, cache_batch_idx, cache_leftpad and softmax-lse options). Forward only:
-the op has no autograd formula (a backward through it raises)."""
-from typing import Optional, Union
+the op has no autograd formula (a backward through it raises). T5 relative position bias
+(rel_bias) as tk.attention."""
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from ..validation import (check_attention_options, check_head_dim, check_int, check_kvcache_lengths,
-                          check_kvcache_rows, check_same_dtype, check_tensor)
+                          check_kvcache_rows, check_rel_bias, check_same_dtype, check_tensor)
+from .reference import kvcache_capacity, lse_dtype, rel_bias_by_distance
 from .rotary import apply_rotary
 
 FAMILY = "attention_with_kvcache"
@@ -20,11 +22,8 @@ def _check_values(q, k_cache, cache_seqlens, block_table, k_new, cache_batch_idx
     """The value checks (they read cache_seqlens, block_table, cache_batch_idx, cache_leftpad),
     before anything is written; in_graph: as asserts in a compiled graph (see check_kvcache_lengths)."""
     s_new = 0 if k_new is None else k_new.shape[2]
-    if block_table is None:
-        capacity, page_size, num_pages = k_cache.shape[2], k_cache.shape[2], k_cache.shape[0]
-    else:
-        page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
-        capacity = block_table.shape[1] * page_size
+    capacity, num_pages = kvcache_capacity(k_cache, block_table), k_cache.shape[0]
+    page_size = k_cache.shape[2] if block_table is None else k_cache.shape[1]
     check_kvcache_lengths(cache_seqlens, block_table, s_new, capacity, page_size, num_pages, in_graph=in_graph)
     check_kvcache_rows(cache_seqlens, cache_batch_idx, cache_leftpad, k_cache.shape[0], s_new, in_graph=in_graph)
 
@@ -35,23 +34,24 @@ def attention_with_kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache
                               v_new: Optional[Tensor], cache_batch_idx: Optional[Tensor],
                               cache_leftpad: Optional[Tensor], scale: float, window_left: int,
                               window_right: int, alibi_slopes: Optional[Tensor], softcap: float,
-                              backend: str) -> tuple[Tensor, Tensor]:
+                              rel_bias: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """Returns (out (B, Hq, Sq, D), contiguous, dtype of q; lse (B, Hq, Sq), float32 (float64 for
     float64 q)). MUTATES k_cache and v_cache: k_new and v_new (when given) are written at
     positions cache_seqlens[b] .. + S_new of sequence b (cache row cache_batch_idx[b] of a
     contiguous cache) before attending. cache_seqlens itself is not changed. Arguments as
-    normalised by `attention_with_kvcache` below (causal folded into window_right)."""
+    normalised by `attention_with_kvcache` below (causal folded into window_right; rel_bias by
+    distance over the cache capacity S_cap, (Hq, Sq + S_cap - 1): the score of query i
+    (position i' = i + L_b - Sq) and key j gets rel_bias[h, (j - i') + S_cap - 1])."""
     _check_values(q, k_cache, cache_seqlens, block_table, k_new, cache_batch_idx, cache_leftpad)
     return backends.kernel(FAMILY, backend, "fwd")(
         q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx, cache_leftpad,
-        scale, window_left, window_right, alibi_slopes, softcap)
+        scale, window_left, window_right, alibi_slopes, softcap, rel_bias)
 
 
 @backends.register_fake(attention_with_kvcache_op, FAMILY, "fwd")
 def _(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx, cache_leftpad,
-      scale, window_left, window_right, alibi_slopes, softcap, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+      scale, window_left, window_right, alibi_slopes, softcap, rel_bias, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx,
@@ -131,7 +131,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
                            alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0,
                            rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
                            rotary_interleaved: bool = False, cache_batch_idx: Optional[Tensor] = None,
-                           cache_leftpad: Optional[Tensor] = None, return_lse: bool = False,
+                           cache_leftpad: Optional[Tensor] = None,
+                           rel_bias: Optional[Tensor] = None,
+                           rel_buckets: Optional[Tuple[bool, int, int]] = None, return_lse: bool = False,
                            backend: Optional[str] = None):
     """Attention of q (B, Hq, Sq, D) (SDPA layout, any strides) over a KV cache.
 
@@ -154,6 +156,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
     than B. cache_leftpad int32 (B,): sequence b's keys start at cache_leftpad[b] <=
     cache_seqlens[b] (left-padded caches); positions still count from the cache's start, so the
     causal alignment and ALiBi distances are unchanged, as in flash-attn.
+    rel_bias: T5 relative position bias as tk.attention, float32 (Hq, num_buckets), rel_buckets =
+    (bidirectional, num_buckets, max_distance) (default (not causal, rel_bias.shape[1], 128)):
+    the score of query i and key j of sequence b gets rel_bias[h, bucket(j - i')], i' =
+    L_b - Sq + i (cache positions, so cache_leftpad shifts nothing); no gradient.
     Forward only (no autograd formula). Returns out (B, Hq, Sq, D) in q's dtype, or (out, lse)
     with return_lse: lse (B, Hq, Sq) float32 (float64 for float64), -inf for rows that see nothing."""
     if cache_seqlens is None:  # the whole cache: its capacity (contiguous S_max, paged pages x size)
@@ -169,6 +175,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
     scale, softcap, (left, right), alibi_slopes = check_attention_options(
         D, B, Hq, q.device, scale=scale, softcap=softcap, causal=causal, window=window,
         alibi_slopes=alibi_slopes)
+    rel_vec = None
+    if rel_bias is not None:  # one vector by distance over the cache capacity serves every sequence
+        bidirectional, nb, max_distance = check_rel_bias(rel_bias, rel_buckets, Hq, q.device, causal)
+        rel_vec = rel_bias_by_distance(rel_bias, q.shape[2], kvcache_capacity(k_cache, block_table),
+                                       bidirectional, nb, max_distance).to(lse_dtype(q.dtype)).contiguous()
     steps = left >= 0 or right >= 0  # causal or windowed: every query at its own position
     _check_rotary(q, cache_seqlens, k_new, rotary_cos, rotary_sin, steps)
     name = backends.select(FAMILY, backend, q)
@@ -181,5 +192,5 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
         k_new = _rotate(k_new, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens, True, name)
     out, lse = backends.call(attention_with_kvcache_op, FAMILY, "fwd", name, q, k_cache, v_cache,
                              cache_seqlens, block_table, k_new, v_new, cache_batch_idx, cache_leftpad,
-                             scale, left, right, alibi_slopes, softcap)
+                             scale, left, right, alibi_slopes, softcap, rel_vec)
     return (out, lse) if return_lse else out

@@ -736,6 +736,21 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
 
 
 # ----------------------------------------------------------------------------- KV cache
+def kvcache_capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    """Tokens a sequence's cache can hold: S_max of a contiguous cache (B, Hkv, S_max, D), or
+    max_pages * page_size of a paged one (num_pages, page_size, Hkv, D)."""
+    return k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+
+
+def kvcache_rel_bias(rel_bias: Tensor, Sq: int, capacity: int, start: int, n: int) -> Tensor:
+    """The dense attention's bias by distance (Hq, Sq + Sk - 1), Sk = n - start, of a sequence
+    whose keys are its cache positions [start, n), taken from attention_with_kvcache's vector
+    (Hq, Sq + capacity - 1) (entry (j - i') + capacity - 1, i' = n - Sq + i): dense entry
+    j - start - i + Sq - 1 is that entry, shifted by capacity - Sk."""
+    Sk = n - start
+    return rel_bias[:, capacity - Sk:capacity - Sk + max(Sq + Sk - 1, 0)]
+
+
 def kvcache_token_slots(n: int, start, block_table: Optional[Tensor], b: int, page_size: int):
     """(pages, slots) int64 of tokens start .. start + n - 1 of sequence b: in a paged cache
     token t sits at page block_table[b, t // page_size], slot t % page_size; a contiguous cache
@@ -775,10 +790,11 @@ def kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, c
 
 def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
                                cache_batch_idx, cache_leftpad, scale, window_left, window_right,
-                               alibi_slopes, softcap):
+                               alibi_slopes, softcap, rel_bias=None):
     """Appends k_new/v_new to the cache (in place), then per sequence b attends q[b] to its keys
     cache_leftpad[b] (or 0) .. cache_seqlens[b] + S_new - 1 with the dense reference
-    (bottom-right alignment: the left padding shifts no position). Returns (out, lse)."""
+    (bottom-right alignment: the left padding shifts no position; rel_bias, by distance over
+    the cache capacity, narrowed to the sequence's keys: kvcache_rel_bias). Returns (out, lse)."""
     kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx)
     S_new = 0 if k_new is None else k_new.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -789,8 +805,9 @@ def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, 
         start = 0 if cache_leftpad is None else int(cache_leftpad[b])
         row = b if cache_batch_idx is None or block_table is not None else int(cache_batch_idx[b])
         k, v = (kvcache_gather(c, block_table, row, n, start) for c in (k_cache, v_cache))
-        o, l = attention(q[b:b + 1], k, v, scale=scale, window=(window_left, window_right),
-                         alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
-                         softcap=softcap, return_lse=True)
+        rel = None if rel_bias is None else kvcache_rel_bias(
+            rel_bias, q.shape[2], kvcache_capacity(k_cache, block_table), start, n)
+        o, l = attention_fwd(q[b:b + 1], k, v, scale, window_left, window_right,
+                             None if alibi_slopes is None else alibi_slopes[b:b + 1], None, 64, None, softcap, rel)
         out[b], lse[b] = o[0], l[0]
     return out, lse

@@ -7,26 +7,28 @@ BLOCK_N, reading each key's page through block_table (a contiguous cache is one 
 per sequence, page cache_batch_idx[b] or b), with the online softmax and score masking of the
 tk.attention forward (triton/attention.py: _tile_scores, _max_nan; exp2 domain, fp32
 accumulation); keys before cache_leftpad[b] are masked. Page sizes need not divide BLOCK_N:
-every key's page is looked up. Also writes the rows' lse (float32, natural log)."""
+every key's page is looked up. HAS_REL: the T5 bias by distance over the cache capacity
+(Hq, Sq + S_cap - 1), read from S_cap - L_b on as the dense kernel's (Hq, Sq + L_b - 1) vector
+(_rel_scores). Also writes the rows' lse (float32, natural log)."""
 import torch
 import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from ..ops.reference import kvcache_append
-from .attention import _DTYPES, _TL, _max_nan, _nullctx, _q_tile, _tile_scores
+from ..ops.reference import kvcache_append, kvcache_capacity
+from .attention import _DTYPES, _TL, _max_nan, _nullctx, _q_tile, _rel_scores, _tile_scores
 
 INTERPRET_TILES = (16, 32)
 
 
-@triton.jit(do_not_specialize=["Sq", "wl", "wr"])
-def _kvcache_fwd(Q, K, V, O, LSE, LENS, BT, ROWS, LEFTPAD, SLOPES,
-                 sqb, sqh, sqs, sqd, skp, sks, skh, svp, svs, svh, sbt, sab, sah,
-                 Hq, G, Sq, page_size, scale, softcap, wl, wr,
+@triton.jit(do_not_specialize=["Sq", "capacity", "wl", "wr"])
+def _kvcache_fwd(Q, K, V, O, LSE, LENS, BT, ROWS, LEFTPAD, SLOPES, REL,
+                 sqb, sqh, sqs, sqd, skp, sks, skh, svp, svs, svh, sbt, sab, sah, srh,
+                 Hq, G, Sq, page_size, capacity, scale, softcap, wl, wr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
-                 HAS_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr, PREC: tl.constexpr, DOT_T: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_RIGHT: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_REL: tl.constexpr,
+                 PREC: tl.constexpr, DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -56,6 +58,8 @@ def _kvcache_fwd(Q, K, V, O, LSE, LENS, BT, ROWS, LEFTPAD, SLOPES,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     i2 = offs_m[:, None]
+    if HAS_REL:  # this sequence's dense vector: entry j - i + Sq - 1 at capacity - Sk + that
+        rel_row = REL + h * srh + (capacity - Sk)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + ar_n
         nmask = (offs_n < Sk) & (offs_n >= start)
@@ -75,6 +79,8 @@ def _kvcache_fwd(Q, K, V, O, LSE, LENS, BT, ROWS, LEFTPAD, SLOPES,
                             BLOCK_M, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, False, False)
         if HAS_LEFTPAD:
             s = tl.where(offs_n[None, :] >= start, s, float("-inf"))
+        if HAS_REL:
+            s = _rel_scores(s, rel_row, i2, offs_n[None, :], Sq, Sk)
         m_new = _max_nan(m_i, tl.reduce(s, 1, _max_nan))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
@@ -95,7 +101,7 @@ def _kvcache_fwd(Q, K, V, O, LSE, LENS, BT, ROWS, LEFTPAD, SLOPES,
 
 def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
                                cache_batch_idx, cache_leftpad, scale, window_left, window_right,
-                               alibi_slopes, softcap):
+                               alibi_slopes, softcap, rel_bias=None):
     if q.dtype not in _DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 and float32, got {q.dtype}")
     kvcache_append(k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, cache_batch_idx)
@@ -121,6 +127,7 @@ def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, 
             else torch.arange(B, dtype=torch.int32, device=q.device)).contiguous()
     leftpad = cache_leftpad.contiguous() if cache_leftpad is not None else lens
     slopes = alibi_slopes if alibi_slopes is not None else lens
+    rel = rel_bias.contiguous() if rel_bias is not None else lens
     interp = triton_interpreted()
     bm, bn = INTERPRET_TILES if interp else (16 if Sq <= 16 else 64, 64)
     block_d = max(16, triton.next_power_of_2(D))
@@ -128,14 +135,16 @@ def attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, 
     grid = (triton.cdiv(Sq, bm), Hq, B)
     with torch.cuda.device(q.device) if q.is_cuda else _nullctx():
         _kvcache_fwd[grid](
-            q, k_cache, v_cache, out, lse, lens, bt, rows, leftpad, slopes,
+            q, k_cache, v_cache, out, lse, lens, bt, rows, leftpad, slopes, rel,
             *q.stride(), *kst, *vst, bt.stride(0) if paged else 0,
             slopes.stride(0) if alibi_slopes is not None else 0,
             slopes.stride(1) if alibi_slopes is not None else 0,
-            Hq, Hq // Hkv, Sq, page_size, scale, softcap, window_left, window_right,
+            rel.stride(0) if rel_bias is not None else 0,
+            Hq, Hq // Hkv, Sq, page_size, kvcache_capacity(k_cache, block_table), scale, softcap,
+            window_left, window_right,
             HEAD_DIM=D, BLOCK_D=block_d, PAGED=paged, HAS_ALIBI=alibi_slopes is not None,
             HAS_SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-            HAS_LEFTPAD=cache_leftpad is not None,
+            HAS_LEFTPAD=cache_leftpad is not None, HAS_REL=rel_bias is not None,
             PREC="tf32x3" if q.dtype == torch.float32 else "tf32", DOT_T=dot_t, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=4, num_stages=1 if interp else 2)
     return out, lse
