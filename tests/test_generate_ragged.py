@@ -19,6 +19,7 @@ def _prompts(vocab, lengths=(3, 11, 1, 7), seed=0):
     ({}, 4),                                               # rope, pages smaller than the prompts
     ({"position": "alibi", "n_kv_heads": 2}, 16),          # ALiBi, GQA
     ({"position": "learned", "attention": "sliding_window", "window": 5}, 3),
+    ({"position": "relative", "n_kv_heads": 2, "relative_buckets": 8, "relative_max_distance": 12}, 4),  # T5
 ])
 def test_ragged_generate_equals_each_prompt_alone(overrides, page_size):
     cfg = TransformerConfig.preset("tiny", dtype="float64", max_seq_len=64, **overrides)
@@ -81,6 +82,6 @@ def test_compiled_decode_step_equals_eager_generate():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(TypeError, match="compile must be True or False"):
         model.generate(batch, 2, compile="yes")
-    rel = Transformer(TransformerConfig.preset("tiny", max_seq_len=64, position="relative"))
-    with pytest.raises(ValueError, match=r"generate\(compile=True\) runs on paged caches"):
-        rel.generate(batch, 2, compile=True)
+    rel = Transformer(TransformerConfig.preset("tiny", dtype="float64", max_seq_len=64, position="relative",
+                                               relative_buckets=8, relative_max_distance=12))
+    assert torch.equal(rel.generate(batch, 6, temperature=0, compile=True), rel.generate(batch, 6, temperature=0))

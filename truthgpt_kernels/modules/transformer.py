@@ -428,8 +428,9 @@ class Transformer(nn.Module):
         sequence b, its keys appended in place; returns the next-token logits (B, vocab).
         Static shapes, no host sync: what generate(compile=True) compiles."""
         x = self.embed_tokens(nxt, 0, seqlens.long()[:, None])           # (B, 1, d)
+        bias = {} if self.rel_pos is None else {"position_bias": self.rel_pos()}
         h = self._stack(self.layers, self.norm, x,
-                        lambda i: dict(cache=PagedKVCache(ks[i], vs[i], block_table, seqlens)))
+                        lambda i: dict(cache=PagedKVCache(ks[i], vs[i], block_table, seqlens), **bias))
         return self.lm_head(h)[:, -1]
 
     def _generate_ragged(self, prompts: List[Tensor], max_new_tokens: int, *, temperature, top_k,
@@ -437,9 +438,6 @@ class Transformer(nn.Module):
         what = "generate(compile=True)" if compile else "generate() with a list of prompts"
         if self.config.model_type != "decoder":
             raise ValueError(f"{what} needs a decoder model")
-        if self.rel_pos is not None:
-            raise ValueError(f"{what} runs on paged caches, which do not take position='relative' "
-                             "yet: pass one (B, S) batch of prompts, compile=False")
         if not prompts:
             raise ValueError("tokens: the list of prompts is empty")
         for i, p in enumerate(prompts):
@@ -470,7 +468,8 @@ class Transformer(nn.Module):
             packed = Packed.from_cu_seqlens(cu, 1, int(cu[-1]))
             tokens = torch.cat(prompts)[None]                                 # (1, T)
             x = self.embed_tokens(tokens, 0, packed.position_ids)
-            h = self._stack(self.layers, self.norm, x, lambda i: dict(cache=caches[i], packed=packed))
+            bias = {} if self.rel_pos is None else {"position_bias": self.rel_pos()}
+            h = self._stack(self.layers, self.norm, x, lambda i: dict(cache=caches[i], packed=packed, **bias))
             logits = self.lm_head(h)[0, cu[1:].long() - 1]                     # (B, vocab)
             seqlens.copy_(cu[1:] - cu[:-1])
             out = [[] for _ in range(B)]
