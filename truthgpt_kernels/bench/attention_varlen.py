@@ -5,7 +5,12 @@
       <= 1.1x our tk.attention called once per document;
   forward also against compiled FlexAttention with a document mask (the strongest masked
   baseline; FlexAttention has no backward on the CPU).
---quick runs the same mix scaled by 1/8 (1024 tokens)."""
+
+  T5 relative bias in packed documents (half the mix, 4096 tokens; the table learned):
+      fwd+bwd <= 1.2x our varlen without the bias, and against SDPA with the block-diagonal
+      causal float bias built from the table (what a PyTorch user writes; its gradient reaches
+      the table); forward also against compiled FlexAttention (document mask + T5 score_mod).
+--quick runs the same mixes scaled by 1/8."""
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +70,80 @@ def cpu_cases(quick: bool):
         Case(op="attention_varlen", name="fwd " + name, setup=lambda: _no_grad(setup()),
              impls={**fwd, **({"FlexAttention compiled (document mask)": flex} if flex else {})},
              flops=_flops(lengths), extra={"target": "faster than every baseline", "dtype": "float32"}),
+    ] + _rel_bias_cases([max(8, n // 2) for n in lengths])
+
+
+BUCKETS = (False, 32, 128)  # T5's decoder bucketing
+
+
+def _rel_bias_cases(lengths):
+    """varlen with a learned T5 table against our varlen without it, SDPA with the materialised
+    block-diagonal causal bias, and (forward) compiled FlexAttention with a score_mod."""
+    from truthgpt_kernels.ops import reference
+    T, n = sum(lengths), max(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    visible = (doc[:, None] == doc[None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    bucket = reference.t5_relative_bucket(torch.arange(T)[None, :] - torch.arange(T)[:, None], *BUCKETS)  # (T, T)
+
+    def setup():
+        g = torch.Generator().manual_seed(0)
+        x = {nm: torch.randn(T, H, D, generator=g).requires_grad_(nm != "do") for nm in ("q", "k", "v", "do")}
+        x["rel"] = torch.randn(H, BUCKETS[1], generator=g).requires_grad_(True)
+        return x
+
+    def varlen(x, rel=True):
+        kw = dict(rel_bias=x["rel"], rel_buckets=BUCKETS) if rel else {}
+        return tk.attention_varlen(x["q"], x["k"], x["v"], cu, cu, n, n, causal=True, backend="cpu", **kw)
+
+    def sdpa_bias(x):  # (1, H, T, T) float bias from the table, -inf across documents and above the diagonal
+        bias = x["rel"][:, bucket].masked_fill(~visible, float("-inf"))[None]
+        q, k, v = (x[nm].transpose(0, 1)[None] for nm in "qkv")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)[0].transpose(0, 1)
+
+    names = ("q", "k", "v", "rel")
+    name = f"T5 relative bias causal varlen {len(lengths)} docs {min(lengths)}..{n} T{T} H{H} D{D} fp32"
+    impls = {"truthgpt varlen": fwd_bwd(varlen, names, grad="do"),
+             "truthgpt varlen no bias": fwd_bwd(lambda x: varlen(x, rel=False), ("q", "k", "v"), grad="do"),
+             "SDPA block-diagonal float bias": fwd_bwd(sdpa_bias, names, grad="do")}
+    fwd = {"truthgpt varlen": varlen, "truthgpt varlen no bias": lambda x: varlen(x, rel=False),
+           "SDPA block-diagonal float bias": sdpa_bias}
+    flex = _flex_t5(doc, T)
+    if flex is not None:
+        fwd["FlexAttention compiled (document mask + T5 score_mod)"] = flex
+    return [
+        Case(op="attention_varlen", name="fwd+bwd " + name, setup=setup, impls=impls,
+             flops=_flops(lengths, bwd=True), extra={"target": "<= 1.2x our varlen without the bias",
+                                                     "dtype": "float32"}),
+        Case(op="attention_varlen", name="fwd " + name, setup=lambda: _no_grad(setup()), impls=fwd,
+             flops=_flops(lengths), extra={"target": "faster than every baseline", "dtype": "float32"}),
     ]
+
+
+def _flex_t5(doc, T):
+    """Compiled FlexAttention, causal document mask, T5's bias of j - i as a score_mod (within a
+    document j - i is the distance of the positions); None where it cannot run."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    from truthgpt_kernels.ops import reference
+    bucket = reference.t5_relative_bucket(torch.arange(-(T - 1), T), *BUCKETS)  # by j - i + T - 1
+
+    def mask_mod(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    block_mask = create_block_mask(mask_mod, None, None, T, T, device="cpu")
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(x):
+        table = x["rel"]
+
+        def score_mod(score, b, h, qi, ki):
+            return score + table[h, bucket[ki - qi + T - 1]]
+        q, k, v = (x[nm].transpose(0, 1)[None] for nm in "qkv")
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)[0].transpose(0, 1)
+    return run
 
 
 def _no_grad(x):
