@@ -17,6 +17,9 @@ CPU rows (issue #3, fp32 unless said; B1 H8 D64 unless said):
   paged decode, 16 sequences 512..8192, page 64, Hq32 Hkv8 D128: tk.attention_with_kvcache
                                 paged >= 0.9x its contiguous-cache speed; vs tk.attention
                                 and SDPA over the padded cache with a key mask
+  T5 decode, B8 H12 D64, caches of 2048 (quick: 256), T5 relative bias (decoder buckets):
+                                tk.attention_with_kvcache(rel_bias=) <= 1.2x it without the bias;
+                                vs SDPA with the float bias built from the table (HF T5's step)
 plus the machine's fp32 GEMM rate (torch.mm) as the ceiling for GFLOP/s.
 Peak memory of forward + backward at S8192 (<= 1/8 of eager attention) is measured in
 subprocesses: `python -m truthgpt_kernels.bench.attention --memory`.
@@ -208,6 +211,7 @@ def cpu_cases(quick: bool):
         extra={"target": "<= 1.0x SDPA"}))
 
     out.append(_paged_decode_case(quick))
+    out.append(_t5_decode_case(quick))
 
     def bf16_setup():
         x = dense_setup(S, torch.bfloat16)
@@ -366,6 +370,40 @@ def _paged_decode_case(quick: bool):
                    x["q"], x["kc"], x["vc"], attn_mask=x["mask4"], enable_gqa=True)},
         flops=4.0 * Hq * total * D, bytes=2.0 * Hkv * total * D * 4,
         extra={"target": "paged >= 0.9x the contiguous-cache speed"}, peak_memory=False)
+
+
+def _t5_decode_case(quick: bool):
+    """One decoding step of a T5 decoder layer's self-attention: B 8, H 12, D 64 (T5-base heads),
+    every cache holding 2048 tokens (quick: 256) incl. the new one, fp32. tk.attention_with_kvcache
+    with the table against itself without it, and against SDPA with the (B, H, 1, Sk) float bias
+    gathered from the table at the step's positions (what transformers' T5 computes per step)."""
+    B, H, D, buckets = 8, 12, 64, (False, 32, 128)
+    Sk = 256 if quick else 2048
+
+    def setup():
+        g = torch.Generator().manual_seed(0)
+        x = {"q": torch.randn(B, H, 1, D, generator=g), "kc": torch.randn(B, H, Sk, D, generator=g),
+             "vc": torch.randn(B, H, Sk, D, generator=g), "rel": torch.randn(H, 32, generator=g)}
+        x["lens"] = torch.full((B,), Sk, dtype=torch.int32)
+        return x
+
+    def sdpa_bias(x):
+        from truthgpt_kernels.ops import reference
+        bucket = reference.t5_relative_bucket(torch.arange(Sk) - (Sk - 1), *buckets)  # (Sk,): j - i'
+        bias = x["rel"][:, bucket][None, :, None, :]                                # (1, H, 1, Sk)
+        return F.scaled_dot_product_attention(x["q"], x["kc"], x["vc"], attn_mask=bias, scale=1.0)
+
+    return Case(
+        op="attention", name=f"T5 decode relative bias B{B} Sk{Sk} H{H} D{D} fp32", setup=setup,
+        impls={"truthgpt kvcache": lambda x: tk.attention_with_kvcache(
+                   x["q"], x["kc"], x["vc"], cache_seqlens=x["lens"], scale=1.0, rel_bias=x["rel"],
+                   rel_buckets=buckets, backend="cpu"),
+               "truthgpt kvcache no bias": lambda x: tk.attention_with_kvcache(
+                   x["q"], x["kc"], x["vc"], cache_seqlens=x["lens"], scale=1.0, backend="cpu"),
+               "SDPA float bias (from the table)": sdpa_bias},
+        flops=4.0 * B * H * Sk * D, bytes=2.0 * B * H * Sk * D * 4,
+        extra={"target": "<= 1.2x our kvcache without the bias; faster than SDPA with the float bias"},
+        peak_memory=False)
 
 
 def cases(device, quick):
