@@ -29,6 +29,8 @@
 //     (loss, z-loss term) as linear_cross_entropy's (float32; float64 for float64 logits), and
 //     when grad_scale (N,) is given, in a new (N,V) tensor of logits' dtype, the gradient of
 //     sum_i grad_scale_i loss_i w.r.t. the logits (else an empty tensor); logits are not written.
+//   cross_entropy_grad_: that gradient written over the logits (N,V) themselves (unit inner
+//     stride), no (N,V) buffer: flash-attn's inplace_backward.
 //   layer_norm: mean, rstd of x.shape[:-1], float32 (float64 for float64 x); weight and bias
 //     have x's dtype or float32; dweight / dbias are empty tensors when weight / bias is None.
 //   attention_varlen: q (Tq,Hq,D), k/v (Tk,Hkv,D) packed, cu_seqlens int32 (B+1,) (0 first,
@@ -103,6 +105,8 @@ TORCH_LIBRARY(truthgpt, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? grad_scale, int ignore_index, "
         "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor target, Tensor grad_scale, int ignore_index, "
+        "float label_smoothing, float z_loss, float softcap) -> ()");
   m.def("embedding_bwd(Tensor grad, Tensor indices, int num_weights, int padding_idx) -> Tensor");
   m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bwd(Tensor grad, Tensor x, Tensor weight, bool need_x, bool need_weight, "

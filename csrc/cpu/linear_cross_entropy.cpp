@@ -217,9 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 // buffer (logits' dtype and shape; the user's logits are never written) and the kernel runs in
 // place there, while the row is in cache; without one it reads the logits themselves (it writes
 // a row only with a gradient or a softcap: then into a per-thread scratch row). No bias.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
+// inplace (truthgpt::cross_entropy_grad_): the kernel runs on the logits' own rows (unit inner
+// stride, checked) and leaves the gradient there; no (N, V) buffer is allocated.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_rows(
     const at::Tensor& logits_in, const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, bool inplace) {
   TORCH_CHECK(logits_in.dim() == 2, "cross_entropy_fwd: logits must be (N, V), got ", logits_in.sizes());
   const auto xt = logits_in.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf,
@@ -232,13 +234,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
   }
   lce::check_targets(target, V, ignore_index);
   const auto acc = lce::acc_type(xt);
+  TORCH_CHECK(!inplace || ((logits_in.stride(1) == 1 || V <= 1) && grad_scale.has_value()),
+              "cross_entropy_grad_: logits must have unit inner stride, and grad_scale is required");
   const at::Tensor logits = logits_in.stride(1) == 1 || V <= 1 ? logits_in : logits_in.contiguous();
   const at::Tensor tgt = target.contiguous();
   const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(acc).contiguous() : at::Tensor();
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc));
   at::Tensor zrows = at::empty({N}, logits.options().dtype(acc));
   const bool grad = scale.defined();
-  at::Tensor dlogits = grad ? new_output({N, V}, xt) : at::empty({0}, logits.options());
+  at::Tensor dlogits = grad && !inplace ? new_output({N, V}, xt) : at::empty({0}, logits.options());
   if (N == 0 || V == 0) return {loss, zrows, dlogits};
   const Isa isa = active_isa();
   const int64_t ld = logits.stride(0);
@@ -248,7 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
     using S = typename decltype(stag)::type;
     const auto fn = TRUTHGPT_ISA_FN(isa, lce_rows<T, S>);
     const S* src = cptr<S>(logits);
-    S* dst = grad ? mptr<S>(dlogits) : nullptr;
+    S* dst = inplace ? const_cast<S*>(src) : grad ? mptr<S>(dlogits) : nullptr;
+    const int64_t ldd = inplace ? ld : V;
     at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
       std::vector<S> scratch(copy && !grad ? V : 0);
       for (int64_t i = i0; i < i1; ++i) {
@@ -263,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
                         static_cast<T>(z_loss),
                         static_cast<T>(softcap)};
         const S* row = src + i * ld;
-        S* z = grad ? dst + i * V : copy ? scratch.data() : const_cast<S*>(row);  // (only read)
+        S* z = grad ? dst + i * ldd : copy ? scratch.data() : const_cast<S*>(row);  // (only read)
         if (z != row) std::memcpy(z, row, sizeof(S) * V);
         fn(z, 0, a, 0, 1);
       }
@@ -281,11 +286,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
   return {loss, zrows, dlogits};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  return cross_entropy_rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, false);
+}
+
+void cross_entropy_grad_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_scale,
+                         int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  cross_entropy_rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
   m.impl("cross_entropy_fwd", &cross_entropy_fwd);
+  m.impl("cross_entropy_grad_", &cross_entropy_grad_);
 }
 
 }  // namespace truthgpt

@@ -66,7 +66,7 @@ def _check(backend, dtype, inputs, *, reduction="mean", name="", weight=None, **
     l64 = l64.to(dtype).double()
     kw = dict(reduction=reduction, label_smoothing=opts.get("label_smoothing", 0.0),
               z_loss=opts.get("z_loss", 0.0), softcap=opts.get("logit_softcap", 0.0))
-    x = leaf(l64, dtype)
+    x = leaf(l64.clone(), dtype)  # (its own storage: inplace_backward writes the gradient there)
     ours = tk.cross_entropy(x, t, reduction=reduction, backend=backend,
                             ce_weight=None if weight is None else weight.to(dtype), **opts)
     rx, bx = leaf(l64), leaf(l64, dtype)
@@ -292,8 +292,10 @@ def test_opcheck(backend, reduction):
     rw = torch.where(t != -100, torch.rand(6, device=dev) + 0.5, 0.0)
     for fp32_loss, row_weight in ((False, None), (True, None), (False, rw)):
         for need_grad in (True, False):
-            args = (x, t, row_weight, -100, reduction, 0.1, 0.01, 3.0, need_grad, backend, fp32_loss)
-            torch.library.opcheck(torch.ops.truthgpt.cross_entropy.default, args)
+            for inplace in (False, True):
+                args = (x, t, row_weight, -100, reduction, 0.1, 0.01, 3.0, need_grad, backend, fp32_loss,
+                        inplace)
+                torch.library.opcheck(torch.ops.truthgpt.cross_entropy.default, args)
 
 
 def test_opcheck_cpp_kernel():
@@ -304,6 +306,79 @@ def test_opcheck_cpp_kernel():
         for scale in (torch.full((6,), 0.25), None):
             torch.library.opcheck(torch.ops.truthgpt.cross_entropy_fwd.default,
                                   (l64.to(dtype), t, scale, -100, 0.1, 0.01, 3.0))
+        torch.library.opcheck(torch.ops.truthgpt.cross_entropy_grad_.default,
+                              (l64.to(dtype), t, torch.full((6,), 0.25), -100, 0.1, 0.01, 3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["plain", "all_options", "batch_seq"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inplace_backward_matches_torch(backend, case, reduction):
+    """inplace_backward=True (flash-attn's option): the same loss and gradient as PyTorch (the
+    tolerance rule), every dtype, with class weights too; the gradient is written over the
+    logits (it aliases their storage)."""
+    shape, opts = CASES[case]
+    inputs = _make(shape, device_for(backend))
+    for dtype in _dtypes(backend):
+        _check(backend, dtype, inputs, reduction=reduction, name=case, inplace_backward=True, **opts)
+        w = torch.rand(shape[-1], dtype=torch.float64, device=inputs[0].device) + 0.5
+        _check(backend, dtype, inputs, reduction=reduction, name=case + " weighted", weight=w,
+               inplace_backward=True, **{k: v for k, v in opts.items() if k != "label_smoothing"})
+    x = leaf(inputs[0], torch.float32)
+    tk.cross_entropy(x, inputs[1], reduction=reduction, inplace_backward=True, backend=backend,
+                     **opts).sum().backward()
+    assert x.grad.data_ptr() == x.data_ptr() and torch.equal(x.grad, x.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_keeps_no_logits_sized_buffer(backend):
+    """The forward saves the logits themselves (no new (N, V) tensor: the default path saves
+    its gradient buffer), and the backward allocates none either: its gradient is the logits."""
+    dev = device_for(backend)
+    l64, t = _make((64, 512), dev)
+    for inplace in (False, True):
+        x = leaf(l64, torch.float32)
+        saved = []
+
+        def pack(s):
+            saved.append(s)
+            return s
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s):
+            loss = tk.cross_entropy(x, t, inplace_backward=inplace, backend=backend)
+        big = [s for s in saved if s.numel() == x.numel()]
+        assert len(big) == 1
+        assert (big[0].data_ptr() == x.data_ptr()) == inplace
+        loss.backward()
+        assert (x.grad.data_ptr() == x.data_ptr()) == inplace
+
+
+def test_inplace_backward_strided_logits_and_bad_input():
+    l64, t = _make((9, 40), "cpu")
+    base = leaf(l64.t().contiguous(), torch.float32)  # (40, 9): its transpose has no unit inner stride
+    x = base.t()
+    ref = leaf(l64, torch.float32)
+    tk.cross_entropy(x, t, inplace_backward=True, backend="reference").backward()
+    tk.cross_entropy(ref, t, backend="reference").backward()
+    torch.testing.assert_close(base.grad.t(), ref.grad)  # the default path, not in place
+    assert not torch.equal(base.detach().t(), ref.grad)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        tk.cross_entropy(ref, t, inplace_backward=1)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])
+def test_inplace_backward_compiles(backend):
+    torch._dynamo.reset()
+    l64, t = _make((8, 30), "cpu")
+
+    def fn(x):
+        return tk.cross_entropy(x * 1.0, t, z_loss=0.01, inplace_backward=True, backend=backend)
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        x = leaf(l64, torch.float32)
+        loss = f(x)
+        results.append((loss,) + torch.autograd.grad(2 * loss, (x,)))
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if not backends.unavailable_reason(b)])

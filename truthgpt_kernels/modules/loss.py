@@ -53,7 +53,8 @@ class CrossEntropyLoss(nn.Module):
     """Drop-in for torch.nn.CrossEntropyLoss(weight=None, ignore_index=-100, reduction="mean",
     label_smoothing=0.0) on tk.cross_entropy (Liger-Kernel's LigerCrossEntropyLoss), with class-
     index targets, plus the keyword extras z_loss (Liger's lse_square_scale), logit_softcap
-    (Liger's softcap), return_z_loss, loss_dtype and backend.
+    (Liger's softcap), return_z_loss, loss_dtype, inplace_backward (flash-attn's: the backward
+    writes the gradient over the logits, no (N, V) buffer; see tk.cross_entropy) and backend.
 
     Input layouts: (N, C) with target (N,); (C,) with target (); (..., C) with target (...) (the
     class dim last, as LM logits (B, S, V): an extension, torch reads a 3-D input as (N, C, d1));
@@ -64,14 +65,15 @@ class CrossEntropyLoss(nn.Module):
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                  z_loss: float = 0.0, logit_softcap: float = 0.0, return_z_loss: bool = False,
-                 loss_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+                 loss_dtype: Optional[torch.dtype] = None, inplace_backward: bool = False,
+                 backend: Optional[str] = None):
         super().__init__()
         if size_average is not None or reduce is not None:  # torch's deprecated pair
             reduction = torch.nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.logit_softcap, self.return_z_loss = z_loss, logit_softcap, return_z_loss
-        self.loss_dtype, self.backend = loss_dtype, backend
+        self.loss_dtype, self.inplace_backward, self.backend = loss_dtype, inplace_backward, backend
 
     def forward(self, input: Tensor, target: Tensor):
         if isinstance(target, Tensor) and target.is_floating_point():
@@ -89,7 +91,8 @@ class CrossEntropyLoss(nn.Module):
             input, target, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss,
             logit_softcap=self.logit_softcap, return_z_loss=self.return_z_loss,
-            ce_weight=self.weight, loss_dtype=self.loss_dtype, backend=self.backend)
+            ce_weight=self.weight, loss_dtype=self.loss_dtype, inplace_backward=self.inplace_backward,
+            backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "

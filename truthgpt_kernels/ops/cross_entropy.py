@@ -9,6 +9,12 @@ backward only multiplies it by the scalar grad_output; for "none" the forward co
 unscaled per-row gradients and the backward scales row r by grad_output[r]. Either way the
 backward runs no kernel, and the logits are not saved (the gradient buffer is).
 
+inplace_backward=True (flash-attn's option): the forward computes the losses only and saves the
+logits; the backward runs the row kernel again with the scaled gradient written over the saved
+logits (truthgpt::cross_entropy_grad_inplace, mutating them) and returns them as their own
+gradient. No (N, V) buffer besides the logits exists at any time (peak memory of the loss is
+the logits alone); the logits hold the gradient after the backward.
+
 Logits (..., V) (the class dim last, as Liger and tk.linear_cross_entropy; F.cross_entropy's
 (N, C, d1, ...) layout is not taken) with target (...) flattened to (N, V) and (N,).
 """
@@ -74,16 +80,17 @@ def _forward_impl(logits, target, row_weight, ignore_index, reduction, label_smo
 @torch.library.custom_op("truthgpt::cross_entropy", mutates_args=())
 def cross_entropy_op(logits: Tensor, target: Tensor, row_weight: Optional[Tensor], ignore_index: int,
                      reduction: int, label_smoothing: float, z_loss: float, softcap: float,
-                     need_grad: bool, backend: str, fp32_loss: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                     need_grad: bool, backend: str, fp32_loss: bool,
+                     inplace_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return _forward_impl(logits, target, row_weight, ignore_index, reduction, label_smoothing,
-                         z_loss, softcap, need_grad, backend, fp32_loss)
+                         z_loss, softcap, need_grad and not inplace_backward, backend, fp32_loss)
 
 
 @cross_entropy_op.register_fake
 def _(logits, target, row_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      need_grad, backend, fp32_loss):
+      need_grad, backend, fp32_loss, inplace_backward):
     shape = (logits.shape[0],) if reduction == _NONE else ()
-    dl = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    dl = logits.new_empty(logits.shape) if need_grad and not inplace_backward else logits.new_empty(0)
     out = _loss_dtype(logits, fp32_loss)
     return logits.new_empty(shape, dtype=out), logits.new_empty(shape, dtype=out), dl
 
@@ -98,15 +105,41 @@ def _fake_fwd(logits, target, grad_scale, ignore_index, label_smoothing, z_loss,
 
 if backends._ext.load("_C")[0] is not None and hasattr(torch.ops.truthgpt, "cross_entropy_fwd"):
     torch.library.register_fake("truthgpt::cross_entropy_fwd", _fake_fwd)
+if backends._ext.load("_C")[0] is not None and hasattr(torch.ops.truthgpt, "cross_entropy_grad_"):
+    torch.library.register_fake("truthgpt::cross_entropy_grad_", lambda logits, *args: None)
+
+
+@torch.library.custom_op("truthgpt::cross_entropy_grad_inplace", mutates_args=("logits",))
+def cross_entropy_grad_inplace_op(logits: Tensor, target: Tensor, grad_scale: Tensor, ignore_index: int,
+                                  label_smoothing: float, z_loss: float, softcap: float, backend: str) -> None:
+    """d sum_i grad_scale_i loss_i / d logits written over logits (N, V) (unit inner stride)."""
+    fn = backends.kernel(FAMILY, backend, "grad_")
+    if autocast_dtype(logits.device.type) is not None:
+        with torch.autocast(logits.device.type, enabled=False):
+            fn(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+    else:
+        fn(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_grad_inplace_op.register_fake
+def _(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return None
 
 
 def _setup(ctx, inputs, output):
-    reduction = inputs[4]
+    reduction, inplace = inputs[4], inputs[11]
     _, z, dl = output
     ctx.mark_non_differentiable(z, dl)
     ctx.set_materialize_grads(False)  # no zero-filled logits-sized gradient for dl in the backward
     ctx.reduction = reduction
-    ctx.save_for_backward(*backends.saveable(dl))
+    ctx.inplace = inplace
+    if inplace:  # the logits themselves (no copy), to be overwritten by their gradient
+        logits, target, row_weight = inputs[:3]
+        ctx.args = inputs[3:11]  # ignore_index .. backend
+        ctx.has_weight = row_weight is not None
+        ctx.save_for_backward(*backends.saveable(logits, target, *([row_weight] if ctx.has_weight else [])))
+    else:
+        ctx.save_for_backward(*backends.saveable(dl))
 
 
 def _scaled(saved: Tensor, grad: Tensor, reduction: int) -> Tensor:
@@ -120,20 +153,40 @@ def _scaled(saved: Tensor, grad: Tensor, reduction: int) -> Tensor:
     return saved * grad.to(saved.dtype)
 
 
+_N_INPUTS = 12
+
+
+def _inplace_backward(ctx, grad):
+    """The gradient written over the saved logits: grad_scale_i = grad (scalar, or grad_i for
+    "none") x the row's weight / count ("mean") as the forward's own gradient would have it."""
+    logits, target, *rw = ctx.saved_tensors
+    ignore_index, reduction, eps, z_loss, softcap, need_grad, backend, _ = ctx.args
+    if not need_grad:
+        return None
+    acc = _acc(logits.dtype)
+    weight = rw[0].to(acc) if rw else (target != ignore_index).to(acc)
+    scale = weight / weight.sum() if reduction == _MEAN else weight
+    gs = (scale * grad.to(acc)).contiguous()  # grad: 0-dim (mean / sum) or (N,) (none)
+    backends.apply(cross_entropy_grad_inplace_op, logits, target, gs, ignore_index, eps, z_loss, softcap, backend)
+    return logits
+
+
 def _backward(ctx, grad, grad_z, grad_dl):
     if grad is None:  # the loss itself took no part in what is differentiated
-        return (None,) * 11
+        return (None,) * _N_INPUTS
+    if ctx.inplace:
+        return (_inplace_backward(ctx, grad),) + (None,) * (_N_INPUTS - 1)
     (dl,) = ctx.saved_tensors
     if dl.dim() == 1:  # the (0,) "not computed" placeholder (need_grad was False)
-        return (None,) * 11
-    return (_scaled(dl, grad, ctx.reduction),) + (None,) * 10
+        return (None,) * _N_INPUTS
+    return (_scaled(dl, grad, ctx.reduction),) + (None,) * (_N_INPUTS - 1)
 
 
 backends.register_autograd(cross_entropy_op, _backward, _setup)
 
 
 def _check(logits, target, ignore_index, reduction, label_smoothing, z_loss, logit_softcap,
-           loss_dtype, ce_weight):
+           loss_dtype, ce_weight, inplace_backward):
     check_tensor("logits", logits, ndim=range(1, 9))
     V = logits.shape[-1]
     if V < 1:
@@ -143,6 +196,8 @@ def _check(logits, target, ignore_index, reduction, label_smoothing, z_loss, log
         raise ValueError(f"target must have shape {tuple(logits.shape[:-1])} (logits' leading dims: "
                          f"class indices, the class dim of logits last), got {tuple(target.shape)}")
     check_loss_options(ignore_index, reduction, label_smoothing, z_loss, logit_softcap, loss_dtype, "logits")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be True or False, got {inplace_backward!r}")
     if ce_weight is not None:
         check_tensor("ce_weight", ce_weight, shape=(V,), device=logits.device)
 
@@ -192,7 +247,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                   logit_softcap: float = 0.0, return_z_loss: bool = False,
                   ce_weight: Optional[Tensor] = None, loss_dtype: Optional[torch.dtype] = None,
-                  backend: Optional[str] = None):
+                  inplace_backward: bool = False, backend: Optional[str] = None):
     """F.cross_entropy(logits, target, weight=ce_weight, ignore_index=, reduction=,
     label_smoothing=) with the loss and its gradient computed in one fused pass per row
     (Liger-Kernel's LigerCrossEntropyLoss), and the options of tk.linear_cross_entropy.
@@ -211,9 +266,15 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
     (z-loss term included) is ce_weight[target] times its own and "mean" divides by the sum of
     those weights (as tk.linear_cross_entropy); without smoothing the kernels take the row
     weights in their gradient scale, with smoothing see _weighted_smoothing. No gradient flows
-    to ce_weight."""
+    to ce_weight. inplace_backward=True (flash-attn's option): the backward writes the gradient
+    over the logits (which then hold it) instead of keeping an (N, V) gradient buffer from the
+    forward: the loss's peak memory is the logits alone, at the cost of a second pass over them
+    in the backward; a second backward through the same graph is wrong, and the logits must not
+    be needed by anything else after the backward (an op that saved them for its own backward
+    raises on the version change). Not with ce_weight + label_smoothing (that path is torch);
+    logits without unit inner stride take the default path."""
     _check(logits, target, ignore_index, reduction, label_smoothing, z_loss, logit_softcap,
-           loss_dtype, ce_weight)
+           loss_dtype, ce_weight, inplace_backward)
     shape = target.shape
     logits2, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     if ce_weight is not None and label_smoothing:
@@ -229,8 +290,9 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100,
                 float(label_smoothing), float(z_loss), float(logit_softcap))
         need_grad = torch.is_grad_enabled() and logits.requires_grad
         fp32_loss = loss_dtype is not None
+        inplace = inplace_backward and need_grad and (logits2.stride(-1) == 1 or logits2.shape[-1] <= 1)
         if need_grad or torch.compiler.is_compiling():
-            out = backends.apply(cross_entropy_op, *args, need_grad, name, fp32_loss)
+            out = backends.apply(cross_entropy_op, *args, need_grad, name, fp32_loss, inplace)
         else:  # no autograd: the same implementation without the custom-op dispatcher
             out = _forward_impl(*args, False, name, fp32_loss)
         out = out[:2]

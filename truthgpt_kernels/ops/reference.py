@@ -584,6 +584,12 @@ def cross_entropy_fwd(logits, target, grad_scale, ignore_index, label_smoothing,
     return loss, zrow, g.to(logits.dtype).contiguous()
 
 
+def cross_entropy_grad_(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """Kernel-level reference of truthgpt::cross_entropy_grad_: cross_entropy_fwd's gradient
+    written over the logits."""
+    logits.copy_(cross_entropy_fwd(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap)[2])
+
+
 # ----------------------------------------------------------------------------- layer_norm, geglu
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:
