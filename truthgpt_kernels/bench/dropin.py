@@ -33,14 +33,14 @@ def _attn(family):
     return "eager" if family in EAGER_ONLY else "sdpa"
 
 
-def _model(family, device, quick):
+def _model(family, device, quick, **overrides):
     import transformers
     cfg = transformers.AutoConfig.for_model(
         family, vocab_size=VOCAB, hidden_size=128 if quick else 512,
         intermediate_size=256 if quick else 1376, num_hidden_layers=2 if quick else 4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,  # some defaults lie past VOCAB
-        **FAMILIES[family])
+        **{**FAMILIES[family], **overrides})
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=_attn(family)).to(device)
 
@@ -97,6 +97,15 @@ def cases(device, quick):
             impls={"truthgpt (apply_to)": _train_step(patched, torch.bfloat16),
                    "transformers sdpa": _train_step(base, torch.bfloat16)},
             extra={"tokens": seq, "dtype": "bfloat16"}))
+        # attention dropout in training: in the kernels since the twenty-first session (before:
+        # every call fell back to sdpa)
+        dbase = _model("llama", device, quick, attention_dropout=0.1).train()
+        dpatched = hf.apply_to(copy.deepcopy(dbase)).train()
+        out.append(Case(
+            op="dropin", name=f"HF Llama fwd+bwd seq {seq} attention_dropout 0.1",
+            setup=lambda: {"ids": torch.randint(0, VOCAB, (1, seq), device=device)},
+            impls={"truthgpt (apply_to)": _train_step(dpatched), "transformers sdpa": _train_step(dbase)},
+            extra={"tokens": seq}))
         n_new, n_prompt = (16, 32) if quick else (128, 512)  # issue #14: 128 after 512
         out.append(Case(
             op="dropin", name=f"HF Llama greedy generate {n_new} tokens after {n_prompt}",
