@@ -172,3 +172,23 @@ def test_cuda_backend_needs_code_for_the_gpu(archs, cc, ok):
     assert (reason == "") == ok, reason
     if not ok:
         assert f"{cc[0]}.{cc[1]}" in reason
+
+
+def test_auto_sends_big_head_dims_to_triton_where_cuda_shared_memory_is_short(monkeypatch):
+    """sm_86 / sm_89 / sm_120 allow 99 KiB of shared memory per block, the CUDA attention tiles for
+    head dims above 128 need up to 160 KiB: "auto" then picks Triton (where it is available); an
+    explicit backend="cuda" is kept; sm_80 / sm_90 keep CUDA."""
+    monkeypatch.setattr(backends, "select", lambda family, backend, q: "cuda" if backend in (None, "cuda") else backend)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b: "")
+    monkeypatch.setattr(backends, "implements", lambda family, b: True)
+    for optin, big in ((99 * 1024, "triton"), (227 * 1024, "cuda"), (163 * 1024, "cuda")):
+        monkeypatch.setattr(backends, "_smem_optin", lambda device, optin=optin: optin)
+        for family in ("attention", "attention_varlen", "attention_with_kvcache"):
+            assert backends.select_attention(family, None, torch.empty(1, 2, 3, 256)) == big
+            assert backends.select_attention(family, None, torch.empty(1, 2, 3, 192)) == big
+            assert backends.select_attention(family, None, torch.empty(1, 2, 3, 128)) == "cuda"
+            assert backends.select_attention(family, "cuda", torch.empty(1, 2, 3, 256)) == "cuda"
+    monkeypatch.setattr(backends, "_smem_optin", lambda device: 99 * 1024)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b: "triton is not installed" if b == "triton" else "")
+    assert backends.select_attention("attention", None, torch.empty(1, 2, 3, 256)) == "cuda"
+    assert backends.cuda_attention_fits(256, 160 * 1024) and not backends.cuda_attention_fits(256, 99 * 1024)

@@ -251,6 +251,39 @@ def select(family: str, backend: Optional[str], x: torch.Tensor) -> str:
     return "reference" if composite_needed() else name
 
 
+# The CUDA attention kernels' tiles for head dims above 128 need up to 160 KiB of shared memory
+# per block (csrc/cuda/attention_kernel.cuh), which sm_80 / sm_90 (and sm_100) give and sm_86 /
+# sm_89 / sm_120 (99 KiB) do not.
+CUDA_ATTENTION_BIG_HEAD_SMEM = 160 * 1024
+
+
+def cuda_attention_fits(head_dim: int, smem_optin: int) -> bool:
+    """Whether the CUDA attention kernels launch for `head_dim` on a GPU allowing `smem_optin`
+    bytes of shared memory per block."""
+    return head_dim <= 128 or smem_optin >= CUDA_ATTENTION_BIG_HEAD_SMEM
+
+
+def _smem_optin(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # older torch: by compute capability
+        return 227 * 1024 if props.major in (9, 10) or (props.major, props.minor) == (8, 0) else 99 * 1024
+    return int(optin)
+
+
+def select_attention(family: str, backend: Optional[str], q: torch.Tensor) -> str:
+    """select() for the attention families, whose CUDA kernels are the dense ones: where "auto"
+    picked "cuda" for a head dim the GPU's shared memory cannot hold (above 128 on sm_86 / sm_89 /
+    sm_120), the Triton kernels (their tiles are pruned to the GPU) serve the call instead,
+    when available; an explicit backend="cuda" is kept (its launch then says why it fails)."""
+    name = select(family, backend, q)
+    if name == "cuda" and requested(backend) == "auto" and q.shape[-1] > 128 \
+            and not cuda_attention_fits(q.shape[-1], _smem_optin(q.device)) \
+            and not unavailable_reason("triton") and implements(family, "triton"):
+        return "triton"
+    return name
+
+
 @torch.compiler.assume_constant_result
 def _select(family: str, backend: Optional[str], device_type: str, dtype: torch.dtype) -> str:
     name = requested(backend)

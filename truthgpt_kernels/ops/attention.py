@@ -128,7 +128,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         rel_vec = rel_bias_by_distance(rel_bias, Sq, Sk, bidirectional, nb, max_distance).to(
             torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
-    name = backends.select("attention", backend, q)
+    name = backends.select_attention("attention", backend, q)
     out, lse = backends.call(attention_op, "attention", "fwd", name, q, k, v, scale, left, right,
                              alibi_slopes, block_mask, block_size, key_mask, softcap, rel_vec,
                              dropout_p, seed)

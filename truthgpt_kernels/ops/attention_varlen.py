@@ -190,7 +190,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         rel_vec = rel_bias_by_distance(rel_bias, max_seqlen_q, max_seqlen_k, bidirectional, nb, max_distance).to(
             torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
     dropout_p, seed = check_dropout(dropout_p, dropout_seed)
-    name = backends.select("attention_varlen", backend, q)
+    name = backends.select_attention("attention_varlen", backend, q)
     out, lse = backends.apply(attention_varlen_op, _unit_rows(q), _unit_rows(k), _unit_rows(v), cu_seqlens_q,
                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
                               alibi_slopes, softcap, rel_vec, dropout_p, seed, name)

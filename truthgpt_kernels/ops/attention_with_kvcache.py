@@ -182,7 +182,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
                                        bidirectional, nb, max_distance).to(lse_dtype(q.dtype)).contiguous()
     steps = left >= 0 or right >= 0  # causal or windowed: every query at its own position
     _check_rotary(q, cache_seqlens, k_new, rotary_cos, rotary_sin, steps)
-    name = backends.select(FAMILY, backend, q)
+    name = backends.select_attention(FAMILY, backend, q)
     # under torch.compile the values are checked by asserts in the graph (the C++ kernels go into
     # the graph themselves, see backends.call; the op's own body checks them too)
     _check_values(q, k_cache, cache_seqlens, block_table, k_new, cache_batch_idx, cache_leftpad,
