@@ -367,3 +367,31 @@ def _mostly_equal(got, exp):
     same = (got == exp).float().mean().item()
     assert same > 0.99, same
     torch.testing.assert_close(got.float(), exp.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_gradient_checkpointing_passes_the_bias_on():
+    """T5Block's gradient checkpointing re-runs the layers with the _T5Bias the first layer
+    passed on: the same loss and gradients as the unpatched model."""
+    model = make("gated-gelu")
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, mask, labels = inputs()
+    for m in (model, ref):
+        m.gradient_checkpointing_enable()
+        m.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    exp = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-6, atol=1e-7)
+    out.loss.backward()
+    exp.loss.backward()
+    assert_same_grads(model, ref)
+
+
+def test_apply_to_class_patches_t5_models():
+    assert "T5ForConditionalGeneration" in hf.apply_to_class("t5")
+    try:
+        model = make("gated-gelu")
+        assert model.truthgpt_patched["attention"] == 7 and model.truthgpt_patched["mlp"] == 5
+    finally:
+        hf.revert_class("t5")
+    assert not hasattr(make("gated-gelu"), "truthgpt_patched")

@@ -1,7 +1,8 @@
 """Hugging Face transformers integration: `apply_to(model)` patches one model instance of a
 SUPPORTED family (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text, Qwen3, Phi-3, OLMo 2, Mixtral,
 Qwen2-MoE, Qwen3-MoE; and the language model of a vision-language model whose text_config is
-one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `revert(model)` undoes it:
+one of these, e.g. Llava, Gemma 3, Mistral 3; the encoder-decoder T5 and mT5, see below) to run
+on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry, selected on this
   model, with a "truthgpt" mask function (`padding_mask`): for the patterns tk.attention
@@ -42,6 +43,20 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
   CPU weight gradient skips torch's fresh zero-filled (vocab, hidden) tensor;
 - a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
   left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
+- T5 / mT5 (T5ForConditionalGeneration, T5Model, T5EncoderModel, any model of T5 stacks;
+  transformers 5.x): T5Attention's forward keeps transformers' projections and caches
+  (DynamicCache, EncoderDecoderCache with its cross-attention reuse, StaticCache) and runs
+  tk.attention with the relative position bias in the kernel: rel_bias = the stack's first-layer
+  relative_attention_bias table (float32 for half tables), T5's bucketing (bidirectional in the
+  encoder), scale 1, causal in the decoder, the padding mask as key_mask; cross-attention without
+  bias. No (Sq, Sk) bias is built: the `position_bias` the layers pass on is a _T5Bias (the table's
+  owner). The replaced function (eager / sdpa, with transformers' materialised bias) runs for
+  attention weights, a mask that is not a key padding mask (4-D masks: custom ones, compilation),
+  calls with query rows that see no key (eager and sdpa give them a uniform softmax over every
+  key), or an implementation chosen after the patch. T5LayerNorm runs tk.rms_norm with T5's
+  dtypes (a half weight: the normalised x rounded to it, then the product in it); the gated
+  feed-forward (flan-T5's gated-gelu: tk.geglu "tanh"; gated-silu: tk.swiglu) keeps its dropout
+  and float32 `wo`; the ReLU feed-forward is left as it is. UMT5 (a table per layer) is not served.
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
   in training mode (or skip_logits=True) computes its loss with tk.linear_cross_entropy on the
   last hidden states and lm_head (final_logit_softcapping included, num_items_in_batch and
