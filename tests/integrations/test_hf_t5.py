@@ -395,3 +395,23 @@ def test_apply_to_class_patches_t5_models():
     finally:
         hf.revert_class("t5")
     assert not hasattr(make("gated-gelu"), "truthgpt_patched")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_custom_4d_mask_runs_the_replaced_function(impl, monkeypatch):
+    """A 4-D mask (here two blocks of a bidirectional encoder) is not a key padding mask: the
+    replaced function runs with transformers' materialised bias, as the unpatched model."""
+    model = make("gated-gelu", impl, cls="T5EncoderModel")
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    ids, _, _ = inputs()
+    doc = (torch.arange(20) >= 8).long()
+    mask = (doc[:, None] == doc[None, :])[None, None].expand(2, 1, 20, 20)
+    # additive, as the eager function expects a prepared 4-D mask (it adds a boolean one as 0 / 1)
+    mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
+    calls = []
+    _spy(monkeypatch, hf, "_run", calls, "fallback")
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    exp = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert calls == ["fallback"] * 3
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
