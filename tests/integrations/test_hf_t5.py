@@ -415,3 +415,18 @@ def test_a_custom_4d_mask_runs_the_replaced_function(impl, monkeypatch):
     exp = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     assert calls == ["fallback"] * 3
     torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_fullgraph_encoder(monkeypatch):
+    """torch.compile(fullgraph=True): without padding the patched attention is traced (the
+    _T5Bias passed between the layers included); with padding transformers' mask under
+    compilation is 4-D and the replaced function runs."""
+    model = make("gated-gelu", cls="T5EncoderModel").float()
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    compiled = torch.compile(model, fullgraph=True)
+    ids, mask, _ = inputs()
+    for m in (None, mask):
+        out = compiled(input_ids=ids, attention_mask=m).last_hidden_state
+        exp = ref(input_ids=ids, attention_mask=m).last_hidden_state
+        torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)
