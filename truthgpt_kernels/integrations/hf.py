@@ -1,7 +1,8 @@
 """Hugging Face transformers integration: `apply_to(model)` patches one model instance of a
 SUPPORTED family (Llama, Mistral, Qwen2, Gemma 2, Gemma 3 text, Qwen3, Phi-3, OLMo 2, Mixtral,
 Qwen2-MoE, Qwen3-MoE; and the language model of a vision-language model whose text_config is
-one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `revert(model)` undoes it:
+one of these, e.g. Llava, Gemma 3, Mistral 3; the encoder-decoder T5 and mT5, see below) to run
+on truthgpt kernels, `revert(model)` undoes it:
 
 - attention: a "truthgpt" function in transformers' attention registry, selected on this
   model, with a "truthgpt" mask function (`padding_mask`): for the patterns tk.attention
@@ -42,6 +43,20 @@ one of these, e.g. Llava, Gemma 3, Mistral 3) to run on truthgpt kernels, `rever
   CPU weight gradient skips torch's fresh zero-filled (vocab, hidden) tensor;
 - a module kind (attention, rms_norm, mlp, experts) with a module this patch cannot serve is
   left whole, with a warning and the reason in `model.truthgpt_patched["left"]`;
+- T5 / mT5 (T5ForConditionalGeneration, T5Model, T5EncoderModel, any model of T5 stacks;
+  transformers 5.x): T5Attention's forward keeps transformers' projections and caches
+  (DynamicCache, EncoderDecoderCache with its cross-attention reuse, StaticCache) and runs
+  tk.attention with the relative position bias in the kernel: rel_bias = the stack's first-layer
+  relative_attention_bias table (float32 for half tables), T5's bucketing (bidirectional in the
+  encoder), scale 1, causal in the decoder, the padding mask as key_mask; cross-attention without
+  bias. No (Sq, Sk) bias is built: the `position_bias` the layers pass on is a _T5Bias (the table's
+  owner). The replaced function (eager / sdpa, with transformers' materialised bias) runs for
+  attention weights, a mask that is not a key padding mask (4-D masks: custom ones, compilation),
+  calls with query rows that see no key (eager and sdpa give them a uniform softmax over every
+  key), or an implementation chosen after the patch. T5LayerNorm runs tk.rms_norm with T5's
+  dtypes (a half weight: the normalised x rounded to it, then the product in it); the gated
+  feed-forward (flan-T5's gated-gelu: tk.geglu "tanh"; gated-silu: tk.swiglu) keeps its dropout
+  and float32 `wo`; the ReLU feed-forward is left as it is. UMT5 (a table per layer) is not served.
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
   in training mode (or skip_logits=True) computes its loss with tk.linear_cross_entropy on the
   last hidden states and lm_head (final_logit_softcapping included, num_items_in_batch and
@@ -76,7 +91,7 @@ from ..ops.linear import own_cpu_backward
 from ..modules.packing import Packed
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2",
-             "mixtral", "qwen2_moe", "qwen3_moe")
+             "mixtral", "qwen2_moe", "qwen3_moe", "t5", "mt5")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm scales by 1 + weight
 # families whose attention passes config.sliding_window to every layer (the others set a
 # per-layer `sliding_window` attribute)
@@ -407,6 +422,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     window = _window(sliding_window)
     fn_kwargs = dict(dropout=dropout, scaling=scaling, sliding_window=sliding_window,
                      softcap=softcap, is_causal=is_causal, **kwargs)
+    if kwargs.get("position_bias") is not None:
+        # a materialised additive bias (T5's forward, unpatched, with attn_implementation
+        # "truthgpt"; a patched T5 passes its bias to tk.attention itself): the replaced function
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pattern = getattr(attention_mask, _PATTERN, None)
+            if pattern is not None:
+                causal, window = pattern[0], _window(pattern[1])
+            attention_mask = _fallback_mask(attention_mask[:, -Sk:], query.shape[0], Sq, Sk, causal,
+                                            window, query.device)
+        _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
+        kind = "eager" if _wants_weights(module, kwargs) else _replaced(module)
+        return _run(kind, module, query, key, value, attention_mask, causal=causal, window=window,
+                    **fn_kwargs)
     if attention_mask is None or attention_mask.dim() == 2:
         pattern = None if attention_mask is None else getattr(attention_mask, _PATTERN, None)
         if pattern is not None:
@@ -755,6 +783,212 @@ def _fusable_loss(model):
             and getattr(model, "loss_function", None) is ForCausalLMLoss)
 
 
+# --- T5 / mT5: encoder-decoder attention with the relative position bias in the kernel ---------
+
+T5_TYPES = ("t5", "mt5")  # mT5's modeling file is T5's, copied (its classes are MT5*)
+# T5Attention.forward's named parameters in transformers 5.x, which _t5_attention_forward serves
+_T5_ATTENTION_ARGS = {"self", "hidden_states", "mask", "key_value_states", "position_bias", "cache"}
+_T5_CLASSES = {"T5Attention": "attention", "MT5Attention": "attention",
+               "T5LayerNorm": "rms_norm", "MT5LayerNorm": "rms_norm",
+               "T5DenseGatedActDense": "mlp", "MT5DenseGatedActDense": "mlp"}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _T5Bias:
+    """What a patched T5 stack passes from its first layer to the later ones as `position_bias`
+    in place of transformers' materialised (1, H, Sq, Sk) tensor: the attention module that
+    owns the stack's relative_attention_bias table. Only _t5_attention_forward reads it."""
+    __slots__ = ("owner",)
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def table(self):
+        """tk.attention's rel_bias: (H, num_buckets), float32 (float64 kept)."""
+        w = self.owner.relative_attention_bias.weight.t()
+        return w if w.dtype in (torch.float32, torch.float64) else w.float()
+
+    def buckets(self):
+        o = self.owner
+        return (not o.is_decoder, o.relative_attention_num_buckets, o.relative_attention_max_distance)
+
+    def materialise(self, Sq, Sk, device, past):
+        """transformers' tensor, for the replaced attention function."""
+        return self.owner.compute_bias(Sq, Sk, device=device, past_seen_tokens=past)
+
+
+def _t5_served_mask(mask, B, Sk, causal):
+    """Whether tk.attention serves this call's mask exactly: None, or the (B, L <= Sk) boolean
+    key padding mask padding_mask builds for the layer's own pattern (causal for the decoder's
+    self-attention, bidirectional otherwise)."""
+    if mask is None:
+        return True
+    if mask.dim() != 2 or mask.dtype != torch.bool or mask.shape[0] != B or mask.shape[1] > Sk:
+        return False
+    return getattr(mask, _PATTERN, (causal, None)) == (causal, None)
+
+
+def _t5_attention_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
+                          cache=None, past_key_values=None, **kwargs):
+    """T5Attention.forward of transformers 5.x (projections q / k / v / o, the cache: DynamicCache,
+    EncoderDecoderCache with its cross-attention reuse, StaticCache) with the attention through
+    tk.attention: self-attention adds the stack's relative position bias in the kernel
+    (rel_bias = the first layer's table, T5's bucketing, scale 1, causal in the decoder),
+    cross-attention has none; the padding mask is key_mask. No (Sq, Sk) bias is built: the
+    position_bias passed on to the later layers is a _T5Bias. The replaced attention function
+    (the model's eager / sdpa, with transformers' materialised bias) runs instead for attention
+    weights, a mask that is not a key padding mask, query rows that see no key (eager and sdpa
+    give them a uniform softmax over every key, with gradients to q and k), an attention
+    implementation chosen after the patch, or a materialised position_bias passed in."""
+    from transformers.cache_utils import EncoderDecoderCache
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if past_key_values is not None:  # the deprecated spelling the replaced forward maps to cache
+        if cache is not None:
+            raise TypeError("T5 attention forward got both cache= and past_key_values=")
+        cache = past_key_values
+    B, Sq = hidden_states.shape[:2]
+    D = self.key_value_proj_dim
+    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+    past = past.clone() if isinstance(past, torch.Tensor) else past  # StaticCache: before the update
+    cross = key_value_states is not None
+    q = self.q(hidden_states).view(B, Sq, -1, D).transpose(1, 2)  # (B, H, Sq, D)
+    is_updated, curr = False, cache
+    if isinstance(cache, EncoderDecoderCache):
+        is_updated = cache.is_updated.get(self.layer_idx)
+        curr = cache.cross_attention_cache if cross else cache.self_attention_cache
+    states = key_value_states if cross else hidden_states
+    if cross and cache is not None and is_updated:  # the encoder's keys / values, cached
+        k, v = curr.layers[self.layer_idx].keys, curr.layers[self.layer_idx].values
+    else:
+        kv_shape = (*states.shape[:-1], -1, D)
+        k = self.k(states).view(kv_shape).transpose(1, 2)
+        v = self.v(states).view(kv_shape).transpose(1, 2)
+        if cache is not None:
+            k, v = curr.update(k, v, self.layer_idx, kwargs=kwargs)
+            if cross and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+    Sk = k.shape[2]
+    causal = bool(getattr(self, "is_causal", False)) and not cross
+    dropout = self.dropout if self.training else 0.0
+    if isinstance(position_bias, _T5Bias) or position_bias is None:
+        bias = position_bias
+        if bias is None and self.has_relative_attention_bias and not cross:
+            bias = _T5Bias(self)  # this is the stack's first layer
+        tensor_bias = None
+    else:
+        bias, tensor_bias = None, position_bias
+    impl = self.config._attn_implementation
+    served = (impl == NAME and tensor_bias is None and not _wants_weights(self, kwargs)
+              and _t5_served_mask(mask, B, Sk, causal)
+              and (not cross or Sk == key_value_states.shape[1]))
+    if served and mask is not None and not torch.compiler.is_compiling():
+        served = not bool(_dead_queries(mask, Sq, causal, None).any())
+    if served:
+        L = Sk if mask is None else mask.shape[1]  # a static cache's unfilled slots stay out
+        out = ops.attention(q, k[:, :, :L], v[:, :, :L], causal=causal, scale=self.scaling,
+                            key_mask=mask, rel_bias=None if bias is None else bias.table(),
+                            rel_buckets=None if bias is None else bias.buckets(), dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(B, Sq, -1).contiguous()
+        return self.o(out), (None if cross else bias), None
+    # the replaced function with transformers' tensors
+    if tensor_bias is None:
+        if bias is not None:
+            tensor_bias = bias.materialise(Sq, Sk, q.device, past)
+        else:
+            tensor_bias = torch.zeros((1, self.n_heads, Sq, Sk), device=q.device, dtype=q.dtype)
+            if self.gradient_checkpointing and self.training:
+                tensor_bias.requires_grad = True
+    fn_kwargs = dict(dropout=dropout, scaling=self.scaling, position_bias=tensor_bias, **kwargs)
+    if impl != NAME:  # chosen after the patch: that function, as the replaced forward runs it
+        eager = _eager_function(self)
+        fn = eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+        out, weights = fn(self, q, k, v, mask, **fn_kwargs)
+    else:
+        _logs.warn_once("hf-sdpa-fallback", _logs.HF_SDPA_FALLBACK, logger="integrations.hf")
+        if mask is not None and mask.dim() == 2:
+            mask = _fallback_mask(mask[:, -Sk:], B, Sq, Sk, causal, None, q.device)
+        kind = "eager" if _wants_weights(self, kwargs) else _replaced(self)
+        out, weights = _run(kind, self, q, k, v, mask, causal=causal, window=None, **fn_kwargs)
+    out = out.reshape(B, Sq, -1).contiguous()
+    return self.o(out), tensor_bias, weights
+
+
+def _t5_layer_norm_forward(self, x):
+    """T5LayerNorm: x * rsqrt(mean(x^2) + eps) * weight, the mean of squares in float32; with a
+    float16 / bfloat16 weight the normalised x is rounded to the weight's dtype before the
+    product (in that dtype), as T5 does; otherwise the product is in torch's promoted dtype."""
+    w, eps = self.weight, self.variance_epsilon
+    if w.dtype in _HALF:
+        return w * ops.rms_norm(x, None, eps).to(w.dtype)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), w.dtype)
+    x = x.to(dtype)
+    return ops.rms_norm(x, w if w.dtype in (dtype, torch.float32) else w.to(dtype), eps)
+
+
+def _t5_gated_ffn_forward(self, x):
+    """T5DenseGatedActDense: act(wi_0 x) * wi_1 x in one tk.geglu / tk.swiglu, dropout, and wo
+    (in its own dtype: flan-T5 keeps wo in float32)."""
+    gate, up = self.wi_0(x), self.wi_1(x)
+    if self._truthgpt_approximate is None:
+        h = ops.swiglu(gate, up)
+    else:
+        h = ops.geglu(gate, up, approximate=self._truthgpt_approximate)
+    h = self.dropout(h)
+    w = self.wo.weight
+    if isinstance(w, torch.Tensor) and h.dtype != w.dtype and w.dtype != torch.int8:
+        h = h.to(w.dtype)
+    return self.wo(h)
+
+
+def _plan_t5_attention(module, config):
+    params = inspect.signature(type(module).forward).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if named != _T5_ATTENTION_ARGS:
+        return (f"forward({', '.join(params)}) is not transformers 5's "
+                "(hidden_states, mask, key_value_states, position_bias, cache, **kwargs)")
+    need = ("q", "k", "v", "o", "key_value_proj_dim", "n_heads", "has_relative_attention_bias",
+            "layer_idx", "is_decoder", "scaling", "dropout", "compute_bias")
+    missing = [n for n in need if not hasattr(module, n)]
+    if missing:
+        return f"no {' / '.join(missing)}"
+    if module.has_relative_attention_bias:
+        table = getattr(getattr(module, "relative_attention_bias", None), "weight", None)
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != (
+                module.relative_attention_num_buckets, module.n_heads):
+            return "relative_attention_bias is not a (num_buckets, heads) table"
+    _eager_function(module)
+    return _t5_attention_forward, {"_truthgpt_replaced": config._attn_implementation}
+
+
+def _plan_t5_layer_norm(module):
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not hasattr(module, "variance_epsilon"):
+        return "no weight / variance_epsilon"
+    return _t5_layer_norm_forward, {}
+
+
+def _plan_t5_gated_ffn(module, act):
+    if not all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("wi_0", "wi_1", "wo", "dropout")):
+        return "no wi_0 / wi_1 / wo / dropout"
+    if act in _SILU:
+        return _t5_gated_ffn_forward, {"_truthgpt_approximate": None}
+    if act in GELU_ACTS:
+        return _t5_gated_ffn_forward, {"_truthgpt_approximate": GELU_ACTS[act]}
+    return f"activation {act!r} (served: {', '.join(_SILU + tuple(GELU_ACTS))})"
+
+
+def _t5_planner(module, config):
+    """(kind, planner) for a module of a T5 / mT5 model that the patch serves, else None (T5's
+    plain ReLU feed-forward, T5DenseActDense, is left as it is: no kernel to gain)."""
+    kind = _T5_CLASSES.get(type(module).__name__)
+    if kind == "attention":
+        return kind, lambda m: _plan_t5_attention(m, config)
+    if kind == "rms_norm":
+        return kind, _plan_t5_layer_norm
+    if kind == "mlp":
+        return kind, lambda m: _plan_t5_gated_ffn(m, getattr(config, "dense_act_fn", None))
+    return None
+
+
 def _set_attn_implementation(model, name):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
@@ -860,6 +1094,16 @@ def _plan(model, config, model_type, fused_loss):
             plan["embedding"].append((module, _embedding_forward, {}))
             continue
         cls = type(module).__name__
+        if model_type in T5_TYPES:
+            found = _t5_planner(module, config)
+            if found is not None:
+                kind, planner = found
+                got = planner(module)
+                if isinstance(got, str):
+                    left.setdefault(kind, f"{cls}: {got}")
+                else:
+                    plan[kind].append((module, *got))
+            continue
         for suffix, kind, planner in planners:
             if cls.endswith(suffix):
                 got = planner(module)
