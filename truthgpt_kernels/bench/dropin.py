@@ -121,6 +121,7 @@ def cases(device, quick):
             impls={"truthgpt (apply_to)": _generate(cpatched, n_new, **static),
                    "transformers sdpa": _generate(cbase, n_new, **static)},
             extra={"tokens": n_new}, peak_memory=False))
+        out += _t5_cases(device, quick)
     d = 128 if quick else 512
     layer = nn.TransformerEncoderLayer(d, 8, 4 * d, dropout=0.0, batch_first=True)
     enc = nn.TransformerEncoder(layer, 2 if quick else 6, enable_nested_tensor=False).to(device)
@@ -138,3 +139,43 @@ def cases(device, quick):
         impls={"truthgpt (replace_modules)": enc_step(ours), "torch": enc_step(enc)},
         extra={"tokens": seq}))
     return out
+
+
+def _t5_cases(device, quick):
+    """HF T5 (flan-T5-small's shape: d 512, 6 heads of 64, gated-GELU d_ff 1024, 8 + 8 layers;
+    quick: 2 + 2 layers, d 128) patched vs unpatched (transformers' sdpa with its materialised
+    relative bias): a training step (source 512, target 128) and greedy generation (32 tokens
+    after a 512-token source; quick: 8 after 64)."""
+    import transformers
+    from ..integrations import hf
+    layers, d = (2, 128) if quick else (8, 512)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=d, d_kv=64, num_heads=6, d_ff=2 * d, num_layers=layers,
+                                num_decoder_layers=layers, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device)
+    patched = hf.apply_to(copy.deepcopy(base))
+    src, tgt = (64, 16) if quick else (512, 128)
+    n_new = 8 if quick else 32
+
+    def step(model):
+        def run(x):
+            model(input_ids=x["src"], labels=x["tgt"]).loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    def gen(model):
+        def run(x):
+            with torch.no_grad():
+                return model.generate(x["src"], max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        return run
+    data = lambda: {"src": torch.randint(2, VOCAB, (1, src), device=device),  # noqa: E731
+                    "tgt": torch.randint(2, VOCAB, (1, tgt), device=device)}
+    return [
+        Case(op="dropin", name=f"HF T5 (flan-T5-small shape) fwd+bwd source {src} target {tgt}", setup=data,
+             impls={"truthgpt (apply_to)": step(patched), "transformers sdpa": step(base)},
+             extra={"tokens": src + tgt}),
+        Case(op="dropin", name=f"HF T5 greedy generate {n_new} tokens after source {src}", setup=data,
+             impls={"truthgpt (apply_to)": gen(patched), "transformers sdpa": gen(base)},
+             extra={"tokens": n_new}),
+    ]
