@@ -55,6 +55,17 @@ def assert_same_grads(model, ref, rtol=1e-5, atol=1e-6):
     assert any("relative_attention_bias" in n for n in names)
 
 
+def assert_same_step(model, ref, out_rtol=1e-5, out_atol=1e-6, grad_rtol=1e-5, grad_atol=1e-6, field="logits"):
+    """model and ref on inputs(): the same `field` (logits or loss) and parameter gradients."""
+    ids, mask, labels = inputs()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    exp = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(getattr(out, field), getattr(exp, field), rtol=out_rtol, atol=out_atol)
+    out.loss.backward()
+    exp.loss.backward()
+    assert_same_grads(model, ref, rtol=grad_rtol, atol=grad_atol)
+
+
 def _spy(monkeypatch, owner, attr, calls, tag=None):
     real = getattr(owner, attr)
 
@@ -135,13 +146,7 @@ def test_float64_attention_and_ffn_agree_to_rounding(ff, monkeypatch):
     for m in model.modules():
         if isinstance(m, modeling_t5.T5LayerNorm):
             monkeypatch.setattr(m, "forward", types.MethodType(_exact_layer_norm, m))
-    ids, mask, labels = inputs()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    exp = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.logits, exp.logits, rtol=1e-11, atol=1e-12)
-    out.loss.backward()
-    exp.loss.backward()
-    assert_same_grads(model, ref, rtol=1e-9, atol=1e-12)
+    assert_same_step(model, ref, 1e-11, 1e-12, 1e-9, 1e-12)
 
 
 def test_mt5_is_served():
@@ -149,13 +154,7 @@ def test_mt5_is_served():
     ref = copy.deepcopy(model)
     hf.apply_to(model)
     assert model.truthgpt_patched["attention"] == 7 and model.truthgpt_patched["mlp"] == 5
-    ids, mask, labels = inputs()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    exp = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.logits, exp.logits, rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    exp.loss.backward()
-    assert_same_grads(model, ref)
+    assert_same_step(model, ref)
 
 
 @pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
@@ -375,16 +374,10 @@ def test_gradient_checkpointing_passes_the_bias_on():
     model = make("gated-gelu")
     ref = copy.deepcopy(model)
     hf.apply_to(model)
-    ids, mask, labels = inputs()
     for m in (model, ref):
         m.gradient_checkpointing_enable()
         m.train()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    exp = ref(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.loss, exp.loss, rtol=1e-6, atol=1e-7)
-    out.loss.backward()
-    exp.loss.backward()
-    assert_same_grads(model, ref)
+    assert_same_step(model, ref, 1e-6, 1e-7, field="loss")
 
 
 def test_apply_to_class_patches_t5_models():

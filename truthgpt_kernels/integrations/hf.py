@@ -1096,22 +1096,15 @@ def _plan(model, config, model_type, fused_loss):
         cls = type(module).__name__
         if model_type in T5_TYPES:
             found = _t5_planner(module, config)
-            if found is not None:
-                kind, planner = found
-                got = planner(module)
-                if isinstance(got, str):
-                    left.setdefault(kind, f"{cls}: {got}")
-                else:
-                    plan[kind].append((module, *got))
-            continue
-        for suffix, kind, planner in planners:
-            if cls.endswith(suffix):
-                got = planner(module)
-                if isinstance(got, str):
-                    left.setdefault(kind, f"{cls}: {got}")
-                else:
-                    plan[kind].append((module, *got))
-                break
+        else:  # the first planner whose class-name suffix matches
+            found = next(((kind, planner) for suffix, kind, planner in planners if cls.endswith(suffix)), None)
+        if found is not None:
+            kind, planner = found
+            got = planner(module)
+            if isinstance(got, str):
+                left.setdefault(kind, f"{cls}: {got}")
+            else:
+                plan[kind].append((module, *got))
     if fused_loss and _fusable_loss(model):
         _cache_fields()  # (now, outside any compiled region)
         plan["loss"].append((model, _causal_lm_forward, {"_truthgpt_signature_of": type(model).forward}))
