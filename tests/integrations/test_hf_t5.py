@@ -423,3 +423,33 @@ def test_compiled_fullgraph_encoder(monkeypatch):
         out = compiled(input_ids=ids, attention_mask=m).last_hidden_state
         exp = ref(input_ids=ids, attention_mask=m).last_hidden_state
         torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16_weights"])
+def test_bfloat16_training_step_close_to_unpatched(mode):
+    """bfloat16 training as users run it: float32 weights under torch.autocast (Trainer's
+    bf16=True), or the model cast to bfloat16. The loss and the gradients of the patched model stay
+    within bfloat16's rounding of the float32 unpatched model's (the unpatched bf16 model's own
+    distance to it, doubled, plus a floor)."""
+    model = make("gated-gelu").float().train()
+    ref32 = copy.deepcopy(model)
+    base = copy.deepcopy(model)
+    hf.apply_to(model)
+    if mode == "bf16_weights":
+        model, base = model.bfloat16(), base.bfloat16()
+    ids, mask, labels = inputs()
+
+    def step(m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+    (l_ours, g_ours), (l_base, g_base), (l_ref, g_ref) = step(model), step(base), step(ref32)
+    assert abs(l_ours - l_ref) <= 2 * abs(l_base - l_ref) + 2e-2
+    assert set(g_ours) == set(g_ref)
+    for n in g_ref:
+        scale = g_ref[n].abs().max().item() + 1e-12
+        err = (g_ours[n] - g_ref[n]).abs().max().item() / scale
+        base_err = (g_base[n] - g_ref[n]).abs().max().item() / scale
+        assert err <= 2 * base_err + 5e-2, (n, err, base_err)
