@@ -453,3 +453,28 @@ def test_bfloat16_training_step_close_to_unpatched(mode):
         err = (g_ours[n] - g_ref[n]).abs().max().item() / scale
         base_err = (g_base[n] - g_ref[n]).abs().max().item() / scale
         assert err <= 2 * base_err + 5e-2, (n, err, base_err)
+
+
+def test_umt5_is_served_with_a_table_per_layer(monkeypatch):
+    """UMT5: every self-attention layer has its own table (UMT5Attention's own forward signature,
+    nothing passed between layers): each goes to tk.attention as that layer's rel_bias; logits,
+    loss, all gradients (every table's) and greedy tokens as the unpatched model."""
+    model = make("gated-gelu", cls="UMT5ForConditionalGeneration", config="UMT5Config")
+    ref = copy.deepcopy(model)
+    hf.apply_to(model)
+    assert model.truthgpt_patched["attention"] == 7 and not model.truthgpt_patched["left"]
+    tables = []
+    real = hf.ops.attention
+    monkeypatch.setattr(hf.ops, "attention", lambda *a, **k: tables.append(k.get("rel_bias")) or real(*a, **k))
+    assert_same_step(model, ref)
+    own = [m.relative_attention_bias.weight for m in model.modules()
+           if type(m).__name__ == "UMT5Attention" and m.has_relative_attention_bias]
+    used = [t for t in tables if t is not None]
+    assert len(used) == len(own) == 5  # 3 encoder + 2 decoder self-attention layers
+    assert all(any(torch.equal(t, w.t()) for w in own) for t in used)
+    assert len({t.data_ptr() for t in used}) == 5
+    ids, mask, _ = inputs()
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)

@@ -56,7 +56,8 @@ on truthgpt kernels, `revert(model)` undoes it:
   key), or an implementation chosen after the patch. T5LayerNorm runs tk.rms_norm with T5's
   dtypes (a half weight: the normalised x rounded to it, then the product in it); the gated
   feed-forward (flan-T5's gated-gelu: tk.geglu "tanh"; gated-silu: tk.swiglu) keeps its dropout
-  and float32 `wo`; the ReLU feed-forward is left as it is. UMT5 (a table per layer) is not served.
+  and float32 `wo`; the ReLU feed-forward is left as it is. UMT5 (a table in every layer, its own
+  attention signature) runs the same forward with each layer's table.
 - loss (`fused_loss=True`, the default, as Liger-Kernel): a *ForCausalLM forward given labels
   in training mode (or skip_logits=True) computes its loss with tk.linear_cross_entropy on the
   last hidden states and lm_head (final_logit_softcapping included, num_items_in_batch and
@@ -91,7 +92,7 @@ from ..ops.linear import own_cpu_backward
 from ..modules.packing import Packed
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3", "phi3", "olmo2",
-             "mixtral", "qwen2_moe", "qwen3_moe", "t5", "mt5")
+             "mixtral", "qwen2_moe", "qwen3_moe", "t5", "mt5", "umt5")
 GEMMA = ("gemma2", "gemma3_text")  # RMSNorm scales by 1 + weight
 # families whose attention passes config.sliding_window to every layer (the others set a
 # per-layer `sliding_window` attribute)
@@ -785,12 +786,14 @@ def _fusable_loss(model):
 
 # --- T5 / mT5: encoder-decoder attention with the relative position bias in the kernel ---------
 
-T5_TYPES = ("t5", "mt5")  # mT5's modeling file is T5's, copied (its classes are MT5*)
+# mT5's modeling file is T5's, copied (its classes are MT5*); UMT5's attention has its own
+# forward signature and a table in every layer (no bias passed between layers)
+T5_TYPES = ("t5", "mt5", "umt5")
 # T5Attention.forward's named parameters in transformers 5.x, which _t5_attention_forward serves
 _T5_ATTENTION_ARGS = {"self", "hidden_states", "mask", "key_value_states", "position_bias", "cache"}
-_T5_CLASSES = {"T5Attention": "attention", "MT5Attention": "attention",
-               "T5LayerNorm": "rms_norm", "MT5LayerNorm": "rms_norm",
-               "T5DenseGatedActDense": "mlp", "MT5DenseGatedActDense": "mlp"}
+_UMT5_ATTENTION_ARGS = {"self", "hidden_states", "encoder_hidden_states", "cache", "attention_mask"}
+_T5_CLASSES = {f"{p}{c}": kind for p in ("T5", "MT5", "UMT5")
+               for c, kind in (("Attention", "attention"), ("LayerNorm", "rms_norm"), ("DenseGatedActDense", "mlp"))}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -913,6 +916,16 @@ def _t5_attention_forward(self, hidden_states, mask=None, key_value_states=None,
     return self.o(out), tensor_bias, weights
 
 
+def _umt5_attention_forward(self, hidden_states, encoder_hidden_states=None, cache=None, attention_mask=None,
+                            past_key_values=None, **kwargs):
+    """UMT5Attention.forward of transformers 5.x: _t5_attention_forward with this layer's own
+    table (UMT5 has one per layer and passes no bias between layers); returns (out, weights)."""
+    out, _, weights = _t5_attention_forward(self, hidden_states, mask=attention_mask,
+                                            key_value_states=encoder_hidden_states, position_bias=None,
+                                            cache=cache, past_key_values=past_key_values, **kwargs)
+    return out, weights
+
+
 def _t5_layer_norm_forward(self, x):
     """T5LayerNorm: x * rsqrt(mean(x^2) + eps) * weight, the mean of squares in float32; with a
     float16 / bfloat16 weight the normalised x is rounded to the weight's dtype before the
@@ -943,9 +956,12 @@ def _t5_gated_ffn_forward(self, x):
 def _plan_t5_attention(module, config):
     params = inspect.signature(type(module).forward).parameters
     named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    if named != _T5_ATTENTION_ARGS:
-        return (f"forward({', '.join(params)}) is not transformers 5's "
-                "(hidden_states, mask, key_value_states, position_bias, cache, **kwargs)")
+    forward = {frozenset(_T5_ATTENTION_ARGS): _t5_attention_forward,
+               frozenset(_UMT5_ATTENTION_ARGS): _umt5_attention_forward}.get(frozenset(named))
+    if forward is None:
+        return (f"forward({', '.join(params)}) is not transformers 5's T5 "
+                "(hidden_states, mask, key_value_states, position_bias, cache, **kwargs) nor UMT5 "
+                "(hidden_states, encoder_hidden_states, cache, attention_mask, **kwargs)")
     need = ("q", "k", "v", "o", "key_value_proj_dim", "n_heads", "has_relative_attention_bias",
             "layer_idx", "is_decoder", "scaling", "dropout", "compute_bias")
     missing = [n for n in need if not hasattr(module, n)]
@@ -957,7 +973,7 @@ def _plan_t5_attention(module, config):
                 module.relative_attention_num_buckets, module.n_heads):
             return "relative_attention_bias is not a (num_buckets, heads) table"
     _eager_function(module)
-    return _t5_attention_forward, {"_truthgpt_replaced": config._attn_implementation}
+    return forward, {"_truthgpt_replaced": config._attn_implementation}
 
 
 def _plan_t5_layer_norm(module):
