@@ -193,5 +193,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(
   return {loss, zrows, dx, dw, db};
 }
 
+// The two kernel ops of tk.cross_entropy on one device, from its row runner
+// Rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, inplace):
+// truthgpt::cross_entropy_fwd (the gradient, with grad_scale, into a new buffer) and
+// truthgpt::cross_entropy_grad_ (the gradient written over the logits).
+template <auto Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  return Rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, false);
+}
+
+template <auto Rows>
+void cross_entropy_grad_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_scale,
+                         int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
+  Rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, true);
+}
+
 }  // namespace lce
 }  // namespace truthgpt

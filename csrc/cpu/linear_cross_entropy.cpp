@@ -286,23 +286,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_rows(
   return {loss, zrows, dlogits};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
-    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
-  return cross_entropy_rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, false);
-}
-
-void cross_entropy_grad_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_scale,
-                         int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
-  cross_entropy_rows(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, true);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(truthgpt, CPU, m) {
   m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd);
-  m.impl("cross_entropy_grad_", &cross_entropy_grad_);
+  m.impl("cross_entropy_fwd", &lce::cross_entropy_fwd<cross_entropy_rows>);
+  m.impl("cross_entropy_grad_", &lce::cross_entropy_grad_<cross_entropy_rows>);
 }
 
 }  // namespace truthgpt

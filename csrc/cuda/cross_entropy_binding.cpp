@@ -48,22 +48,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_rows_cuda(
   return {loss, zrows, dl};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& grad_scale,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
-  return cross_entropy_rows_cuda(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, false);
-}
-
-void cross_entropy_grad_cuda_(at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_scale,
-                              int64_t ignore_index, double label_smoothing, double z_loss, double softcap) {
-  cross_entropy_rows_cuda(logits, target, grad_scale, ignore_index, label_smoothing, z_loss, softcap, true);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(truthgpt, CUDA, m) {
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
-  m.impl("cross_entropy_grad_", &cross_entropy_grad_cuda_);
+  m.impl("cross_entropy_fwd", &lce::cross_entropy_fwd<cross_entropy_rows_cuda>);
+  m.impl("cross_entropy_grad_", &lce::cross_entropy_grad_<cross_entropy_rows_cuda>);
 }
 
 }  // namespace truthgpt::cuda
